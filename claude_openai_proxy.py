@@ -1,0 +1,2012 @@
+#!/usr/bin/env python3
+"""claude-proxy: the local, logged-in `claude` CLI as an OpenAI- and Anthropic-compatible API.
+
+One file, Python 3.10+ standard library only.  Copy it onto a server where `claude` is logged
+in (a Claude Max/Pro subscription has no API key), run
+
+    python3 claude_openai_proxy.py --port 8088
+
+and point any OpenAI client at http://127.0.0.1:8088/v1 (or any Anthropic client at
+http://127.0.0.1:8088).  A `modules/` folder beside this file adds tool-call handlers.
+
+SECURITY WARNING: anyone who can reach the port spends your subscription.  Keep the default
+loopback bind, or put it behind a TLS proxy and set CLAUDE_PROXY_API_KEYS.  Check that your use
+complies with Anthropic's terms for your plan.
+
+Endpoints
+---------
+    POST /v1/chat/completions        OpenAI chat completions (stream / non-stream, tools)
+    POST /v1/messages                Anthropic Messages (stream / non-stream, tools, thinking)
+    POST /v1/messages/count_tokens   Anthropic token count (an estimate: ~4 bytes a token)
+    GET  /v1/models                  model list (Anthropic shape if anthropic-version/x-api-key)
+    GET  /v1/models/{id}             one model
+    GET  /health                     liveness, capacity, handler modules (no secrets)
+  Every /v1/... route also answers without the /v1 prefix.
+
+Configuration (flags win over environment; read once at start-up)
+-------------------------------------------------------------------
+    --host            CLAUDE_PROXY_HOST              127.0.0.1
+    --port            CLAUDE_PROXY_PORT              8088
+    --claude-bin      CLAUDE_BIN                     `claude` on PATH
+    --default-model   CLAUDE_PROXY_DEFAULT_MODEL     sonnet
+    --max-concurrency CLAUDE_PROXY_MAX_CONCURRENCY   2     CLI processes running at once
+    --queue-timeout   CLAUDE_PROXY_QUEUE_TIMEOUT     120   seconds a request waits for a slot
+    --timeout         CLAUDE_PROXY_TIMEOUT           600   seconds per request, then 504
+    --cli-retries     CLAUDE_PROXY_CLI_RETRIES       1     upstream retries inside the CLI
+    --pass-env        CLAUDE_PROXY_PASS_ENV          ""    extra variables passed to the CLI
+    --toolcall-module CLAUDE_PROXY_TOOLCALL_MODULE   generic
+    --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
+
+Data flow
+---------
+    HTTP body -> dialect.parse -> Request (neutral) -> prompt rendering -> CLI process
+      -> stream-json lines -> events (Start, TextDelta, ThinkingDelta, ToolCall, Done)
+      -> tool-call engine (when tools are offered) -> dialect encoder -> JSON or SSE
+
+Contents
+--------
+    1. constants          5. prompt rendering        9. OpenAI chat completions
+    2. errors             6. tool calling            10. Anthropic messages
+    3. config             7. CLI backend             11. routes, handler, server
+    4. neutral model      8. SSE                     12. main
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import argparse
+import base64
+import binascii
+import collections
+import dataclasses
+import hmac
+import importlib
+import json
+import os
+import pathlib
+import queue
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+
+__all__ = ["BaseToolCallHandler", "register", "ProxyError", "Config", "main"]
+
+
+# 1. Constants ###################################################################################
+
+MODEL_FAMILIES = ("opus", "sonnet", "haiku")
+#: ids listed by /v1/models; any other claude-<family>-... id is accepted and passed to the CLI.
+KNOWN_MODELS = ("claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5",
+                "claude-opus-4-8", "claude-sonnet-4-6", "claude-haiku-4-5",
+                "opus", "sonnet", "haiku")
+MODEL_PREFIXES = ("claude-code-cli/", "claude-code/", "openai/", "anthropic/")
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+
+#: environment the CLI may inherit; everything else is dropped (a stray ANTHROPIC_API_KEY in a
+#: shell would silently switch a subscriber to pay-per-token billing).
+ENV_ALLOW = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "NODE_EXTRA_CA_CERTS",
+             "SSL_CERT_FILE", "SSL_CERT_DIR", "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_OAUTH_TOKEN",
+             "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
+             "http_proxy", "https_proxy", "no_proxy", "all_proxy")
+ENV_ALLOW_PREFIXES = ("LC_", "XDG_")
+ENV_NEVER = ("CLAUDECODE",)
+ENV_NEVER_PREFIXES = ("CLAUDE_PROXY_",)
+
+HEARTBEAT_SECONDS = 10.0      # SSE keep-alive while the model is silent
+POLL_SECONDS = 0.25           # how often a waiting request checks deadline and client
+REFUSAL_HOLD_CHARS = 400      # streamed text held back while it may still be a false refusal
+MAX_JSON_DEPTH = 64
+
+
+# 2. Errors ######################################################################################
+
+class ProxyError(Exception):
+    """An error with an HTTP status; rendered in the caller's dialect by the route."""
+    status = 500
+    kind = "api_error"          # Anthropic error type; the OpenAI renderer maps it
+
+    def __init__(self, message, status=None, kind=None, headers=None, param=None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if kind is not None:
+            self.kind = kind
+        self.headers = dict(headers or {})
+        self.param = param
+
+
+class BadRequest(ProxyError):
+    status, kind = 400, "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status, kind = 401, "authentication_error"
+
+
+class NotFound(ProxyError):
+    status, kind = 404, "not_found_error"
+
+
+class MethodNotAllowed(ProxyError):
+    status, kind = 405, "invalid_request_error"
+
+
+class TooLarge(ProxyError):
+    status, kind = 413, "request_too_large"
+
+
+class RateLimited(ProxyError):
+    status, kind = 429, "rate_limit_error"
+
+
+class Overloaded(ProxyError):
+    status, kind = 529, "overloaded_error"
+
+
+class UpstreamError(ProxyError):
+    status, kind = 502, "api_error"
+
+
+class CLIUnavailable(ProxyError):
+    status, kind = 503, "api_error"
+
+
+class Timeout(ProxyError):
+    status, kind = 504, "timeout_error"
+
+
+class ClientGone(Exception):
+    """The HTTP client went away; nothing more can be sent to it."""
+
+
+# 3. Config ######################################################################################
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8088
+    claude_bin: str = "claude"
+    default_model: str = "sonnet"
+    max_concurrency: int = 2
+    queue_timeout: float = 120.0
+    timeout: float = 600.0
+    cli_retries: int = 1
+    pass_env: tuple = ()
+    toolcall_module: str = "generic"
+    log_format: str = "text"
+    #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
+    workdir: str = ""
+    #: snapshot of os.environ taken at start-up; nothing reads os.environ later
+    environ: dict = field(default_factory=dict, repr=False)
+
+
+#: (flag, env var, Config field, type, help)
+OPTIONS = (
+    ("--host", "CLAUDE_PROXY_HOST", "host", str, "address to bind"),
+    ("--port", "CLAUDE_PROXY_PORT", "port", int, "port to bind"),
+    ("--claude-bin", "CLAUDE_BIN", "claude_bin", str, "path of the claude CLI"),
+    ("--default-model", "CLAUDE_PROXY_DEFAULT_MODEL", "default_model", str,
+     "model used when a request names none"),
+    ("--max-concurrency", "CLAUDE_PROXY_MAX_CONCURRENCY", "max_concurrency", int,
+     "CLI processes running at once"),
+    ("--queue-timeout", "CLAUDE_PROXY_QUEUE_TIMEOUT", "queue_timeout", float,
+     "seconds a request waits for a free slot before a 429"),
+    ("--timeout", "CLAUDE_PROXY_TIMEOUT", "timeout", float, "seconds per request before a 504"),
+    ("--cli-retries", "CLAUDE_PROXY_CLI_RETRIES", "cli_retries", int,
+     "upstream retries inside the CLI (its default of 10 takes ~3 minutes to fail)"),
+    ("--pass-env", "CLAUDE_PROXY_PASS_ENV", "pass_env", str,
+     "comma-separated extra variables for the CLI, e.g. ANTHROPIC_BASE_URL"),
+    ("--toolcall-module", "CLAUDE_PROXY_TOOLCALL_MODULE", "toolcall_module", str,
+     "default tool-call handler (X-Toolcall-Module overrides per request)"),
+    ("--log-format", "CLAUDE_PROXY_LOG_FORMAT", "log_format", str, "access log: text or json"),
+)
+
+
+def build_parser():
+    defaults = Config()
+    p = argparse.ArgumentParser(
+        prog="claude_openai_proxy.py",
+        description="Serve the local `claude` CLI as an OpenAI- and Anthropic-compatible API.",
+        epilog=epilog_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, env, name, _type, help_ in OPTIONS:
+        p.add_argument(flag, dest=name, default=None,
+                       help="%s (env %s, default %r)" % (help_, env, getattr(defaults, name)))
+    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return p
+
+
+def epilog_text():
+    lines = ["tool-call handlers: " + ", ".join(sorted(HANDLERS))]
+    for name, err in sorted(MODULE_ERRORS.items()):
+        lines.append("  module %s failed to load: %s" % (name, err))
+    return "\n".join(lines)
+
+
+def load_config(argv=None, environ=None):
+    environ = dict(os.environ if environ is None else environ)
+    args = build_parser().parse_args(argv)
+    values = {}
+    for _flag, env, name, type_, _help in OPTIONS:
+        raw = getattr(args, name)
+        if raw is None:
+            raw = environ.get(env)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[name] = type_(raw)
+        except ValueError:
+            raise SystemExit("error: %s must be %s, got %r" % (env, type_.__name__, raw))
+    if "pass_env" in values:
+        values["pass_env"] = tuple(v.strip() for v in values["pass_env"].split(",") if v.strip())
+    cfg = Config(environ=environ, **values)
+    if cfg.max_concurrency < 1:
+        raise SystemExit("error: CLAUDE_PROXY_MAX_CONCURRENCY must be at least 1")
+    if cfg.log_format not in ("text", "json"):
+        raise SystemExit("error: CLAUDE_PROXY_LOG_FORMAT must be text or json")
+    return cfg
+
+
+# 4. Neutral model ###############################################################################
+# Both dialects parse into a Request and render from Events.  Content blocks use Anthropic's
+# block shapes (text, image, tool_use, tool_result, thinking): they are what the CLI consumes.
+
+@dataclass
+class Message:
+    role: str                    # "user" | "assistant"
+    blocks: list                 # Anthropic content blocks
+
+
+@dataclass
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict
+
+
+@dataclass
+class Request:
+    model: str                   # as the client asked (echoed back)
+    cli_model: str               # what the CLI gets as --model
+    messages: list
+    system: str = ""
+    stream: bool = False
+    tools: list = field(default_factory=list)
+    tool_choice: object = "auto"  # "auto" | "none" | "required" | {"name": ...}
+    parallel_tool_calls: bool = True
+    stop: list = field(default_factory=list)
+    effort: str = ""
+    max_tokens: int = 0
+    thinking: bool = False       # return thinking to the client
+    disable_thinking: bool = False
+    include_usage: bool = False
+    handler: object = None
+    id_prefix: str = "call_"     # tool call ids: call_... (OpenAI) or toolu_... (Anthropic)
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+
+    def add(self, other):
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cache_read += other.cache_read
+        self.cache_write += other.cache_write
+
+    @property
+    def prompt_tokens(self):
+        return self.input_tokens + self.cache_read + self.cache_write
+
+    @classmethod
+    def from_api(cls, u):
+        u = u or {}
+        return cls(int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0),
+                   int(u.get("cache_read_input_tokens") or 0),
+                   int(u.get("cache_creation_input_tokens") or 0))
+
+
+@dataclass
+class Start:
+    usage: Usage
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class ThinkingDelta:
+    text: str
+    signature: str = ""
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str               # always a JSON string
+
+
+@dataclass
+class Heartbeat:
+    pass
+
+
+@dataclass
+class Done:
+    stop_reason: str             # Anthropic vocabulary: end_turn, max_tokens, tool_use, ...
+    usage: Usage
+    stop_sequence: str = None
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    thinking: str = ""
+    signature: str = ""
+    tool_calls: list = field(default_factory=list)
+    stop_reason: str = "end_turn"
+    stop_sequence: str = None
+    usage: Usage = field(default_factory=Usage)
+
+
+def collect(events):
+    """Fold an event stream into one Completion (the non-streaming path)."""
+    out, text, thought = Completion(), [], []
+    for ev in events:
+        if isinstance(ev, TextDelta):
+            text.append(ev.text)
+        elif isinstance(ev, ThinkingDelta):
+            thought.append(ev.text)
+            out.signature = ev.signature or out.signature
+        elif isinstance(ev, ToolCall):
+            out.tool_calls.append(ev)
+        elif isinstance(ev, Done):
+            out.stop_reason, out.usage, out.stop_sequence = ev.stop_reason, ev.usage, ev.stop_sequence
+    out.text, out.thinking = "".join(text), "".join(thought)
+    return out
+
+
+def new_id(prefix, n=24):
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    return prefix + "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+def resolve_model(name, default):
+    """Map a client's model name to a CLI --model value, or raise a 400 listing the choices."""
+    asked = name if isinstance(name, str) and name.strip() else default
+    bare = asked.strip()
+    for prefix in MODEL_PREFIXES:
+        if bare.lower().startswith(prefix):
+            bare = bare[len(prefix):]
+    low = bare.lower()
+    if low in MODEL_FAMILIES:
+        return asked, low
+    m = re.fullmatch(r"claude-(?:[0-9][0-9.-]*-)?(opus|sonnet|haiku)(?:-[0-9][0-9a-z.-]*)?", low)
+    if m and not low.endswith("-"):
+        return asked, low
+    raise BadRequest("Unknown model %r. Use one of: %s, a full id such as claude-sonnet-4-6 or "
+                     "claude-haiku-4-5-20251001, optionally prefixed with claude-code-cli/, "
+                     "openai/ or anthropic/." % (asked, ", ".join(KNOWN_MODELS)), param="model")
+
+
+def image_block(url_or_data, media_type=None):
+    """An Anthropic base64 image block from a data: URL; remote URLs are refused (no SSRF)."""
+    if not isinstance(url_or_data, str):
+        raise BadRequest("image url must be a string")
+    m = re.match(r"data:(image/[a-zA-Z0-9.+-]+);base64,(.*)\Z", url_or_data, re.S)
+    if not m:
+        if url_or_data.startswith(("http://", "https://")):
+            raise BadRequest("Remote image URLs are not fetched by this proxy; send the image "
+                             "inline as a data: URL (data:image/png;base64,...).")
+        raise BadRequest("image url must be a data:image/...;base64,... URL")
+    data = m.group(2).strip()
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("image data is not valid base64")
+    return {"type": "image", "source": {"type": "base64", "media_type": m.group(1), "data": data}}
+
+
+def merge_messages(messages):
+    """Consecutive same-role messages become one, as the real APIs treat them."""
+    out = []
+    for m in messages:
+        if out and out[-1].role == m.role:
+            out[-1].blocks.extend(m.blocks)
+        else:
+            out.append(Message(m.role, list(m.blocks)))
+    return out
+
+
+# 5. Prompt rendering ############################################################################
+# The only code that knows how a conversation becomes CLI input: a system prompt and one user
+# turn of content blocks.
+
+TRANSCRIPT_INTRO = (
+    "The conversation so far is below as a JSON array of turns, oldest first. Reply as the "
+    "assistant to the last user turn. Write only your reply; do not mention this transcript.")
+PREFILL_INTRO = (
+    "The conversation so far is below as a JSON array of turns, oldest first. The last turn is "
+    "your own reply, cut off: continue it exactly where it stops, writing only the continuation.")
+
+
+def block_text(block, handler):
+    """Text form of a block inside a transcript (images are sent separately)."""
+    kind = block.get("type")
+    if kind == "text":
+        return block.get("text", "")
+    if kind == "tool_use":
+        return handler.render_call(block["name"], block.get("input", {}), block.get("id"))
+    if kind == "tool_result":
+        return handler.render_result(block)
+    if kind == "image":
+        return "[image]"
+    return ""
+
+
+def render_turn(messages, handler):
+    """The content blocks of the one user turn the CLI answers."""
+    if len(messages) == 1 and messages[0].role == "user":
+        blocks = []
+        for b in messages[0].blocks:
+            if b.get("type") in ("text", "image"):
+                blocks.append(b)
+            else:
+                blocks.append({"type": "text", "text": block_text(b, handler)})
+        return blocks or [{"type": "text", "text": ""}]
+    turns, images = [], []
+    for m in messages:
+        parts = [block_text(b, handler) for b in m.blocks if b.get("type") != "thinking"]
+        images += [b for b in m.blocks if b.get("type") == "image"]
+        turns.append({"role": m.role, "content": "\n\n".join(p for p in parts if p)})
+    intro = PREFILL_INTRO if messages[-1].role == "assistant" else TRANSCRIPT_INTRO
+    text = intro + "\n\n" + json.dumps(turns, ensure_ascii=False, indent=1)
+    return [{"type": "text", "text": text}] + images
+
+
+def render_system(req):
+    parts = [req.system] if req.system else []
+    if req.tools and req.tool_choice != "none":
+        parts.append(req.handler.tool_prompt(offered_tools(req), req.tool_choice))
+    return "\n\n".join(parts)
+
+
+def offered_tools(req):
+    if isinstance(req.tool_choice, dict):
+        return [t for t in req.tools if t.name == req.tool_choice.get("name")]
+    return req.tools
+
+
+# 6. Tool calling (prompt emulation) #############################################################
+# The CLI has no client-defined tools in print mode, so tools are described in the system prompt
+# and the model writes fenced ```tool_call blocks, which are parsed back into tool calls.
+
+HANDLERS = {}
+MODULE_ERRORS = {}
+
+TOOL_FENCES = ("tool_call", "json", "tool_code", "tool")
+_FENCE = "```"
+_XML_OPEN = re.compile(r"<(?:antml:)?function_calls>")
+_XML_CLOSE = re.compile(r"</(?:antml:)?function_calls>")
+_XML_INVOKE = re.compile(r"<(?:antml:)?invoke\s+name=\"([^\"]+)\"\s*>(.*?)</(?:antml:)?invoke>", re.S)
+_XML_PARAM = re.compile(r"<(?:antml:)?parameter\s+name=\"([^\"]+)\"\s*>(.*?)</(?:antml:)?parameter>", re.S)
+_MARKERS = (_FENCE, "<function_calls>", "<" + "antml:function_calls>")
+
+
+class BaseToolCallHandler:
+    """Prompt building, parsing, refusal detection and the retry nudge for emulated tools.
+
+    Subclass it in modules/NAME.py, set `name`, override what differs, and call register().
+    """
+    name = "generic"
+    description = "fenced ```tool_call blocks; JSON fences and native XML also accepted"
+    refusal_patterns = (
+        r"\bI (?:don't|do not|can't|cannot|am unable to|'m unable to|am not able to) "
+        r"(?:have )?(?:access|use|call|run|execute|invoke|browse|perform)",
+        r"\bI'?m (?:not able|unable) to (?:access|use|call|run|execute|browse)",
+        r"\b(?:don't|do not) have (?:the )?(?:ability|tools?|access|capabilit)",
+        r"\b(?:no|not any) (?:tools?|functions?) (?:available|provided|that)",
+        r"\btools? (?:is|are|seems?|appears?) (?:to be )?(?:not available|unavailable|not working|"
+        r"broken|down|failing)",
+        r"\b(?:tool|function|backend|service|api) (?:error|failure|is not responding|timed out)",
+        r"\bas an AI\b.*\b(?:cannot|can't|unable)",
+        r"\bno tengo acceso\b", r"\bno puedo (?:acceder|usar|ejecutar)\b",
+        r"\bje n'ai pas accès\b", r"\bje ne peux pas (?:accéder|utiliser|exécuter)\b",
+        r"\bich habe keinen zugriff\b", r"\bich kann (?:nicht|keine)\b.*\b(?:zugreifen|ausführen|verwenden)",
+        r"\bnão tenho acesso\b", r"\bnão posso (?:acessar|usar)\b",
+        r"\bnon ho accesso\b", r"我(?:无法|不能|没有)(?:访问|使用|调用)",
+        r"アクセスできません", r"(?:ツール|関数)を(?:使用|実行)できません",
+    )
+    extra_refusal_patterns = ()
+
+    def __init__(self):
+        pats = tuple(self.refusal_patterns) + tuple(self.extra_refusal_patterns)
+        self._refusal = re.compile("|".join("(?:%s)" % p for p in pats), re.I)
+
+    # -- prompt building ------------------------------------------------------------------
+    def tool_prompt(self, tools, tool_choice):
+        specs = [{"name": t.name, "description": t.description, "parameters": t.parameters}
+                 for t in tools]
+        rules = [
+            "# Tools",
+            "You can call the tools listed below. To call one, write a fenced block exactly "
+            "like this, with the arguments as a JSON object matching the tool's parameters:",
+            '```tool_call\n{"name": "TOOL_NAME", "arguments": {"param": "value"}}\n```',
+            "Write one block per call; several blocks make parallel calls. After your call "
+            "blocks, stop: the results arrive in the next message. Call a tool only when it "
+            "helps; otherwise answer normally. The tools are available and working: never "
+            "claim you cannot use them.",
+        ]
+        if tool_choice == "required":
+            rules.append("In this reply you MUST call at least one tool.")
+        elif isinstance(tool_choice, dict):
+            rules.append("In this reply you MUST call the tool %s." % json.dumps(tool_choice["name"]))
+        rules.append("Available tools:\n" + json.dumps(specs, ensure_ascii=False, indent=1))
+        return "\n\n".join(rules)
+
+    def nudge(self):
+        return ("Your previous reply did not call a tool. The tools described in your "
+                "instructions are available and working. Call the appropriate tool now by "
+                "writing a ```tool_call block.")
+
+    # -- history ----------------------------------------------------------------------------
+    def render_call(self, name, arguments, call_id=None):
+        return "```tool_call\n%s\n```" % json.dumps({"name": name, "arguments": arguments},
+                                                    ensure_ascii=False)
+
+    def render_result(self, block):
+        content = block.get("content")
+        if isinstance(content, list):
+            content = "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+        out = {"tool_call_id": block.get("tool_use_id"), "name": block.get("name"),
+               "content": content if content is not None else ""}
+        if block.get("is_error"):
+            out["is_error"] = True
+        return "```tool_result\n%s\n```" % json.dumps(out, ensure_ascii=False)
+
+    # -- parsing ----------------------------------------------------------------------------
+    def is_refusal(self, text):
+        return bool(self._refusal.search(text or ""))
+
+    def parse(self, text, final=True, names=None):
+        """Split text into [("text", s) | ("call", (name, args_dict))] segments.
+
+        Returns (segments, consumed): when final is False, text after `consumed` is still
+        undecided (it may be the start of a tool block) and should be offered again with more.
+        `names`, when given, are the tool names a ```json fence may call.
+        """
+        segs, pos, n = [], 0, len(text)
+        while pos < n:
+            start, marker = self._next_marker(text, pos)
+            if start < 0:
+                keep = 0 if final else self._partial_marker_tail(text, pos)
+                segs.append(("text", text[pos:n - keep]))
+                pos = n - keep
+                break
+            if start > pos:
+                segs.append(("text", text[pos:start]))
+                pos = start
+            if marker == _FENCE:
+                result = self._parse_fence(text, start, final, names)
+            else:
+                result = self._parse_xml(text, start, final)
+            if result is None:           # undecided: wait for more text
+                break
+            calls, end = result
+            if calls:
+                segs.extend(("call", c) for c in calls)
+            else:
+                segs.append(("text", text[start:end]))
+            pos = end
+        merged = []
+        for kind, val in segs:
+            if kind == "text" and merged and merged[-1][0] == "text":
+                merged[-1] = ("text", merged[-1][1] + val)
+            elif not (kind == "text" and val == ""):
+                merged.append((kind, val))
+        return merged, pos
+
+    @staticmethod
+    def _next_marker(text, pos):
+        best, which = -1, None
+        for marker in _MARKERS:
+            i = text.find(marker, pos)
+            if i >= 0 and (best < 0 or i < best):
+                best, which = i, marker
+        return best, which
+
+    @staticmethod
+    def _partial_marker_tail(text, pos):
+        """Length of a suffix of text that could be the start of a marker."""
+        longest = 0
+        for marker in _MARKERS:
+            for k in range(min(len(marker) - 1, len(text) - pos), 0, -1):
+                if text.endswith(marker[:k]):
+                    longest = max(longest, k)
+                    break
+        return longest
+
+    def _parse_fence(self, text, start, final, names):
+        nl = text.find("\n", start + 3)
+        if nl < 0:
+            return None if not final else ([], len(text))
+        info = text[start + 3:nl].strip().lower()
+        if info not in TOOL_FENCES:
+            return [], nl + 1              # an ordinary code fence: plain text
+        body_start = nl + 1
+        search = body_start
+        while True:
+            close = text.find(_FENCE, search)
+            if close < 0:
+                return None if not final else ([], len(text))
+            calls = self._calls_from_json(text[body_start:close], info, names)
+            if calls is not None:
+                end = close + 3
+                return calls, end
+            search = close + 3
+            # JSON that never parses stays text once a closing fence follows it
+            if text.find(_FENCE, search) < 0 and (final or not text[body_start:close].strip()):
+                return [], close + 3
+
+    def _calls_from_json(self, raw, info, names):
+        try:
+            obj = json.loads(raw, strict=False)
+        except ValueError:
+            return None
+        items = obj if isinstance(obj, list) else [obj]
+        calls = []
+        for item in items:
+            call = self._call_from_obj(item)
+            if call is None:
+                return []
+            if info == "json" and names is not None and call[0] not in names:
+                return []
+            calls.append(call)
+        return calls
+
+    @staticmethod
+    def _call_from_obj(obj):
+        if not isinstance(obj, dict):
+            return None
+        if isinstance(obj.get("function"), dict):       # OpenAI-shaped
+            obj = obj["function"]
+        name = obj.get("name") or obj.get("tool") or obj.get("tool_name")
+        if not isinstance(name, str) or not name:
+            return None
+        args = obj.get("arguments", obj.get("parameters", obj.get("input", obj.get("args", {}))))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args, strict=False) if args.strip() else {}
+            except ValueError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        return name, args
+
+    @staticmethod
+    def _parse_xml(text, start, final):
+        m = _XML_CLOSE.search(text, start)
+        if not m:
+            return None if not final else ([], len(text))
+        inner = text[start:m.start()]
+        calls = []
+        for inv in _XML_INVOKE.finditer(inner):
+            args = {}
+            for p in _XML_PARAM.finditer(inv.group(2)):
+                value = p.group(2).strip()
+                try:
+                    args[p.group(1)] = json.loads(value)
+                except ValueError:
+                    args[p.group(1)] = value
+            calls.append((inv.group(1), args))
+        return calls, m.end()
+
+
+def register(handler_cls):
+    """Make a handler class selectable by its `name` (X-Toolcall-Module)."""
+    HANDLERS[handler_cls.name] = handler_cls()
+    return handler_cls
+
+
+register(BaseToolCallHandler)
+
+
+def discover_modules(folder=None):
+    """Import every modules/*.py beside this file; failures are recorded, not raised."""
+    folder = pathlib.Path(folder or pathlib.Path(__file__).resolve().parent / "modules")
+    if not folder.is_dir():
+        return
+    parent = str(folder.parent)
+    if parent not in sys.path:
+        sys.path.insert(0, parent)
+    # handler modules import this file by name; when run as a script that is __main__
+    sys.modules.setdefault("claude_openai_proxy", sys.modules[__name__])
+    for path in sorted(folder.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        try:
+            importlib.import_module("%s.%s" % (folder.name, path.stem))
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not stop the server
+            MODULE_ERRORS[path.stem] = "%s: %s" % (type(exc).__name__, exc)
+
+
+def pick_handler(name, default):
+    name = (name or default or "generic").strip()
+    if name not in HANDLERS:
+        raise BadRequest("Unknown tool-call handler %r (X-Toolcall-Module). Available: %s."
+                         % (name, ", ".join(sorted(HANDLERS))))
+    return HANDLERS[name]
+
+
+@dataclass
+class Attempt:
+    held: list = field(default_factory=list)     # events not yet sent to the client
+    text: str = ""
+    calls: int = 0
+    holding: bool = True
+    done: Done = None
+
+
+def emulated_tool_events(req, run):
+    """Run the request with prompt-emulated tools: text streams, tool blocks become calls.
+
+    `run(messages)` yields CLI events for one attempt.  Text is held back only while it may be
+    the start of a tool block, or (first REFUSAL_HOLD_CHARS) a false refusal worth one retry.
+    A false refusal (or no call when one is required) is retried once with the handler's
+    nudge; the retry is kept only if it produced a call.
+    """
+    handler = req.handler
+    must_call = req.tool_choice == "required" or isinstance(req.tool_choice, dict)
+    total = Usage()
+    first = yield from _tool_attempt(req, run, req.messages, must_call, total)
+    if first.holding and not first.calls and (must_call or handler.is_refusal(first.text)):
+        retry = list(req.messages) + [
+            Message("assistant", [{"type": "text", "text": first.text or "(no answer)"}]),
+            Message("user", [{"type": "text", "text": handler.nudge()}])]
+        gen = _tool_attempt(req, run, retry, True, total)
+        while True:
+            try:
+                next(gen)            # hold_all: nothing is yielded but heartbeats
+            except StopIteration as stop:
+                second = stop.value
+                break
+        if second.calls:
+            first = second
+    yield from first.held
+    reason = "tool_use" if first.calls else (first.done.stop_reason if first.done else "end_turn")
+    yield Done(reason, total, first.done.stop_sequence if first.done else None)
+
+
+def _tool_attempt(req, run, messages, hold_all, total):
+    handler, names, a = req.handler, {t.name for t in offered_tools(req)}, Attempt()
+    pending, answer = "", []
+
+    def convert(segs):
+        for kind, val in segs:
+            if kind == "text":
+                answer.append(val)
+                yield TextDelta(val)
+            elif req.parallel_tool_calls or not a.calls:
+                a.calls += 1
+                yield ToolCall(new_id(req.id_prefix), val[0], json.dumps(val[1], ensure_ascii=False))
+
+    for ev in run(messages):
+        if isinstance(ev, TextDelta):
+            pending += ev.text
+            segs, used = handler.parse(pending, final=False, names=names)
+            pending = pending[used:]
+            out = list(convert(segs))
+        elif isinstance(ev, Done):
+            out = list(convert(handler.parse(pending, final=True, names=names)[0]))
+            total.add(ev.usage)
+            a.done = ev
+        elif isinstance(ev, (Heartbeat, Start)):
+            yield ev
+            continue
+        else:
+            out = [ev]
+        if not a.holding:
+            yield from out
+            continue
+        a.held.extend(out)
+        text = "".join(answer)
+        if not hold_all and (a.calls or len(text) > REFUSAL_HOLD_CHARS) and \
+                not handler.is_refusal(text):
+            a.holding = False
+            yield from a.held
+            a.held = []
+    a.text = "".join(answer)
+    return a
+
+
+# 7. CLI backend #################################################################################
+# One CLI process per attempt, run as a plain model: no built-in tools, no CLAUDE.md, no
+# settings, no session files, its own TMPDIR, an empty working directory, an allow-listed
+# environment.  Prompts travel on stdin (stream-json), never on argv.
+
+@dataclass(frozen=True)
+class Launch:
+    """What must be fixed when a CLI process starts (argv and environment)."""
+    model: str
+    effort: str = ""
+    disable_thinking: bool = False
+    max_tokens: int = 0
+
+
+def launch_of(req):
+    return Launch(req.cli_model, req.effort, req.disable_thinking, req.max_tokens)
+
+
+def cli_argv(cfg, launch):
+    argv = [cfg.claude_bin, "-p", "--input-format", "stream-json",
+            "--output-format", "stream-json", "--verbose", "--include-partial-messages",
+            "--tools", "", "--no-session-persistence", "--setting-sources", "",
+            "--strict-mcp-config", "--model", launch.model]
+    if launch.effort:
+        argv += ["--effort", launch.effort]
+    return argv
+
+
+def env_allowed(name):
+    if name in ENV_NEVER or name.startswith(ENV_NEVER_PREFIXES):
+        return False
+    return name in ENV_ALLOW or name.startswith(ENV_ALLOW_PREFIXES)
+
+
+def cli_env(cfg, launch, tmpdir):
+    env = {k: v for k, v in cfg.environ.items() if env_allowed(k)}
+    for name in cfg.pass_env:
+        if name in cfg.environ and name not in ENV_NEVER and not name.startswith(ENV_NEVER_PREFIXES):
+            env[name] = cfg.environ[name]
+    env.update(TMPDIR=tmpdir, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+               CLAUDE_CODE_DISABLE_CLAUDE_MDS="1", ENABLE_TOOL_SEARCH="false",
+               DISABLE_AUTOUPDATER="1", CLAUDE_CODE_MAX_RETRIES=str(max(0, cfg.cli_retries)))
+    if launch.disable_thinking:
+        env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
+    if launch.max_tokens:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(launch.max_tokens)
+    return env
+
+
+_EOF = object()
+_SECRET = re.compile(r"(sk-ant-[A-Za-z0-9_-]{4})[A-Za-z0-9_-]+|(Bearer\s+)\S+")
+
+
+def scrub(text):
+    return _SECRET.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
+
+
+class CLIProcess:
+    """One running CLI: stdin for control/user lines, a reader thread turning stdout into a
+    queue of parsed lines, stderr drained into a short tail (a full pipe would block it)."""
+
+    def __init__(self, cfg, launch, workdir):
+        self.tmp = tempfile.mkdtemp(prefix="claude-proxy-run-")
+        try:
+            self.proc = subprocess.Popen(
+                cli_argv(cfg, launch), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, cwd=workdir, env=cli_env(cfg, launch, self.tmp),
+                start_new_session=True)
+        except OSError as exc:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise CLIUnavailable("The claude CLI could not be started (CLAUDE_BIN=%r: %s). "
+                                 "Install it (npm install -g @anthropic-ai/claude-code) or "
+                                 "set CLAUDE_BIN to its path." % (cfg.claude_bin, exc.strerror or exc))
+        self.lines = queue.Queue()
+        self.stderr_tail = collections.deque(maxlen=20)
+        self.garbage = []
+        self._closed = False
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self):
+        try:
+            for raw in self.proc.stdout:
+                try:
+                    self.lines.put(json.loads(raw))
+                except ValueError:
+                    self.lines.put(raw.decode("utf-8", "replace").strip())
+        except (OSError, ValueError):
+            pass
+        self.lines.put(_EOF)
+
+    def _read_stderr(self):
+        try:
+            for raw in self.proc.stderr:
+                self.stderr_tail.append(scrub(raw.decode("utf-8", "replace").rstrip()))
+        except (OSError, ValueError):
+            pass
+
+    def send(self, obj):
+        try:
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass        # the process died; its stdout EOF reports that
+
+    def read(self, call):
+        """Yield parsed stdout lines, and HEARTBEAT while silent; checks deadline and client."""
+        last_beat = time.monotonic()
+        while True:
+            try:
+                item = self.lines.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                call.check()
+                if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
+                    last_beat = time.monotonic()
+                    yield Heartbeat()
+                continue
+            if item is _EOF:
+                return
+            call.maybe_check()
+            yield item
+
+    def exit_status(self, wait=2.0):
+        try:
+            return self.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self):
+        """Kill the whole process group and remove the run's TMPDIR; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Gate:
+    """Caps running CLI processes with a BoundedSemaphore; waiters are served in arrival order
+    and give up after `timeout` seconds with a 429."""
+
+    def __init__(self, capacity, timeout):
+        self.capacity, self.timeout = capacity, timeout
+        self._sem = threading.BoundedSemaphore(capacity)
+        self._cond = threading.Condition()
+        self._queue = collections.deque()
+        self.running = 0
+
+    @property
+    def queued(self):
+        return len(self._queue)
+
+    def acquire(self, call=None):
+        ticket = object()
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                while True:
+                    if self._queue[0] is ticket and self._sem.acquire(blocking=False):
+                        self._queue.popleft()
+                        self.running += 1
+                        self._cond.notify_all()
+                        return
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise RateLimited(
+                            "All %d CLI slots are busy and the request waited %gs "
+                            "(CLAUDE_PROXY_QUEUE_TIMEOUT). Retry later." % (self.capacity, self.timeout),
+                            headers={"Retry-After": "5"})
+                    self._cond.wait(min(left, POLL_SECONDS))
+                    if call is not None:
+                        call.check()
+            except BaseException:
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()
+                raise
+
+    def release(self):
+        with self._cond:
+            self.running -= 1
+            self._sem.release()
+            self._cond.notify_all()
+
+
+class Backend:
+    """Starts CLI processes, translates their output into events, and ends them."""
+
+    def __init__(self, cfg, workdir):
+        self.cfg, self.workdir = cfg, workdir
+        self.gate = Gate(cfg.max_concurrency, cfg.queue_timeout)
+        self.live = set()
+        self.lock = threading.Lock()
+        self.started = 0
+
+    def spawn(self, launch):
+        proc = CLIProcess(self.cfg, launch, self.workdir)
+        with self.lock:
+            self.live.add(proc)
+            self.started += 1
+        return proc
+
+    def discard(self, proc):
+        proc.close()
+        with self.lock:
+            self.live.discard(proc)
+
+    def run(self, req, messages, call):
+        """One CLI turn for `messages`: yields events, ends with Done or raises ProxyError."""
+        proc = self.spawn(launch_of(req))
+        try:
+            proc.send({"type": "control_request", "request_id": "init",
+                       "request": {"subtype": "initialize", "systemPrompt": render_system(req)}})
+            proc.send({"type": "user", "session_id": "default", "parent_tool_use_id": None,
+                       "message": {"role": "user", "content": render_turn(messages, req.handler)}})
+            yield from translate(proc, call)
+        finally:
+            self.discard(proc)
+
+    def close_all(self):
+        with self.lock:
+            procs = list(self.live)
+        for proc in procs:
+            self.discard(proc)
+
+
+def translate(proc, call):
+    """stream-json lines -> events.  The `result` line is authoritative for errors and usage."""
+    started, last_retry, streamed = False, None, []
+    withdrawn = None         # text already streamed when the CLI abandoned a dropped stream
+    for item in proc.read(call):
+        if isinstance(item, Heartbeat):
+            yield item
+            continue
+        if not isinstance(item, dict):
+            if item:
+                proc.garbage.append(item[:200])
+            continue
+        kind = item.get("type")
+        if kind == "stream_event":
+            ev = item.get("event") or {}
+            et = ev.get("type")
+            if et == "message_start" and not started:
+                started = True
+                yield Start(Usage.from_api((ev.get("message") or {}).get("usage")))
+            elif et == "content_block_delta":
+                d = ev.get("delta") or {}
+                dt = d.get("type")
+                if dt == "text_delta" and d.get("text"):
+                    text = d["text"]
+                    if withdrawn is not None:        # re-asked after a drop: skip what we sent
+                        text, withdrawn = _skip_prefix(text, withdrawn)
+                        if not text:
+                            continue
+                    streamed.append(text)
+                    yield TextDelta(text)
+                elif dt == "thinking_delta":
+                    yield ThinkingDelta(d.get("thinking", ""))
+                elif dt == "signature_delta":
+                    yield ThinkingDelta("", d.get("signature", ""))
+            elif et == "message_stop" and ev.get("abandoned_blocks"):
+                withdrawn = "".join(streamed)
+        elif kind == "assistant" and withdrawn is not None:
+            # the CLI's non-streaming fallback after a dropped stream arrives as whole blocks
+            for block in (item.get("message") or {}).get("content") or []:
+                if block.get("type") == "text" and block.get("text"):
+                    text, withdrawn = _skip_prefix(block["text"], withdrawn)
+                    if text:
+                        streamed.append(text)
+                        yield TextDelta(text)
+        elif kind == "system" and item.get("subtype") == "api_retry":
+            last_retry = item
+        elif kind == "control_request":
+            # nothing is offered to the CLI in plain-model mode; refuse so it never waits
+            proc.send({"type": "control_response", "response": {
+                "subtype": "error", "request_id": item.get("request_id"),
+                "error": "not supported by claude-proxy"}})
+        elif kind == "result":
+            if item.get("is_error"):
+                raise result_error(item, last_retry)
+            yield Done(item.get("stop_reason") or "end_turn", Usage.from_api(item.get("usage")))
+            return
+    status = proc.exit_status()
+    detail = "; ".join(list(proc.stderr_tail)[-3:] or proc.garbage[-3:]) or "no output"
+    raise UpstreamError("The claude CLI ended without an answer (exit status %s): %s"
+                        % (status, detail))
+
+
+def _skip_prefix(text, withdrawn):
+    """Drop from `text` what was already streamed before a retried stream began again."""
+    n = min(len(text), len(withdrawn))
+    if text[:n] != withdrawn[:n]:
+        raise UpstreamError("The upstream stream broke and the retried answer differs from the "
+                            "text already sent; retry the request.")
+    return text[n:], withdrawn[n:] or None
+
+
+def result_error(result, last_retry):
+    status = result.get("api_error_status")
+    text = scrub(str(result.get("result") or "; ".join(result.get("errors") or []) or
+                     result.get("terminal_reason") or "unknown error"))
+    if status in (401, 403):
+        return UpstreamError(
+            "The claude CLI on the proxy server could not authenticate (upstream %s: %s). "
+            "On the server, run `claude login` (or `claude setup-token` and set "
+            "CLAUDE_CODE_OAUTH_TOKEN)." % (status, text))
+    if status == 429:
+        delay = (last_retry or {}).get("retry_delay_ms")
+        after = str(max(1, int(-(-delay // 1000)))) if isinstance(delay, (int, float)) else "30"
+        return RateLimited("Upstream rate limit: %s" % text, headers={"Retry-After": after})
+    if status == 529:
+        return Overloaded("Upstream overloaded: %s" % text)
+    if status == 400 or "prompt is too long" in text.lower():
+        return BadRequest("Upstream rejected the request: %s" % text)
+    if status == 404:
+        return NotFound("Upstream: %s" % text)
+    if status == 413:
+        return TooLarge("Upstream: %s" % text)
+    if status is None and result.get("terminal_reason") == "api_error":
+        return UpstreamError("Could not reach the upstream API: %s" % text)
+    return UpstreamError("The claude CLI failed (upstream status %s): %s" % (status, text))
+
+
+# 8. SSE #########################################################################################
+
+class SSE:
+    """Server-sent events over chunked HTTP/1.1: every event is written and flushed at once."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.started = False
+
+    def start(self, headers=()):
+        h = self.handler
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        h.send_header("Cache-Control", "no-cache")
+        h.send_header("X-Accel-Buffering", "no")
+        h.send_header("Transfer-Encoding", "chunked")
+        for k, v in headers:
+            h.send_header(k, v)
+        h.end_headers()
+        self.started = True
+
+    def _write(self, data):
+        try:
+            self.handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except (OSError, ValueError) as exc:
+            raise ClientGone() from exc
+
+    def event(self, data, name=None):
+        payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        head = ("event: %s\n" % name) if name else ""
+        self._write(("%sdata: %s\n\n" % (head, payload)).encode())
+
+    def comment(self, text):
+        self._write((": %s\n\n" % text).encode())
+
+    def end(self):
+        try:
+            self.handler.wfile.write(b"0\r\n\r\n")
+        except (OSError, ValueError):
+            self.handler.close_connection = True
+
+
+def first_then(events):
+    """Pull the first event before the response starts, so early failures keep their status."""
+    it = iter(events)
+    first = next(it, None)
+    return ([] if first is None else [first]), it
+
+
+# 9. OpenAI chat completions #####################################################################
+
+def _need(cond, message, param=None):
+    if not cond:
+        raise BadRequest(message, param=param)
+
+
+def _text_of(content, where):
+    """Plain text of an OpenAI content value (string or list of text parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    _need(isinstance(content, list), "%s.content must be a string or a list of parts" % where, where)
+    out = []
+    for i, part in enumerate(content):
+        _need(isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"),
+              "%s.content[%d] must be a text part here" % (where, i), where)
+        _need(isinstance(part.get("text"), str), "%s.content[%d].text must be a string" % (where, i))
+        out.append(part["text"])
+    return "\n".join(out)
+
+
+def _openai_parts(content, where):
+    """OpenAI user content -> Anthropic blocks (text, image from data: URLs)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    _need(isinstance(content, list), "%s.content must be a string or a list of parts" % where, where)
+    blocks = []
+    for i, part in enumerate(content):
+        at = "%s.content[%d]" % (where, i)
+        _need(isinstance(part, dict), "%s must be an object" % at, at)
+        kind = part.get("type")
+        if kind in ("text", "input_text"):
+            _need(isinstance(part.get("text"), str), "%s.text must be a string" % at, at)
+            blocks.append({"type": "text", "text": part["text"]})
+        elif kind in ("image_url", "input_image"):
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            blocks.append(image_block(url))
+        else:
+            raise BadRequest("%s has unsupported type %r (supported: text, image_url)" % (at, kind), param=at)
+    return blocks
+
+
+def _openai_tools(body):
+    tools, choice = [], body.get("tool_choice", "auto")
+    if body.get("functions") is not None and body.get("tools") is None:     # legacy API
+        _need(isinstance(body["functions"], list), "functions must be a list", "functions")
+        raw = [{"type": "function", "function": f} for f in body["functions"]]
+        fc = body.get("function_call", "auto")
+        choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
+    else:
+        raw = body.get("tools") or []
+        _need(isinstance(raw, list), "tools must be a list", "tools")
+    for i, t in enumerate(raw):
+        fn = t.get("function") if isinstance(t, dict) else None
+        _need(isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(fn, dict),
+              "tools[%d] must be {\"type\": \"function\", \"function\": {...}}" % i, "tools")
+        _need(isinstance(fn.get("name"), str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", fn["name"]),
+              "tools[%d].function.name must be 1-128 letters, digits, _ . : or -" % i, "tools")
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        _need(isinstance(params, dict), "tools[%d].function.parameters must be an object" % i, "tools")
+        tools.append(ToolSpec(fn["name"], fn.get("description") or "", params))
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
+        _need(isinstance(name, str), "tool_choice must name a function: "
+              "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+        _need(any(t.name == name for t in tools), "tool_choice names %r, which is not in tools" % name,
+              "tool_choice")
+        choice = {"name": name}
+    else:
+        _need(choice in ("auto", "none", "required"),
+              "tool_choice must be auto, none, required or a named function", "tool_choice")
+        _need(choice != "required" or tools, "tool_choice is required but no tools were given",
+              "tool_choice")
+    return tools, choice
+
+
+def parse_openai_messages(messages, names_by_id=None):
+    """OpenAI messages -> (system text, [Message])."""
+    _need(isinstance(messages, list) and messages, "messages must be a non-empty list", "messages")
+    system, out, names_by_id = [], [], dict(names_by_id or {})
+    for i, m in enumerate(messages):
+        where = "messages[%d]" % i
+        _need(isinstance(m, dict), "%s must be an object" % where, "messages")
+        role, content = m.get("role"), m.get("content")
+        if role in ("system", "developer"):
+            system.append(_text_of(content, where))
+        elif role == "user":
+            _need(content is not None, "%s.content is required" % where, "messages")
+            out.append(Message("user", _openai_parts(content, where)))
+        elif role == "assistant":
+            blocks = [{"type": "text", "text": _text_of(content, where)}] if content else []
+            calls = m.get("tool_calls") or []
+            if m.get("function_call"):
+                calls = calls + [{"id": "call_legacy_%d" % i, "function": m["function_call"]}]
+            _need(isinstance(calls, list), "%s.tool_calls must be a list" % where, "messages")
+            for j, c in enumerate(calls):
+                fn = c.get("function") if isinstance(c, dict) else None
+                _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
+                      "%s.tool_calls[%d] needs function.name" % (where, j), "messages")
+                args = fn.get("arguments") or "{}"
+                try:
+                    args = json.loads(args) if isinstance(args, str) else args
+                except ValueError:
+                    args = {"_raw_arguments": args}
+                cid = c.get("id") or "call_%d_%d" % (i, j)
+                names_by_id[cid] = fn["name"]
+                blocks.append({"type": "tool_use", "id": cid, "name": fn["name"], "input": args})
+            if blocks:
+                out.append(Message("assistant", blocks))
+        elif role in ("tool", "function"):
+            cid = m.get("tool_call_id") if role == "tool" else "call_legacy_%d" % (i - 1)
+            _need(isinstance(cid, str) or role == "function", "%s.tool_call_id is required" % where, "messages")
+            name = names_by_id.get(cid) or m.get("name")
+            out.append(Message("user", [{"type": "tool_result", "tool_use_id": cid, "name": name,
+                                         "content": _text_of(content, where)}]))
+        else:
+            raise BadRequest("%s.role %r is not one of system, developer, user, assistant, tool"
+                             % (where, role), param="messages")
+    _need(out, "messages must contain at least one user or assistant message", "messages")
+    return "\n\n".join(s for s in system if s), merge_messages(out)
+
+
+class OpenAIChat:
+    name = "openai"
+    FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+              "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
+    TYPES = {"api_error": "server_error", "overloaded_error": "server_error",
+             "timeout_error": "timeout", "request_too_large": "invalid_request_error"}
+
+    def parse(self, body, headers, cfg):
+        _need(isinstance(body, dict), "The request body must be a JSON object")
+        model, cli_model = resolve_model(body.get("model"), cfg.default_model)
+        system, messages = parse_openai_messages(body.get("messages"))
+        n = body.get("n", 1)
+        _need(n in (None, 1), "n must be 1: the CLI returns one choice per request", "n")
+        _need(isinstance(body.get("stream", False), bool), "stream must be true or false", "stream")
+        tools, choice = _openai_tools(body)
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        _need(isinstance(stop, list) and all(isinstance(s, str) and s for s in stop) and len(stop) <= 4,
+              "stop must be a string or a list of up to 4 non-empty strings", "stop")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        _need(max_tokens is None or (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
+                                     and max_tokens >= 1),
+              "max_tokens must be a positive integer", "max_tokens")
+        effort = body.get("reasoning_effort")
+        _need(effort in (None, "none", "minimal", "low", "medium", "high", "xhigh", "max"),
+              "reasoning_effort must be one of none, minimal, low, medium, high, xhigh, max",
+              "reasoning_effort")
+        fmt = body.get("response_format")
+        _need(fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"),
+              "response_format other than text is not supported yet", "response_format")
+        _need(not body.get("logprobs"), "logprobs are not available from the claude CLI", "logprobs")
+        opts = body.get("stream_options") or {}
+        _need(isinstance(opts, dict), "stream_options must be an object", "stream_options")
+        return Request(
+            model=model, cli_model=cli_model, messages=messages, system=system,
+            stream=bool(body.get("stream")), tools=tools, tool_choice=choice,
+            parallel_tool_calls=body.get("parallel_tool_calls") is not False and
+            body.get("functions") is None, stop=stop,
+            effort={"minimal": "low", "none": ""}.get(effort, effort or ""),
+            max_tokens=max_tokens or 0, thinking=effort not in (None, "none"),
+            disable_thinking=effort == "none", include_usage=bool(opts.get("include_usage")))
+
+    @staticmethod
+    def usage(u):
+        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.output_tokens,
+                "total_tokens": u.prompt_tokens + u.output_tokens,
+                "prompt_tokens_details": {"cached_tokens": u.cache_read},
+                "completion_tokens_details": {"reasoning_tokens": 0}}
+
+    def render(self, req, c, body):
+        msg = {"role": "assistant", "content": c.text if (c.text or not c.tool_calls) else None,
+               "refusal": None}
+        if req.thinking and c.thinking:
+            msg["reasoning_content"] = c.thinking
+        finish = self.FINISH.get(c.stop_reason, "stop")
+        if c.tool_calls and body.get("functions") is not None and body.get("tools") is None:
+            call = c.tool_calls[0]
+            msg["function_call"] = {"name": call.name, "arguments": call.arguments}
+            finish = "function_call"
+        elif c.tool_calls:
+            msg["tool_calls"] = [{"id": t.id, "type": "function",
+                                  "function": {"name": t.name, "arguments": t.arguments}}
+                                 for t in c.tool_calls]
+        return {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
+                "model": req.model, "system_fingerprint": None,
+                "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+                "usage": self.usage(c.usage)}
+
+    def stream(self, req, events, sse, body):
+        base = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": req.model, "system_fingerprint": None}
+
+        def chunk(delta, finish=None):
+            d = dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None,
+                                     "finish_reason": finish}])
+            if req.include_usage:
+                d["usage"] = None
+            sse.event(d)
+
+        chunk({"role": "assistant", "content": ""})
+        calls = 0
+        try:
+            for ev in events:
+                if isinstance(ev, TextDelta):
+                    if ev.text:
+                        chunk({"content": ev.text})
+                elif isinstance(ev, ThinkingDelta):
+                    if req.thinking and ev.text:
+                        chunk({"reasoning_content": ev.text})
+                elif isinstance(ev, ToolCall):
+                    chunk({"tool_calls": [{"index": calls, "id": ev.id, "type": "function",
+                                           "function": {"name": ev.name, "arguments": ""}}]})
+                    chunk({"tool_calls": [{"index": calls, "function": {"arguments": ev.arguments}}]})
+                    calls += 1
+                elif isinstance(ev, Heartbeat):
+                    sse.comment("keep-alive")
+                elif isinstance(ev, Done):
+                    chunk({}, self.FINISH.get(ev.stop_reason, "stop"))
+                    if req.include_usage:
+                        sse.event(dict(base, choices=[], usage=self.usage(ev.usage)))
+        except ProxyError as err:
+            sse.event(self.error(err)[1])
+        sse.event("[DONE]")
+
+    def error(self, err):
+        status = 503 if err.status == 529 else err.status
+        return status, {"error": {"message": err.message, "type": self.TYPES.get(err.kind, err.kind),
+                                  "param": err.param, "code": err.kind if status >= 500 else None}}
+
+
+# 10. Anthropic messages #########################################################################
+
+def _anthropic_blocks(content, where, role):
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    _need(isinstance(content, list), "%s.content must be a string or a list of blocks" % where)
+    blocks = []
+    for i, b in enumerate(content):
+        at = "%s.content.%d" % (where, i)
+        _need(isinstance(b, dict), "%s must be an object" % at)
+        kind = b.get("type")
+        if kind == "text":
+            _need(isinstance(b.get("text"), str), "%s.text: Field required" % at)
+            blocks.append({"type": "text", "text": b["text"]})
+        elif kind == "image":
+            src = b.get("source") or {}
+            _need(isinstance(src, dict), "%s.source must be an object" % at)
+            if src.get("type") == "url":
+                image_block(src.get("url"))           # raises the remote-URL error
+            _need(src.get("type") == "base64" and isinstance(src.get("data"), str),
+                  "%s.source must be {\"type\": \"base64\", \"media_type\": ..., \"data\": ...}" % at)
+            blocks.append(image_block("data:%s;base64,%s" % (src.get("media_type"), src["data"])))
+        elif kind == "tool_use":
+            _need(role == "assistant", "%s: tool_use blocks belong to assistant messages" % at)
+            _need(isinstance(b.get("id"), str) and isinstance(b.get("name"), str),
+                  "%s needs id and name" % at)
+            blocks.append({"type": "tool_use", "id": b["id"], "name": b["name"],
+                           "input": b.get("input") if isinstance(b.get("input"), dict) else {}})
+        elif kind == "tool_result":
+            _need(role == "user", "%s: tool_result blocks belong to user messages" % at)
+            _need(isinstance(b.get("tool_use_id"), str), "%s.tool_use_id: Field required" % at)
+            inner = b.get("content", "")
+            if isinstance(inner, list):
+                inner = _anthropic_blocks(inner, at, "user")
+                text = "\n".join(x.get("text", "") for x in inner if x.get("type") == "text")
+                blocks.extend(x for x in inner if x.get("type") == "image")
+                inner = text
+            _need(isinstance(inner, str), "%s.content must be a string or blocks" % at)
+            blocks.append({"type": "tool_result", "tool_use_id": b["tool_use_id"], "content": inner,
+                           "is_error": bool(b.get("is_error"))})
+        elif kind in ("thinking", "redacted_thinking"):
+            continue                                  # not replayed to the model
+        else:
+            raise BadRequest("%s.type %r is not supported (text, image, tool_use, tool_result, "
+                             "thinking)" % (at, kind))
+    return blocks
+
+
+class AnthropicMessages:
+    name = "anthropic"
+    STOP = {"end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal"}
+
+    def parse(self, body, headers, cfg, count_only=False):
+        _need(isinstance(body, dict), "The request body must be a JSON object")
+        _need("model" in body, "model: Field required")
+        _need(isinstance(body.get("model"), str), "model: Input should be a valid string")
+        model, cli_model = resolve_model(body["model"], cfg.default_model)
+        if not count_only:
+            mt = body.get("max_tokens")
+            _need(mt is not None, "max_tokens: Field required")
+            _need(isinstance(mt, int) and not isinstance(mt, bool) and mt >= 1,
+                  "max_tokens: Input should be a positive integer")
+        msgs = body.get("messages")
+        _need(isinstance(msgs, list), "messages: Field required (a list)")
+        _need(msgs, "messages: at least one message is required")
+        out, names = [], {}
+        for i, m in enumerate(msgs):
+            _need(isinstance(m, dict), "messages.%d: Input should be an object" % i)
+            role = m.get("role")
+            _need(role in ("user", "assistant"), "messages.%d.role: Input should be 'user' or "
+                  "'assistant'" % i)
+            _need("content" in m, "messages.%d.content: Field required" % i)
+            blocks = _anthropic_blocks(m["content"], "messages.%d" % i, role)
+            for b in blocks:
+                if b["type"] == "tool_use":
+                    names[b["id"]] = b["name"]
+                elif b["type"] == "tool_result":
+                    b["name"] = names.get(b["tool_use_id"])
+            out.append(Message(role, blocks))
+        system = body.get("system", "")
+        if isinstance(system, list):
+            _need(all(isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+                      for b in system), "system: blocks must be text blocks")
+            system = "\n\n".join(b["text"] for b in system)
+        _need(isinstance(system, str), "system: Input should be a string or a list of text blocks")
+        tools = []
+        raw_tools = body.get("tools") or []
+        _need(isinstance(raw_tools, list), "tools: Input should be a list")
+        for i, t in enumerate(raw_tools):
+            _need(isinstance(t, dict) and isinstance(t.get("name"), str),
+                  "tools.%d.name: Field required" % i)
+            _need(t.get("type") in (None, "custom"),
+                  "tools.%d: server tool %r is not available through the claude CLI" % (i, t.get("type")))
+            schema = t.get("input_schema")
+            _need(isinstance(schema, dict), "tools.%d.input_schema: Field required" % i)
+            tools.append(ToolSpec(t["name"], t.get("description") or "", schema))
+        tc = body.get("tool_choice") or {"type": "auto"}
+        _need(isinstance(tc, dict) and tc.get("type") in ("auto", "any", "tool", "none"),
+              "tool_choice.type must be auto, any, tool or none")
+        choice = {"auto": "auto", "any": "required", "none": "none"}.get(tc["type"])
+        if tc["type"] == "tool":
+            _need(any(t.name == tc.get("name") for t in tools),
+                  "tool_choice.name %r is not in tools" % tc.get("name"))
+            choice = {"name": tc["name"]}
+        stop = body.get("stop_sequences") or []
+        _need(isinstance(stop, list) and all(isinstance(s, str) and s for s in stop),
+              "stop_sequences: Input should be a list of non-empty strings")
+        for k in ("temperature", "top_p"):
+            v = body.get(k)
+            _need(v is None or (isinstance(v, (int, float)) and 0 <= v <= 1),
+                  "%s: Input should be a number between 0 and 1" % k)
+        think = body.get("thinking") or {"type": "default"}
+        _need(isinstance(think, dict) and think.get("type") in ("enabled", "adaptive", "disabled", "default"),
+              "thinking.type must be enabled, adaptive or disabled")
+        if think["type"] == "enabled":
+            bt = think.get("budget_tokens")
+            _need(isinstance(bt, int) and bt >= 1024, "thinking.budget_tokens: must be >= 1024")
+            _need(count_only or bt < body["max_tokens"],
+                  "max_tokens must be greater than thinking.budget_tokens")
+        effort = (body.get("output_config") or {}).get("effort") or ""
+        _need(effort in ("",) + EFFORTS, "output_config.effort must be one of %s" % ", ".join(EFFORTS))
+        _need(isinstance(body.get("stream", False), bool), "stream: Input should be a valid boolean")
+        return Request(
+            model=model, cli_model=cli_model, messages=merge_messages(out), system=system,
+            stream=bool(body.get("stream")), tools=tools, tool_choice=choice,
+            parallel_tool_calls=not tc.get("disable_parallel_tool_use"), stop=stop, effort=effort,
+            max_tokens=0 if count_only else body["max_tokens"],
+            thinking=think["type"] in ("enabled", "adaptive"),
+            disable_thinking=think["type"] == "disabled")
+
+    @staticmethod
+    def usage(u):
+        return {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+                "cache_creation_input_tokens": u.cache_write, "cache_read_input_tokens": u.cache_read}
+
+    def render(self, req, c, body):
+        content = []
+        if req.thinking and (c.thinking or c.signature):
+            content.append({"type": "thinking", "thinking": c.thinking, "signature": c.signature})
+        if c.text or not c.tool_calls:
+            content.append({"type": "text", "text": c.text})
+        for t in c.tool_calls:
+            content.append({"type": "tool_use", "id": t.id, "name": t.name,
+                            "input": json.loads(t.arguments)})
+        return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": req.model,
+                "content": content, "stop_reason": c.stop_reason if c.stop_reason in self.STOP else "end_turn",
+                "stop_sequence": c.stop_sequence, "usage": self.usage(c.usage)}
+
+    def stream(self, req, events, sse, body):
+        state = {"index": -1, "open": None, "started": False}
+
+        def start(usage):
+            if not state["started"]:
+                state["started"] = True
+                sse.event({"type": "message_start", "message": {
+                    "id": new_id("msg_"), "type": "message", "role": "assistant", "model": req.model,
+                    "content": [], "stop_reason": None, "stop_sequence": None,
+                    "usage": dict(self.usage(usage), output_tokens=1)}}, "message_start")
+
+        def open_block(kind, block):
+            if state["open"] == kind and kind != "tool_use":
+                return
+            close_block()
+            state["index"] += 1
+            state["open"] = kind
+            sse.event({"type": "content_block_start", "index": state["index"],
+                       "content_block": block}, "content_block_start")
+
+        def close_block():
+            if state["open"] is not None:
+                sse.event({"type": "content_block_stop", "index": state["index"]}, "content_block_stop")
+                state["open"] = None
+
+        def delta(d):
+            sse.event({"type": "content_block_delta", "index": state["index"], "delta": d},
+                      "content_block_delta")
+
+        try:
+            for ev in events:
+                if isinstance(ev, Start):
+                    start(ev.usage)
+                    sse.event({"type": "ping"}, "ping")
+                    continue
+                start(Usage())
+                if isinstance(ev, TextDelta):
+                    open_block("text", {"type": "text", "text": ""})
+                    delta({"type": "text_delta", "text": ev.text})
+                elif isinstance(ev, ThinkingDelta):
+                    if not req.thinking:
+                        continue
+                    open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                    if ev.text:
+                        delta({"type": "thinking_delta", "thinking": ev.text})
+                    if ev.signature:
+                        delta({"type": "signature_delta", "signature": ev.signature})
+                elif isinstance(ev, ToolCall):
+                    open_block("tool_use", {"type": "tool_use", "id": ev.id, "name": ev.name, "input": {}})
+                    delta({"type": "input_json_delta", "partial_json": ev.arguments})
+                elif isinstance(ev, Heartbeat):
+                    sse.event({"type": "ping"}, "ping")
+                elif isinstance(ev, Done):
+                    if state["index"] < 0:
+                        open_block("text", {"type": "text", "text": ""})
+                    close_block()
+                    sse.event({"type": "message_delta", "delta": {
+                        "stop_reason": ev.stop_reason if ev.stop_reason in self.STOP else "end_turn",
+                        "stop_sequence": ev.stop_sequence}, "usage": self.usage(ev.usage)}, "message_delta")
+                    sse.event({"type": "message_stop"}, "message_stop")
+        except ProxyError as err:
+            sse.event(self.error(err)[1], "error")
+
+    def error(self, err):
+        return err.status, {"type": "error", "error": {"type": err.kind, "message": err.message}}
+
+    def count_tokens(self, req, body):
+        """An estimate (~4 bytes a token): the CLI has no token counter to ask."""
+        size = len(json.dumps([body.get("system"), body.get("messages"), body.get("tools")],
+                              ensure_ascii=False).encode())
+        return {"input_tokens": max(1, size // 4)}
+
+
+DIALECTS = {"openai": OpenAIChat(), "anthropic": AnthropicMessages()}
+
+
+# 11. Routes, handler, server ####################################################################
+
+class App:
+    """Everything a request needs: config, backend and counters.  One per server."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.workdir = tempfile.mkdtemp(prefix="claude-proxy-cwd-")
+        os.chmod(self.workdir, 0o500)        # stays empty: nothing for the CLI to read or write
+        self.backend = Backend(cfg, self.workdir)
+        self.started_at = time.time()
+        self.in_flight = 0
+        self.lock = threading.Lock()
+
+    def close(self):
+        self.backend.close_all()
+        try:
+            os.chmod(self.workdir, 0o700)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def model_events(app, req, call):
+    """The whole pipeline for one request: a slot, then one CLI turn (or the tool engine)."""
+    app.backend.gate.acquire(call)
+    try:
+        def run(messages):
+            return app.backend.run(req, messages, call)
+        if req.tools and req.tool_choice != "none":
+            yield from emulated_tool_events(req, run)
+        else:
+            yield from run(req.messages)
+    finally:
+        app.backend.gate.release()
+
+
+def models_payload(anthropic_shape, only=None):
+    ids = [only] if only else list(KNOWN_MODELS)
+    if anthropic_shape:
+        data = [{"type": "model", "id": m, "display_name": m.replace("-", " ").title(),
+                 "created_at": "2025-01-01T00:00:00Z"} for m in ids]
+        if only:
+            return data[0]
+        return {"data": data, "has_more": False, "first_id": ids[0], "last_id": ids[-1]}
+    data = [{"id": m, "object": "model", "created": 1735689600, "owned_by": "anthropic"} for m in ids]
+    return data[0] if only else {"object": "list", "data": data}
+
+
+class Call:
+    """Per-request state: the deadline and a cheap check whether the client hung up."""
+
+    def __init__(self, sock, deadline_seconds):
+        self.sock = sock
+        self.deadline = time.monotonic() + deadline_seconds
+        self.timeout = deadline_seconds
+        self._next = 0.0
+
+    def maybe_check(self):
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + POLL_SECONDS
+            self.check()
+
+    def check(self):
+        if time.monotonic() > self.deadline:
+            raise Timeout("The request took longer than CLAUDE_PROXY_TIMEOUT (%gs)." % self.timeout)
+        if self.client_gone():
+            raise ClientGone()
+
+    def client_gone(self):
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return False
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "claude-proxy/" + __version__
+    sys_version = ""
+    #: seconds to wait for a request line, headers or body bytes (slow clients, idle keep-alive)
+    timeout = 60
+
+    def setup(self):
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    @property
+    def app(self):
+        return self.server.app
+
+    def log_message(self, fmt, *args):   # the access log below replaces http.server's
+        pass
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def dispatch(self):
+        started = time.monotonic()
+        self.status, self.model, self.usage, self.dialect = 0, "-", None, DIALECTS["openai"]
+        self.request_id = (self.headers.get("X-Request-Id") or "")[:128] or new_id("req_", 16)
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/v1/messages") or self.headers.get("anthropic-version") or \
+                self.headers.get("x-api-key"):
+            self.dialect = DIALECTS["anthropic"]
+        try:
+            route = self.route(self.command, path)
+            body = self.read_body()
+            route(body)
+        except ProxyError as err:
+            self.send_error_body(err)
+        except ClientGone:
+            self.close_connection = True
+            self.status = self.status or 499
+        except Exception as exc:  # noqa: BLE001 - the server never dies, the client gets a 500
+            self.log_error("internal error: %s: %s", type(exc).__name__, exc)
+            import traceback
+            traceback.print_exc(file=sys.stderr)
+            self.send_error_body(ProxyError("Internal proxy error; see the proxy's log."))
+        finally:
+            self.access_log(path, started)
+
+    def route(self, method, path):
+        if path.startswith("/v1/"):
+            path = path[3:]
+        table = {
+            ("POST", "/chat/completions"): self.chat,
+            ("POST", "/messages"): self.messages,
+            ("POST", "/messages/count_tokens"): self.count_tokens,
+            ("GET", "/models"): self.models,
+            ("GET", "/health"): self.health,
+        }
+        if (method, path) in table:
+            return table[(method, path)]
+        if method == "GET" and path.startswith("/models/") and len(path) > 8:
+            return lambda body: self.model_info(path[8:])
+        if any(p == path for _m, p in table):
+            raise MethodNotAllowed("Method %s is not allowed on %s." % (method, self.path.split("?")[0]))
+        raise NotFound("No route %s %s. Routes: POST /v1/chat/completions, POST /v1/messages, "
+                       "POST /v1/messages/count_tokens, GET /v1/models, GET /health."
+                       % (method, self.path.split("?")[0]))
+
+    def read_body(self):
+        length = self.headers.get("Content-Length")
+        if self.command not in ("POST", "PUT", "PATCH"):
+            if length and length.isdigit():
+                self.rfile.read(int(length))
+            return None
+        if length is None:
+            self.close_connection = True
+            raise ProxyError("A Content-Length header is required.", status=411,
+                             kind="invalid_request_error")
+        if not length.isdigit():
+            self.close_connection = True
+            raise BadRequest("Content-Length must be a non-negative integer.")
+        raw = self.rfile.read(int(length))
+        try:
+            body = json.loads(raw)
+        except UnicodeDecodeError:
+            raise BadRequest("The request body is not valid UTF-8.")
+        except ValueError as exc:
+            raise BadRequest("The request body is not valid JSON: %s" % exc)
+        except RecursionError:
+            raise BadRequest("The request body nests too deeply.")
+        return body
+
+    # -- responses --------------------------------------------------------------------------
+    def send_json(self, status, obj, headers=()):
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        self.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Request-Id", self.request_id)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_error_body(self, err):
+        if getattr(self, "_streaming", False):
+            self.close_connection = True
+            return
+        status, body = self.dialect.error(err)
+        try:
+            self.send_json(status, body, list(err.headers.items()))
+        except OSError:
+            self.close_connection = True
+
+    def access_log(self, path, started):
+        ms = (time.monotonic() - started) * 1000
+        u = self.usage
+        fields = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S"), "id": self.request_id,
+                  "method": self.command, "path": path, "status": self.status,
+                  "ms": round(ms, 1), "model": self.model,
+                  "tokens_in": u.prompt_tokens if u else 0, "tokens_out": u.output_tokens if u else 0}
+        if self.app.cfg.log_format == "json":
+            line = json.dumps(fields)
+        else:
+            line = "%(ts)s %(id)s %(method)s %(path)s %(status)s %(ms).0fms model=%(model)s " \
+                   "in=%(tokens_in)s out=%(tokens_out)s" % fields
+        sys.stderr.write(line + "\n")
+
+    # -- routes -----------------------------------------------------------------------------
+    def chat(self, body):
+        self.generate(DIALECTS["openai"], body)
+
+    def messages(self, body):
+        self.generate(DIALECTS["anthropic"], body)
+
+    def generate(self, dialect, body):
+        self.dialect = dialect
+        req = dialect.parse(body, self.headers, self.app.cfg)
+        req.handler = pick_handler(self.headers.get("X-Toolcall-Module"), self.app.cfg.toolcall_module)
+        req.id_prefix = "toolu_" if dialect.name == "anthropic" else "call_"
+        self.model = req.model
+        call = Call(self.connection, self.app.cfg.timeout)
+        events = model_events(self.app, req, call)
+        try:
+            if not req.stream:
+                c = collect(events)
+                self.usage = c.usage
+                return self.send_json(200, dialect.render(req, c, body))
+            first, rest = first_then(events)
+            sse = SSE(self)
+            sse.start([("X-Request-Id", self.request_id)])
+            self.status, self._streaming = 200, True
+            dialect.stream(req, self._tap(first, rest), sse, body)
+            sse.end()
+        finally:
+            events.close()
+
+    def _tap(self, first, rest):
+        for ev in first:
+            yield ev
+        for ev in rest:
+            if isinstance(ev, Done):
+                self.usage = ev.usage
+            yield ev
+
+    def count_tokens(self, body):
+        d = DIALECTS["anthropic"]
+        self.dialect = d
+        req = d.parse(body, self.headers, self.app.cfg, count_only=True)
+        self.model = req.model
+        self.send_json(200, d.count_tokens(req, body))
+
+    def models(self, body):
+        self.send_json(200, models_payload(self.dialect.name == "anthropic"))
+
+    def model_info(self, model_id):
+        try:
+            resolve_model(model_id, None)
+        except BadRequest:
+            raise NotFound("Model %r not found." % model_id)
+        self.send_json(200, models_payload(self.dialect.name == "anthropic", model_id))
+
+    def health(self, body):
+        app = self.app
+        gate = app.backend.gate
+        self.send_json(200, {
+            "status": "ok", "version": __version__, "uptime_s": round(time.time() - app.started_at, 1),
+            "claude_bin": app.cfg.claude_bin, "claude_found": bool(shutil.which(app.cfg.claude_bin)),
+            "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
+            "cli_processes_started": app.backend.started,
+            "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)})
+
+
+class ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, cfg):
+        self.app = App(cfg)
+        try:
+            super().__init__((cfg.host, cfg.port), Handler)
+        except OSError:
+            self.app.close()
+            raise
+
+
+# 12. main #######################################################################################
+
+def main(argv=None):
+    discover_modules()
+    cfg = load_config(argv)
+    for name, err in sorted(MODULE_ERRORS.items()):
+        sys.stderr.write("claude-proxy: handler module %s failed to load: %s\n" % (name, err))
+    try:
+        server = ProxyServer(cfg)
+    except OSError as exc:
+        sys.stderr.write("claude-proxy: cannot listen on %s:%s: %s\n" % (cfg.host, cfg.port, exc))
+        return 1
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    sys.stderr.write("claude-proxy %s listening on http://%s:%s (CLI: %s, model %s, %d slots)\n"
+                     % (__version__, host, port, cfg.claude_bin, cfg.default_model, cfg.max_concurrency))
+    sys.stderr.flush()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        server.app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
