@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""A fake `claude` CLI for faults the real one can't be made to show on demand.
+
+It speaks just enough stream-json: reads the initialize and user lines from stdin, then acts
+on a directive in the user's text:
+    [[crash]]       some text deltas, then exit 3 without a result line (crash mid-stream)
+    [[hang]]        print the init line and sleep (never answers)
+    [[garbage]]     print lines that are not JSON, then exit 0
+    [[silent-exit]] exit 0 without printing anything
+    [[slow:N]]      N text deltas, 0.05 s apart (for disconnect tests)
+    [[echo-env]]    answer with the environment it was given, as JSON
+    [[echo-argv]]   answer with its argv, as JSON
+    anything else   answer "fake answer" with a result line
+Each run records its pid in $FAKE_CLAUDE_PIDS (a directory) when that is passed to it.
+"""
+import json
+import os
+import re
+import sys
+import time
+
+
+def out(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def delta(text):
+    out({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": text}}})
+
+
+def result(text):
+    out({"type": "result", "subtype": "success", "is_error": False, "result": text,
+         "stop_reason": "end_turn", "usage": {"input_tokens": 3, "output_tokens": 2}})
+
+
+def main():
+    if "--version" in sys.argv:
+        print("0.0.0 (fake claude)")
+        return 0
+    pids = os.environ.get("FAKE_CLAUDE_PIDS")
+    if pids and os.path.isdir(pids):
+        open(os.path.join(pids, str(os.getpid())), "w").close()
+    text = ""
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg.get("type") == "user":
+            content = msg["message"]["content"]
+            text = content if isinstance(content, str) else " ".join(
+                b.get("text", "") for b in content if isinstance(b, dict))
+            break
+    m = re.search(r"\[\[([a-z-]+)(?::(\d+))?\]\]", text)
+    mode, arg = (m.group(1), int(m.group(2) or 0)) if m else ("", 0)
+    out({"type": "system", "subtype": "init", "model": "fake"})
+    if mode == "silent-exit":
+        return 0
+    if mode == "hang":
+        time.sleep(3600)
+        return 0
+    if mode == "garbage":
+        print("Segmentation fault? not JSON at all")
+        print("<html>also not json</html>")
+        return 0
+    out({"type": "stream_event", "event": {"type": "message_start", "message": {
+        "usage": {"input_tokens": 3, "output_tokens": 1}}}})
+    if mode == "crash":
+        delta("partial ")
+        delta("answer")
+        sys.stderr.write("fatal: simulated crash\n")
+        return 3
+    if mode == "slow":
+        for i in range(arg or 100):
+            delta("tick%d " % i)
+            time.sleep(0.05)
+        result("slow done")
+        return 0
+    if mode == "echo-env":
+        answer = json.dumps(dict(os.environ))
+    elif mode == "echo-argv":
+        answer = json.dumps(sys.argv[1:])
+    else:
+        answer = "fake answer"
+    delta(answer)
+    result(answer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
