@@ -62,6 +62,7 @@ import collections
 import dataclasses
 import hmac
 import importlib
+import itertools
 import json
 import os
 import pathlib
@@ -187,6 +188,11 @@ class Config:
     pass_env: tuple = ()
     toolcall_module: str = "generic"
     log_format: str = "text"
+    api_keys: tuple = field(default=(), repr=False)
+    allow_unauthenticated: bool = False
+    max_body: int = 10 * 1024 * 1024
+    cors_origins: tuple = ()
+    shutdown_grace: float = 30.0
     #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
     workdir: str = ""
     #: snapshot of os.environ taken at start-up; nothing reads os.environ later
@@ -212,7 +218,16 @@ OPTIONS = (
     ("--toolcall-module", "CLAUDE_PROXY_TOOLCALL_MODULE", "toolcall_module", str,
      "default tool-call handler (X-Toolcall-Module overrides per request)"),
     ("--log-format", "CLAUDE_PROXY_LOG_FORMAT", "log_format", str, "access log: text or json"),
+    ("--api-keys", "CLAUDE_PROXY_API_KEYS", "api_keys", str,
+     "comma-separated keys clients must send (Authorization: Bearer or x-api-key)"),
+    ("--max-body", "CLAUDE_PROXY_MAX_BODY", "max_body", int, "largest request body in bytes (413)"),
+    ("--cors-origins", "CLAUDE_PROXY_CORS_ORIGINS", "cors_origins", str,
+     "comma-separated browser origins allowed by CORS, or *"),
+    ("--shutdown-grace", "CLAUDE_PROXY_SHUTDOWN_GRACE", "shutdown_grace", float,
+     "seconds in-flight requests may finish after SIGTERM/SIGINT"),
 )
+LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins")
+SECRET_OPTIONS = ("api_keys",)
 
 
 def build_parser():
@@ -224,6 +239,10 @@ def build_parser():
     for flag, env, name, _type, help_ in OPTIONS:
         p.add_argument(flag, dest=name, default=None,
                        help="%s (env %s, default %r)" % (help_, env, getattr(defaults, name)))
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="allow a non-loopback --host without CLAUDE_PROXY_API_KEYS")
+    p.add_argument("--check", action="store_true",
+                   help="check the CLI (found, version, logged in) and the config, then exit")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return p
 
@@ -249,14 +268,40 @@ def load_config(argv=None, environ=None):
             values[name] = type_(raw)
         except ValueError:
             raise SystemExit("error: %s must be %s, got %r" % (env, type_.__name__, raw))
-    if "pass_env" in values:
-        values["pass_env"] = tuple(v.strip() for v in values["pass_env"].split(",") if v.strip())
-    cfg = Config(environ=environ, **values)
+    for name in LIST_OPTIONS:
+        if name in values:
+            values[name] = tuple(v.strip() for v in values[name].split(",") if v.strip())
+    cfg = Config(environ=environ, allow_unauthenticated=args.allow_unauthenticated, **values)
     if cfg.max_concurrency < 1:
         raise SystemExit("error: CLAUDE_PROXY_MAX_CONCURRENCY must be at least 1")
     if cfg.log_format not in ("text", "json"):
         raise SystemExit("error: CLAUDE_PROXY_LOG_FORMAT must be text or json")
-    return cfg
+    if not cfg.api_keys and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
+        raise SystemExit("error: refusing to listen on %s without CLAUDE_PROXY_API_KEYS: anyone who "
+                         "reaches it would spend your subscription. Set keys, or pass "
+                         "--allow-unauthenticated if something in front checks them." % cfg.host)
+    return cfg, args
+
+
+def is_loopback(host):
+    try:
+        import ipaddress
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def describe_config(cfg):
+    """The effective config as text, secrets masked."""
+    lines = []
+    for _flag, env, name, _t, _h in OPTIONS:
+        value = getattr(cfg, name)
+        if name in SECRET_OPTIONS and value:
+            value = "%d key(s), masked" % len(value)
+        elif isinstance(value, tuple):
+            value = ",".join(value)
+        lines.append("  %-30s %s" % (env, value))
+    return "\n".join(lines)
 
 
 # 4. Neutral model ###############################################################################
@@ -434,6 +479,19 @@ def merge_messages(messages):
         else:
             out.append(Message(m.role, list(m.blocks)))
     return out
+
+
+def json_depth(obj, limit=MAX_JSON_DEPTH + 1):
+    """Nesting depth of parsed JSON, counted up to `limit` (iteratively: no recursion)."""
+    stack, deepest = [(obj, 1)], 0
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if d >= limit:
+                return d
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
 
 
 # 5. Prompt rendering ############################################################################
@@ -1683,7 +1741,83 @@ class AnthropicMessages:
 DIALECTS = {"openai": OpenAIChat(), "anthropic": AnthropicMessages()}
 
 
-# 11. Routes, handler, server ####################################################################
+# 11. Auth, metrics, routes, handler, server ####################################################
+
+def key_digest(key):
+    import hashlib
+    return hashlib.sha256(key.encode()).digest()
+
+
+def authorized(keys, headers):
+    """Constant time: every key is compared (as equal-length digests), no early exit."""
+    if not keys:
+        return True
+    auth = headers.get("Authorization") or ""
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else (headers.get("x-api-key") or "")
+    digest, ok = key_digest(given), False
+    for k in keys:
+        ok |= hmac.compare_digest(digest, k)
+    return ok and bool(given)
+
+
+class Metrics:
+    """Counters and histograms, rendered in the Prometheus text format at GET /metrics."""
+    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()       # (route, status) -> n
+        self.tokens = collections.Counter()         # "in" / "out" -> n
+        self.hist = {"ttft": [0] * (len(self.BUCKETS) + 1), "duration": [0] * (len(self.BUCKETS) + 1)}
+        self.sums = collections.Counter()
+
+    def observe(self, name, seconds):
+        with self.lock:
+            i = next((i for i, b in enumerate(self.BUCKETS) if seconds <= b), len(self.BUCKETS))
+            self.hist[name][i] += 1
+            self.sums[name] += seconds
+
+    def request(self, route, status, usage):
+        with self.lock:
+            self.requests[(route, status)] += 1
+            if usage:
+                self.tokens["in"] += usage.prompt_tokens
+                self.tokens["out"] += usage.output_tokens
+
+    def render(self, app):
+        gate, out = app.backend.gate, []
+
+        def metric(name, kind, help_, samples):
+            out.append("# HELP %s %s" % (name, help_))
+            out.append("# TYPE %s %s" % (name, kind))
+            out.extend(samples)
+
+        with self.lock:
+            metric("claude_proxy_requests_total", "counter", "HTTP requests by route and status",
+                   ['claude_proxy_requests_total{route="%s",status="%s"} %d' % (r, st, n)
+                    for (r, st), n in sorted(self.requests.items())])
+            metric("claude_proxy_in_flight", "gauge", "requests being served",
+                   ["claude_proxy_in_flight %d" % app.in_flight])
+            metric("claude_proxy_queued", "gauge", "requests waiting for a CLI slot",
+                   ["claude_proxy_queued %d" % gate.queued])
+            metric("claude_proxy_cli_running", "gauge", "CLI slots in use",
+                   ["claude_proxy_cli_running %d" % gate.running])
+            metric("claude_proxy_cli_processes_started_total", "counter", "CLI processes started",
+                   ["claude_proxy_cli_processes_started_total %d" % app.backend.started])
+            metric("claude_proxy_tokens_total", "counter", "tokens by direction",
+                   ['claude_proxy_tokens_total{direction="in"} %d' % self.tokens["in"],
+                    'claude_proxy_tokens_total{direction="out"} %d' % self.tokens["out"]])
+            for name, help_ in (("ttft", "seconds to the first content event"),
+                                ("duration", "seconds per model request")):
+                full = "claude_proxy_%s_seconds" % name
+                samples, acc = [], 0
+                for b, n in zip(self.BUCKETS + ("+Inf",), self.hist[name]):
+                    acc += n
+                    samples.append('%s_bucket{le="%s"} %d' % (full, b, acc))
+                samples += ["%s_sum %.6f" % (full, self.sums[name]), "%s_count %d" % (full, acc)]
+                metric(full, "histogram", help_, samples)
+        return "\n".join(out) + "\n"
+
 
 class App:
     """Everything a request needs: config, backend and counters.  One per server."""
@@ -1693,9 +1827,29 @@ class App:
         self.workdir = tempfile.mkdtemp(prefix="claude-proxy-cwd-")
         os.chmod(self.workdir, 0o500)        # stays empty: nothing for the CLI to read or write
         self.backend = Backend(cfg, self.workdir)
+        self.metrics = Metrics()
+        self.keys = tuple(key_digest(k) for k in cfg.api_keys)
         self.started_at = time.time()
         self.in_flight = 0
         self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+
+    def enter(self):
+        with self.lock:
+            self.in_flight += 1
+
+    def leave(self):
+        with self.lock:
+            self.in_flight -= 1
+            self.idle.notify_all()
+
+    def drain(self, grace):
+        """Wait up to `grace` seconds for in-flight requests; True if none are left."""
+        deadline = time.monotonic() + grace
+        with self.lock:
+            while self.in_flight and time.monotonic() < deadline:
+                self.idle.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            return not self.in_flight
 
     def close(self):
         self.backend.close_all()
@@ -1795,14 +1949,22 @@ class Handler(BaseHTTPRequestHandler):
     def dispatch(self):
         started = time.monotonic()
         self.status, self.model, self.usage, self.dialect = 0, "-", None, DIALECTS["openai"]
-        self.request_id = (self.headers.get("X-Request-Id") or "")[:128] or new_id("req_", 16)
+        self._streaming = False
+        self.request_id = re.sub(r"[^A-Za-z0-9._:-]", "", self.headers.get("X-Request-Id") or "")[:128] \
+            or new_id("req_", 16)
         path = self.path.split("?", 1)[0]
-        if path.startswith("/v1/messages") or self.headers.get("anthropic-version") or \
+        if path.startswith(("/v1/messages", "/messages")) or self.headers.get("anthropic-version") or \
                 self.headers.get("x-api-key"):
             self.dialect = DIALECTS["anthropic"]
+        self.app.enter()
         try:
+            if self.command == "OPTIONS" and self.cors_origin():
+                return self.preflight()
             route = self.route(self.command, path)
             body = self.read_body()
+            if route not in (self.health,) and not authorized(self.app.keys, self.headers):
+                raise Unauthorized("Invalid or missing API key: send one of CLAUDE_PROXY_API_KEYS "
+                                   "as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
             route(body)
         except ProxyError as err:
             self.send_error_body(err)
@@ -1815,7 +1977,56 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             self.send_error_body(ProxyError("Internal proxy error; see the proxy's log."))
         finally:
+            self.app.leave()
+            self.app.metrics.request(self.route_label(path), self.status, self.usage)
             self.access_log(path, started)
+
+    def route_label(self, path):
+        path = path[3:] if path.startswith("/v1/") else path
+        if path.startswith("/models/"):
+            return "/v1/models/{id}"
+        known = ("/chat/completions", "/messages", "/messages/count_tokens", "/models")
+        return "/v1" + path if path in known else (path if path in ("/health", "/metrics") else "other")
+
+    # -- CORS -------------------------------------------------------------------------------
+    def cors_origin(self):
+        origin, allowed = self.headers.get("Origin"), self.app.cfg.cors_origins
+        if not origin or not allowed:
+            return None
+        return origin if ("*" in allowed or origin in allowed) else None
+
+    def end_headers(self):
+        origin = self.cors_origin() if hasattr(self, "headers") and self.headers else None
+        if origin:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+            self.send_header("Access-Control-Expose-Headers",
+                             "X-Request-Id, Retry-After, x-ratelimit-limit-requests, "
+                             "x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
+                             "anthropic-ratelimit-requests-limit, anthropic-ratelimit-requests-remaining, "
+                             "anthropic-ratelimit-requests-reset")
+        super().end_headers()
+
+    def preflight(self):
+        self.status = 204
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers",
+                         self.headers.get("Access-Control-Request-Headers") or
+                         "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, unknown method) as JSON, not HTML."""
+        self.request_id = getattr(self, "request_id", None) or new_id("req_", 16)
+        self.close_connection = True
+        try:
+            self.send_json(code, DIALECTS["openai"].error(ProxyError(message or "Bad request", status=code,
+                                                                    kind="invalid_request_error"))[1])
+        except OSError:
+            pass
 
     def route(self, method, path):
         if path.startswith("/v1/"):
@@ -1826,6 +2037,7 @@ class Handler(BaseHTTPRequestHandler):
             ("POST", "/messages/count_tokens"): self.count_tokens,
             ("GET", "/models"): self.models,
             ("GET", "/health"): self.health,
+            ("GET", "/metrics"): self.metrics,
         }
         if (method, path) in table:
             return table[(method, path)]
@@ -1839,18 +2051,33 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_body(self):
         length = self.headers.get("Content-Length")
+        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
         if self.command not in ("POST", "PUT", "PATCH"):
-            if length and length.isdigit():
+            if length and length.isdigit() and int(length) <= self.app.cfg.max_body:
                 self.rfile.read(int(length))
+            elif length or chunked:
+                self.close_connection = True
             return None
-        if length is None:
+        if chunked:
+            raw = self.read_chunked()
+        elif length is None:
             self.close_connection = True
             raise ProxyError("A Content-Length header is required.", status=411,
                              kind="invalid_request_error")
-        if not length.isdigit():
+        elif not length.isdigit():
             self.close_connection = True
-            raise BadRequest("Content-Length must be a non-negative integer.")
-        raw = self.rfile.read(int(length))
+            raise BadRequest("Content-Length must be a non-negative integer, got %r." % length[:40])
+        elif int(length) > self.app.cfg.max_body:
+            self.close_connection = True          # the body is not read, so the stream is lost
+            raise TooLarge("The request body is %s bytes; the limit is %d (CLAUDE_PROXY_MAX_BODY)."
+                           % (length, self.app.cfg.max_body))
+        else:
+            raw = self.rfile.read(int(length))
+            if len(raw) < int(length):
+                self.close_connection = True
+                raise BadRequest("The request body ended before Content-Length bytes arrived.")
+        if not raw.strip():
+            raise BadRequest("The request body is empty; send a JSON object.")
         try:
             body = json.loads(raw)
         except UnicodeDecodeError:
@@ -1859,7 +2086,30 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest("The request body is not valid JSON: %s" % exc)
         except RecursionError:
             raise BadRequest("The request body nests too deeply.")
+        if json_depth(body) > MAX_JSON_DEPTH:
+            raise BadRequest("The request body nests deeper than %d levels." % MAX_JSON_DEPTH)
         return body
+
+    def read_chunked(self):
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(66)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise BadRequest("Malformed chunked request body.")
+            total += size
+            if total > self.app.cfg.max_body:
+                self.close_connection = True
+                raise TooLarge("The request body exceeds %d bytes (CLAUDE_PROXY_MAX_BODY)."
+                               % self.app.cfg.max_body)
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(3)
 
     # -- responses --------------------------------------------------------------------------
     def send_json(self, status, obj, headers=()):
@@ -1913,27 +2163,32 @@ class Handler(BaseHTTPRequestHandler):
         req.id_prefix = "toolu_" if dialect.name == "anthropic" else "call_"
         self.model = req.model
         call = Call(self.connection, self.app.cfg.timeout)
-        events = model_events(self.app, req, call)
+        source = model_events(self.app, req, call)
+        events = self._observe(source)
         try:
             if not req.stream:
                 c = collect(events)
-                self.usage = c.usage
                 return self.send_json(200, dialect.render(req, c, body))
             first, rest = first_then(events)
             sse = SSE(self)
             sse.start([("X-Request-Id", self.request_id)])
             self.status, self._streaming = 200, True
-            dialect.stream(req, self._tap(first, rest), sse, body)
+            dialect.stream(req, itertools.chain(first, rest), sse, body)
             sse.end()
         finally:
             events.close()
+            source.close()
 
-    def _tap(self, first, rest):
-        for ev in first:
-            yield ev
-        for ev in rest:
-            if isinstance(ev, Done):
+    def _observe(self, events):
+        """Pass events through, noting time to first content, duration and usage."""
+        started, first = time.monotonic(), True
+        for ev in events:
+            if first and isinstance(ev, (TextDelta, ThinkingDelta, ToolCall)):
+                first = False
+                self.app.metrics.observe("ttft", time.monotonic() - started)
+            elif isinstance(ev, Done):
                 self.usage = ev.usage
+                self.app.metrics.observe("duration", time.monotonic() - started)
             yield ev
 
     def count_tokens(self, body):
@@ -1942,6 +2197,15 @@ class Handler(BaseHTTPRequestHandler):
         req = d.parse(body, self.headers, self.app.cfg, count_only=True)
         self.model = req.model
         self.send_json(200, d.count_tokens(req, body))
+
+    def metrics(self, body):
+        data = self.app.metrics.render(self.app).encode()
+        self.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def models(self, body):
         self.send_json(200, models_payload(self.dialect.name == "anthropic"))
@@ -1980,9 +2244,55 @@ class ProxyServer(ThreadingHTTPServer):
 
 # 12. main #######################################################################################
 
+def check(cfg):
+    """--check: is the CLI there, which version, is it logged in (one tiny request)?"""
+    ok = True
+    print("claude-proxy %s configuration:" % __version__)
+    print(describe_config(cfg))
+    found = shutil.which(cfg.claude_bin)
+    print("CLI: %s" % (found or "NOT FOUND (set CLAUDE_BIN)"))
+    if not found:
+        return 1
+    try:
+        out = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30)
+        print("CLI version: %s" % (out.stdout.strip() or out.stderr.strip()))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print("CLI version: failed (%s)" % exc)
+        ok = False
+    app = App(cfg)
+    try:
+        req = Request(model=cfg.default_model, cli_model=resolve_model(cfg.default_model, "sonnet")[1],
+                      messages=[Message("user", [{"type": "text", "text": "Reply with the word OK."}])],
+                      max_tokens=16, handler=HANDLERS["generic"])
+
+        class NoClient:
+            deadline = time.monotonic() + 120
+
+            def check(self):
+                if time.monotonic() > self.deadline:
+                    raise Timeout("no answer within 120 s")
+
+            maybe_check = check
+
+        c = collect(app.backend.run(req, req.messages, NoClient()))
+        print("Logged in: yes (model %s answered %r, %d tokens)" % (cfg.default_model, c.text[:40],
+                                                                   c.usage.output_tokens))
+    except ProxyError as err:
+        print("Logged in: NO: %s" % err.message)
+        ok = False
+    finally:
+        app.close()
+    for name, err in sorted(MODULE_ERRORS.items()):
+        print("Handler module %s failed to load: %s" % (name, err))
+        ok = False
+    return 0 if ok else 1
+
+
 def main(argv=None):
     discover_modules()
-    cfg = load_config(argv)
+    cfg, args = load_config(argv)
+    if args.check:
+        return check(cfg)
     for name, err in sorted(MODULE_ERRORS.items()):
         sys.stderr.write("claude-proxy: handler module %s failed to load: %s\n" % (name, err))
     try:
@@ -2003,8 +2313,12 @@ def main(argv=None):
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
-        server.server_close()
+        server.server_close()               # stop accepting; in-flight requests go on
+        if not server.app.drain(cfg.shutdown_grace):
+            sys.stderr.write("claude-proxy: grace period over, ending %d request(s)\n"
+                             % server.app.in_flight)
         server.app.close()
+        sys.stderr.write("claude-proxy: stopped\n")
     return 0
 
 
