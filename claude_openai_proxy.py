@@ -193,6 +193,8 @@ class Config:
     max_body: int = 10 * 1024 * 1024
     cors_origins: tuple = ()
     shutdown_grace: float = 30.0
+    pool_size: int = 2
+    pool_max_idle: float = 300.0
     #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
     workdir: str = ""
     #: snapshot of os.environ taken at start-up; nothing reads os.environ later
@@ -225,6 +227,10 @@ OPTIONS = (
      "comma-separated browser origins allowed by CORS, or *"),
     ("--shutdown-grace", "CLAUDE_PROXY_SHUTDOWN_GRACE", "shutdown_grace", float,
      "seconds in-flight requests may finish after SIGTERM/SIGINT"),
+    ("--pool-size", "CLAUDE_PROXY_POOL_SIZE", "pool_size", int,
+     "pre-started CLI processes kept ready (0 = off; each idle one holds ~180 MB)"),
+    ("--pool-max-idle", "CLAUDE_PROXY_POOL_MAX_IDLE", "pool_max_idle", float,
+     "seconds a pre-started process may wait before it is replaced by a fresh one"),
 )
 LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins")
 SECRET_OPTIONS = ("api_keys",)
@@ -274,6 +280,12 @@ def load_config(argv=None, environ=None):
     cfg = Config(environ=environ, allow_unauthenticated=args.allow_unauthenticated, **values)
     if cfg.max_concurrency < 1:
         raise SystemExit("error: CLAUDE_PROXY_MAX_CONCURRENCY must be at least 1")
+    if cfg.pool_size < 0:
+        raise SystemExit("error: CLAUDE_PROXY_POOL_SIZE must be 0 or more")
+    try:
+        resolve_model(cfg.default_model, None)
+    except ProxyError as err:
+        raise SystemExit("error: CLAUDE_PROXY_DEFAULT_MODEL: " + err.message)
     if cfg.log_format not in ("text", "json"):
         raise SystemExit("error: CLAUDE_PROXY_LOG_FORMAT must be text or json")
     if not cfg.api_keys and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
@@ -900,24 +912,43 @@ def _tool_attempt(req, run, messages, hold_all, total):
 # settings, no session files, its own TMPDIR, an empty working directory, an allow-listed
 # environment.  Prompts travel on stdin (stream-json), never on argv.
 
+#: efforts a running process accepts per request (apply_flag_settings effortLevel); "max" is
+#: session-only in the CLI, so it has to be a launch flag.
+RUNTIME_EFFORTS = ("low", "medium", "high", "xhigh")
+
+
 @dataclass(frozen=True)
 class Launch:
-    """What must be fixed when a CLI process starts (argv and environment)."""
-    model: str
-    effort: str = ""
+    """What must be fixed when a CLI process starts (argv and environment); the pool is keyed
+    on it.  Model, system prompt and effort are sent per request over the control protocol."""
+    effort: str = ""             # only "max"
     disable_thinking: bool = False
     max_tokens: int = 0
 
 
 def launch_of(req):
-    return Launch(req.cli_model, req.effort, req.disable_thinking, req.max_tokens)
+    return Launch("max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens)
+
+
+def control_lines(req, messages):
+    """The stdin lines for one request, the same for a fresh and a pre-started process."""
+    def control(rid, request):
+        return {"type": "control_request", "request_id": rid, "request": request}
+    lines = [control("init", {"subtype": "initialize", "systemPrompt": render_system(req)}),
+             control("model", {"subtype": "set_model", "model": req.cli_model})]
+    if req.effort in RUNTIME_EFFORTS:
+        lines.append(control("effort", {"subtype": "apply_flag_settings",
+                                        "settings": {"effortLevel": req.effort}}))
+    lines.append({"type": "user", "session_id": "default", "parent_tool_use_id": None,
+                  "message": {"role": "user", "content": render_turn(messages, req.handler)}})
+    return lines
 
 
 def cli_argv(cfg, launch):
     argv = [cfg.claude_bin, "-p", "--input-format", "stream-json",
             "--output-format", "stream-json", "--verbose", "--include-partial-messages",
             "--tools", "", "--no-session-persistence", "--setting-sources", "",
-            "--strict-mcp-config", "--model", launch.model]
+            "--strict-mcp-config", "--model", resolve_model(cfg.default_model, None)[1]]
     if launch.effort:
         argv += ["--effort", launch.effort]
     return argv
@@ -968,6 +999,8 @@ class CLIProcess:
             raise CLIUnavailable("The claude CLI could not be started (CLAUDE_BIN=%r: %s). "
                                  "Install it (npm install -g @anthropic-ai/claude-code) or "
                                  "set CLAUDE_BIN to its path." % (cfg.claude_bin, exc.strerror or exc))
+        self.launch = launch
+        self.born = time.monotonic()
         self.lines = queue.Queue()
         self.stderr_tail = collections.deque(maxlen=20)
         self.garbage = []
@@ -1016,6 +1049,10 @@ class CLIProcess:
                 return
             call.maybe_check()
             yield item
+
+    def fresh(self):
+        """Alive and silent: a pre-started process that printed anything has gone wrong."""
+        return self.proc.poll() is None and self.lines.empty() and not self._closed
 
     def exit_status(self, wait=2.0):
         try:
@@ -1093,8 +1130,106 @@ class Gate:
             self._cond.notify_all()
 
 
+class Pool:
+    """Pre-started CLI processes, one request each.  A process boots (~0.7 s) before it reads
+    stdin, so one started ahead of time answers several times sooner.
+
+    It keeps `size` processes for the launch settings last asked for (at start: the defaults),
+    hands out only live, silent ones, replaces those idle longer than `max_idle` (so a re-login
+    or a CLI upgrade is picked up), and after repeated start failures falls back to cold spawns
+    for a while, which /health reports.
+    """
+    BACKOFF = 60.0
+
+    def __init__(self, backend, size, max_idle):
+        self.backend, self.size, self.max_idle = backend, size, max_idle
+        self.ready = collections.deque()
+        self.want = Launch()
+        self.cond = threading.Condition()
+        self.hits = self.misses = self.failures = 0
+        self.paused_until = 0.0
+        self.closed = False
+        if size > 0:
+            threading.Thread(target=self._maintain, name="pool", daemon=True).start()
+
+    def take(self, launch):
+        with self.cond:
+            self.want = launch
+            found = None
+            for proc in list(self.ready):
+                if proc.launch == launch:
+                    self.ready.remove(proc)
+                    if proc.fresh():
+                        found = proc
+                        break
+                    self._note_death(proc)
+            if self.size > 0:
+                if found:
+                    self.hits += 1
+                else:
+                    self.misses += 1
+            self.cond.notify_all()
+        return found
+
+    def _note_death(self, proc):
+        self.failures += 1
+        if self.failures >= 3:
+            self.paused_until = time.monotonic() + self.BACKOFF
+        threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
+
+    def _maintain(self):
+        while True:
+            with self.cond:
+                if self.closed:
+                    return
+                now = time.monotonic()
+                for proc in list(self.ready):
+                    if not proc.fresh():
+                        self.ready.remove(proc)
+                        self._note_death(proc)
+                    elif now - proc.born > self.max_idle or \
+                            (proc.launch != self.want and len(self.ready) >= self.size):
+                        self.ready.remove(proc)
+                        threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
+                need = len(self.ready) < self.size and now >= self.paused_until
+                want = self.want
+                if not need:
+                    self.cond.wait(1.0)
+                    continue
+            try:
+                proc = self.backend.spawn(want)
+            except ProxyError:
+                with self.cond:
+                    self.failures += 1
+                    self.paused_until = time.monotonic() + self.BACKOFF
+                continue
+            with self.cond:
+                if self.closed:
+                    self.backend.discard(proc)
+                    return
+                self.ready.append(proc)
+            time.sleep(0.05)    # let a freshly spawned process show an immediate death
+
+    def status(self):
+        with self.cond:
+            paused = time.monotonic() < self.paused_until
+            return {"size": self.size, "ready": sum(p.fresh() for p in self.ready),
+                    "hits": self.hits, "misses": self.misses, "start_failures": self.failures,
+                    "mode": "off" if self.size == 0 else ("cold-fallback" if paused else "warm")}
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            procs = list(self.ready)
+            self.ready.clear()
+            self.cond.notify_all()
+        for proc in procs:
+            self.backend.discard(proc)
+
+
 class Backend:
-    """Starts CLI processes, translates their output into events, and ends them."""
+    """Starts CLI processes (or takes pre-started ones), translates their output into events,
+    and ends them."""
 
     def __init__(self, cfg, workdir):
         self.cfg, self.workdir = cfg, workdir
@@ -1102,6 +1237,7 @@ class Backend:
         self.live = set()
         self.lock = threading.Lock()
         self.started = 0
+        self.pool = Pool(self, cfg.pool_size, cfg.pool_max_idle)
 
     def spawn(self, launch):
         proc = CLIProcess(self.cfg, launch, self.workdir)
@@ -1110,6 +1246,9 @@ class Backend:
             self.started += 1
         return proc
 
+    def acquire(self, launch):
+        return self.pool.take(launch) or self.spawn(launch)
+
     def discard(self, proc):
         proc.close()
         with self.lock:
@@ -1117,17 +1256,16 @@ class Backend:
 
     def run(self, req, messages, call):
         """One CLI turn for `messages`: yields events, ends with Done or raises ProxyError."""
-        proc = self.spawn(launch_of(req))
+        proc = self.acquire(launch_of(req))
         try:
-            proc.send({"type": "control_request", "request_id": "init",
-                       "request": {"subtype": "initialize", "systemPrompt": render_system(req)}})
-            proc.send({"type": "user", "session_id": "default", "parent_tool_use_id": None,
-                       "message": {"role": "user", "content": render_turn(messages, req.handler)}})
+            for line in control_lines(req, messages):
+                proc.send(line)
             yield from translate(proc, call)
         finally:
             self.discard(proc)
 
     def close_all(self):
+        self.pool.close()
         with self.lock:
             procs = list(self.live)
         for proc in procs:
@@ -1185,6 +1323,11 @@ def translate(proc, call):
             proc.send({"type": "control_response", "response": {
                 "subtype": "error", "request_id": item.get("request_id"),
                 "error": "not supported by claude-proxy"}})
+        elif kind == "control_response":
+            resp = item.get("response") or {}
+            if resp.get("subtype") == "error":
+                raise BadRequest("The claude CLI refused the request settings (%s): %s"
+                                 % (resp.get("request_id"), scrub(str(resp.get("error")))))
         elif kind == "result":
             if item.get("is_error"):
                 raise result_error(item, last_retry)
@@ -1804,6 +1947,13 @@ class Metrics:
                    ["claude_proxy_cli_running %d" % gate.running])
             metric("claude_proxy_cli_processes_started_total", "counter", "CLI processes started",
                    ["claude_proxy_cli_processes_started_total %d" % app.backend.started])
+            pool = app.backend.pool.status()
+            metric("claude_proxy_pool_requests_total", "counter", "requests served by a "
+                   "pre-started process (hit) or a fresh one (miss)",
+                   ['claude_proxy_pool_requests_total{result="hit"} %d' % pool["hits"],
+                    'claude_proxy_pool_requests_total{result="miss"} %d' % pool["misses"]])
+            metric("claude_proxy_pool_ready", "gauge", "pre-started processes waiting",
+                   ["claude_proxy_pool_ready %d" % pool["ready"]])
             metric("claude_proxy_tokens_total", "counter", "tokens by direction",
                    ['claude_proxy_tokens_total{direction="in"} %d' % self.tokens["in"],
                     'claude_proxy_tokens_total{direction="out"} %d' % self.tokens["out"]])
@@ -2225,6 +2375,7 @@ class Handler(BaseHTTPRequestHandler):
             "claude_bin": app.cfg.claude_bin, "claude_found": bool(shutil.which(app.cfg.claude_bin)),
             "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
             "cli_processes_started": app.backend.started,
+            "pool": app.backend.pool.status(),
             "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)})
 
 
