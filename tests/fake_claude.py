@@ -10,6 +10,7 @@ on a directive in the user's text:
     [[slow:N]]      N text deltas, 0.05 s apart (for disconnect tests)
     [[echo-env]]    answer with the environment it was given, as JSON
     [[echo-argv]]   answer with its argv, as JSON
+    [[stamps:N]]    N text deltas, each "<time.time()>;" when printed, 2 ms apart (benchmarks)
     anything else   answer "fake answer" with a result line
 Each run records its pid in $FAKE_CLAUDE_PIDS (a directory) when that is passed to it.
 """
@@ -74,6 +75,12 @@ def main():
             delta("tick%d " % i)
             time.sleep(0.05)
         result("slow done")
+        return 0
+    if mode == "stamps":
+        for _ in range(arg or 500):
+            delta("%.6f;" % time.time())
+            time.sleep(0.002)
+        result("stamps done")
         return 0
     if mode == "echo-env":
         answer = json.dumps(dict(os.environ))

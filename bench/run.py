@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""claude-proxy benchmarks: one command, figures and ratios measured side by side in one run.
+
+    python3 bench/run.py            # all four
+    python3 bench/run.py ttft load  # some of them
+
+Everything runs on loopback against the fake Anthropic upstream from tests/ (it answers at
+once, so the times are the CLI's and the proxy's own).  The real CLI is the pinned one in
+.cli/ (bash .ci/run installs it) or $CLAUDE_TEST_BIN.  Machines here are noisy (2 cores):
+quote medians and ratios, not single runs.
+
+1. ttft        time to first token: bare CLI vs proxy without pool vs proxy with pool
+2. passthrough delay from the CLI printing a delta to the client reading it (500 deltas)
+3. load        64 concurrent streaming clients, cap 4, pool 2
+4. footprint   start-up to first /health, idle RSS of the proxy (children excluded)
+"""
+import http.client
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import fake_upstream  # noqa: E402
+
+PROXY = ROOT / "claude_openai_proxy.py"
+FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
+CLAUDE = os.environ.get("CLAUDE_TEST_BIN") or str(ROOT / ".cli" / "node_modules" / ".bin" / "claude")
+HOME = tempfile.mkdtemp(prefix="claude-proxy-bench-home-")
+UP = fake_upstream.FakeUpstream()
+RESULTS = []
+
+
+def env_for(claude_bin, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE", "ANTHROPIC"))}
+    env.update(HOME=HOME, CLAUDE_BIN=claude_bin, ANTHROPIC_BASE_URL=UP.url,
+               ANTHROPIC_API_KEY="sk-ant-bench", CLAUDE_PROXY_PASS_ENV="ANTHROPIC_BASE_URL,ANTHROPIC_API_KEY")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proxy:
+    def __init__(self, claude_bin=CLAUDE, **extra):
+        self.port = free_port()
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, str(PROXY), "--port", str(self.port)],
+                                     env=env_for(claude_bin, **extra), stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                c.request("GET", "/health")
+                self.health = json.loads(c.getresponse().read())
+                self.startup = time.perf_counter() - self.t0
+                break
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise SystemExit("proxy failed to start")
+                time.sleep(0.002)
+
+    def wait_pool(self, n, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            c.request("GET", "/health")
+            if json.loads(c.getresponse().read())["pool"]["ready"] >= n:
+                time.sleep(1.0)       # ready = spawned; give it time to boot as in steady use
+                return
+            time.sleep(0.05)
+
+    def rss_kb(self, field="VmRSS"):
+        for line in open("/proc/%d/status" % self.proc.pid):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+    def stream(self, text, on_chunk=None):
+        """One streaming chat request; returns (seconds to first content, total seconds, chunks)."""
+        body = json.dumps({"model": "sonnet", "stream": True,
+                           "messages": [{"role": "user", "content": text}]})
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        t0 = time.perf_counter()
+        c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = c.getresponse()
+        if resp.status != 200:
+            raise RuntimeError("status %d: %s" % (resp.status, resp.read()[:300]))
+        first, chunks = None, 0
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            if line.startswith(b"data: {") and b'"content": "' in line and b'"content": ""' not in line:
+                now = time.perf_counter()
+                if first is None:
+                    first = now - t0
+                chunks += 1
+                if on_chunk:
+                    on_chunk(line, time.time())
+            elif line.startswith(b"data: [DONE]"):
+                break
+        c.close()
+        return first, time.perf_counter() - t0, chunks
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def report(name, value, unit, target=None, ok=None):
+    line = "  %-46s %10.3f %s" % (name, value, unit)
+    if target:
+        line += "   target %s -> %s" % (target, "PASS" if ok else "MISS")
+    RESULTS.append((name, value, unit, target, ok))
+    print(line, flush=True)
+
+
+def bare_cli_ttft():
+    """The CLI spawned directly with the proxy's own argv, env and stdin lines."""
+    sys.path.insert(0, str(ROOT))
+    import claude_openai_proxy as cp
+    cfg, _ = cp.load_config(["--claude-bin", CLAUDE], env_for(CLAUDE))
+    req = cp.Request(model="sonnet", cli_model="sonnet",
+                     messages=[cp.Message("user", [{"type": "text", "text": "hi"}])],
+                     handler=cp.HANDLERS["generic"])
+    launch = cp.launch_of(req)
+    tmp, work = tempfile.mkdtemp(), tempfile.mkdtemp()
+    lines = "".join(json.dumps(x) + "\n" for x in cp.control_lines(req, req.messages)).encode()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cp.cli_argv(cfg, launch), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, env=cp.cli_env(cfg, launch, tmp), cwd=work)
+    p.stdin.write(lines)
+    p.stdin.flush()
+    first = None
+    for raw in p.stdout:
+        if b'"text_delta"' in raw:
+            first = time.perf_counter() - t0
+            break
+    p.kill()
+    p.wait()
+    return first
+
+
+def bench_ttft(rounds=7):
+    print("\n1. time to first token (real CLI %s, fake upstream; median of %d)" % (CLAUDE, rounds))
+    cold = Proxy(CLAUDE_PROXY_POOL_SIZE=0)
+    warm = Proxy(CLAUDE_PROXY_POOL_SIZE=1)
+    bare, nopool, pool = [], [], []
+    try:
+        for _ in range(rounds):        # interleaved, so drift hits all three alike
+            bare.append(bare_cli_ttft())
+            nopool.append(cold.stream("hi")[0])
+            warm.wait_pool(1)
+            pool.append(warm.stream("hi")[0])
+    finally:
+        cold.stop()
+        warm.stop()
+    b, n, p = (statistics.median(x) for x in (bare, nopool, pool))
+    report("bare CLI (spawn + lines -> first delta)", b * 1000, "ms")
+    report("proxy, no pool", n * 1000, "ms")
+    report("proxy, warm pool", p * 1000, "ms")
+    report("proxy no-pool overhead over bare CLI", (n - b) * 1000, "ms", "<= 20 ms", n - b <= 0.020)
+    report("pool / no-pool", p / n, "ratio", "<= 0.25", p / n <= 0.25)
+
+
+def bench_passthrough(deltas=500):
+    print("\n2. stream pass-through (fake CLI prints %d timestamped deltas, 2 ms apart)" % deltas)
+    proxy = Proxy(str(FAKE_CLAUDE), CLAUDE_PROXY_POOL_SIZE=0)
+    delays = []
+
+    def on_chunk(line, now):
+        text = json.loads(line[6:])["choices"][0]["delta"]["content"]
+        delays.append(now - float(text.rstrip(";")))
+    try:
+        proxy.stream("[[stamps:%d]]" % deltas, on_chunk)
+    finally:
+        proxy.stop()
+    delays.sort()
+    p50, p99 = delays[len(delays) // 2], delays[int(len(delays) * 0.99) - 1]
+    report("deltas received", len(delays), "")
+    report("p50 delay CLI print -> client read", p50 * 1000, "ms", "<= 2 ms", p50 <= 0.002)
+    report("p99 delay CLI print -> client read", p99 * 1000, "ms", "<= 5 ms", p99 <= 0.005)
+
+
+def bench_load(clients=64):
+    print("\n3. load: %d concurrent streaming clients, cap 4, pool 2 (real CLI)" % clients)
+    proxy = Proxy(CLAUDE_PROXY_POOL_SIZE=2, CLAUDE_PROXY_MAX_CONCURRENCY=4, CLAUDE_PROXY_QUEUE_TIMEOUT=300)
+    proxy.wait_pool(2)
+    results, errors, order, lock = {}, [], [], threading.Lock()
+    peak = [proxy.rss_kb()]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proxy.rss_kb() or 0)
+            time.sleep(0.05)
+
+    def client(i):
+        try:
+            first, total, _ = proxy.stream("client %d" % i)
+            with lock:
+                results[i] = (first, total)
+                order.append(i)
+        except Exception as exc:  # noqa: BLE001
+            with lock:
+                errors.append("%d: %s" % (i, exc))
+
+    threading.Thread(target=sample, daemon=True).start()
+    threads = []
+    t0 = time.perf_counter()
+    for i in range(clients):
+        t = threading.Thread(target=client, args=(i,))
+        t.start()
+        threads.append(t)
+        time.sleep(0.01)          # a defined arrival order
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    stop.set()
+    hwm = proxy.rss_kb("VmHWM")
+    proxy.stop()
+    lat = sorted(v[1] for v in results.values())
+    # FIFO: with 4 slots a request can finish at most a few places away from its arrival
+    inversions = sum(1 for a, b in zip(order, order[1:]) if b < a - 4)
+    report("errors", len(errors), "", "0", not errors)
+    report("requests completed", len(results), "")
+    report("throughput", len(results) / wall, "req/s")
+    report("latency p50", lat[len(lat) // 2], "s")
+    report("latency p99", lat[max(0, int(len(lat) * 0.99) - 1)], "s")
+    report("completions out of arrival order (> 4 places)", inversions, "", "0", inversions == 0)
+    report("proxy peak RSS (VmHWM, children excluded)", hwm / 1024, "MB", "<= 60 MB", hwm <= 60 * 1024)
+    if errors:
+        print("   first errors:", errors[:3])
+
+
+def bench_footprint(rounds=5):
+    print("\n4. footprint (median of %d starts)" % rounds)
+    starts, rss = [], []
+    for _ in range(rounds):
+        p = Proxy(CLAUDE_PROXY_POOL_SIZE=0)
+        starts.append(p.startup)
+        time.sleep(0.3)
+        rss.append(p.rss_kb())
+        p.stop()
+    s, r = statistics.median(starts), statistics.median(rss)
+    report("start-up to first /health", s * 1000, "ms", "<= 150 ms", s <= 0.150)
+    report("idle RSS (children excluded)", r / 1024, "MB", "<= 25 MB", r <= 25 * 1024)
+
+
+BENCHES = {"ttft": bench_ttft, "passthrough": bench_passthrough, "load": bench_load,
+           "footprint": bench_footprint}
+
+
+def main(names):
+    if not os.path.exists(CLAUDE):
+        raise SystemExit("the pinned CLI is missing: run bash .ci/run first, or set CLAUDE_TEST_BIN")
+    print("claude-proxy benchmarks (%s, %d cores)" % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count()))
+    for name in names or list(BENCHES):
+        BENCHES[name]()
+    UP.close()
+    missed = [r[0] for r in RESULTS if r[3] and not r[4]]
+    print("\n%d targets checked, %d missed%s" % (sum(1 for r in RESULTS if r[3]), len(missed),
+                                                 (": " + ", ".join(missed)) if missed else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
