@@ -351,6 +351,7 @@ class Request:
     include_usage: bool = False
     handler: object = None
     id_prefix: str = "call_"     # tool call ids: call_... (OpenAI) or toolu_... (Anthropic)
+    json_schema: dict = None     # structured output: the answer must be JSON matching it
 
 
 @dataclass
@@ -920,22 +921,30 @@ RUNTIME_EFFORTS = ("low", "medium", "high", "xhigh")
 @dataclass(frozen=True)
 class Launch:
     """What must be fixed when a CLI process starts (argv and environment); the pool is keyed
-    on it.  Model, system prompt and effort are sent per request over the control protocol."""
+    on it.  System prompt, effort and model aliases are sent per request over the control
+    protocol.  A full model id goes on argv: `set_model` with one costs an extra upstream
+    probe request (max_tokens 1) on every run, `--model` does not."""
+    model: str = ""              # a full id; "" = the default, or an alias set per request
     effort: str = ""             # only "max"
     disable_thinking: bool = False
     max_tokens: int = 0
 
 
 def launch_of(req):
-    return Launch("max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens)
+    return Launch("" if req.cli_model in MODEL_FAMILIES else req.cli_model,
+                  "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens)
 
 
 def control_lines(req, messages):
     """The stdin lines for one request, the same for a fresh and a pre-started process."""
     def control(rid, request):
         return {"type": "control_request", "request_id": rid, "request": request}
-    lines = [control("init", {"subtype": "initialize", "systemPrompt": render_system(req)}),
-             control("model", {"subtype": "set_model", "model": req.cli_model})]
+    init = {"subtype": "initialize", "systemPrompt": render_system(req)}
+    if req.json_schema is not None:
+        init["jsonSchema"] = req.json_schema
+    lines = [control("init", init)]
+    if req.cli_model in MODEL_FAMILIES:
+        lines.append(control("model", {"subtype": "set_model", "model": req.cli_model}))
     if req.effort in RUNTIME_EFFORTS:
         lines.append(control("effort", {"subtype": "apply_flag_settings",
                                         "settings": {"effortLevel": req.effort}}))
@@ -948,7 +957,7 @@ def cli_argv(cfg, launch):
     argv = [cfg.claude_bin, "-p", "--input-format", "stream-json",
             "--output-format", "stream-json", "--verbose", "--include-partial-messages",
             "--tools", "", "--no-session-persistence", "--setting-sources", "",
-            "--strict-mcp-config", "--model", resolve_model(cfg.default_model, None)[1]]
+            "--strict-mcp-config", "--model", launch.model or resolve_model(cfg.default_model, None)[1]]
     if launch.effort:
         argv += ["--effort", launch.effort]
     return argv
@@ -1004,6 +1013,7 @@ class CLIProcess:
         self.lines = queue.Queue()
         self.stderr_tail = collections.deque(maxlen=20)
         self.garbage = []
+        self.interrupted = False
         self._closed = False
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
@@ -1049,6 +1059,12 @@ class CLIProcess:
                 return
             call.maybe_check()
             yield item
+
+    def interrupt(self):
+        """End the running turn early (a stop sequence was seen); the result line still comes."""
+        self.interrupted = True
+        self.send({"type": "control_request", "request_id": "stop",
+                   "request": {"subtype": "interrupt"}})
 
     def fresh(self):
         """Alive and silent: a pre-started process that printed anything has gone wrong."""
@@ -1260,7 +1276,10 @@ class Backend:
         try:
             for line in control_lines(req, messages):
                 proc.send(line)
-            yield from translate(proc, call)
+            events = translate(proc, call, structured=req.json_schema is not None)
+            if req.stop:
+                events = cut_at_stops(events, req.stop, proc.interrupt)
+            yield from events
         finally:
             self.discard(proc)
 
@@ -1272,8 +1291,12 @@ class Backend:
             self.discard(proc)
 
 
-def translate(proc, call):
-    """stream-json lines -> events.  The `result` line is authoritative for errors and usage."""
+def translate(proc, call, structured=False):
+    """stream-json lines -> events.  The `result` line is authoritative for errors and usage.
+
+    With `structured`, the answer is the validated `structured_output` of the result line (the
+    CLI's StructuredOutput tool), sent as one text delta; prose around it is dropped.
+    """
     started, last_retry, streamed = False, None, []
     withdrawn = None         # text already streamed when the CLI abandoned a dropped stream
     for item in proc.read(call):
@@ -1294,7 +1317,7 @@ def translate(proc, call):
             elif et == "content_block_delta":
                 d = ev.get("delta") or {}
                 dt = d.get("type")
-                if dt == "text_delta" and d.get("text"):
+                if dt == "text_delta" and d.get("text") and not structured:
                     text = d["text"]
                     if withdrawn is not None:        # re-asked after a drop: skip what we sent
                         text, withdrawn = _skip_prefix(text, withdrawn)
@@ -1308,7 +1331,7 @@ def translate(proc, call):
                     yield ThinkingDelta("", d.get("signature", ""))
             elif et == "message_stop" and ev.get("abandoned_blocks"):
                 withdrawn = "".join(streamed)
-        elif kind == "assistant" and withdrawn is not None:
+        elif kind == "assistant" and withdrawn is not None and not structured:
             # the CLI's non-streaming fallback after a dropped stream arrives as whole blocks
             for block in (item.get("message") or {}).get("content") or []:
                 if block.get("type") == "text" and block.get("text"):
@@ -1329,14 +1352,56 @@ def translate(proc, call):
                 raise BadRequest("The claude CLI refused the request settings (%s): %s"
                                  % (resp.get("request_id"), scrub(str(resp.get("error")))))
         elif kind == "result":
-            if item.get("is_error"):
+            usage = Usage.from_api(item.get("usage"))
+            if proc.interrupted:
+                yield Done("stop_sequence", usage)
+                return
+            if item.get("is_error") or item.get("subtype") == "error_max_structured_output_retries":
                 raise result_error(item, last_retry)
-            yield Done(item.get("stop_reason") or "end_turn", Usage.from_api(item.get("usage")))
+            if structured:
+                if "structured_output" not in item:
+                    raise UpstreamError("The model did not return JSON matching the schema.")
+                yield TextDelta(json.dumps(item["structured_output"], ensure_ascii=False))
+                yield Done("end_turn", usage)
+                return
+            yield Done(item.get("stop_reason") or "end_turn", usage)
             return
     status = proc.exit_status()
     detail = "; ".join(list(proc.stderr_tail)[-3:] or proc.garbage[-3:]) or "no output"
     raise UpstreamError("The claude CLI ended without an answer (exit status %s): %s"
                         % (status, detail))
+
+
+def cut_at_stops(events, stops, interrupt):
+    """End the text at the first stop sequence (excluded), as the real APIs do, and stop the
+    CLI.  A tail that may be the start of a stop sequence is held back until it is decided."""
+    pending, hit, keep = "", None, max(len(s) for s in stops) - 1
+    for ev in events:
+        if hit is not None:
+            if isinstance(ev, Done):
+                yield Done("stop_sequence", ev.usage, hit)
+                return
+            if isinstance(ev, Heartbeat):
+                yield ev
+            continue
+        if not isinstance(ev, TextDelta):
+            if isinstance(ev, Done) and pending:
+                yield TextDelta(pending)
+                pending = ""
+            yield ev
+            continue
+        pending += ev.text
+        found = [(pending.find(s), s) for s in stops if s in pending]
+        if found:
+            i, hit = min(found)
+            if i:
+                yield TextDelta(pending[:i])
+            interrupt()
+            continue
+        cut = len(pending) - keep
+        if cut > 0:
+            yield TextDelta(pending[:cut])
+            pending = pending[cut:]
 
 
 def _skip_prefix(text, withdrawn):
@@ -1363,6 +1428,9 @@ def result_error(result, last_retry):
         return RateLimited("Upstream rate limit: %s" % text, headers={"Retry-After": after})
     if status == 529:
         return Overloaded("Upstream overloaded: %s" % text)
+    if result.get("subtype") == "error_max_structured_output_retries":
+        return UpstreamError("The model did not produce JSON matching the requested schema "
+                             "(the CLI gave up after its retries).")
     if status == 400 or "prompt is too long" in text.lower():
         return BadRequest("Upstream rejected the request: %s" % text)
     if status == 404:
@@ -1550,6 +1618,22 @@ def parse_openai_messages(messages, names_by_id=None):
     return "\n\n".join(s for s in system if s), merge_messages(out)
 
 
+def _openai_schema(fmt):
+    """response_format -> a JSON schema for the CLI's --json-schema, or None for text."""
+    if fmt is None:
+        return None
+    _need(isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object", "json_schema"),
+          "response_format.type must be text, json_object or json_schema", "response_format")
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "object"}
+    spec = fmt.get("json_schema")
+    _need(isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict),
+          "response_format.json_schema must be {\"name\": ..., \"schema\": {...}}", "response_format")
+    return spec.get("schema") or {"type": "object"}
+
+
 class OpenAIChat:
     name = "openai"
     FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
@@ -1577,9 +1661,7 @@ class OpenAIChat:
         _need(effort in (None, "none", "minimal", "low", "medium", "high", "xhigh", "max"),
               "reasoning_effort must be one of none, minimal, low, medium, high, xhigh, max",
               "reasoning_effort")
-        fmt = body.get("response_format")
-        _need(fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"),
-              "response_format other than text is not supported yet", "response_format")
+        schema = _openai_schema(body.get("response_format"))
         _need(not body.get("logprobs"), "logprobs are not available from the claude CLI", "logprobs")
         opts = body.get("stream_options") or {}
         _need(isinstance(opts, dict), "stream_options must be an object", "stream_options")
@@ -1590,7 +1672,8 @@ class OpenAIChat:
             body.get("functions") is None, stop=stop,
             effort={"minimal": "low", "none": ""}.get(effort, effort or ""),
             max_tokens=max_tokens or 0, thinking=effort not in (None, "none"),
-            disable_thinking=effort == "none", include_usage=bool(opts.get("include_usage")))
+            disable_thinking=effort == "none", include_usage=bool(opts.get("include_usage")),
+            json_schema=schema)
 
     @staticmethod
     def usage(u):
@@ -1779,7 +1862,13 @@ class AnthropicMessages:
             _need(isinstance(bt, int) and bt >= 1024, "thinking.budget_tokens: must be >= 1024")
             _need(count_only or bt < body["max_tokens"],
                   "max_tokens must be greater than thinking.budget_tokens")
-        effort = (body.get("output_config") or {}).get("effort") or ""
+        out_cfg = body.get("output_config") or {}
+        _need(isinstance(out_cfg, dict), "output_config: Input should be an object")
+        fmt = out_cfg.get("format") or body.get("output_format")
+        _need(fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and
+                              isinstance(fmt.get("schema"), dict)),
+              "output_config.format must be {\"type\": \"json_schema\", \"schema\": {...}}")
+        effort = out_cfg.get("effort") or ""
         _need(effort in ("",) + EFFORTS, "output_config.effort must be one of %s" % ", ".join(EFFORTS))
         _need(isinstance(body.get("stream", False), bool), "stream: Input should be a valid boolean")
         return Request(
@@ -1788,7 +1877,8 @@ class AnthropicMessages:
             parallel_tool_calls=not tc.get("disable_parallel_tool_use"), stop=stop, effort=effort,
             max_tokens=0 if count_only else body["max_tokens"],
             thinking=think["type"] in ("enabled", "adaptive"),
-            disable_thinking=think["type"] == "disabled")
+            disable_thinking=think["type"] == "disabled",
+            json_schema=fmt["schema"] if fmt else None)
 
     @staticmethod
     def usage(u):

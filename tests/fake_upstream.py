@@ -70,6 +70,7 @@ class FakeUpstream:
         self.replies = deque()
         self.default = text("Hello from the fake upstream.")
         self.responder = None       # optional callable(body) -> Reply, wins over the queue
+        self.aborted_streams = 0    # streams whose reader hung up before the end
         self.lock = threading.Lock()
         upstream = self
 
@@ -137,8 +138,13 @@ class FakeUpstream:
                         self.wfile.flush()
                         self.connection.shutdown(2)
                         return
-                    self.wfile.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
-                    self.wfile.flush()
+                    try:
+                        self.wfile.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+                        self.wfile.flush()
+                    except OSError:
+                        with upstream.lock:
+                            upstream.aborted_streams += 1
+                        return
                     sent += 1
                     if name == "message_start" and reply.stall:
                         time.sleep(reply.stall)
@@ -161,6 +167,7 @@ class FakeUpstream:
             self.requests.clear()
             self.replies.clear()
             self.responder = None
+            self.aborted_streams = 0
             self.default = text("Hello from the fake upstream.")
 
     def next_reply(self, body):
