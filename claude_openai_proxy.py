@@ -2183,7 +2183,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.dispatch()
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+    def __getattr__(self, name):
+        # any other method (PROPFIND, FOO, ...) gets a 405/404 in JSON instead of http.server's 501
+        if name.startswith("do_"):
+            return self.dispatch
+        raise AttributeError(name)
 
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self):
@@ -2200,8 +2204,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if self.command == "OPTIONS" and self.cors_origin():
                 return self.preflight()
+            body = self.read_body()          # first, so an error response leaves keep-alive in sync
             route = self.route(self.command, path)
-            body = self.read_body()
             if route not in (self.health,) and not authorized(self.app.keys, self.headers):
                 raise Unauthorized("Invalid or missing API key: send one of CLAUDE_PROXY_API_KEYS "
                                    "as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
