@@ -16,6 +16,8 @@ complies with Anthropic's terms for your plan.
 Endpoints
 ---------
     POST /v1/chat/completions        OpenAI chat completions (stream / non-stream, tools)
+    POST /v1/responses               OpenAI Responses (stream / non-stream, function tools);
+                                     stateless: no previous_response_id, `store` keeps nothing
     POST /v1/messages                Anthropic Messages (stream / non-stream, tools, thinking)
     POST /v1/messages/count_tokens   Anthropic token count (an estimate: ~4 bytes a token)
     GET  /v1/models                  model list (Anthropic shape if anthropic-version/x-api-key)
@@ -47,8 +49,9 @@ Contents
 --------
     1. constants          5. prompt rendering        9. OpenAI chat completions
     2. errors             6. tool calling            10. Anthropic messages
-    3. config             7. CLI backend             11. routes, handler, server
-    4. neutral model      8. SSE                     12. main
+    3. config             7. CLI backend             11. OpenAI responses
+    4. neutral model      8. SSE                     12. routes, handler, server
+                                                     13. main
 """
 
 from __future__ import annotations
@@ -317,7 +320,7 @@ def describe_config(cfg):
 
 
 # 4. Neutral model ###############################################################################
-# Both dialects parse into a Request and render from Events.  Content blocks use Anthropic's
+# Every dialect parses into a Request and renders from Events.  Content blocks use Anthropic's
 # block shapes (text, image, tool_use, tool_result, thinking): they are what the CLI consumes.
 
 @dataclass
@@ -1971,10 +1974,352 @@ class AnthropicMessages:
         return {"input_tokens": max(1, size // 4)}
 
 
-DIALECTS = {"openai": OpenAIChat(), "anthropic": AnthropicMessages()}
+# 11. OpenAI responses ###########################################################################
+# POST /v1/responses, stateless.  OpenAI keeps responses server-side so that a later request can
+# say `previous_response_id`; this proxy keeps nothing (every request is one fresh CLI turn, and
+# a store of conversations would be a second copy of every user's data to secure and expire), so
+# clients send the whole conversation in `input`, as they do with `store: false`.  Only function
+# tools exist here (OpenAI's built-in tools run on OpenAI's servers), and the model's thinking is
+# not returned as reasoning items.
+
+def _responses_parts(content, where):
+    """Message content (a string or input_text / output_text / refusal / input_image parts)
+    -> Anthropic blocks."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    _need(isinstance(content, list), "%s.content must be a string or a list of parts" % where, where)
+    blocks = []
+    for i, part in enumerate(content):
+        at = "%s.content[%d]" % (where, i)
+        _need(isinstance(part, dict), "%s must be an object" % at, at)
+        kind = part.get("type")
+        if kind in ("input_text", "output_text"):
+            _need(isinstance(part.get("text"), str), "%s.text must be a string" % at, at)
+            blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "refusal":                   # an earlier assistant refusal, replayed as text
+            _need(isinstance(part.get("refusal"), str), "%s.refusal must be a string" % at, at)
+            blocks.append({"type": "text", "text": part["refusal"]})
+        elif kind == "input_image":
+            _need(part.get("file_id") is None, "%s: file_id images need OpenAI's Files API; send "
+                  "the image inline as image_url: \"data:image/png;base64,...\"" % at, at)
+            try:
+                blocks.append(image_block(part.get("image_url")))
+            except BadRequest as err:            # name the part, so the client can find it
+                err.param = at
+                raise
+        else:
+            raise BadRequest("%s has unsupported type %r (supported: input_text, output_text, "
+                             "refusal, input_image)" % (at, kind), param=at)
+    return blocks
 
 
-# 11. Auth, metrics, routes, handler, server ####################################################
+def _responses_output(output, where):
+    """A function_call_output's `output` (a string or parts) -> (text, image blocks)."""
+    if isinstance(output, str):
+        return output, []
+    blocks = _responses_parts(output, where)
+    text = "\n".join(b["text"] for b in blocks if b["type"] == "text")
+    return text, [b for b in blocks if b["type"] == "image"]
+
+
+def parse_responses_input(value):
+    """Responses `input` (a string or a list of items) -> (system text, [Message])."""
+    if isinstance(value, str):
+        return "", [Message("user", [{"type": "text", "text": value}])]
+    _need(isinstance(value, list) and value, "input must be a string or a non-empty list of items",
+          "input")
+    system, out, names = [], [], {}
+    for i, item in enumerate(value):
+        at = "input[%d]" % i
+        _need(isinstance(item, dict), "%s must be an object" % at, at)
+        kind = item.get("type") or ("message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            if role in ("system", "developer"):
+                system.append(_text_of(item.get("content"), at))
+            elif role in ("user", "assistant"):
+                _need(item.get("content") is not None, "%s.content is required" % at, at)
+                out.append(Message(role, _responses_parts(item["content"], at)))
+            else:
+                raise BadRequest("%s.role %r is not one of user, assistant, system, developer"
+                                 % (at, role), param=at)
+        elif kind == "function_call":
+            cid, name, args = item.get("call_id"), item.get("name"), item.get("arguments")
+            _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
+            _need(isinstance(name, str) and name, "%s.name must be a non-empty string" % at, at)
+            _need(isinstance(args, str), "%s.arguments must be a JSON string" % at, at)
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                args = {"_raw_arguments": args}
+            names[cid] = name
+            out.append(Message("assistant", [{"type": "tool_use", "id": cid, "name": name,
+                                              "input": args if isinstance(args, dict) else
+                                              {"_raw_arguments": item["arguments"]}}]))
+        elif kind == "function_call_output":
+            cid = item.get("call_id")
+            _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
+            _need(item.get("output") is not None, "%s.output is required" % at, at)
+            text, images = _responses_output(item["output"], at)
+            out.append(Message("user", [{"type": "tool_result", "tool_use_id": cid,
+                                         "name": names.get(cid) or item.get("name"),
+                                         "content": text}] + images))
+        elif kind == "reasoning":
+            continue                       # not replayed, as Anthropic thinking blocks are not
+        elif kind == "item_reference":
+            raise BadRequest("%s refers to a stored item, but this proxy stores nothing: send the "
+                             "item itself." % at, param=at)
+        else:
+            raise BadRequest("%s has unsupported type %r (supported: message, function_call, "
+                             "function_call_output, reasoning)" % (at, kind), param=at)
+    _need(out, "input must contain at least one user or assistant message", "input")
+    return "\n\n".join(s for s in system if s), merge_messages(out)
+
+
+def _responses_tools(body):
+    """Flat Responses function tools and tool_choice -> ([ToolSpec], neutral choice)."""
+    raw = body.get("tools") or []
+    _need(isinstance(raw, list), "tools must be a list", "tools")
+    tools = []
+    for i, t in enumerate(raw):
+        at = "tools[%d]" % i
+        _need(isinstance(t, dict), "%s must be an object" % at, at)
+        _need(t.get("type") == "function", "%s: only function tools are available through the "
+              "claude CLI (got type %r)" % (at, t.get("type")), at)
+        _need("function" not in t or "name" in t, "%s.name is required: Responses tools are flat "
+              "({\"type\": \"function\", \"name\": ..., \"parameters\": ...}), not nested under "
+              "\"function\" as in chat completions" % at, at)
+        _need(isinstance(t.get("name"), str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", t["name"]),
+              "%s.name must be 1-128 letters, digits, _ . : or -" % at, at)
+        params = t.get("parameters") or {"type": "object", "properties": {}}
+        _need(isinstance(params, dict), "%s.parameters must be an object" % at, at)
+        tools.append(ToolSpec(t["name"], t.get("description") or "", params))
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, dict):
+        _need(choice.get("type") == "function" and isinstance(choice.get("name"), str),
+              "tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": ...}",
+              "tool_choice")
+        _need(any(t.name == choice["name"] for t in tools),
+              "tool_choice names %r, which is not in tools" % choice["name"], "tool_choice")
+        choice = {"name": choice["name"]}
+    else:
+        _need(choice in ("auto", "none", "required"),
+              "tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": ...}",
+              "tool_choice")
+        _need(choice != "required" or tools, "tool_choice is required but no tools were given",
+              "tool_choice")
+    return tools, choice
+
+
+class OpenAIResponses:
+    name = "responses"
+    #: stop reasons that end a response "incomplete", with OpenAI's reason
+    INCOMPLETE = {"max_tokens": "max_output_tokens", "refusal": "content_filter"}
+    #: ProxyError status -> Response.error.code (the SDK's closed list)
+    CODES = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
+    TYPES = OpenAIChat.TYPES
+    error = OpenAIChat.error            # errors before the response starts: OpenAI's shape
+
+    def parse(self, body, headers, cfg):
+        _need(isinstance(body, dict), "The request body must be a JSON object")
+        model, cli_model = resolve_model(body.get("model"), cfg.default_model)
+        _need(body.get("previous_response_id") is None,
+              "previous_response_id is not supported: this proxy stores no responses. Send the "
+              "whole conversation in input instead (earlier output items can be sent back as "
+              "input items).", "previous_response_id")
+        _need(body.get("conversation") is None, "conversation is not supported: this proxy "
+              "stores no conversations. Send the whole conversation in input instead.",
+              "conversation")
+        _need(not body.get("background"), "background responses are not supported: this proxy "
+              "stores nothing to poll later. Use stream: true for long answers.", "background")
+        _need(body.get("prompt") is None, "prompt templates are stored by OpenAI and not "
+              "available here; send instructions and input instead.", "prompt")
+        # `store: true` (OpenAI's default) is accepted and nothing is stored: refusing it would
+        # break clients that send it by habit, and the only thing it enables, a later
+        # previous_response_id, fails with its own clear 400.  The response says "store": false.
+        _need(isinstance(body.get("store", False), bool) or body.get("store") is None,
+              "store must be true or false", "store")
+        _need(body.get("metadata") is None or isinstance(body["metadata"], dict),
+              "metadata must be an object", "metadata")
+        instructions = body.get("instructions")
+        _need(instructions is None or isinstance(instructions, str),
+              "instructions must be a string", "instructions")
+        _need("input" in body, "input is required (this proxy has no previous_response_id or "
+              "prompt to take it from)", "input")
+        system, messages = parse_responses_input(body["input"])
+        _need(isinstance(body.get("stream", False), bool), "stream must be true or false", "stream")
+        tools, choice = _responses_tools(body)
+        max_tokens = body.get("max_output_tokens")
+        _need(max_tokens is None or (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
+                                     and max_tokens >= 1),
+              "max_output_tokens must be a positive integer", "max_output_tokens")
+        reasoning = body.get("reasoning") or {}
+        _need(isinstance(reasoning, dict), "reasoning must be an object", "reasoning")
+        effort = reasoning.get("effort")
+        _need(effort in (None, "none", "minimal", "low", "medium", "high", "xhigh", "max"),
+              "reasoning.effort must be one of none, minimal, low, medium, high, xhigh, max",
+              "reasoning.effort")
+        text = body.get("text") or {}
+        _need(isinstance(text, dict), "text must be an object", "text")
+        fmt = text.get("format")
+        _need(fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"),
+              "text.format other than text is not supported yet", "text.format")
+        _need(not body.get("top_logprobs"), "logprobs are not available from the claude CLI",
+              "top_logprobs")
+        _need(isinstance(body.get("parallel_tool_calls", True), bool) or
+              body.get("parallel_tool_calls") is None,
+              "parallel_tool_calls must be true or false", "parallel_tool_calls")
+        return Request(
+            model=model, cli_model=cli_model, messages=messages,
+            system="\n\n".join(s for s in (instructions, system) if s),
+            stream=bool(body.get("stream")), tools=tools, tool_choice=choice,
+            parallel_tool_calls=body.get("parallel_tool_calls") is not False,
+            effort={"minimal": "low", "none": ""}.get(effort, effort or ""),
+            max_tokens=max_tokens or 0, disable_thinking=effort == "none")
+
+    # -- the response object ---------------------------------------------------------------
+    @staticmethod
+    def usage(u):
+        # OpenAI counts cached tokens inside input_tokens; the CLI has no separate count of
+        # thinking tokens (they are inside output_tokens), hence reasoning_tokens 0.
+        return {"input_tokens": u.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": u.cache_read,
+                                         "cache_write_tokens": u.cache_write},
+                "output_tokens": u.output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": u.prompt_tokens + u.output_tokens}
+
+    @staticmethod
+    def text_part(text):
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def message_item(self, text, status):
+        return {"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant",
+                "content": [self.text_part(text)] if text is not None else []}
+
+    @staticmethod
+    def call_item(call, status):
+        return {"id": new_id("fc_"), "type": "function_call", "status": status,
+                "arguments": call.arguments, "call_id": call.id, "name": call.name}
+
+    def envelope(self, req, body, rid, created, output, status, usage=None, stop_reason=None,
+                 error=None):
+        """The Response object around `output`, as create returns it and stream events carry."""
+        reason = self.INCOMPLETE.get(stop_reason) if status == "incomplete" else None
+        choice = req.tool_choice
+        return {
+            "id": rid, "object": "response", "created_at": created, "status": status,
+            "background": False, "completed_at": int(time.time()) if status == "completed" else None,
+            "error": error, "incomplete_details": {"reason": reason} if reason else None,
+            "instructions": body.get("instructions"), "max_output_tokens": req.max_tokens or None,
+            "max_tool_calls": None, "metadata": body.get("metadata") or {}, "model": req.model,
+            "output": output, "parallel_tool_calls": req.parallel_tool_calls,
+            "previous_response_id": None,
+            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
+            "store": False, "temperature": body.get("temperature"),
+            "text": {"format": {"type": "text"}},
+            "tool_choice": {"type": "function", "name": choice["name"]} if isinstance(choice, dict)
+            else choice,
+            # strict: arguments are parsed from the model's text, not constrained to the schema
+            "tools": [{"type": "function", "name": t.name, "description": t.description or None,
+                       "parameters": t.parameters, "strict": False} for t in req.tools],
+            "top_p": body.get("top_p"), "truncation": body.get("truncation") or "disabled",
+            "usage": self.usage(usage) if usage is not None else None, "user": body.get("user")}
+
+    def status_of(self, stop_reason):
+        return "incomplete" if stop_reason in self.INCOMPLETE else "completed"
+
+    def render(self, req, c, body):
+        status = self.status_of(c.stop_reason)
+        output = [self.message_item(c.text, status)] if (c.text or not c.tool_calls) else []
+        output += [self.call_item(t, "completed") for t in c.tool_calls]
+        return self.envelope(req, body, new_id("resp_"), int(time.time()), output, status,
+                             c.usage, c.stop_reason)
+
+    # -- streaming ---------------------------------------------------------------------------
+    def stream(self, req, events, sse, body):
+        rid, created, seq = new_id("resp_"), int(time.time()), itertools.count()
+        output = []                      # items so far, mutated as they finish
+        state = {"message": None}        # the open message item, while text streams into it
+
+        def emit(kind, **fields):
+            sse.event(dict(type=kind, sequence_number=next(seq), **fields), kind)
+
+        def open_message():
+            item, part = self.message_item(None, "in_progress"), self.text_part("")
+            output.append(item)
+            state["message"] = (item, len(output) - 1, part)
+            emit("response.output_item.added", output_index=len(output) - 1, item=item)
+            item["content"].append(part)
+            emit("response.content_part.added", item_id=item["id"], output_index=len(output) - 1,
+                 content_index=0, part=part)
+
+        def close_message(status):
+            item, index, part = state["message"]
+            state["message"] = None
+            emit("response.output_text.done", item_id=item["id"], output_index=index,
+                 content_index=0, text=part["text"], logprobs=[])
+            emit("response.content_part.done", item_id=item["id"], output_index=index,
+                 content_index=0, part=part)
+            item["status"] = status
+            emit("response.output_item.done", output_index=index, item=item)
+
+        emit("response.created", response=self.envelope(req, body, rid, created, [], "in_progress"))
+        emit("response.in_progress", response=self.envelope(req, body, rid, created, [], "in_progress"))
+        try:
+            for ev in events:
+                if isinstance(ev, TextDelta):
+                    if not ev.text:
+                        continue
+                    if state["message"] is None:
+                        open_message()
+                    item, index, part = state["message"]
+                    part["text"] += ev.text
+                    emit("response.output_text.delta", item_id=item["id"], output_index=index,
+                         content_index=0, delta=ev.text, logprobs=[])
+                elif isinstance(ev, ToolCall):
+                    if state["message"] is not None:
+                        close_message("completed")
+                    item = dict(self.call_item(ev, "in_progress"), arguments="")
+                    output.append(item)
+                    index = len(output) - 1
+                    emit("response.output_item.added", output_index=index, item=item)
+                    emit("response.function_call_arguments.delta", item_id=item["id"],
+                         output_index=index, delta=ev.arguments)
+                    emit("response.function_call_arguments.done", item_id=item["id"],
+                         output_index=index, arguments=ev.arguments)
+                    item.update(arguments=ev.arguments, status="completed")
+                    emit("response.output_item.done", output_index=index, item=item)
+                elif isinstance(ev, Heartbeat):
+                    sse.comment("keep-alive")
+                elif isinstance(ev, Done):
+                    status = self.status_of(ev.stop_reason)
+                    if state["message"] is None and not output:
+                        open_message()          # an empty answer is still one message
+                    if state["message"] is not None:
+                        close_message(status)
+                    emit("response.%s" % status, response=self.envelope(
+                        req, body, rid, created, output, status, ev.usage, ev.stop_reason))
+        except ProxyError as err:
+            # the status line is sent: the failure travels as the terminal response.failed
+            # event, carrying what was produced so far; the SDK's stream then ends without a
+            # response.completed, as it does for a failure at OpenAI.
+            if state["message"] is not None:
+                state["message"][0]["status"] = "incomplete"
+            _status, detail = self.error(err)
+            emit("response.failed", response=self.envelope(
+                req, body, rid, created, output, "failed",
+                error={"code": self.CODES.get(err.status, "server_error"),
+                       "message": err.message, "type": detail["error"]["type"]}))
+
+
+DIALECTS = {"openai": OpenAIChat(), "anthropic": AnthropicMessages(),
+            "responses": OpenAIResponses()}
+
+
+# 12. Auth, metrics, routes, handler, server ####################################################
 
 def key_digest(key):
     import hashlib
@@ -2229,7 +2574,8 @@ class Handler(BaseHTTPRequestHandler):
         path = path[3:] if path.startswith("/v1/") else path
         if path.startswith("/models/"):
             return "/v1/models/{id}"
-        known = ("/chat/completions", "/messages", "/messages/count_tokens", "/models")
+        known = ("/chat/completions", "/responses", "/messages", "/messages/count_tokens",
+                 "/models")
         return "/v1" + path if path in known else (path if path in ("/health", "/metrics") else "other")
 
     # -- CORS -------------------------------------------------------------------------------
@@ -2277,6 +2623,7 @@ class Handler(BaseHTTPRequestHandler):
             path = path[3:]
         table = {
             ("POST", "/chat/completions"): self.chat,
+            ("POST", "/responses"): self.openai_responses,
             ("POST", "/messages"): self.messages,
             ("POST", "/messages/count_tokens"): self.count_tokens,
             ("GET", "/models"): self.models,
@@ -2289,8 +2636,9 @@ class Handler(BaseHTTPRequestHandler):
             return lambda body: self.model_info(path[8:])
         if any(p == path for _m, p in table):
             raise MethodNotAllowed("Method %s is not allowed on %s." % (method, self.path.split("?")[0]))
-        raise NotFound("No route %s %s. Routes: POST /v1/chat/completions, POST /v1/messages, "
-                       "POST /v1/messages/count_tokens, GET /v1/models, GET /health."
+        raise NotFound("No route %s %s. Routes: POST /v1/chat/completions, POST /v1/responses, "
+                       "POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models, "
+                       "GET /health."
                        % (method, self.path.split("?")[0]))
 
     def read_body(self):
@@ -2397,6 +2745,9 @@ class Handler(BaseHTTPRequestHandler):
     def chat(self, body):
         self.generate(DIALECTS["openai"], body)
 
+    def openai_responses(self, body):    # not `responses`: BaseHTTPRequestHandler's status table
+        self.generate(DIALECTS["responses"], body)
+
     def messages(self, body):
         self.generate(DIALECTS["anthropic"], body)
 
@@ -2487,7 +2838,7 @@ class ProxyServer(ThreadingHTTPServer):
             raise
 
 
-# 12. main #######################################################################################
+# 13. main #######################################################################################
 
 def check(cfg):
     """--check: is the CLI there, which version, is it logged in (one tiny request)?"""
