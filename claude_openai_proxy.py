@@ -1016,7 +1016,7 @@ class CLIProcess:
         self.lines = queue.Queue()
         self.stderr_tail = collections.deque(maxlen=20)
         self.garbage = []
-        self.interrupted = False
+        self.stopped = None
         self._closed = False
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
@@ -1063,9 +1063,10 @@ class CLIProcess:
             call.maybe_check()
             yield item
 
-    def interrupt(self):
-        """End the running turn early (a stop sequence was seen); the result line still comes."""
-        self.interrupted = True
+    def interrupt(self, reason="stop_sequence"):
+        """End the running turn early; the result line still comes and `reason` becomes the
+        stop reason."""
+        self.stopped = reason
         self.send({"type": "control_request", "request_id": "stop",
                    "request": {"subtype": "interrupt"}})
 
@@ -1314,9 +1315,15 @@ def translate(proc, call, structured=False):
         if kind == "stream_event":
             ev = item.get("event") or {}
             et = ev.get("type")
+            if proc.stopped:
+                continue                         # what follows an interrupt is not the answer
             if et == "message_start" and not started:
                 started = True
                 yield Start(Usage.from_api((ev.get("message") or {}).get("usage")))
+            elif et == "message_delta" and (ev.get("delta") or {}).get("stop_reason") == "max_tokens":
+                # the CLI would ask the model to resume (up to 3 times) and join the pieces;
+                # API clients expect the cut-off answer with its stop reason instead
+                proc.interrupt("max_tokens")
             elif et == "content_block_delta":
                 d = ev.get("delta") or {}
                 dt = d.get("type")
@@ -1356,8 +1363,8 @@ def translate(proc, call, structured=False):
                                  % (resp.get("request_id"), scrub(str(resp.get("error")))))
         elif kind == "result":
             usage = Usage.from_api(item.get("usage"))
-            if proc.interrupted:
-                yield Done("stop_sequence", usage)
+            if proc.stopped:
+                yield Done(proc.stopped, usage)
                 return
             if item.get("is_error") or item.get("subtype") == "error_max_structured_output_retries":
                 raise result_error(item, last_retry)

@@ -158,3 +158,28 @@ def test_full_model_id_costs_no_extra_upstream_request(proxy, upstream):
         calls = upstream.model_calls[before:]
         assert len(calls) == 1, [c.get("max_tokens") for c in calls]
         assert calls[0]["model"] == ("claude-haiku-5-5" if model == "haiku" else model)
+
+
+# -- max_tokens -------------------------------------------------------------------------------
+
+def test_max_tokens_stop_is_reported_not_resumed(proxy, upstream):
+    """The CLI would ask the model to resume after a max_tokens stop and join the pieces; the
+    proxy returns the cut-off answer with finish_reason "length" / stop_reason "max_tokens"."""
+    upstream.push(fake_upstream.Reply(blocks=[{"type": "text", "text": "cut off here"}],
+                                      stop_reason="max_tokens", chunks=3))
+    upstream.default = fake_upstream.text(" RESUMED TEXT")
+    status, _, body = chat(proxy, "long story", max_tokens=20)
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == "cut off here"
+    assert body["choices"][0]["finish_reason"] == "length"
+
+    upstream.push(fake_upstream.Reply(blocks=[{"type": "text", "text": "also cut"}],
+                                      stop_reason="max_tokens", chunks=2))
+    status, _, text = proxy.post("/v1/messages", {
+        "model": "sonnet", "max_tokens": 20, "stream": True,
+        "messages": [{"role": "user", "content": "long story"}]})
+    events = [(n, json.loads(d)) for n, d in sse_events(text)]
+    streamed = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+    assert streamed == "also cut"
+    assert [d for n, d in events if n == "message_delta"][0]["delta"]["stop_reason"] == "max_tokens"
+    assert events[-1][0] == "message_stop"
