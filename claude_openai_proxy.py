@@ -164,6 +164,10 @@ class UpstreamError(ProxyError):
     status, kind = 502, "api_error"
 
 
+class StillBorn(UpstreamError):
+    """The CLI ended before printing a single line."""
+
+
 class CLIUnavailable(ProxyError):
     status, kind = 503, "api_error"
 
@@ -1017,6 +1021,7 @@ class CLIProcess:
         self.stderr_tail = collections.deque(maxlen=20)
         self.garbage = []
         self.stopped = None
+        self.seen = 0                # stdout lines read so far
         self._closed = False
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
@@ -1060,6 +1065,7 @@ class CLIProcess:
                 continue
             if item is _EOF:
                 return
+            self.seen += 1
             call.maybe_check()
             yield item
 
@@ -1072,7 +1078,13 @@ class CLIProcess:
 
     def fresh(self):
         """Alive and silent: a pre-started process that printed anything has gone wrong."""
-        return self.proc.poll() is None and self.lines.empty() and not self._closed
+        if self._closed or self.proc.poll() is not None or not self.lines.empty():
+            return False
+        try:      # a killed multi-threaded process is a zombie before waitpid can reap it
+            with open("/proc/%d/stat" % self.proc.pid, "rb") as f:
+                return f.read().rsplit(b")", 1)[-1].split()[0] not in (b"Z", b"X")
+        except OSError:
+            return True      # no /proc (not Linux): poll() already said it is alive
 
     def exit_status(self, wait=2.0):
         try:
@@ -1154,27 +1166,34 @@ class Pool:
     """Pre-started CLI processes, one request each.  A process boots (~0.7 s) before it reads
     stdin, so one started ahead of time answers several times sooner.
 
-    It keeps `size` processes for the launch settings last asked for (at start: the defaults),
-    hands out only live, silent ones, replaces those idle longer than `max_idle` (so a re-login
-    or a CLI upgrade is picked up), and after repeated start failures falls back to cold spawns
-    for a while, which /health reports.
+    It keeps `size` processes spread over the launch settings most recently asked for (one
+    key: all of them; two keys, e.g. OpenAI defaults and an Anthropic max_tokens: one each),
+    hands out only live, silent ones, replaces those idle longer than `max_idle` (so a
+    re-login or a CLI upgrade is picked up), and after 3 deaths in a row without a good
+    hand-out falls back to cold spawns for a while, which /health reports.
     """
     BACKOFF = 60.0
 
     def __init__(self, backend, size, max_idle):
         self.backend, self.size, self.max_idle = backend, size, max_idle
         self.ready = collections.deque()
-        self.want = Launch()
+        self.recent = collections.OrderedDict([(Launch(), None)])   # most recent last
         self.cond = threading.Condition()
         self.hits = self.misses = self.failures = 0
+        self.failures_in_a_row = 0
         self.paused_until = 0.0
         self.closed = False
         if size > 0:
             threading.Thread(target=self._maintain, name="pool", daemon=True).start()
 
     def take(self, launch):
+        if self.size <= 0:
+            return None
         with self.cond:
-            self.want = launch
+            self.recent[launch] = None
+            self.recent.move_to_end(launch)
+            while len(self.recent) > self.size:
+                self.recent.popitem(last=False)
             found = None
             for proc in list(self.ready):
                 if proc.launch == launch:
@@ -1183,45 +1202,57 @@ class Pool:
                         found = proc
                         break
                     self._note_death(proc)
-            if self.size > 0:
-                if found:
-                    self.hits += 1
-                else:
-                    self.misses += 1
+            if found:
+                self.hits += 1
+                self.failures_in_a_row = 0
+            else:
+                self.misses += 1
             self.cond.notify_all()
         return found
 
-    def _note_death(self, proc):
+    def _note_death(self, proc=None):
+        """Count a pooled process that died unused (caller holds the lock)."""
         self.failures += 1
-        if self.failures >= 3:
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= 3:
             self.paused_until = time.monotonic() + self.BACKOFF
-        threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
+        if proc is not None:
+            threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
+
+    def note_stillborn(self):
+        """A handed-out process died before it printed anything (see Backend.run)."""
+        with self.cond:
+            self._note_death()
+
+    def _targets(self):
+        keys = list(reversed(self.recent))
+        return collections.Counter(keys[i % len(keys)] for i in range(self.size))
 
     def _maintain(self):
         while True:
             with self.cond:
                 if self.closed:
                     return
-                now = time.monotonic()
+                now, want = time.monotonic(), self._targets()
+                have = collections.Counter()
                 for proc in list(self.ready):
                     if not proc.fresh():
                         self.ready.remove(proc)
                         self._note_death(proc)
-                    elif now - proc.born > self.max_idle or \
-                            (proc.launch != self.want and len(self.ready) >= self.size):
-                        self.ready.remove(proc)
+                    elif now - proc.born > self.max_idle or have[proc.launch] >= want[proc.launch]:
+                        self.ready.remove(proc)     # stale, or settings nobody asks for now
                         threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
-                need = len(self.ready) < self.size and now >= self.paused_until
-                want = self.want
-                if not need:
+                    else:
+                        have[proc.launch] += 1
+                short = [k for k in want if have[k] < want[k]]
+                if not short or now < self.paused_until:
                     self.cond.wait(1.0)
                     continue
             try:
-                proc = self.backend.spawn(want)
+                proc = self.backend.spawn(short[0])
             except ProxyError:
                 with self.cond:
-                    self.failures += 1
-                    self.paused_until = time.monotonic() + self.BACKOFF
+                    self._note_death()
                 continue
             with self.cond:
                 if self.closed:
@@ -1266,8 +1297,6 @@ class Backend:
             self.started += 1
         return proc
 
-    def acquire(self, launch):
-        return self.pool.take(launch) or self.spawn(launch)
 
     def discard(self, proc):
         proc.close()
@@ -1275,17 +1304,31 @@ class Backend:
             self.live.discard(proc)
 
     def run(self, req, messages, call):
-        """One CLI turn for `messages`: yields events, ends with Done or raises ProxyError."""
-        proc = self.acquire(launch_of(req))
-        try:
-            for line in control_lines(req, messages):
-                proc.send(line)
-            events = translate(proc, call, structured=req.json_schema is not None)
-            if req.stop:
-                events = cut_at_stops(events, req.stop, proc.interrupt)
-            yield from events
-        finally:
-            self.discard(proc)
+        """One CLI turn for `messages`: yields events, ends with Done or raises ProxyError.
+
+        A pre-started process can die between hand-out and its first line (a multi-threaded
+        process killed a moment ago still looks alive to waitpid); nothing has reached the
+        client or the upstream then, so the same lines go once to a fresh process.
+        """
+        launch = launch_of(req)
+        proc = self.pool.take(launch)
+        while True:
+            pooled, proc = proc is not None, proc or self.spawn(launch)
+            try:
+                for line in control_lines(req, messages):
+                    proc.send(line)
+                events = translate(proc, call, structured=req.json_schema is not None)
+                if req.stop:
+                    events = cut_at_stops(events, req.stop, proc.interrupt)
+                yield from events
+                return
+            except StillBorn:
+                if not pooled:
+                    raise
+                self.pool.note_stillborn()
+            finally:
+                self.discard(proc)
+            proc = None
 
     def close_all(self):
         self.pool.close()
@@ -1378,8 +1421,8 @@ def translate(proc, call, structured=False):
             return
     status = proc.exit_status()
     detail = "; ".join(list(proc.stderr_tail)[-3:] or proc.garbage[-3:]) or "no output"
-    raise UpstreamError("The claude CLI ended without an answer (exit status %s): %s"
-                        % (status, detail))
+    error = StillBorn if not proc.seen else UpstreamError
+    raise error("The claude CLI ended without an answer (exit status %s): %s" % (status, detail))
 
 
 def cut_at_stops(events, stops, interrupt):
