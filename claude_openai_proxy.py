@@ -600,15 +600,17 @@ class BaseToolCallHandler:
         r"\bI (?:don't|do not|can't|cannot|am unable to|'m unable to|am not able to) "
         r"(?:have )?(?:access|use|call|run|execute|invoke|browse|perform)",
         r"\bI'?m (?:not able|unable) to (?:access|use|call|run|execute|browse)",
-        r"\b(?:don't|do not) have (?:the )?(?:ability|tools?|access|capabilit)",
-        r"\b(?:no|not any) (?:tools?|functions?) (?:available|provided|that)",
+        r"\bI (?:don't|do not) have (?:the )?(?:ability|tools?|access|capabilit)",
+        r"\b(?:no|not any) (?:tools?|functions?) (?:available|provided)",
         r"\btools? (?:is|are|seems?|appears?) (?:to be )?(?:not available|unavailable|not working|"
         r"broken|down|failing)",
-        r"\b(?:tool|function|backend|service|api) (?:error|failure|is not responding|timed out)",
+        r"\bthe (?:\w+ )?(?:tool|function|backend|service|api) (?:is not responding|isn't responding|"
+        r"timed out|returned an error|is failing)",
+        r"\b(?:there was|I got|I received|I encountered) an? (?:\w+ )?(?:tool|function|api) (?:error|failure)",
         r"\bas an AI\b.*\b(?:cannot|can't|unable)",
         r"\bno tengo acceso\b", r"\bno puedo (?:acceder|usar|ejecutar)\b",
         r"\bje n'ai pas accès\b", r"\bje ne peux pas (?:accéder|utiliser|exécuter)\b",
-        r"\bich habe keinen zugriff\b", r"\bich kann (?:nicht|keine)\b.*\b(?:zugreifen|ausführen|verwenden)",
+        r"\bich habe keinen zugriff\b", r"\b(?:ich kann|kann ich)\b[^.\n]{0,40}?\b(?:nicht|keine?n?)\b[^.\n]*\b(?:zugreifen|ausführen|verwenden|nutzen)",
         r"\bnão tenho acesso\b", r"\bnão posso (?:acessar|usar)\b",
         r"\bnon ho accesso\b", r"我(?:无法|不能|没有)(?:访问|使用|调用)",
         r"アクセスできません", r"(?:ツール|関数)を(?:使用|実行)できません",
@@ -662,7 +664,7 @@ class BaseToolCallHandler:
 
     # -- parsing ----------------------------------------------------------------------------
     def is_refusal(self, text):
-        return bool(self._refusal.search(text or ""))
+        return bool(self._refusal.search((text or "").replace("\u2019", "'")))
 
     def parse(self, text, final=True, names=None):
         """Split text into [("text", s) | ("call", (name, args_dict))] segments.
@@ -740,6 +742,12 @@ class BaseToolCallHandler:
                 end = close + 3
                 return calls, end
             search = close + 3
+            if close == 0 or text[close - 1] == "\n":
+                rest = text[close + 3:].lstrip(" \t")
+                if rest.startswith("\n") or (final and not rest):
+                    return [], close + 3       # a fence alone on its line ends a broken block
+                if not rest and not final:
+                    return None
             # JSON that never parses stays text once a closing fence follows it
             if text.find(_FENCE, search) < 0 and (final or not text[body_start:close].strip()):
                 return [], close + 3
@@ -747,7 +755,7 @@ class BaseToolCallHandler:
     def _calls_from_json(self, raw, info, names):
         try:
             obj = json.loads(raw, strict=False)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         items = obj if isinstance(obj, list) else [obj]
         calls = []
@@ -773,7 +781,7 @@ class BaseToolCallHandler:
         if isinstance(args, str):
             try:
                 args = json.loads(args, strict=False) if args.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         if not isinstance(args, dict):
             return None
@@ -792,7 +800,7 @@ class BaseToolCallHandler:
                 value = p.group(2).strip()
                 try:
                     args[p.group(1)] = json.loads(value)
-                except ValueError:
+                except (ValueError, RecursionError):
                     args[p.group(1)] = value
             calls.append((inv.group(1), args))
         return calls, m.end()
@@ -862,10 +870,12 @@ def emulated_tool_events(req, run):
         gen = _tool_attempt(req, run, retry, True, total)
         while True:
             try:
-                next(gen)            # hold_all: nothing is yielded but heartbeats
+                ev = next(gen)       # hold_all: nothing is yielded but heartbeats
             except StopIteration as stop:
                 second = stop.value
                 break
+            if isinstance(ev, Heartbeat):
+                yield ev
         if second.calls:
             first = second
     yield from first.held
@@ -2937,6 +2947,9 @@ def check(cfg):
 def main(argv=None):
     discover_modules()
     cfg, args = load_config(argv)
+    if cfg.toolcall_module not in HANDLERS:
+        raise SystemExit("error: CLAUDE_PROXY_TOOLCALL_MODULE %r is not a tool-call handler; "
+                         "available: %s" % (cfg.toolcall_module, ", ".join(sorted(HANDLERS))))
     if args.check:
         return check(cfg)
     for name, err in sorted(MODULE_ERRORS.items()):
