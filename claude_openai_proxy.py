@@ -36,14 +36,16 @@ Configuration (flags win over environment; read once at start-up)
     --timeout         CLAUDE_PROXY_TIMEOUT           600   seconds per request, then 504
     --cli-retries     CLAUDE_PROXY_CLI_RETRIES       1     upstream retries inside the CLI
     --pass-env        CLAUDE_PROXY_PASS_ENV          ""    extra variables passed to the CLI
-    --toolcall-module CLAUDE_PROXY_TOOLCALL_MODULE   generic
+    --toolcall-module CLAUDE_PROXY_TOOLCALL_MODULE   generic  (generic | native | modules/NAME)
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
 
 Data flow
 ---------
     HTTP body -> dialect.parse -> Request (neutral) -> prompt rendering -> CLI process
-      -> stream-json lines -> events (Start, TextDelta, ThinkingDelta, ToolCall, Done)
-      -> tool-call engine (when tools are offered) -> dialect encoder -> JSON or SSE
+      -> stream-json lines -> events (Start, TextDelta, ThinkingDelta, ToolCall, ToolCallDelta,
+         Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
+    Native tools (X-Toolcall-Module: native) skip the engine: the client's tools reach the model
+    as real tools through the CLI's MCP bridge, and its tool_use blocks come back as ToolCalls.
 
 Contents
 --------
@@ -63,6 +65,7 @@ import base64
 import binascii
 import collections
 import dataclasses
+import hashlib
 import hmac
 import importlib
 import itertools
@@ -406,7 +409,14 @@ class ThinkingDelta:
 class ToolCall:
     id: str
     name: str
-    arguments: str               # always a JSON string
+    arguments: str               # a JSON string, or its first part when ToolCallDelta follow
+
+
+@dataclass
+class ToolCallDelta:
+    """More argument text for the ToolCall with this id (native tools stream their input)."""
+    id: str
+    arguments: str
 
 
 @dataclass
@@ -442,9 +452,15 @@ def collect(events):
             thought.append(ev.text)
             out.signature = ev.signature or out.signature
         elif isinstance(ev, ToolCall):
-            out.tool_calls.append(ev)
+            out.tool_calls.append(ToolCall(ev.id, ev.name, ev.arguments))
+        elif isinstance(ev, ToolCallDelta):
+            for t in out.tool_calls:
+                if t.id == ev.id:
+                    t.arguments += ev.arguments
         elif isinstance(ev, Done):
             out.stop_reason, out.usage, out.stop_sequence = ev.stop_reason, ev.usage, ev.stop_sequence
+    for t in out.tool_calls:
+        t.arguments = t.arguments or "{}"
     out.text, out.thinking = "".join(text), "".join(thought)
     return out
 
@@ -564,7 +580,7 @@ def render_system(req):
     parts = [req.system] if req.system else []
     if req.tools and req.tool_choice != "none":
         parts.append(req.handler.tool_prompt(offered_tools(req), req.tool_choice))
-    return "\n\n".join(parts)
+    return "\n\n".join(p for p in parts if p)
 
 
 def offered_tools(req):
@@ -574,8 +590,10 @@ def offered_tools(req):
 
 
 # 6. Tool calling (prompt emulation) #############################################################
-# The CLI has no client-defined tools in print mode, so tools are described in the system prompt
-# and the model writes fenced ```tool_call blocks, which are parsed back into tool calls.
+# Handlers decide how tools reach the model.  Emulated (the default, and modules/): tools are
+# described in the system prompt and the model writes fenced ```tool_call blocks, which are parsed
+# back into tool calls.  Native (NativeToolCallHandler): real tools through the CLI's MCP bridge,
+# whose plumbing is ToolBridge in section 7; only its prompt rules and history text live here.
 
 HANDLERS = {}
 MODULE_ERRORS = {}
@@ -596,6 +614,9 @@ class BaseToolCallHandler:
     """
     name = "generic"
     description = "fenced ```tool_call blocks; JSON fences and native XML also accepted"
+    #: True: the tools are offered to the model as real tools (section 7's ToolBridge), so only
+    #: tool_prompt's choice rules and the history rendering below are used, never parse().
+    native = False
     refusal_patterns = (
         r"\bI (?:don't|do not|can't|cannot|am unable to|'m unable to|am not able to) "
         r"(?:have )?(?:access|use|call|run|execute|invoke|browse|perform)",
@@ -806,6 +827,45 @@ class BaseToolCallHandler:
         return calls, m.end()
 
 
+class NativeToolCallHandler(BaseToolCallHandler):
+    """Real tool use: the client's tools reach the model through the CLI's SDK MCP bridge.
+
+    The model sees them as `mcp__client__NAME` with the client's JSON schemas and calls them as
+    trained, in tool_use blocks; section 7 hands those calls to the client and stops the turn
+    without running anything.  What is left here is the text part: the CLI has no upstream
+    tool_choice, so "required" and a named tool are instructions in the system prompt (a named
+    tool is also the only one offered); with parallel_tool_calls=false the calls after the first
+    are dropped.  Earlier calls and results are text records in the flattened transcript.
+    """
+    name = "native"
+    description = "real tool use through the CLI's MCP bridge; no prompt protocol"
+    native = True
+
+    def tool_prompt(self, tools, tool_choice):
+        rules = ["Earlier tool calls and their results appear in the conversation as "
+                 "[tool call ...] and [tool result ...] records. Those are history only: to call "
+                 "a tool, use your tools, never write such a record yourself."]
+        if tool_choice == "required":
+            rules.append("In this reply you MUST call at least one of your tools.")
+        elif isinstance(tool_choice, dict):
+            rules.append("In this reply you MUST call the tool %s."
+                         % json.dumps(MCP_PREFIX + mcp_names(tools)[tool_choice["name"]]))
+        return "\n\n".join(rules)
+
+    def render_call(self, name, arguments, call_id=None):
+        return "[tool call id=%s name=%s arguments=%s]" % (
+            json.dumps(call_id), json.dumps(name), json.dumps(arguments, ensure_ascii=False))
+
+    def render_result(self, block):
+        content = block.get("content")
+        if isinstance(content, list):
+            content = "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+        head = "[tool result id=%s name=%s%s]" % (json.dumps(block.get("tool_use_id")),
+                                                  json.dumps(block.get("name")),
+                                                  " error" if block.get("is_error") else "")
+        return "%s\n%s\n[end of tool result]" % (head, content if content is not None else "")
+
+
 def register(handler_cls):
     """Make a handler class selectable by its `name` (X-Toolcall-Module)."""
     HANDLERS[handler_cls.name] = handler_cls()
@@ -813,6 +873,7 @@ def register(handler_cls):
 
 
 register(BaseToolCallHandler)
+register(NativeToolCallHandler)
 
 
 def discover_modules(folder=None):
@@ -928,7 +989,8 @@ def _tool_attempt(req, run, messages, hold_all, total):
 # 7. CLI backend #################################################################################
 # One CLI process per attempt, run as a plain model: no built-in tools, no CLAUDE.md, no
 # settings, no session files, its own TMPDIR, an empty working directory, an allow-listed
-# environment.  Prompts travel on stdin (stream-json), never on argv.
+# environment.  Prompts travel on stdin (stream-json), never on argv.  Native tools are the only
+# tools it ever sees: the client's, through ToolBridge, and never run.
 
 #: efforts a running process accepts per request (apply_flag_settings effortLevel); "max" is
 #: session-only in the CLI, so it has to be a launch flag.
@@ -952,13 +1014,15 @@ def launch_of(req):
                   "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens)
 
 
-def control_lines(req, messages):
+def control_lines(req, messages, bridge=None):
     """The stdin lines for one request, the same for a fresh and a pre-started process."""
     def control(rid, request):
         return {"type": "control_request", "request_id": rid, "request": request}
     init = {"subtype": "initialize", "systemPrompt": render_system(req)}
     if req.json_schema is not None:
         init["jsonSchema"] = req.json_schema
+    if bridge is not None:
+        init["sdkMcpServers"] = [MCP_SERVER]
     lines = [control("init", init)]
     if req.cli_model in MODEL_FAMILIES:
         lines.append(control("model", {"subtype": "set_model", "model": req.cli_model}))
@@ -971,10 +1035,14 @@ def control_lines(req, messages):
 
 
 def cli_argv(cfg, launch):
+    # --permission-prompt-tool stdio: the CLI asks us (can_use_tool) before running a tool, which
+    # native tools need; with no tools offered nothing asks and the upstream request is the same,
+    # so every process gets it and the pool serves both modes.
     argv = [cfg.claude_bin, "-p", "--input-format", "stream-json",
             "--output-format", "stream-json", "--verbose", "--include-partial-messages",
             "--tools", "", "--no-session-persistence", "--setting-sources", "",
-            "--strict-mcp-config", "--model", launch.model or resolve_model(cfg.default_model, None)[1]]
+            "--strict-mcp-config", "--permission-prompt-tool", "stdio",
+            "--model", launch.model or resolve_model(cfg.default_model, None)[1]]
     if launch.effort:
         argv += ["--effort", launch.effort]
     return argv
@@ -1320,14 +1388,18 @@ class Backend:
         process killed a moment ago still looks alive to waitpid); nothing has reached the
         client or the upstream then, so the same lines go once to a fresh process.
         """
+        if native_tools(req) and req.json_schema is not None:
+            raise BadRequest("Structured output (response_format / output_config.format) cannot "
+                             "be combined with native tool mode; use the generic handler.")
         launch = launch_of(req)
         proc = self.pool.take(launch)
         while True:
             pooled, proc = proc is not None, proc or self.spawn(launch)
+            bridge = ToolBridge(req) if native_tools(req) else None
             try:
-                for line in control_lines(req, messages):
+                for line in control_lines(req, messages, bridge):
                     proc.send(line)
-                events = translate(proc, call, structured=req.json_schema is not None)
+                events = translate(proc, call, bridge, structured=req.json_schema is not None)
                 if req.stop:
                     events = cut_at_stops(events, req.stop, proc.interrupt)
                 yield from events
@@ -1348,9 +1420,200 @@ class Backend:
             self.discard(proc)
 
 
-def translate(proc, call, structured=False):
+#: the SDK MCP server that carries the client's tools in native mode; the model sees each tool
+#: as MCP_PREFIX + name.  The CLI keeps only [A-Za-z0-9_-] in a name and silently drops a tool
+#: whose full name is longer than MCP_NAME_MAX, so mcp_names() makes names it keeps as they are.
+MCP_SERVER = "client"
+MCP_PREFIX = "mcp__client__"
+MCP_NAME_MAX = 128
+DENY_MESSAGE = "claude-proxy hands this tool call to its API client; it is not run here."
+
+
+def native_tools(req):
+    """True when this request offers its tools to the model as real tools."""
+    return bool(getattr(req.handler, "native", False) and req.tools and req.tool_choice != "none")
+
+
+def mcp_names(tools):
+    """{client tool name: MCP tool name}: safe characters, short enough, unique."""
+    out, used = {}, set()
+    room = MCP_NAME_MAX - len(MCP_PREFIX)
+    for t in tools:
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", t.name)
+        if len(safe) > room or safe in used:
+            safe = "%s_%s" % (safe[:room - 9], hashlib.sha256(t.name.encode()).hexdigest()[:8])
+        used.add(safe)
+        out[t.name] = safe
+    return out
+
+
+class ToolBridge:
+    """Native tools for one request: the client's tools as an SDK MCP server inside the CLI.
+
+    The CLI asks for them over the control protocol (control_request mcp_message carrying
+    JSON-RPC initialize, notifications, tools/list; every one must be answered, notifications
+    included, or the CLI stalls).  The model's tool_use blocks stream like other blocks and
+    become ToolCall + ToolCallDelta events.  Before running a tool the CLI asks can_use_tool,
+    as soon as that block ends; answering then would abort the stream and cut off the calls
+    still being written, so answers are held until the upstream message ends, then denied with
+    interrupt: the turn stops after one upstream call and nothing runs.  A call the CLI rejects
+    by itself (a name it does not know) gets no can_use_tool, and the CLI goes straight on to a
+    second upstream call that an interrupt request does not stop; then `done` is set at once and
+    the request ends with the usage seen in the stream (the process is killed after it).
+    """
+
+    def __init__(self, req):
+        tools = offered_tools(req)
+        self.names = mcp_names(tools)
+        self.client_name = {MCP_PREFIX + mcp: name for name, mcp in self.names.items()}
+        self.listing = []
+        for t in tools:
+            schema = dict(t.parameters)
+            if schema.setdefault("type", "object") != "object":
+                raise BadRequest("Tool %r: native tool mode needs the parameters to be a JSON "
+                                 "schema of type object." % t.name, param="tools")
+            self.listing.append({"name": self.names[t.name], "description": t.description,
+                                 "inputSchema": schema})
+        self.parallel, self.id_prefix = req.parallel_tool_calls, req.id_prefix
+        self.blocks = {}         # stream block index -> call id, or None for a dropped call
+        self.has_args = set()    # call ids that received argument text
+        self.calls = []          # upstream tool_use ids handed to the client
+        self.in_message = False  # an upstream message is streaming
+        self.held = []           # can_use_tool request ids waiting for the message to end
+        self.settled = set()     # tool_use ids the CLI asked about or answered itself
+        self.ended = False       # a message with tool calls has ended: the turn must stop
+        self.denied = False      # deny+interrupt sent: the CLI's result line ends the turn
+        self.done = False        # nothing to wait for: end the request now
+        self.usage = Usage()     # of the streamed message, for when `done` cuts the turn short
+
+    # -- stream events -----------------------------------------------------------------
+    def on_stream(self, proc, ev):
+        """Tool events for one upstream stream event (text and thinking stay with translate)."""
+        et = ev.get("type")
+        if et == "message_start":
+            self.in_message = True
+            self.usage = Usage.from_api((ev.get("message") or {}).get("usage"))
+        elif et == "message_delta":
+            self.usage.output_tokens = int((ev.get("usage") or {}).get("output_tokens") or 0)
+        elif et == "content_block_start" and (ev.get("content_block") or {}).get("type") == "tool_use":
+            block = ev["content_block"]
+            first = block.get("input") or {}
+            ev_call = self._call(block.get("id"), block.get("name"),
+                                 json.dumps(first, ensure_ascii=False) if first else "")
+            self.blocks[ev.get("index")] = ev_call.id if ev_call else None
+            if ev_call:
+                yield ev_call
+        elif et == "content_block_delta" and (ev.get("delta") or {}).get("type") == "input_json_delta":
+            cid, text = self.blocks.get(ev.get("index")), ev["delta"].get("partial_json") or ""
+            if cid and text:
+                self.has_args.add(cid)
+                yield ToolCallDelta(cid, text)
+        elif et == "content_block_stop":
+            cid = self.blocks.pop(ev.get("index"), None)
+            if cid and cid not in self.has_args:
+                yield ToolCallDelta(cid, "{}")
+        elif et == "message_stop":
+            self.in_message = False
+            if ev.get("abandoned_blocks") and self.calls:
+                raise UpstreamError("The upstream stream broke during a tool call; retry the "
+                                    "request.")
+            if self.calls and not ev.get("abandoned_blocks"):
+                self.ended = True
+                self._settle(proc)
+
+    def on_block(self, proc, block):
+        """A whole tool_use block (the CLI's non-streaming fallback after a dropped stream)."""
+        ev_call = self._call(block.get("id"), block.get("name"),
+                             json.dumps(block.get("input") or {}, ensure_ascii=False))
+        if ev_call:
+            yield ev_call
+        self.ended = True
+        self._settle(proc)
+
+    def _call(self, tool_use_id, name, arguments):
+        if not self.parallel and self.calls:
+            return None
+        self.calls.append(tool_use_id)
+        if isinstance(tool_use_id, str) and tool_use_id.startswith("toolu_"):
+            cid = self.id_prefix + tool_use_id[len("toolu_"):]
+        else:
+            cid = new_id(self.id_prefix)
+        name = name or ""
+        client = self.client_name.get(name)
+        if client is None:            # not offered (the CLI rejects it): pass the name on
+            client = name[len(MCP_PREFIX):] if name.startswith(MCP_PREFIX) else name
+        return ToolCall(cid, client, arguments)
+
+    # -- control protocol --------------------------------------------------------------
+    def on_control(self, proc, item):
+        rid, request = item.get("request_id"), item.get("request") or {}
+        sub = request.get("subtype")
+        if sub == "mcp_message" and request.get("server_name") == MCP_SERVER:
+            reply = self._mcp(request.get("message") or {})
+            proc.send({"type": "control_response", "response": {
+                "subtype": "success", "request_id": rid, "response": {"mcp_response": reply}}})
+        elif sub == "can_use_tool":
+            self.settled.add(request.get("tool_use_id"))
+            self.held.append(rid)
+            if not self.in_message:
+                self._settle(proc)
+        else:
+            refuse(proc, rid)
+
+    def on_user(self, proc, item):
+        """A user line: the CLI's own tool results (a call it rejected without asking)."""
+        for b in (item.get("message") or {}).get("content") or []:
+            if isinstance(b, dict) and b.get("type") == "tool_result":
+                self.settled.add(b.get("tool_use_id"))
+        if self.ended:
+            self._settle(proc)
+
+    def _settle(self, proc):
+        """Deny every held permission request once the message has ended; give up on a turn
+        in which the CLI rejected every call itself."""
+        if self.in_message:
+            return
+        for rid in self.held:
+            proc.send({"type": "control_response", "response": {
+                "subtype": "success", "request_id": rid,
+                "response": {"behavior": "deny", "message": DENY_MESSAGE, "interrupt": True}}})
+            self.denied = True
+        self.held = []
+        if self.ended and not self.denied and all(c in self.settled for c in self.calls):
+            self.done = True
+
+    def _mcp(self, msg):
+        """The JSON-RPC answer of the MCP server 'client' to one message."""
+        method, mid = msg.get("method"), msg.get("id")
+        if mid is None:                       # a notification: acknowledged, nothing to do
+            return {"jsonrpc": "2.0", "result": {}}
+        if method == "initialize":
+            result = {"protocolVersion": (msg.get("params") or {}).get("protocolVersion") or
+                      "2025-06-18", "capabilities": {"tools": {}},
+                      "serverInfo": {"name": "claude-proxy", "version": __version__}}
+        elif method == "tools/list":
+            result = {"tools": self.listing}
+        elif method == "tools/call":          # not reached: every call is denied first
+            result = {"isError": True, "content": [{"type": "text", "text": DENY_MESSAGE}]}
+        elif method == "ping":
+            result = {}
+        else:
+            return {"jsonrpc": "2.0", "id": mid,
+                    "error": {"code": -32601, "message": "Method not found: %s" % method}}
+        return {"jsonrpc": "2.0", "id": mid, "result": result}
+
+
+def refuse(proc, request_id):
+    proc.send({"type": "control_response", "response": {
+        "subtype": "error", "request_id": request_id, "error": "not supported by claude-proxy"}})
+
+
+def translate(proc, call, bridge=None, structured=False):
     """stream-json lines -> events.  The `result` line is authoritative for errors and usage.
 
+    With a ToolBridge (native tools) the CLI's control requests go to it, and so do tool_use
+    blocks; once it has handed calls over, anything the CLI still streams is ignored, and a
+    bridge that is `done` ends the request without waiting for the result line.
     With `structured`, the answer is the validated `structured_output` of the result line (the
     CLI's StructuredOutput tool), sent as one text delta; prose around it is dropped.
     """
@@ -1370,7 +1633,13 @@ def translate(proc, call, structured=False):
             et = ev.get("type")
             if proc.stopped:
                 continue                         # what follows an interrupt is not the answer
-            if et == "message_start" and not started:
+            if bridge is not None and not bridge.ended:
+                yield from bridge.on_stream(proc, ev)
+            elif bridge is not None and et == "message_start":
+                bridge.done = True           # the CLI went on to another upstream call
+            if bridge is not None and bridge.ended:
+                pass                         # calls handed over: the rest is not the answer
+            elif et == "message_start" and not started:
                 started = True
                 yield Start(Usage.from_api((ev.get("message") or {}).get("usage")))
             elif et == "message_delta" and (ev.get("delta") or {}).get("stop_reason") == "max_tokens":
@@ -1402,13 +1671,18 @@ def translate(proc, call, structured=False):
                     if text:
                         streamed.append(text)
                         yield TextDelta(text)
+                elif block.get("type") == "tool_use" and bridge is not None and not bridge.ended:
+                    yield from bridge.on_block(proc, block)
         elif kind == "system" and item.get("subtype") == "api_retry":
             last_retry = item
         elif kind == "control_request":
-            # nothing is offered to the CLI in plain-model mode; refuse so it never waits
-            proc.send({"type": "control_response", "response": {
-                "subtype": "error", "request_id": item.get("request_id"),
-                "error": "not supported by claude-proxy"}})
+            if bridge is not None:
+                bridge.on_control(proc, item)
+            else:
+                # nothing is offered to the CLI in plain-model mode; refuse so it never waits
+                refuse(proc, item.get("request_id"))
+        elif kind == "user" and bridge is not None:
+            bridge.on_user(proc, item)
         elif kind == "control_response":
             resp = item.get("response") or {}
             if resp.get("subtype") == "error":
@@ -1416,6 +1690,10 @@ def translate(proc, call, structured=False):
                                  % (resp.get("request_id"), scrub(str(resp.get("error")))))
         elif kind == "result":
             usage = Usage.from_api(item.get("usage"))
+            if bridge is not None and bridge.calls and item.get("api_error_status") is None:
+                # the turn this proxy stopped reads as an error (aborted_tools): it is the answer
+                yield Done("tool_use", usage)
+                return
             if proc.stopped:
                 yield Done(proc.stopped, usage)
                 return
@@ -1428,6 +1706,9 @@ def translate(proc, call, structured=False):
                 yield Done("end_turn", usage)
                 return
             yield Done(item.get("stop_reason") or "end_turn", usage)
+            return
+        if bridge is not None and bridge.done:
+            yield Done("tool_use", bridge.usage)
             return
     status = proc.exit_status()
     detail = "; ".join(list(proc.stderr_tail)[-3:] or proc.garbage[-3:]) or "no output"
@@ -1776,7 +2057,7 @@ class OpenAIChat:
             sse.event(d)
 
         chunk({"role": "assistant", "content": ""})
-        calls = 0
+        calls = {}               # tool call id -> index
         try:
             for ev in events:
                 if isinstance(ev, TextDelta):
@@ -1786,10 +2067,16 @@ class OpenAIChat:
                     if req.thinking and ev.text:
                         chunk({"reasoning_content": ev.text})
                 elif isinstance(ev, ToolCall):
-                    chunk({"tool_calls": [{"index": calls, "id": ev.id, "type": "function",
+                    calls[ev.id] = len(calls)
+                    chunk({"tool_calls": [{"index": calls[ev.id], "id": ev.id, "type": "function",
                                            "function": {"name": ev.name, "arguments": ""}}]})
-                    chunk({"tool_calls": [{"index": calls, "function": {"arguments": ev.arguments}}]})
-                    calls += 1
+                    if ev.arguments:
+                        chunk({"tool_calls": [{"index": calls[ev.id],
+                                               "function": {"arguments": ev.arguments}}]})
+                elif isinstance(ev, ToolCallDelta):
+                    if ev.id in calls:
+                        chunk({"tool_calls": [{"index": calls[ev.id],
+                                               "function": {"arguments": ev.arguments}}]})
                 elif isinstance(ev, Heartbeat):
                     sse.comment("keep-alive")
                 elif isinstance(ev, Done):
@@ -2010,7 +2297,11 @@ class AnthropicMessages:
                         delta({"type": "signature_delta", "signature": ev.signature})
                 elif isinstance(ev, ToolCall):
                     open_block("tool_use", {"type": "tool_use", "id": ev.id, "name": ev.name, "input": {}})
-                    delta({"type": "input_json_delta", "partial_json": ev.arguments})
+                    if ev.arguments:
+                        delta({"type": "input_json_delta", "partial_json": ev.arguments})
+                elif isinstance(ev, ToolCallDelta):
+                    if state["open"] == "tool_use":
+                        delta({"type": "input_json_delta", "partial_json": ev.arguments})
                 elif isinstance(ev, Heartbeat):
                     sse.event({"type": "ping"}, "ping")
                 elif isinstance(ev, Done):
@@ -2326,11 +2617,26 @@ class OpenAIResponses:
             item["status"] = status
             emit("response.output_item.done", output_index=index, item=item)
 
+        def close_call():
+            # native tools stream arguments (ToolCallDelta): the item stays open until then
+            item, index = state.pop("call")
+            emit("response.function_call_arguments.done", item_id=item["id"],
+                 output_index=index, arguments=item["arguments"])
+            item["status"] = "completed"
+            emit("response.output_item.done", output_index=index, item=item)
+
         emit("response.created", response=self.envelope(req, body, rid, created, [], "in_progress"))
         emit("response.in_progress", response=self.envelope(req, body, rid, created, [], "in_progress"))
         try:
             for ev in events:
-                if isinstance(ev, TextDelta):
+                if "call" in state and not isinstance(ev, (ToolCallDelta, Heartbeat)):
+                    close_call()
+                if isinstance(ev, ToolCallDelta):
+                    item, index = state["call"]
+                    item["arguments"] += ev.arguments
+                    emit("response.function_call_arguments.delta", item_id=item["id"],
+                         output_index=index, delta=ev.arguments)
+                elif isinstance(ev, TextDelta):
                     if not ev.text:
                         continue
                     if state["message"] is None:
@@ -2342,16 +2648,15 @@ class OpenAIResponses:
                 elif isinstance(ev, ToolCall):
                     if state["message"] is not None:
                         close_message("completed")
-                    item = dict(self.call_item(ev, "in_progress"), arguments="")
+                    item = dict(self.call_item(ev, "in_progress"), arguments=ev.arguments)
                     output.append(item)
                     index = len(output) - 1
-                    emit("response.output_item.added", output_index=index, item=item)
-                    emit("response.function_call_arguments.delta", item_id=item["id"],
-                         output_index=index, delta=ev.arguments)
-                    emit("response.function_call_arguments.done", item_id=item["id"],
-                         output_index=index, arguments=ev.arguments)
-                    item.update(arguments=ev.arguments, status="completed")
-                    emit("response.output_item.done", output_index=index, item=item)
+                    emit("response.output_item.added", output_index=index,
+                         item=dict(item, arguments=""))
+                    if ev.arguments:
+                        emit("response.function_call_arguments.delta", item_id=item["id"],
+                             output_index=index, delta=ev.arguments)
+                    state["call"] = (item, index)
                 elif isinstance(ev, Heartbeat):
                     sse.comment("keep-alive")
                 elif isinstance(ev, Done):
@@ -2511,9 +2816,9 @@ def model_events(app, req, call):
     try:
         def run(messages):
             return app.backend.run(req, messages, call)
-        if req.tools and req.tool_choice != "none":
+        if req.tools and req.tool_choice != "none" and not req.handler.native:
             yield from emulated_tool_events(req, run)
-        else:
+        else:            # no tools, or native tools (the CLI backend's ToolBridge)
             yield from run(req.messages)
     finally:
         app.backend.gate.release()

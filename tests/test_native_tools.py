@@ -1,0 +1,348 @@
+"""Native tool mode: the client's tools reach the model as real tools through the CLI's SDK MCP
+bridge (real CLI, fake upstream, the official openai and anthropic SDKs as clients).
+
+What these pin about the CLI (2.1.330): the tools arrive upstream as mcp__client__NAME with the
+client's schema; the model's tool_use streams back as input_json_delta; denying can_use_tool with
+interrupt ends the turn after exactly one upstream call, and holding that answer until the
+message ends keeps parallel calls whole; the CLI rewrites names to [A-Za-z0-9_-].
+"""
+import json
+import os
+import time
+
+import anthropic
+import openai
+import pytest
+
+import fake_upstream
+from conftest import sse_events
+
+NATIVE = {"X-Toolcall-Module": "native"}
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+          "required": ["city"]}
+OPENAI_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city.", "parameters": SCHEMA}}]
+ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Current weather for a city.",
+                    "input_schema": SCHEMA}]
+FENCE_WORDS = ("```", "tool_call", "# Tools", "Available tools")
+
+
+def oai(proxy, headers=NATIVE):
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0,
+                         default_headers=headers)
+
+
+def anth(proxy, headers=NATIVE):
+    return anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0,
+                               default_headers=headers)
+
+
+def system_text(call):
+    system = call.get("system") or []
+    return system if isinstance(system, str) else " ".join(b.get("text", "") for b in system)
+
+
+def user_text(call):
+    out = []
+    for m in call["messages"]:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append(content)
+        else:
+            out.extend(b.get("text", "") for b in content if isinstance(b, dict))
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def native_proxy(make_proxy):
+    """Native as the configured default handler, and no warm pool: every CLI process it starts
+    belongs to a request, so none may be left once the request is answered."""
+    return make_proxy(CLAUDE_PROXY_TOOLCALL_MODULE="native", CLAUDE_PROXY_POOL_SIZE=0)
+
+
+def children(pid):
+    """Live processes whose parent is `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+# -- the request upstream ----------------------------------------------------------------------
+
+def test_tools_reach_upstream_as_real_tools_openai(proxy, upstream):
+    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", {"city": "Paris"}))
+    r = oai(proxy).chat.completions.create(
+        model="sonnet", tools=OPENAI_TOOLS,
+        messages=[{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Weather in Paris?"}])
+    assert len(upstream.model_calls) == 1          # the turn stopped: nothing was executed
+    call = upstream.model_calls[0]
+    assert call["tools"] == [{"name": "mcp__client__get_weather",
+                              "description": "Current weather for a city.", "input_schema": SCHEMA}]
+    system = system_text(call)
+    assert "Be brief." in system
+    assert not [w for w in FENCE_WORDS if w in system], system
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [tc] = choice.message.tool_calls
+    assert tc.type == "function" and tc.function.name == "get_weather"
+    assert json.loads(tc.function.arguments) == {"city": "Paris"}
+    assert tc.id == "call_fake01"
+    assert r.usage.prompt_tokens == 11 and r.usage.completion_tokens == 7
+
+
+def test_emulated_mode_is_unchanged(proxy, upstream):
+    """Without the header the default handler still describes tools in the prompt."""
+    upstream.push(fake_upstream.text("No call needed."))
+    oai(proxy, headers={}).chat.completions.create(
+        model="sonnet", tools=OPENAI_TOOLS, messages=[{"role": "user", "content": "hi"}])
+    call = upstream.model_calls[-1]
+    assert call["tools"] == []
+    assert "```tool_call" in system_text(call)
+
+
+# -- tool calls back to the client -------------------------------------------------------------
+
+def test_openai_stream_streams_argument_deltas(proxy, upstream):
+    args = {"city": "Paris", "unit": "celsius", "note": "x" * 40}
+    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", args, chunks=5))
+    stream = oai(proxy).chat.completions.create(
+        model="sonnet", tools=OPENAI_TOOLS, stream=True,
+        messages=[{"role": "user", "content": "Weather in Paris?"}])
+    deltas, finish, head = [], None, None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        c = chunk.choices[0]
+        for tc in c.delta.tool_calls or []:
+            assert tc.index == 0
+            if tc.id:
+                head = tc
+            if tc.function and tc.function.arguments:
+                deltas.append(tc.function.arguments)
+        finish = c.finish_reason or finish
+    assert head is not None and head.function.name == "get_weather" and head.id == "call_fake01"
+    assert len(deltas) >= 5, deltas                  # streamed as they came, not in one piece
+    assert json.loads("".join(deltas)) == args
+    assert finish == "tool_calls"
+    assert len(upstream.model_calls) == 1
+
+
+def test_anthropic_stream_input_json_delta(proxy, upstream):
+    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", {"city": "Paris"},
+                                         before="Let me check.", chunks=3))
+    with anth(proxy).messages.stream(
+            model="sonnet", max_tokens=512, tools=ANTHROPIC_TOOLS,
+            messages=[{"role": "user", "content": "Weather in Paris?"}]) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    starts = [e.content_block for e in events if e.type == "content_block_start"]
+    assert [b.type for b in starts] == ["text", "tool_use"]
+    assert starts[1].name == "get_weather" and starts[1].id == "toolu_fake01"
+    partial = [e.delta.partial_json for e in events
+               if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
+    assert len(partial) >= 3 and json.loads("".join(partial)) == {"city": "Paris"}
+    assert final.stop_reason == "tool_use"
+    assert final.content[0].text == "Let me check."
+    assert final.content[1].type == "tool_use" and final.content[1].input == {"city": "Paris"}
+    assert len(upstream.model_calls) == 1
+
+
+def test_anthropic_non_stream_tool_use_block(proxy, upstream):
+    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", {"city": "Oslo"}))
+    m = anth(proxy).messages.create(model="sonnet", max_tokens=512, tools=ANTHROPIC_TOOLS,
+                                    messages=[{"role": "user", "content": "Weather in Oslo?"}])
+    assert m.stop_reason == "tool_use"
+    [block] = m.content
+    assert block.type == "tool_use" and block.name == "get_weather" and block.input == {"city": "Oslo"}
+    assert len(upstream.model_calls) == 1
+
+
+def test_parallel_calls_are_not_cut_off(proxy, upstream):
+    """The CLI asks can_use_tool as soon as the first tool_use block ends; the proxy holds the
+    answer until the message ends, so the second call (still streaming) arrives whole."""
+    upstream.push(fake_upstream.Reply(blocks=[
+        {"type": "tool_use", "id": "toolu_A", "name": "mcp__client__get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "toolu_B", "name": "mcp__client__get_weather", "input": {"city": "Rome"}}],
+        stop_reason="tool_use", chunks=3, delay=0.1))
+    r = oai(proxy).chat.completions.create(
+        model="sonnet", tools=OPENAI_TOOLS, messages=[{"role": "user", "content": "Paris and Rome?"}])
+    calls = r.choices[0].message.tool_calls
+    assert [(c.id, json.loads(c.function.arguments)) for c in calls] == [
+        ("call_A", {"city": "Paris"}), ("call_B", {"city": "Rome"})]
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert len(upstream.model_calls) == 1
+
+
+def test_parallel_tool_calls_false_keeps_the_first(proxy, upstream):
+    upstream.push(fake_upstream.Reply(blocks=[
+        {"type": "tool_use", "id": "toolu_A", "name": "mcp__client__get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "toolu_B", "name": "mcp__client__get_weather", "input": {"city": "Rome"}}],
+        stop_reason="tool_use"))
+    r = oai(proxy).chat.completions.create(
+        model="sonnet", tools=OPENAI_TOOLS, parallel_tool_calls=False,
+        messages=[{"role": "user", "content": "Paris and Rome?"}])
+    assert [c.id for c in r.choices[0].message.tool_calls] == ["call_A"]
+
+
+# -- the next turn -----------------------------------------------------------------------------
+
+def test_follow_up_with_tool_result_gets_final_answer_openai(proxy, upstream):
+    upstream.push(fake_upstream.text("It is sunny in Paris, 22 C."))
+    r = oai(proxy).chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_fake01", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_fake01", "content": "sunny, 22 C, RESULT-MARKER-41"}])
+    assert r.choices[0].message.content == "It is sunny in Paris, 22 C."
+    assert r.choices[0].finish_reason == "stop"
+    assert len(upstream.model_calls) == 1
+    call = upstream.model_calls[0]
+    text = user_text(call)
+    assert "RESULT-MARKER-41" in text                # the result reached the model, as text
+    assert "[tool call id=" in text and "get_weather" in text
+    assert call["tools"][0]["name"] == "mcp__client__get_weather"   # still offered natively
+    assert "```tool_call" not in system_text(call) + text
+
+
+def test_follow_up_with_tool_result_anthropic_stream(proxy, upstream):
+    upstream.push(fake_upstream.text("Oslo: rain.", chunks=3))
+    with anth(proxy).messages.stream(model="sonnet", max_tokens=512, tools=ANTHROPIC_TOOLS,
+                                     messages=[
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                           "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": [{"type": "text", "text": "rain RESULT-MARKER-77"}]}]}]) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "end_turn" and final.content[0].text == "Oslo: rain."
+    assert len(upstream.model_calls) == 1
+    assert "RESULT-MARKER-77" in user_text(upstream.model_calls[0])
+
+
+# -- tool_choice and names ---------------------------------------------------------------------
+
+def test_tool_choice_none_offers_nothing(proxy, upstream):
+    upstream.push(fake_upstream.text("Just text."))
+    r = oai(proxy).chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, tool_choice="none",
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "Just text."
+    call = upstream.model_calls[-1]
+    assert call["tools"] == []
+    assert not [w for w in FENCE_WORDS if w in system_text(call)]
+
+
+def test_named_tool_choice_offers_only_that_tool_and_asks_for_it(proxy, upstream):
+    other = {"type": "function", "function": {"name": "get_time", "description": "Time.",
+                                              "parameters": {"type": "object", "properties": {}}}}
+    upstream.push(fake_upstream.tool_use("mcp__client__get_time", {}))
+    r = oai(proxy).chat.completions.create(
+        model="sonnet", tools=OPENAI_TOOLS + [other],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        messages=[{"role": "user", "content": "hi"}])
+    call = upstream.model_calls[-1]
+    assert [t["name"] for t in call["tools"]] == ["mcp__client__get_time"]
+    assert "MUST call the tool \"mcp__client__get_time\"" in system_text(call)
+    [tc] = r.choices[0].message.tool_calls
+    assert tc.function.name == "get_time" and tc.function.arguments == "{}"
+
+
+def test_required_tool_choice_is_an_instruction(proxy, upstream):
+    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", {"city": "Rome"}))
+    anth(proxy).messages.create(model="sonnet", max_tokens=256, tools=ANTHROPIC_TOOLS,
+                                tool_choice={"type": "any"},
+                                messages=[{"role": "user", "content": "hi"}])
+    call = upstream.model_calls[-1]
+    assert "tool_choice" not in call                 # the CLI has no way to force it upstream
+    assert "MUST call at least one" in system_text(call)
+
+
+def test_names_the_cli_would_rewrite_are_mapped_back(proxy, upstream):
+    dotted = {"type": "function", "function": {"name": "weather.get:v2", "description": "Dotted.",
+                                               "parameters": SCHEMA}}
+    long_name = "t" * 120                            # over the CLI's 128-character limit
+    longer = {"type": "function", "function": {"name": long_name, "description": "Long.",
+                                               "parameters": SCHEMA}}
+    upstream.responder = lambda body: fake_upstream.Reply(blocks=[
+        {"type": "tool_use", "id": "toolu_%d" % i, "name": t["name"], "input": {"city": "Nice"}}
+        for i, t in enumerate(body["tools"])], stop_reason="tool_use")
+    r = oai(proxy).chat.completions.create(model="sonnet", tools=[dotted, longer],
+                                           messages=[{"role": "user", "content": "hi"}])
+    names = {t["name"] for t in upstream.model_calls[-1]["tools"]}
+    assert "mcp__client__weather_get_v2" in names
+    [shortened] = names - {"mcp__client__weather_get_v2"}
+    assert len(shortened) <= 128 and shortened.startswith("mcp__client__ttt")
+    assert sorted(c.function.name for c in r.choices[0].message.tool_calls) == \
+        sorted([long_name, "weather.get:v2"])
+
+
+def test_schema_without_type_is_offered(proxy, upstream):
+    """One inputSchema without "type" makes the CLI drop every tool; the proxy adds it."""
+    upstream.push(fake_upstream.text("ok"))
+    anth(proxy).messages.create(model="sonnet", max_tokens=256, tools=[
+        {"name": "loose", "description": "No type.", "input_schema": {"properties": {"a": {"type": "string"}}}}],
+        messages=[{"role": "user", "content": "hi"}])
+    [tool] = upstream.model_calls[-1]["tools"]
+    assert tool["name"] == "mcp__client__loose" and tool["input_schema"]["type"] == "object"
+
+
+# -- default handler, process lifetime ---------------------------------------------------------
+
+def test_default_handler_native_and_no_cli_left_behind(native_proxy, upstream):
+    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", {"city": "Paris"}))
+    status, _, body = native_proxy.post("/v1/chat/completions", {
+        "model": "sonnet", "tools": OPENAI_TOOLS, "stream": True,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}]})
+    assert status == 200
+    chunks = [json.loads(d) for _, d in sse_events(body) if d != "[DONE]"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert len(upstream.model_calls) == 1 and upstream.model_calls[0]["tools"]
+    deadline = time.time() + 3
+    while children(native_proxy.proc.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert children(native_proxy.proc.pid) == []
+
+
+def test_unknown_tool_from_model_still_stops_the_turn(native_proxy, upstream):
+    """A name the CLI does not know gets no can_use_tool: the CLI answers it with an error itself
+    and goes on to a second upstream call that an interrupt request does not stop.  The proxy
+    hands the call over at the end of the first message; whatever follows is not the answer.
+    (Whether that second call reaches upstream before the process is killed is a race.)"""
+    upstream.push(fake_upstream.tool_use("mcp__client__nope", {"x": 1}),
+                  fake_upstream.text("SECOND TURN"))
+    r = oai(native_proxy, headers={}).chat.completions.create(
+        model="sonnet", tools=OPENAI_TOOLS, messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert r.choices[0].message.tool_calls[0].function.name == "nope"
+    assert "SECOND TURN" not in (r.choices[0].message.content or "")
+    assert r.usage.prompt_tokens == 11 and r.usage.completion_tokens == 7
+
+
+def test_responses_api_streams_native_argument_deltas(proxy, upstream):
+    """The Responses dialect keeps a native call's item open while its arguments stream."""
+    args = {"city": "Paris, France"}
+    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", args, chunks=4))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with client.responses.stream(
+            model="sonnet", input="weather in Paris?",
+            tools=[{"type": "function", "name": "get_weather", "parameters": SCHEMA}],
+            extra_headers=NATIVE) as stream:
+        kinds = [ev.type for ev in stream]
+        final = stream.get_final_response()
+    deltas = kinds.count("response.function_call_arguments.delta")
+    assert deltas >= 2, kinds
+    assert kinds.index("response.function_call_arguments.done") > kinds.index(
+        "response.function_call_arguments.delta")
+    call = [o for o in final.output if o.type == "function_call"][0]
+    assert call.name == "get_weather" and json.loads(call.arguments) == args
