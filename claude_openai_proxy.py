@@ -22,7 +22,8 @@ Endpoints
     POST /v1/messages/count_tokens   Anthropic token count (an estimate: ~4 bytes a token)
     GET  /v1/models                  model list (Anthropic shape if anthropic-version/x-api-key)
     GET  /v1/models/{id}             one model
-    GET  /health                     liveness, capacity, handler modules (no secrets)
+    GET  /health                     liveness, capacity, pool, handler modules (no secrets)
+    GET  /metrics                    Prometheus text format
   Every /v1/... route also answers without the /v1 prefix.
 
 Configuration (flags win over environment; read once at start-up)
@@ -37,7 +38,15 @@ Configuration (flags win over environment; read once at start-up)
     --cli-retries     CLAUDE_PROXY_CLI_RETRIES       1     upstream retries inside the CLI
     --pass-env        CLAUDE_PROXY_PASS_ENV          ""    extra variables passed to the CLI
     --toolcall-module CLAUDE_PROXY_TOOLCALL_MODULE   generic  (generic | native | modules/NAME)
+    --pool-size       CLAUDE_PROXY_POOL_SIZE         2     pre-started CLI processes (0 = off)
+    --pool-max-idle   CLAUDE_PROXY_POOL_MAX_IDLE     300   seconds before a waiting one is renewed
+    --api-keys        CLAUDE_PROXY_API_KEYS          ""    keys clients must send (Bearer/x-api-key)
+    --max-body        CLAUDE_PROXY_MAX_BODY          10 MB largest request body, then 413
+    --cors-origins    CLAUDE_PROXY_CORS_ORIGINS      ""    browser origins allowed (or *)
+    --shutdown-grace  CLAUDE_PROXY_SHUTDOWN_GRACE    30    seconds in-flight requests may finish
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
+    --allow-unauthenticated   serve a non-loopback address without keys
+    --check                   check the CLI, its login and the config, then exit
 
 Data flow
 ---------
@@ -64,7 +73,6 @@ import argparse
 import base64
 import binascii
 import collections
-import dataclasses
 import hashlib
 import hmac
 import importlib
@@ -74,7 +82,6 @@ import os
 import pathlib
 import queue
 import re
-import secrets
 import select
 import shutil
 import signal
@@ -86,7 +93,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 
 __all__ = ["BaseToolCallHandler", "register", "ProxyError", "Config", "main"]
 
@@ -467,7 +473,8 @@ def collect(events):
 
 def new_id(prefix, n=24):
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-    return prefix + "".join(secrets.choice(alphabet) for _ in range(n))
+    # os.urandom, not `secrets`: that module pulls in OpenSSL (~4 MB of idle RSS) for nothing
+    return prefix + "".join(alphabet[b % 62] for b in os.urandom(n))
 
 
 def resolve_model(name, default):
@@ -2687,7 +2694,6 @@ DIALECTS = {"openai": OpenAIChat(), "anthropic": AnthropicMessages(),
 # 12. Auth, metrics, routes, handler, server ####################################################
 
 def key_digest(key):
-    import hashlib
     return hashlib.sha256(key.encode()).digest()
 
 
