@@ -431,6 +431,12 @@ class Heartbeat:
 
 
 @dataclass
+class Reset:
+    """Forget the answer so far: the CLI is asking again after a dropped stream (only sent to
+    non-streaming requests, where nothing has reached the client yet)."""
+
+
+@dataclass
 class Done:
     stop_reason: str             # Anthropic vocabulary: end_turn, max_tokens, tool_use, ...
     usage: Usage
@@ -452,7 +458,9 @@ def collect(events):
     """Fold an event stream into one Completion (the non-streaming path)."""
     out, text, thought = Completion(), [], []
     for ev in events:
-        if isinstance(ev, TextDelta):
+        if isinstance(ev, Reset):
+            text, thought, out.tool_calls = [], [], []
+        elif isinstance(ev, TextDelta):
             text.append(ev.text)
         elif isinstance(ev, ThinkingDelta):
             thought.append(ev.text)
@@ -977,6 +985,11 @@ def _tool_attempt(req, run, messages, hold_all, total):
         elif isinstance(ev, (Heartbeat, Start)):
             yield ev
             continue
+        elif isinstance(ev, Reset):
+            pending, a.calls = "", 0
+            answer.clear()
+            a.held = []
+            out = [ev]
         else:
             out = [ev]
         if not a.holding:
@@ -1406,7 +1419,8 @@ class Backend:
             try:
                 for line in control_lines(req, messages, bridge):
                     proc.send(line)
-                events = translate(proc, call, bridge, structured=req.json_schema is not None)
+                events = translate(proc, call, bridge, structured=req.json_schema is not None,
+                                   streaming=req.stream)
                 if req.stop:
                     events = cut_at_stops(events, req.stop, proc.interrupt)
                 yield from events
@@ -1615,7 +1629,7 @@ def refuse(proc, request_id):
         "subtype": "error", "request_id": request_id, "error": "not supported by claude-proxy"}})
 
 
-def translate(proc, call, bridge=None, structured=False):
+def translate(proc, call, bridge=None, structured=False, streaming=True):
     """stream-json lines -> events.  The `result` line is authoritative for errors and usage.
 
     With a ToolBridge (native tools) the CLI's control requests go to it, and so do tool_use
@@ -1624,8 +1638,8 @@ def translate(proc, call, bridge=None, structured=False):
     With `structured`, the answer is the validated `structured_output` of the result line (the
     CLI's StructuredOutput tool), sent as one text delta; prose around it is dropped.
     """
-    started, last_retry, streamed = False, None, []
-    withdrawn = None         # text already streamed when the CLI abandoned a dropped stream
+    started, last_retry, replay = False, None, Replay(streaming)
+    live = False             # a streamed upstream message is open (its text comes as deltas)
     for item in proc.read(call):
         if isinstance(item, Heartbeat):
             yield item
@@ -1646,9 +1660,11 @@ def translate(proc, call, bridge=None, structured=False):
                 bridge.done = True           # the CLI went on to another upstream call
             if bridge is not None and bridge.ended:
                 pass                         # calls handed over: the rest is not the answer
-            elif et == "message_start" and not started:
-                started = True
-                yield Start(Usage.from_api((ev.get("message") or {}).get("usage")))
+            elif et == "message_start":
+                live = True
+                if not started:
+                    started = True
+                    yield Start(Usage.from_api((ev.get("message") or {}).get("usage")))
             elif et == "message_delta" and (ev.get("delta") or {}).get("stop_reason") == "max_tokens":
                 # the CLI would ask the model to resume (up to 3 times) and join the pieces;
                 # API clients expect the cut-off answer with its stop reason instead
@@ -1657,31 +1673,25 @@ def translate(proc, call, bridge=None, structured=False):
                 d = ev.get("delta") or {}
                 dt = d.get("type")
                 if dt == "text_delta" and d.get("text") and not structured:
-                    text = d["text"]
-                    if withdrawn is not None:        # re-asked after a drop: skip what we sent
-                        text, withdrawn = _skip_prefix(text, withdrawn)
-                        if not text:
-                            continue
-                    streamed.append(text)
-                    yield TextDelta(text)
-                elif dt == "thinking_delta":
-                    yield ThinkingDelta(d.get("thinking", ""))
+                    yield from replay.text(d["text"])
+                elif dt == "thinking_delta" and d.get("thinking"):
+                    yield from replay.thinking(d["thinking"])
                 elif dt == "signature_delta":
                     yield ThinkingDelta("", d.get("signature", ""))
             elif et == "message_stop" and ev.get("abandoned_blocks"):
-                withdrawn = "".join(streamed)
-        elif kind == "assistant" and withdrawn is not None and not structured:
+                yield from replay.restart()
+                live = False
+        elif kind == "assistant" and replay.retried and not live:
             # the CLI's non-streaming fallback after a dropped stream arrives as whole blocks
             for block in (item.get("message") or {}).get("content") or []:
-                if block.get("type") == "text" and block.get("text"):
-                    text, withdrawn = _skip_prefix(block["text"], withdrawn)
-                    if text:
-                        streamed.append(text)
-                        yield TextDelta(text)
+                if block.get("type") == "text" and block.get("text") and not structured:
+                    yield from replay.text(block["text"])
                 elif block.get("type") == "tool_use" and bridge is not None and not bridge.ended:
                     yield from bridge.on_block(proc, block)
         elif kind == "system" and item.get("subtype") == "api_retry":
             last_retry = item
+            yield from replay.restart()      # the CLI asks again, from the start
+            live = False
         elif kind == "control_request":
             if bridge is not None:
                 bridge.on_control(proc, item)
@@ -1755,13 +1765,48 @@ def cut_at_stops(events, stops, interrupt):
             pending = pending[cut:]
 
 
-def _skip_prefix(text, withdrawn):
-    """Drop from `text` what was already streamed before a retried stream began again."""
-    n = min(len(text), len(withdrawn))
-    if text[:n] != withdrawn[:n]:
-        raise UpstreamError("The upstream stream broke and the retried answer differs from the "
-                            "text already sent; retry the request.")
-    return text[n:], withdrawn[n:] or None
+class Replay:
+    """When the CLI asks again after a dropped stream (`api_retry`, `abandoned_blocks`), the
+    answer starts over.  A non-streaming request just forgets what it had (Reset).  A stream
+    can't take back what it sent: the new answer continues where the client is if it starts
+    with the sent text, and is an error otherwise."""
+
+    def __init__(self, streaming):
+        self.streaming = streaming
+        self.sent = {"text": [], "thinking": []}
+        self.skip = {"text": "", "thinking": ""}
+        self.retried = False
+
+    def restart(self):
+        self.retried = True
+        if not self.streaming:
+            if any(self.sent.values()):
+                yield Reset()
+            self.sent = {"text": [], "thinking": []}
+            return
+        self.skip = {kind: "".join(parts) for kind, parts in self.sent.items()}
+
+    def _pass(self, kind, piece):
+        skip = self.skip[kind]
+        if skip:
+            n = min(len(piece), len(skip))
+            if piece[:n] != skip[:n]:
+                raise UpstreamError("The upstream stream broke and the answer asked for again "
+                                    "differs from the text already sent; retry the request.")
+            piece, self.skip[kind] = piece[n:], skip[n:]
+        if piece:
+            self.sent[kind].append(piece)
+        return piece
+
+    def text(self, piece):
+        piece = self._pass("text", piece)
+        if piece:
+            yield TextDelta(piece)
+
+    def thinking(self, piece):
+        piece = self._pass("thinking", piece)
+        if piece:
+            yield ThinkingDelta(piece)
 
 
 def result_error(result, last_retry):

@@ -183,3 +183,26 @@ def test_max_tokens_stop_is_reported_not_resumed(proxy, upstream):
     assert streamed == "also cut"
     assert [d for n, d in events if n == "message_delta"][0]["delta"]["stop_reason"] == "max_tokens"
     assert events[-1][0] == "message_stop"
+
+
+# -- dropped upstream streams -----------------------------------------------------------------
+
+def test_dropped_stream_retried_with_a_different_answer(proxy, upstream):
+    """A real model answers differently when the CLI asks again after a dropped stream: a
+    non-streaming client gets the new answer alone; a streaming client, which already has part
+    of the old one, gets the dialect's error event instead of a spliced answer."""
+    first, second = "Alpha beta gamma delta epsilon.", "Completely different words here."
+    upstream.push(fake_upstream.text(first, chunks=8, drop_after=5))
+    upstream.default = fake_upstream.text(second, chunks=3)
+    status, _, body = chat(proxy, "hi")
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == second
+
+    upstream.push(fake_upstream.text(first, chunks=8, drop_after=5))
+    status, _, text = chat(proxy, "hi", stream=True)
+    assert status == 200
+    frames = [json.loads(d) for _, d in sse_events(text) if d != "[DONE]"]
+    streamed = "".join(f["choices"][0]["delta"].get("content") or "" for f in frames if f.get("choices"))
+    assert first.startswith(streamed) and streamed
+    assert "error" in frames[-1] and "differs" in frames[-1]["error"]["message"]
+    assert text.rstrip().endswith("data: [DONE]")
