@@ -487,6 +487,9 @@ def new_id(prefix, n=24):
 
 def resolve_model(name, default):
     """Map a client's model name to a CLI --model value, or raise a 400 listing the choices."""
+    if name is not None and not isinstance(name, str):
+        raise BadRequest("model must be a string such as \"sonnet\" or \"claude-sonnet-4-6\".",
+                         param="model")
     asked = name if isinstance(name, str) and name.strip() else default
     bare = asked.strip()
     for prefix in MODEL_PREFIXES:
@@ -1122,7 +1125,8 @@ class CLIProcess:
         self.seen = 0                # stdout lines read so far
         self._closed = False
         threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
 
     def _read_stdout(self):
         try:
@@ -1185,10 +1189,14 @@ class CLIProcess:
             return True      # no /proc (not Linux): poll() already said it is alive
 
     def exit_status(self, wait=2.0):
+        """The exit status once the process has ended (None if it hasn't within `wait`), with
+        its stderr read to the end, so an error message can quote it."""
         try:
-            return self.proc.wait(timeout=wait)
+            status = self.proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             return None
+        self._stderr_reader.join(timeout=1.0)
+        return status
 
     def close(self):
         """Kill the whole process group and remove the run's TMPDIR; safe to call twice."""
@@ -1681,8 +1689,10 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
             elif et == "message_stop" and ev.get("abandoned_blocks"):
                 yield from replay.restart()
                 live = False
-        elif kind == "assistant" and replay.retried and not live:
+        elif kind == "assistant" and replay.retried and not live and \
+                (item.get("message") or {}).get("model") != "<synthetic>":
             # the CLI's non-streaming fallback after a dropped stream arrives as whole blocks
+            # (a "<synthetic>" message is the CLI's own error text; the result line reports it)
             for block in (item.get("message") or {}).get("content") or []:
                 if block.get("type") == "text" and block.get("text") and not structured:
                     yield from replay.text(block["text"])
@@ -3028,6 +3038,8 @@ class Handler(BaseHTTPRequestHandler):
         """http.server's own errors (bad request line, unknown method) as JSON, not HTML."""
         self.request_id = getattr(self, "request_id", None) or new_id("req_", 16)
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":      # unparseable request line: answer in 1.1
+            self.request_version = "HTTP/1.1"
         try:
             self.send_json(code, DIALECTS["openai"].error(ProxyError(message or "Bad request", status=code,
                                                                     kind="invalid_request_error"))[1])
@@ -3050,8 +3062,11 @@ class Handler(BaseHTTPRequestHandler):
             return table[(method, path)]
         if method == "GET" and path.startswith("/models/") and len(path) > 8:
             return lambda body: self.model_info(path[8:])
-        if any(p == path for _m, p in table):
-            raise MethodNotAllowed("Method %s is not allowed on %s." % (method, self.path.split("?")[0]))
+        allowed = sorted(m for m, p in table if p == path)
+        if allowed:
+            raise MethodNotAllowed("Method %s is not allowed on %s; use %s."
+                                   % (method, self.path.split("?")[0], " or ".join(allowed)),
+                                   headers={"Allow": ", ".join(allowed)})
         raise NotFound("No route %s %s. Routes: POST /v1/chat/completions, POST /v1/responses, "
                        "POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models, "
                        "GET /health."
@@ -3127,6 +3142,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Request-Id", self.request_id)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         for k, v in headers:
             self.send_header(k, v)
         self.end_headers()
