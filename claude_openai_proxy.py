@@ -2933,7 +2933,9 @@ class Call:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "claude-proxy/" + __version__
-    sys_version = ""
+
+    def version_string(self):
+        return self.server_version
     #: seconds to wait for a request line, headers or body bytes (slow clients, idle keep-alive)
     timeout = 60
 
