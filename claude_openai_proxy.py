@@ -1037,8 +1037,9 @@ def launch_of(req):
                   "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens)
 
 
-def control_lines(req, messages, bridge=None):
-    """The stdin lines for one request, the same for a fresh and a pre-started process."""
+def control_lines(req, messages, bridge=None, launched_with=None):
+    """The stdin lines for one request, the same for a fresh and a pre-started process
+    (`launched_with`: the --model it started with, so an equal alias needs no set_model)."""
     def control(rid, request):
         return {"type": "control_request", "request_id": rid, "request": request}
     init = {"subtype": "initialize", "systemPrompt": render_system(req)}
@@ -1047,7 +1048,7 @@ def control_lines(req, messages, bridge=None):
     if bridge is not None:
         init["sdkMcpServers"] = [MCP_SERVER]
     lines = [control("init", init)]
-    if req.cli_model in MODEL_FAMILIES:
+    if req.cli_model in MODEL_FAMILIES and req.cli_model != launched_with:
         lines.append(control("model", {"subtype": "set_model", "model": req.cli_model}))
     if req.effort in RUNTIME_EFFORTS:
         lines.append(control("effort", {"subtype": "apply_flag_settings",
@@ -1055,6 +1056,10 @@ def control_lines(req, messages, bridge=None):
     lines.append({"type": "user", "session_id": "default", "parent_tool_use_id": None,
                   "message": {"role": "user", "content": render_turn(messages, req.handler)}})
     return lines
+
+
+def launch_model(cfg, launch):
+    return launch.model or resolve_model(cfg.default_model, None)[1]
 
 
 def cli_argv(cfg, launch):
@@ -1065,7 +1070,7 @@ def cli_argv(cfg, launch):
             "--output-format", "stream-json", "--verbose", "--include-partial-messages",
             "--tools", "", "--no-session-persistence", "--setting-sources", "",
             "--strict-mcp-config", "--permission-prompt-tool", "stdio",
-            "--model", launch.model or resolve_model(cfg.default_model, None)[1]]
+            "--model", launch_model(cfg, launch)]
     if launch.effort:
         argv += ["--effort", launch.effort]
     return argv
@@ -1117,6 +1122,7 @@ class CLIProcess:
                                  "Install it (npm install -g @anthropic-ai/claude-code) or "
                                  "set CLAUDE_BIN to its path." % (cfg.claude_bin, exc.strerror or exc))
         self.launch = launch
+        self.model = launch_model(cfg, launch)
         self.born = time.monotonic()
         self.lines = queue.Queue()
         self.stderr_tail = collections.deque(maxlen=20)
@@ -1146,9 +1152,9 @@ class CLIProcess:
         except (OSError, ValueError):
             pass
 
-    def send(self, obj):
-        try:
-            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+    def send(self, *objs):
+        try:           # one write for all lines: each is a wake-up of the CLI's reader
+            self.proc.stdin.write("".join(json.dumps(o) + "\n" for o in objs).encode())
             self.proc.stdin.flush()
         except (OSError, ValueError):
             pass        # the process died; its stdout EOF reports that
@@ -1425,8 +1431,7 @@ class Backend:
             pooled, proc = proc is not None, proc or self.spawn(launch)
             bridge = ToolBridge(req) if native_tools(req) else None
             try:
-                for line in control_lines(req, messages, bridge):
-                    proc.send(line)
+                proc.send(*control_lines(req, messages, bridge, proc.model))
                 events = translate(proc, call, bridge, structured=req.json_schema is not None,
                                    streaming=req.stream)
                 if req.stop:
