@@ -1128,6 +1128,7 @@ class CLIProcess:
         self.stderr_tail = collections.deque(maxlen=20)
         self.garbage = []
         self.stopped = None
+        self.rate_limit = None       # the last rate_limit_info the CLI reported
         self.seen = 0                # stdout lines read so far
         self._closed = False
         threading.Thread(target=self._read_stdout, daemon=True).start()
@@ -1703,6 +1704,8 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                     yield from replay.text(block["text"])
                 elif block.get("type") == "tool_use" and bridge is not None and not bridge.ended:
                     yield from bridge.on_block(proc, block)
+        elif kind == "rate_limit_event":
+            proc.rate_limit = item.get("rate_limit_info") or proc.rate_limit
         elif kind == "system" and item.get("subtype") == "api_retry":
             last_retry = item
             yield from replay.restart()      # the CLI asks again, from the start
@@ -1730,7 +1733,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                 yield Done(proc.stopped, usage)
                 return
             if item.get("is_error") or item.get("subtype") == "error_max_structured_output_retries":
-                raise result_error(item, last_retry)
+                raise result_error(item, last_retry, proc.rate_limit)
             if structured:
                 if "structured_output" not in item:
                     raise UpstreamError("The model did not return JSON matching the schema.")
@@ -1824,7 +1827,30 @@ class Replay:
             yield ThinkingDelta(piece)
 
 
-def result_error(result, last_retry):
+def limit_headers(info):
+    """Rate-limit facts the CLI reports (rate_limit_event, or a 429 result's
+    api_error_params.rate_limit_info; subscription logins only) as response headers, in the
+    spellings OpenAI and Anthropic clients read."""
+    headers = {}
+    if not isinstance(info, dict):
+        return headers
+    resets = info.get("resetsAt")
+    if isinstance(resets, (int, float)) and not isinstance(resets, bool):
+        resets = resets / 1000 if resets > 1e11 else resets      # seconds or milliseconds
+        wait = max(1, int(resets - time.time() + 0.999))
+        headers.update({"Retry-After": str(wait), "x-ratelimit-reset-requests": "%ds" % wait,
+                        "anthropic-ratelimit-unified-reset": str(int(resets))})
+    for key, header in (("status", "anthropic-ratelimit-unified-status"),
+                        ("rateLimitType", "anthropic-ratelimit-unified-type"),
+                        ("utilization", "anthropic-ratelimit-unified-utilization")):
+        if isinstance(info.get(key), (str, int, float)) and not isinstance(info.get(key), bool):
+            headers[header] = str(info[key])
+    if info.get("status") == "rejected":
+        headers["x-ratelimit-remaining-requests"] = "0"
+    return headers
+
+
+def result_error(result, last_retry, rate_limit=None):
     status = result.get("api_error_status")
     text = scrub(str(result.get("result") or "; ".join(result.get("errors") or []) or
                      result.get("terminal_reason") or "unknown error"))
@@ -1836,7 +1862,9 @@ def result_error(result, last_retry):
     if status == 429:
         delay = (last_retry or {}).get("retry_delay_ms")
         after = str(max(1, int(-(-delay // 1000)))) if isinstance(delay, (int, float)) else "30"
-        return RateLimited("Upstream rate limit: %s" % text, headers={"Retry-After": after})
+        info = (result.get("api_error_params") or {}).get("rate_limit_info") or rate_limit
+        return RateLimited("Upstream rate limit: %s" % text,
+                           headers=dict({"Retry-After": after}, **limit_headers(info)))
     if status == 529:
         return Overloaded("Upstream overloaded: %s" % text)
     if result.get("subtype") == "error_max_structured_output_retries":
@@ -3024,10 +3052,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
             self.send_header("Access-Control-Expose-Headers",
-                             "X-Request-Id, Retry-After, x-ratelimit-limit-requests, "
-                             "x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
-                             "anthropic-ratelimit-requests-limit, anthropic-ratelimit-requests-remaining, "
-                             "anthropic-ratelimit-requests-reset")
+                             "X-Request-Id, Retry-After, x-ratelimit-remaining-requests, "
+                             "x-ratelimit-reset-requests, anthropic-ratelimit-unified-status, "
+                             "anthropic-ratelimit-unified-reset, anthropic-ratelimit-unified-type, "
+                             "anthropic-ratelimit-unified-utilization")
         super().end_headers()
 
     def preflight(self):

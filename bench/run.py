@@ -76,7 +76,7 @@ class Proxy:
             c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
             c.request("GET", "/health")
             if json.loads(c.getresponse().read())["pool"]["ready"] >= n:
-                time.sleep(1.0)       # ready = spawned; give it time to boot as in steady use
+                time.sleep(2.0)       # ready = spawned; let it finish booting, as in steady use
                 return
             time.sleep(0.05)
 
@@ -125,8 +125,9 @@ def report(name, value, unit, target=None, ok=None):
     print(line, flush=True)
 
 
-def bare_cli_ttft():
-    """The CLI spawned directly with the proxy's own argv, env and stdin lines."""
+def bare_cli_ttft(prestarted=False):
+    """The CLI spawned directly with the proxy's own argv, env and stdin lines; with
+    `prestarted`, the clock starts only when the lines are written to a booted process."""
     sys.path.insert(0, str(ROOT))
     import claude_openai_proxy as cp
     cfg, _ = cp.load_config(["--claude-bin", CLAUDE], env_for(CLAUDE))
@@ -139,6 +140,9 @@ def bare_cli_ttft():
     t0 = time.perf_counter()
     p = subprocess.Popen(cp.cli_argv(cfg, launch), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, env=cp.cli_env(cfg, launch, tmp), cwd=work)
+    if prestarted:
+        time.sleep(2.0)
+        t0 = time.perf_counter()
     p.stdin.write(lines)
     p.stdin.flush()
     first = None
@@ -155,20 +159,23 @@ def bench_ttft(rounds=7):
     print("\n1. time to first token (real CLI %s, fake upstream; median of %d)" % (CLAUDE, rounds))
     cold = Proxy(CLAUDE_PROXY_POOL_SIZE=0)
     warm = Proxy(CLAUDE_PROXY_POOL_SIZE=1)
-    bare, nopool, pool = [], [], []
+    bare, nopool, pool, bare_warm = [], [], [], []
     try:
-        for _ in range(rounds):        # interleaved, so drift hits all three alike
+        for _ in range(rounds):        # interleaved, so drift hits all alike
             bare.append(bare_cli_ttft())
+            bare_warm.append(bare_cli_ttft(prestarted=True))
             nopool.append(cold.stream("hi")[0])
             warm.wait_pool(1)
             pool.append(warm.stream("hi")[0])
     finally:
         cold.stop()
         warm.stop()
-    b, n, p = (statistics.median(x) for x in (bare, nopool, pool))
+    b, n, p, w = (statistics.median(x) for x in (bare, nopool, pool, bare_warm))
     report("bare CLI (spawn + lines -> first delta)", b * 1000, "ms")
+    report("bare CLI, pre-started (lines -> first delta)", w * 1000, "ms")
     report("proxy, no pool", n * 1000, "ms")
     report("proxy, warm pool", p * 1000, "ms")
+    report("proxy pool overhead over pre-started bare CLI", (p - w) * 1000, "ms")
     report("proxy no-pool overhead over bare CLI", (n - b) * 1000, "ms", "<= 20 ms", n - b <= 0.020)
     report("pool / no-pool", p / n, "ratio", "<= 0.25", p / n <= 0.25)
 
@@ -253,8 +260,19 @@ def bench_footprint(rounds=5):
         rss.append(p.rss_kb())
         p.stop()
     s, r = statistics.median(starts), statistics.median(rss)
+    # the interpreter's own share on this machine, for comparison (site hooks differ by host)
+    bare_start, bare_rss = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", "print(open('/proc/self/status').read())"],
+                             capture_output=True, text=True).stdout
+        bare_start.append(time.perf_counter() - t0)
+        bare_rss.append(int(out.split("VmRSS:")[1].split()[0]))
+    bs, br = statistics.median(bare_start), statistics.median(bare_rss)
     report("start-up to first /health", s * 1000, "ms", "<= 150 ms", s <= 0.150)
+    report("  of which: bare `python3 -c` start-up here", bs * 1000, "ms")
     report("idle RSS (children excluded)", r / 1024, "MB", "<= 25 MB", r <= 25 * 1024)
+    report("  of which: bare `python3 -c` RSS here", br / 1024, "MB")
 
 
 BENCHES = {"ttft": bench_ttft, "passthrough": bench_passthrough, "load": bench_load,

@@ -10,6 +10,7 @@ on a directive in the user's text:
     [[slow:N]]      N text deltas, 0.05 s apart (for disconnect tests)
     [[echo-env]]    answer with the environment it was given, as JSON
     [[echo-argv]]   answer with its argv, as JSON
+    [[rate-limited]] a rate_limit_event (resets in 120 s), then a 429 result
     [[stamps:N]]    N text deltas, each "<time.time()>;" when printed, 2 ms apart (benchmarks)
     anything else   answer "fake answer" with a result line
 Each run records its pid in $FAKE_CLAUDE_PIDS (a directory) when that is passed to it.
@@ -76,6 +77,13 @@ def main():
             time.sleep(0.05)
         result("slow done")
         return 0
+    if mode == "rate-limited":
+        out({"type": "rate_limit_event", "rate_limit_info": {
+            "status": "rejected", "resetsAt": int(time.time()) + 120,
+            "rateLimitType": "five_hour", "utilization": 1.0}})
+        out({"type": "result", "subtype": "success", "is_error": True, "api_error_status": 429,
+             "result": "Claude usage limit reached", "usage": {}})
+        return 1
     if mode == "stamps":
         for _ in range(arg or 500):
             delta("%.6f;" % time.time())

@@ -1065,3 +1065,23 @@ def test_docker_compose():
     claude = [v for v in vols if re.search(r"\.claude:/home/claude/\.claude(:rw)?$", v)]
     assert claude, vols
     assert "HOME=/home/claude" in (ROOT / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_subscription_limit_becomes_429_with_rate_limit_headers(fake_proxy, path):
+    """With a subscription login the CLI reports its limit (rate_limit_event); a refused request
+    gets 429 with Retry-After and the limit as x-ratelimit-* / anthropic-ratelimit-* headers."""
+    body = {"model": "sonnet", "messages": [{"role": "user", "content": "[[rate-limited]]"}]}
+    if path == "/v1/messages":
+        body["max_tokens"] = 10
+    status, headers, got = fake_proxy.post(path, body)
+    assert status == 429, got
+    h = {k.lower(): v for k, v in headers.items()}
+    assert 100 <= int(h["retry-after"]) <= 121
+    assert h["x-ratelimit-reset-requests"] == h["retry-after"] + "s"
+    assert h["x-ratelimit-remaining-requests"] == "0"
+    assert h["anthropic-ratelimit-unified-status"] == "rejected"
+    assert h["anthropic-ratelimit-unified-type"] == "five_hour"
+    assert int(h["anthropic-ratelimit-unified-reset"]) > 1_700_000_000
+    message = got["error"]["message"]
+    assert "usage limit" in message
