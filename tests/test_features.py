@@ -2,6 +2,8 @@
 import json
 import time
 
+import pytest
+
 import fake_upstream
 from conftest import sse_events
 
@@ -206,3 +208,51 @@ def test_dropped_stream_retried_with_a_different_answer(proxy, upstream):
     assert first.startswith(streamed) and streamed
     assert "error" in frames[-1] and "differs" in frames[-1]["error"]["message"]
     assert text.rstrip().endswith("data: [DONE]")
+
+
+# -- through the official SDKs ----------------------------------------------------------------
+
+TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+
+
+def test_openai_sdk_response_format_and_image_part(proxy, upstream):
+    import openai
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    upstream.push(fake_upstream.tool_use("StructuredOutput", {"city": "Lima", "temp": 19}))
+    out = client.chat.completions.create(
+        model="sonnet", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Which city is on this picture?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + TINY_PNG}}]}],
+        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA}})
+    assert json.loads(out.choices[0].message.content) == {"city": "Lima", "temp": 19}
+    sent = upstream.model_calls[-1]["messages"][0]["content"]
+    assert {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                        "data": TINY_PNG}} in sent
+    assert sent[0] == {"type": "text", "text": "Which city is on this picture?"}
+
+
+def test_anthropic_sdk_image_block_and_structured_output(proxy, upstream):
+    import anthropic
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    upstream.push(fake_upstream.tool_use("StructuredOutput", {"city": "Quito", "temp": 14}))
+    msg = client.messages.create(
+        model="claude-sonnet-4-6", max_tokens=300,
+        messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": TINY_PNG}},
+            {"type": "text", "text": "Where?"}]}],
+        extra_body={"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}})
+    assert json.loads(msg.content[0].text) == {"city": "Quito", "temp": 14}
+    sent = upstream.model_calls[-1]["messages"][0]["content"]
+    # (for pre-5 models the CLI itself puts <system-reminder> text blocks first)
+    assert {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                        "data": TINY_PNG}} in sent
+
+
+def test_remote_image_url_refused_through_the_sdk(proxy, upstream):
+    import openai
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    assert "not fetched" in str(err.value)
+    assert upstream.model_calls == []
