@@ -40,7 +40,7 @@ Configuration (flags win over environment; read once at start-up)
     --toolcall-module CLAUDE_PROXY_TOOLCALL_MODULE   generic  (generic | native | modules/NAME)
     --pool-size       CLAUDE_PROXY_POOL_SIZE         2     pre-started CLI processes (0 = off)
     --pool-max-idle   CLAUDE_PROXY_POOL_MAX_IDLE     300   seconds before a waiting one is renewed
-    --api-keys        CLAUDE_PROXY_API_KEYS          ""    keys clients must send (Bearer/x-api-key)
+    (env only)        CLAUDE_PROXY_API_KEYS          ""    keys clients must send (Bearer/x-api-key)
     --max-body        CLAUDE_PROXY_MAX_BODY          10 MB largest request body, then 413
     --cors-origins    CLAUDE_PROXY_CORS_ORIGINS      ""    browser origins allowed (or *)
     --shutdown-grace  CLAUDE_PROXY_SHUTDOWN_GRACE    30    seconds in-flight requests may finish
@@ -236,7 +236,8 @@ OPTIONS = (
     ("--toolcall-module", "CLAUDE_PROXY_TOOLCALL_MODULE", "toolcall_module", str,
      "default tool-call handler (X-Toolcall-Module overrides per request)"),
     ("--log-format", "CLAUDE_PROXY_LOG_FORMAT", "log_format", str, "access log: text or json"),
-    ("--api-keys", "CLAUDE_PROXY_API_KEYS", "api_keys", str,
+    # keys have no flag: argv is readable by every user of the machine (ps)
+    (None, "CLAUDE_PROXY_API_KEYS", "api_keys", str,
      "comma-separated keys clients must send (Authorization: Bearer or x-api-key)"),
     ("--max-body", "CLAUDE_PROXY_MAX_BODY", "max_body", int, "largest request body in bytes (413)"),
     ("--cors-origins", "CLAUDE_PROXY_CORS_ORIGINS", "cors_origins", str,
@@ -258,9 +259,14 @@ def build_parser():
         prog="claude_openai_proxy.py",
         description="Serve the local `claude` CLI as an OpenAI- and Anthropic-compatible API.",
         epilog=epilog_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    env_only = []
     for flag, env, name, _type, help_ in OPTIONS:
+        if flag is None:
+            env_only.append("  %s: %s" % (env, help_))
+            continue
         p.add_argument(flag, dest=name, default=None,
                        help="%s (env %s, default %r)" % (help_, env, getattr(defaults, name)))
+    p.epilog = "environment only:\n" + "\n".join(env_only) + "\n\n" + p.epilog
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="allow a non-loopback --host without CLAUDE_PROXY_API_KEYS")
     p.add_argument("--check", action="store_true",
@@ -281,7 +287,7 @@ def load_config(argv=None, environ=None):
     args = build_parser().parse_args(argv)
     values = {}
     for _flag, env, name, type_, _help in OPTIONS:
-        raw = getattr(args, name)
+        raw = getattr(args, name, None)
         if raw is None:
             raw = environ.get(env)
         if raw is None or raw == "":
