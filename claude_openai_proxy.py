@@ -44,6 +44,7 @@ Configuration (flags win over environment; read once at start-up)
     --max-body        CLAUDE_PROXY_MAX_BODY          10 MB largest request body, then 413
     --cors-origins    CLAUDE_PROXY_CORS_ORIGINS      ""    browser origins allowed (or *)
     --shutdown-grace  CLAUDE_PROXY_SHUTDOWN_GRACE    30    seconds in-flight requests may finish
+    --read-timeout    CLAUDE_PROXY_READ_TIMEOUT      60    seconds of client silence while reading
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
@@ -211,6 +212,7 @@ class Config:
     shutdown_grace: float = 30.0
     pool_size: int = 2
     pool_max_idle: float = 300.0
+    read_timeout: float = 60.0
     #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
     workdir: str = ""
     #: snapshot of os.environ taken at start-up; nothing reads os.environ later
@@ -248,6 +250,8 @@ OPTIONS = (
      "pre-started CLI processes kept ready (0 = off; each idle one holds ~180 MB)"),
     ("--pool-max-idle", "CLAUDE_PROXY_POOL_MAX_IDLE", "pool_max_idle", float,
      "seconds a pre-started process may wait before it is replaced by a fresh one"),
+    ("--read-timeout", "CLAUDE_PROXY_READ_TIMEOUT", "read_timeout", float,
+     "seconds of client silence while a request is read (or a kept-alive connection idles)"),
 )
 LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins")
 SECRET_OPTIONS = ("api_keys",)
@@ -2975,10 +2979,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def version_string(self):
         return self.server_version
-    #: seconds to wait for a request line, headers or body bytes (slow clients, idle keep-alive)
-    timeout = 60
-
     def setup(self):
+        # seconds to wait for a request line, header or body bytes (slow clients, idle
+        # keep-alive); StreamRequestHandler applies it to the socket
+        self.timeout = self.server.app.cfg.read_timeout
         super().setup()
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -3114,6 +3118,7 @@ class Handler(BaseHTTPRequestHandler):
                        % (method, self.path.split("?")[0]))
 
     def read_body(self):
+        """The request's JSON body (None for methods without one), or a 4xx."""
         length = self.headers.get("Content-Length")
         chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
         if self.command not in ("POST", "PUT", "PATCH"):
@@ -3122,24 +3127,13 @@ class Handler(BaseHTTPRequestHandler):
             elif length or chunked:
                 self.close_connection = True
             return None
-        if chunked:
-            raw = self.read_chunked()
-        elif length is None:
+        try:
+            raw = self.read_chunked() if chunked else self._read_sized(length)
+        except TimeoutError:
             self.close_connection = True
-            raise ProxyError("A Content-Length header is required.", status=411,
-                             kind="invalid_request_error")
-        elif not length.isdigit():
-            self.close_connection = True
-            raise BadRequest("Content-Length must be a non-negative integer, got %r." % length[:40])
-        elif int(length) > self.app.cfg.max_body:
-            self.close_connection = True          # the body is not read, so the stream is lost
-            raise TooLarge("The request body is %s bytes; the limit is %d (CLAUDE_PROXY_MAX_BODY)."
-                           % (length, self.app.cfg.max_body))
-        else:
-            raw = self.rfile.read(int(length))
-            if len(raw) < int(length):
-                self.close_connection = True
-                raise BadRequest("The request body ended before Content-Length bytes arrived.")
+            raise ProxyError("The request body did not arrive within %gs "
+                             "(CLAUDE_PROXY_READ_TIMEOUT)." % self.app.cfg.read_timeout,
+                             status=408, kind="invalid_request_error")
         if not raw.strip():
             raise BadRequest("The request body is empty; send a JSON object.")
         try:
@@ -3153,6 +3147,24 @@ class Handler(BaseHTTPRequestHandler):
         if json_depth(body) > MAX_JSON_DEPTH:
             raise BadRequest("The request body nests deeper than %d levels." % MAX_JSON_DEPTH)
         return body
+
+    def _read_sized(self, length):
+        if length is None:
+            self.close_connection = True
+            raise ProxyError("A Content-Length header is required.", status=411,
+                             kind="invalid_request_error")
+        if not length.isdigit():
+            self.close_connection = True
+            raise BadRequest("Content-Length must be a non-negative integer, got %r." % length[:40])
+        if int(length) > self.app.cfg.max_body:
+            self.close_connection = True          # the body is not read, so the stream is lost
+            raise TooLarge("The request body is %s bytes; the limit is %d (CLAUDE_PROXY_MAX_BODY)."
+                           % (length, self.app.cfg.max_body))
+        raw = self.rfile.read(int(length))
+        if len(raw) < int(length):
+            self.close_connection = True
+            raise BadRequest("The request body ended before Content-Length bytes arrived.")
+        return raw
 
     def read_chunked(self):
         parts, total = [], 0

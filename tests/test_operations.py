@@ -1085,3 +1085,31 @@ def test_subscription_limit_becomes_429_with_rate_limit_headers(fake_proxy, path
     assert int(h["anthropic-ratelimit-unified-reset"]) > 1_700_000_000
     message = got["error"]["message"]
     assert "usage limit" in message
+
+
+def test_slow_clients_cannot_hold_a_thread(make_proxy):
+    """A client that stalls in its headers or its body is cut off after
+    CLAUDE_PROXY_READ_TIMEOUT; a stalled body gets a 408; the server keeps serving."""
+    import socket as _socket
+    p = make_proxy(fake=True, CLAUDE_PROXY_READ_TIMEOUT=1, CLAUDE_PROXY_POOL_SIZE=0)
+
+    def stalled(payload):
+        s = _socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        s.sendall(payload)
+        started, data = time.time(), b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        return time.time() - started, data
+
+    waited, data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+    assert waited < 8 and data == b""
+    waited, data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod")
+    assert waited < 8
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+    assert b"CLAUDE_PROXY_READ_TIMEOUT" in data and b"Connection: close" in data
+    assert p.request("GET", "/health")[0] == 200
