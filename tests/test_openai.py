@@ -656,3 +656,29 @@ def test_sdk_unknown_model_raises_bad_request(proxy, upstream):
     assert info.value.status_code == 400
     assert "sonnet" in info.value.message
     assert upstream.model_calls == []
+
+
+# -- small promises of the README -------------------------------------------------------------
+
+def test_routes_answer_without_the_v1_prefix(proxy, upstream):
+    """Clients configured with a bare host post to /chat/completions and /messages."""
+    upstream.push(fake_upstream.text("bare openai"), fake_upstream.text("bare anthropic"))
+    status, _, body = proxy.post("/chat/completions", {
+        "model": "sonnet", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and body["choices"][0]["message"]["content"] == "bare openai"
+    status, _, body = proxy.post("/messages", {
+        "model": "sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and body["content"][0]["text"] == "bare anthropic"
+    assert proxy.request("GET", "/models")[2]["object"] == "list"
+
+
+def test_missing_model_uses_the_default_and_sampling_options_are_accepted(make_proxy, upstream):
+    p = make_proxy(CLAUDE_PROXY_DEFAULT_MODEL="haiku", CLAUDE_PROXY_POOL_SIZE=0)
+    status, _, body = p.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2, "top_p": 0.9,
+        "seed": 7, "user": "u-1", "presence_penalty": 0.1, "frequency_penalty": 0.1})
+    assert status == 200, body
+    assert body["model"] == "haiku"
+    call = upstream.model_calls[-1]
+    assert call["model"] == "claude-haiku-5-5"
+    assert "temperature" not in call and "top_p" not in call and "seed" not in call
