@@ -11,13 +11,16 @@ shape the upstream prompt cache needs.  That is compared after `normalised()`:
 Everything else (roles, order, block types, text, image data) must be equal.
 """
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 import fake_upstream
-from conftest import PROXY, base_env, sse_events
+from conftest import PROXY, base_env, no_leftover_cli, sse_events
 
 F = "`" * 3
 TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
@@ -200,3 +203,54 @@ def test_flat_mode_keeps_the_json_transcript(proxy, upstream):
     assert json.loads(text.split("\n\n", 1)[1]) == [
         {"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."},
         {"role": "user", "content": "Follow-up?"}]
+
+
+# -- the acknowledgement wait honours the request's deadline, client and CLI (fake CLI) --------
+
+@pytest.fixture(scope="module")
+def fake_structured(make_proxy, tmp_path_factory):
+    """The fake CLI reads the first user line (here a shouldQuery:false one) and acts on its
+    directive: [[hang]] never acknowledges, [[crash]] exits without a result line."""
+    pids = tmp_path_factory.mktemp("history-pids")
+    p = make_proxy(fake=True, args=("--timeout", "4"), FAKE_CLAUDE_PIDS=pids,
+                   CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_PIDS", CLAUDE_PROXY_POOL_SIZE=0,
+                   CLAUDE_PROXY_HISTORY="structured")
+    p.pids = pids
+    return p
+
+
+def earlier(directive):
+    return [{"role": "user", "content": "earlier %s" % directive},
+            {"role": "assistant", "content": "ok"}, {"role": "user", "content": "now"}]
+
+
+def test_ack_wait_ends_at_the_deadline(fake_structured):
+    started = time.monotonic()
+    with no_leftover_cli(fake_structured.pids):
+        status, _, body = fake_structured.post("/v1/chat/completions",
+                                               {"model": "sonnet", "messages": earlier("[[hang]]")},
+                                               timeout=30)
+    assert status == 504, body
+    assert time.monotonic() - started < 15
+
+
+def test_ack_wait_notices_a_client_that_hangs_up(fake_structured):
+    body = json.dumps({"model": "sonnet", "messages": earlier("[[hang]]")}).encode()
+    before = set(os.listdir(fake_structured.pids))
+    with no_leftover_cli(fake_structured.pids, within=3.0):
+        sock = socket.create_connection(("127.0.0.1", fake_structured.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 3
+        while set(os.listdir(fake_structured.pids)) == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        sock.close()
+
+
+def test_cli_dying_during_the_ack_wait_is_502(fake_structured):
+    with no_leftover_cli(fake_structured.pids):
+        status, _, body = fake_structured.post("/v1/chat/completions",
+                                               {"model": "sonnet", "messages": earlier("[[crash]]")})
+    assert status == 502, body
+    assert "ended without an answer" in body["error"]["message"]
