@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Multi-turn history benchmark: CLAUDE_PROXY_HISTORY=structured vs flat, one run side by side.
+
+    python3 bench/history.py [rounds]      # default 3 rounds
+
+One conversation is continued turn by turn, from 0 to 10 earlier turns (an earlier turn = one
+user message and the assistant's answer), through two proxies on the real CLI and the fake
+upstream from tests/, each with a warm pool of one (a request is sent only once its
+pre-started process has booted).  Printed per mode:
+
+- shared prefix between consecutive turns: how much of turn N's upstream request is, unchanged,
+  the start of turn N+1's, counted at content-block granularity (the prompt cache matches whole
+  prefixes; a block that changed counts as not shared) and weighed by the JSON size of the
+  blocks.  "raw" compares the request exactly as the CLI sent it; "normalised" first drops the
+  CLI's own {"role": "system"} messages, treats string content as one text block, and ignores
+  cache_control (as tests/test_history.py does).  Messages only: the system prompt is the same
+  in both modes.
+- time to first token (median over rounds) at 0 and 10 earlier turns, and the cost per earlier
+  turn (the slope between them).
+"""
+import http.client
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from run import CLAUDE, UP, Proxy  # noqa: E402   (also starts the fake upstream)
+
+EARLIER = 10
+
+
+def blocks_of(messages, normalise):
+    """A request's messages as a list of (role, canonical JSON of one block)."""
+    out = []
+    for m in messages:
+        if normalise and m.get("role") == "system":
+            continue
+        content = m["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}] if normalise else [content]
+        for b in content:
+            if normalise and isinstance(b, dict):
+                b = {k: v for k, v in b.items() if k != "cache_control"}
+            out.append(json.dumps([m["role"], b], sort_keys=True))
+    return out
+
+
+def shared_fraction(prev, nxt, normalise):
+    a, b = blocks_of(prev, normalise), blocks_of(nxt, normalise)
+    shared = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        shared += len(x)
+    return shared / sum(len(x) for x in a)
+
+
+def ask(proxy, messages):
+    """One streaming chat request; seconds to the first content delta, and the full text."""
+    c = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=120)
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/chat/completions",
+              json.dumps({"model": "sonnet", "stream": True, "messages": messages}),
+              {"Content-Type": "application/json"})
+    resp = c.getresponse()
+    if resp.status != 200:
+        raise RuntimeError("status %d: %s" % (resp.status, resp.read()[:300]))
+    first, text = None, []
+    for line in resp:
+        if line.startswith(b"data: [DONE]"):
+            break
+        if line.startswith(b"data: {"):
+            for ch in json.loads(line[6:])["choices"]:
+                piece = ch["delta"].get("content")
+                if piece:
+                    first = first or time.perf_counter() - t0
+                    text.append(piece)
+    c.close()
+    return first, "".join(text)
+
+
+def wait_ready(proxy, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        c = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+        c.request("GET", "/health")
+        if json.loads(c.getresponse().read())["pool"]["ready"] >= 1:
+            time.sleep(1.5)          # ready = spawned; let it finish booting
+            return
+        time.sleep(0.05)
+    raise RuntimeError("pool not ready")
+
+
+def conversation(proxy, mode, ttft):
+    """Continue one conversation from 0 to EARLIER earlier turns; returns the upstream requests."""
+    messages, calls = [], []
+    for n in range(EARLIER + 1):
+        messages.append({"role": "user", "content": "Turn %d question: %s" % (n, "lorem ipsum " * 20)})
+        UP.default = __import__("fake_upstream").text("Turn %d answer: %s" % (n, "dolor sit " * 20))
+        wait_ready(proxy)
+        before = len(UP.model_calls)
+        first, answer = ask(proxy, messages)
+        ttft[mode][n].append(first)
+        calls.append(UP.model_calls[before]["messages"])
+        messages.append({"role": "assistant", "content": answer})
+    return calls
+
+
+def main(rounds):
+    print("multi-turn history: real CLI %s, fake upstream, warm pool of 1, %d round(s)"
+          % (CLAUDE, rounds))
+    proxies = {mode: Proxy(CLAUDE_PROXY_POOL_SIZE=1, CLAUDE_PROXY_HISTORY=mode)
+               for mode in ("structured", "flat")}
+    ttft = {mode: [[] for _ in range(EARLIER + 1)] for mode in proxies}
+    prefix = {mode: {"raw": [], "normalised": []} for mode in proxies}
+    try:
+        for _ in range(rounds):
+            for mode, proxy in proxies.items():     # interleaved, so drift hits both alike
+                calls = conversation(proxy, mode, ttft)
+                for prev, nxt in zip(calls, calls[1:]):
+                    prefix[mode]["raw"].append(shared_fraction(prev, nxt, False))
+                    prefix[mode]["normalised"].append(shared_fraction(prev, nxt, True))
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+    print("\n  %-52s %12s %12s" % ("", "structured", "flat"))
+
+    def row(label, fn, fmt):
+        print("  %-52s %12s %12s" % (label, fmt % fn("structured"), fmt % fn("flat")))
+    row("shared prefix, consecutive turns, raw (mean)",
+        lambda m: 100 * statistics.mean(prefix[m]["raw"]), "%.1f %%")
+    row("shared prefix, consecutive turns, raw (min)",
+        lambda m: 100 * min(prefix[m]["raw"]), "%.1f %%")
+    row("shared prefix, consecutive turns, normalised (mean)",
+        lambda m: 100 * statistics.mean(prefix[m]["normalised"]), "%.1f %%")
+    row("shared prefix, consecutive turns, normalised (min)",
+        lambda m: 100 * min(prefix[m]["normalised"]), "%.1f %%")
+    med = {m: [statistics.median(x) for x in ttft[m]] for m in ttft}
+    for n in (0, 1, 5, EARLIER):
+        row("time to first token, %d earlier turns (median)" % n, lambda m: 1000 * med[m][n], "%.0f ms")
+    row("cost per earlier turn ((ttft@%d - ttft@0) / %d)" % (EARLIER, EARLIER),
+        lambda m: 1000 * (med[m][EARLIER] - med[m][0]) / EARLIER, "%.1f ms")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
