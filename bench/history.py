@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Multi-turn history benchmark: CLAUDE_PROXY_HISTORY=structured vs flat, one run side by side.
 
-    python3 bench/history.py [rounds]      # default 3 rounds
+    python3 bench/history.py [rounds]      # default 5 rounds
 
 One conversation is continued turn by turn, from 0 to 10 earlier turns (an earlier turn = one
 user message and the assistant's answer), through two proxies on the real CLI and the fake
@@ -15,8 +15,10 @@ pre-started process has booted).  Printed per mode:
   CLI's own {"role": "system"} messages, treats string content as one text block, and ignores
   cache_control (as tests/test_history.py does).  Messages only: the system prompt is the same
   in both modes.
-- time to first token (median over rounds) at 0 and 10 earlier turns, and the cost per earlier
-  turn (the slope between them).
+- time to first token (median over rounds) at 0, 1, 5 and 10 earlier turns, and the cost per
+  earlier turn: the least-squares slope over all runs, and the median over k of
+  (structured - flat at k earlier turns) / k.  Single requests are noisy here (tens of ms on a
+  2-core machine); use several rounds.
 """
 import http.client
 import json
@@ -140,9 +142,20 @@ def main(rounds):
     med = {m: [statistics.median(x) for x in ttft[m]] for m in ttft}
     for n in (0, 1, 5, EARLIER):
         row("time to first token, %d earlier turns (median)" % n, lambda m: 1000 * med[m][n], "%.0f ms")
-    row("cost per earlier turn ((ttft@%d - ttft@0) / %d)" % (EARLIER, EARLIER),
-        lambda m: 1000 * (med[m][EARLIER] - med[m][0]) / EARLIER, "%.1f ms")
+    row("cost per earlier turn (least-squares slope, all runs)", lambda m: 1000 * slope(ttft[m]),
+        "%.1f ms")
+    extra = [s - f for s, f in zip(med["structured"], med["flat"])]
+    print("  %-52s %12.1f ms" % ("structured - flat, per earlier turn (median of k=1..%d)" % EARLIER,
+                                 1000 * statistics.median(extra[k] / k for k in range(1, EARLIER + 1))))
+
+
+def slope(samples):
+    """Least-squares slope of time to first token over the number of earlier turns."""
+    xs = [k for k, runs in enumerate(samples) for _ in runs]
+    ys = [t for runs in samples for t in runs]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)

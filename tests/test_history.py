@@ -205,6 +205,40 @@ def test_flat_mode_keeps_the_json_transcript(proxy, upstream):
         {"role": "user", "content": "Follow-up?"}]
 
 
+
+def test_history_with_structured_output_effort_and_model_alias(structured, upstream):
+    """The answers to the control lines (initialize with a schema, set_model, effort) arrive
+    during the acknowledgement waits; the query still gets the schema tool and the effort."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    upstream.push(fake_upstream.tool_use("StructuredOutput", {"n": 3}))
+    messages = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "{\"n\": 1}"},
+                {"role": "user", "content": "two"}, {"role": "assistant", "content": "{\"n\": 2}"},
+                {"role": "user", "content": "three"}]
+    status, _, out = structured.post("/v1/chat/completions", {
+        "model": "haiku", "messages": messages, "reasoning_effort": "low",
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}})
+    assert status == 200, out
+    assert json.loads(out["choices"][0]["message"]["content"]) == {"n": 3}
+    call = upstream.model_calls[-1]
+    assert [t["name"] for t in call["tools"]] == ["StructuredOutput"]
+    assert call["output_config"]["effort"] == "low" and "haiku" in call["model"]
+    assert [m["role"] for m in normalised(call["messages"])] == ["user", "assistant"] * 2 + ["user"]
+
+
+def test_thinking_in_history_is_dropped(structured, upstream):
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "secret thoughts", "signature": "sig"},
+                    {"type": "text", "text": "visible answer"}]},
+                {"role": "user", "content": "next"}]
+    status, _, out = structured.post("/v1/messages", {"model": "sonnet", "max_tokens": 50,
+                                                      "messages": messages},
+                                     headers={"anthropic-version": "2023-06-01"})
+    assert status == 200, out
+    sent = normalised(upstream.model_calls[-1]["messages"])
+    assert sent == [text_msg("user", "q"), text_msg("assistant", "visible answer"), text_msg("user", "next")]
+
+
 # -- the acknowledgement wait honours the request's deadline, client and CLI (fake CLI) --------
 
 @pytest.fixture(scope="module")
