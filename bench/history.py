@@ -15,6 +15,10 @@ pre-started process has booted).  Printed per mode:
   CLI's own {"role": "system"} messages, treats string content as one text block, and ignores
   cache_control (as tests/test_history.py does).  Messages only: the system prompt is the same
   in both modes.
+- the same injection done by hand on a pre-started bare CLI, two ways: "naive" (wait for the
+  initialize answer, then one write per line) and "batched" (what the proxy does: the first
+  earlier user line in the write with the control lines, each assistant line in the write
+  with the line after it).  Figures: ms from the first write to the first text delta.
 - time to first token (median over rounds) at 0, 1, 5 and 10 earlier turns, and the cost per
   earlier turn: the least-squares slope over all runs, and the median over k of
   (structured - flat at k earlier turns) / k.  Single requests are noisy here (tens of ms on a
@@ -23,12 +27,16 @@ pre-started process has booted).  Printed per mode:
 import http.client
 import json
 import pathlib
+import queue
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from run import CLAUDE, UP, Proxy  # noqa: E402   (also starts the fake upstream)
+from run import CLAUDE, ROOT, UP, Proxy, env_for  # noqa: E402   (also starts the fake upstream)
 
 EARLIER = 10
 
@@ -127,6 +135,10 @@ def main(rounds):
     finally:
         for proxy in proxies.values():
             proxy.stop()
+    bare = {(mode, n): [] for mode in ("naive", "batched") for n in (0, EARLIER)}
+    for _ in range(rounds):
+        for key in bare:
+            bare[key].append(bare_injection(*key))
     print("\n  %-52s %12s %12s" % ("", "structured", "flat"))
 
     def row(label, fn, fmt):
@@ -142,11 +154,73 @@ def main(rounds):
     med = {m: [statistics.median(x) for x in ttft[m]] for m in ttft}
     for n in (0, 1, 5, EARLIER):
         row("time to first token, %d earlier turns (median)" % n, lambda m: 1000 * med[m][n], "%.0f ms")
+    for n in (0, EARLIER):
+        print("  %-52s %12s %12s" % ("bare CLI, %d earlier turns: naive / batched" % n,
+                                     "%.0f ms" % (1000 * statistics.median(bare["naive", n])),
+                                     "%.0f ms" % (1000 * statistics.median(bare["batched", n]))))
     row("cost per earlier turn (least-squares slope, all runs)", lambda m: 1000 * slope(ttft[m]),
         "%.1f ms")
     extra = [s - f for s, f in zip(med["structured"], med["flat"])]
     print("  %-52s %12.1f ms" % ("structured - flat, per earlier turn (median of k=1..%d)" % EARLIER,
                                  1000 * statistics.median(extra[k] / k for k in range(1, EARLIER + 1))))
+
+
+def bare_injection(mode, earlier):
+    """ms from the first stdin write to the first text delta, injecting `earlier` turns into a
+    pre-started bare CLI by hand (the proxy's argv, environment and line shapes)."""
+    sys.path.insert(0, str(ROOT))
+    import claude_openai_proxy as cp
+    cfg, _ = cp.load_config(["--claude-bin", CLAUDE], env_for(CLAUDE))
+    launch = cp.Launch()
+    tmp, work = tempfile.mkdtemp(), tempfile.mkdtemp()
+    p = subprocess.Popen(cp.cli_argv(cfg, launch), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, env=cp.cli_env(cfg, launch, tmp), cwd=work)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(json.loads(raw)) for raw in p.stdout],
+                     daemon=True).start()
+
+    def send(*objs):
+        p.stdin.write("".join(json.dumps(o) + "\n" for o in objs).encode())
+        p.stdin.flush()
+
+    def wait(kind, event=None):
+        while True:
+            o = lines.get(timeout=30)
+            if o.get("type") == kind and (event is None or o["event"].get("type") == event):
+                return
+
+    def text(s):
+        return [{"type": "text", "text": s}]
+    init = {"type": "control_request", "request_id": "init",
+            "request": {"subtype": "initialize", "systemPrompt": "SYS"}}
+    turns = []
+    for n in range(earlier):
+        turns += [cp.user_line(text("Turn %d question: %s" % (n, "lorem ipsum " * 20)), query=False),
+                  cp.assistant_line(text("Turn %d answer: %s" % (n, "dolor sit " * 20)))]
+    time.sleep(2.0)                  # booted, as a pooled process is
+    t0 = time.perf_counter()
+    if mode == "naive":
+        send(init)
+        wait("control_response")
+        for line in turns:
+            send(line)
+            if line["type"] == "user":
+                wait("result")
+        send(cp.user_line(text("final")))
+    else:
+        pending = [init]
+        for line in turns:
+            pending.append(line)
+            if line["type"] == "user":
+                send(*pending)
+                pending = []
+                wait("result")
+        send(*pending, cp.user_line(text("final")))
+    wait("stream_event", "content_block_delta")
+    first = time.perf_counter() - t0
+    p.kill()
+    p.wait()
+    return first
 
 
 def slope(samples):
