@@ -82,6 +82,7 @@ def test_openai_three_turns_continue_the_previous_request(structured, upstream):
         calls.append(upstream.model_calls[-1])
         messages.append({"role": "assistant", "content": answer})
     assert normalised(calls[0]["messages"]) == [text_msg("user", "Question number 0?")]
+    assert len(upstream.model_calls) == 3      # acknowledged user lines cost no upstream call
     for n in (1, 2):
         assert_continues(calls[n - 1], calls[n], [{"type": "text", "text": "Answer number %d." % (n - 1)}],
                          [{"type": "text", "text": "Question number %d?" % n}])
