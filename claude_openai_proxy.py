@@ -45,6 +45,7 @@ Configuration (flags win over environment; read once at start-up)
     --cors-origins    CLAUDE_PROXY_CORS_ORIGINS      ""    browser origins allowed (or *)
     --shutdown-grace  CLAUDE_PROXY_SHUTDOWN_GRACE    30    seconds in-flight requests may finish
     --read-timeout    CLAUDE_PROXY_READ_TIMEOUT      60    seconds of client silence while reading
+    --history         CLAUDE_PROXY_HISTORY           flat  earlier turns: flat | structured
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
@@ -122,6 +123,7 @@ HEARTBEAT_SECONDS = 10.0      # SSE keep-alive while the model is silent
 POLL_SECONDS = 0.25           # how often a waiting request checks deadline and client
 REFUSAL_HOLD_CHARS = 400      # streamed text held back while it may still be a false refusal
 MAX_JSON_DEPTH = 64
+HISTORY_MODES = ("flat", "structured")
 
 
 # 2. Errors ######################################################################################
@@ -213,6 +215,7 @@ class Config:
     pool_size: int = 2
     pool_max_idle: float = 300.0
     read_timeout: float = 60.0
+    history: str = "flat"
     #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
     workdir: str = ""
     #: snapshot of os.environ taken at start-up; nothing reads os.environ later
@@ -252,6 +255,8 @@ OPTIONS = (
      "seconds a pre-started process may wait before it is replaced by a fresh one"),
     ("--read-timeout", "CLAUDE_PROXY_READ_TIMEOUT", "read_timeout", float,
      "seconds of client silence while a request is read (or a kept-alive connection idles)"),
+    ("--history", "CLAUDE_PROXY_HISTORY", "history", str,
+     "earlier turns of a conversation: flat (one JSON transcript) or structured (real turns)"),
 )
 LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins")
 SECRET_OPTIONS = ("api_keys",)
@@ -314,6 +319,8 @@ def load_config(argv=None, environ=None):
         raise SystemExit("error: CLAUDE_PROXY_DEFAULT_MODEL: " + err.message)
     if cfg.log_format not in ("text", "json"):
         raise SystemExit("error: CLAUDE_PROXY_LOG_FORMAT must be text or json")
+    if cfg.history not in HISTORY_MODES:
+        raise SystemExit("error: CLAUDE_PROXY_HISTORY must be structured or flat")
     if not cfg.api_keys and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
         raise SystemExit("error: refusing to listen on %s without CLAUDE_PROXY_API_KEYS: anyone who "
                          "reaches it would spend your subscription. Set keys, or pass "
@@ -560,7 +567,9 @@ def json_depth(obj, limit=MAX_JSON_DEPTH + 1):
 
 # 5. Prompt rendering ############################################################################
 # The only code that knows how a conversation becomes CLI input: a system prompt and one user
-# turn of content blocks.
+# turn of content blocks (CLAUDE_PROXY_HISTORY=flat: earlier turns become a JSON transcript in
+# it), or, with CLAUDE_PROXY_HISTORY=structured, the earlier messages as turns of their own
+# (history_turns) followed by that user turn.
 
 TRANSCRIPT_INTRO = (
     "The conversation so far is below as a JSON array of turns, oldest first. Reply as the "
@@ -602,6 +611,36 @@ def render_turn(messages, handler):
     intro = PREFILL_INTRO if messages[-1].role == "assistant" else TRANSCRIPT_INTRO
     text = intro + "\n\n" + json.dumps(turns, ensure_ascii=False, indent=1)
     return [{"type": "text", "text": text}] + images
+
+
+def history_turns(messages, handler):
+    """The earlier messages as [(role, blocks)], one real turn each, or None when the flat
+    transcript has to be used: a single message (nothing earlier), a conversation that ends
+    with the assistant (a prefill: the transcript's PREFILL_INTRO asks for a continuation),
+    native tools (their tool_use/tool_result history stays text records in the transcript), or
+    an earlier assistant message with nothing to say once thinking is dropped.
+
+    User messages are rendered as a one-message conversation is (render_turn), so the newest
+    message of one request and the same message among the earlier ones of the next request
+    reach the CLI identically; assistant messages keep their text, emulated tool calls become
+    the handler's ```tool_call text, thinking is dropped (the CLI has no signature for it)."""
+    if len(messages) < 2 or messages[-1].role != "user" or getattr(handler, "native", False):
+        return None
+    turns = []
+    for m in messages[:-1]:
+        if m.role == "user":
+            turns.append(("user", render_turn([m], handler)))
+            continue
+        blocks = []
+        for b in m.blocks:
+            text = b.get("text", "") if b.get("type") == "text" else \
+                block_text(b, handler) if b.get("type") in ("tool_use", "tool_result") else ""
+            if text:
+                blocks.append({"type": "text", "text": text})
+        if not blocks:
+            return None
+        turns.append(("assistant", blocks))
+    return turns
 
 
 def render_system(req):
@@ -1047,9 +1086,10 @@ def launch_of(req):
                   "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens)
 
 
-def control_lines(req, messages, bridge=None, launched_with=None):
+def control_lines(req, messages, bridge=None, launched_with=None, history=None):
     """The stdin lines for one request, the same for a fresh and a pre-started process
-    (`launched_with`: the --model it started with, so an equal alias needs no set_model)."""
+    (`launched_with`: the --model it started with, so an equal alias needs no set_model).
+    With `history` (structured turns) the user lines are left to send_history."""
     def control(rid, request):
         return {"type": "control_request", "request_id": rid, "request": request}
     init = {"subtype": "initialize", "systemPrompt": render_system(req)}
@@ -1063,9 +1103,76 @@ def control_lines(req, messages, bridge=None, launched_with=None):
     if req.effort in RUNTIME_EFFORTS:
         lines.append(control("effort", {"subtype": "apply_flag_settings",
                                         "settings": {"effortLevel": req.effort}}))
-    lines.append({"type": "user", "session_id": "default", "parent_tool_use_id": None,
-                  "message": {"role": "user", "content": render_turn(messages, req.handler)}})
+    if history is None:
+        lines.append(user_line(render_turn(messages, req.handler)))
     return lines
+
+
+def user_line(blocks, query=True):
+    """A user turn; with query=False it is only appended to the conversation (the CLI answers
+    with a `result` line of num_turns 0 and no upstream call)."""
+    line = {"type": "user", "session_id": "default", "parent_tool_use_id": None,
+            "message": {"role": "user", "content": blocks}}
+    if not query:
+        line["shouldQuery"] = False
+    return line
+
+
+def assistant_line(blocks):
+    """An earlier assistant turn: appended to the conversation at once, no answer."""
+    return {"type": "assistant", "session_id": "default", "parent_tool_use_id": None,
+            "message": {"role": "assistant", "content": blocks}}
+
+
+def send_history(proc, call, first_lines, turns, last_line):
+    """Give the CLI the earlier turns, then the querying user line; yields Heartbeats.
+
+    Ordering is the CLI's weak spot: a shouldQuery:false user line is queued, while an
+    assistant line is appended at once, so an assistant line sent before the user line ahead
+    of it is acknowledged would overtake it (and the two user lines would merge).  So each
+    earlier user line is the last line of a write and its acknowledgement (a `result` line)
+    is awaited before the next write; assistant lines need no wait of their own and ride
+    with the next write.  The first user line goes with the control lines, the last
+    assistant line with the querying line: one wait per earlier user message, no more.
+    """
+    pending = list(first_lines)
+    for role, blocks in turns:
+        if role == "assistant":
+            pending.append(assistant_line(blocks))
+            continue
+        pending.append(user_line(blocks, query=False))
+        proc.send(*pending)
+        pending = []
+        yield from await_ack(proc, call)
+    proc.send(*pending, last_line)
+
+
+def await_ack(proc, call):
+    """Read up to the `result` line that acknowledges a shouldQuery:false user line, handling
+    what may arrive meanwhile (the answers to the control lines) as translate does; honours
+    the request's deadline and client checks through proc.read."""
+    for item in proc.read(call):
+        if isinstance(item, Heartbeat):
+            yield item
+            continue
+        if not isinstance(item, dict):
+            if item:
+                proc.garbage.append(item[:200])
+            continue
+        kind = item.get("type")
+        if kind == "result":
+            if item.get("is_error"):
+                raise result_error(item, None, proc.rate_limit)
+            return
+        if kind == "control_request":
+            refuse(proc, item.get("request_id"))
+        elif kind == "rate_limit_event":
+            proc.rate_limit = item.get("rate_limit_info") or proc.rate_limit
+        elif kind == "control_response" and (item.get("response") or {}).get("subtype") == "error":
+            resp = item["response"]
+            raise BadRequest("The claude CLI refused the request settings (%s): %s"
+                             % (resp.get("request_id"), scrub(str(resp.get("error")))))
+    raise cli_ended(proc)
 
 
 def launch_model(cfg, launch):
@@ -1442,7 +1549,14 @@ class Backend:
             pooled, proc = proc is not None, proc or self.spawn(launch)
             bridge = ToolBridge(req) if native_tools(req) else None
             try:
-                proc.send(*control_lines(req, messages, bridge, proc.model))
+                turns = history_turns(messages, req.handler) \
+                    if self.cfg.history == "structured" else None
+                first = control_lines(req, messages, bridge, proc.model, turns)
+                if turns is None:
+                    proc.send(*first)
+                else:
+                    yield from send_history(proc, call, first, turns,
+                                            user_line(render_turn(messages[-1:], req.handler)))
                 events = translate(proc, call, bridge, structured=req.json_schema is not None,
                                    streaming=req.stream)
                 if req.stop:
@@ -1755,10 +1869,15 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
         if bridge is not None and bridge.done:
             yield Done("tool_use", bridge.usage)
             return
+    raise cli_ended(proc)
+
+
+def cli_ended(proc):
+    """The error for a CLI whose output ended before the line that was awaited."""
     status = proc.exit_status()
     detail = "; ".join(list(proc.stderr_tail)[-3:] or proc.garbage[-3:]) or "no output"
     error = StillBorn if not proc.seen else UpstreamError
-    raise error("The claude CLI ended without an answer (exit status %s): %s" % (status, detail))
+    return error("The claude CLI ended without an answer (exit status %s): %s" % (status, detail))
 
 
 def cut_at_stops(events, stops, interrupt):
