@@ -3092,6 +3092,19 @@ class Call:
             return True
 
 
+#: (method, path without /v1) -> Handler method; every route also answers with a /v1 prefix
+ROUTES = {
+    ("POST", "/chat/completions"): "chat",
+    ("POST", "/responses"): "openai_responses",
+    ("POST", "/messages"): "messages",
+    ("POST", "/messages/count_tokens"): "count_tokens",
+    ("GET", "/models"): "models",
+    ("GET", "/health"): "health",
+    ("GET", "/metrics"): "metrics",
+}
+UNVERSIONED = ("/health", "/metrics")
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "claude-proxy/" + __version__
@@ -3161,12 +3174,13 @@ class Handler(BaseHTTPRequestHandler):
             self.access_log(path, started)
 
     def route_label(self, path):
-        path = path[3:] if path.startswith("/v1/") else path
-        if path.startswith("/models/"):
+        bare = path[3:] if path.startswith("/v1/") else path
+        if bare.startswith("/models/"):
             return "/v1/models/{id}"
-        known = ("/chat/completions", "/responses", "/messages", "/messages/count_tokens",
-                 "/models")
-        return "/v1" + path if path in known else (path if path in ("/health", "/metrics") else "other")
+        for _method, known in ROUTES:
+            if bare == known:
+                return known if known in UNVERSIONED else "/v1" + known
+        return "other"
 
     # -- CORS -------------------------------------------------------------------------------
     def cors_origin(self):
@@ -3213,28 +3227,18 @@ class Handler(BaseHTTPRequestHandler):
     def route(self, method, path):
         if path.startswith("/v1/"):
             path = path[3:]
-        table = {
-            ("POST", "/chat/completions"): self.chat,
-            ("POST", "/responses"): self.openai_responses,
-            ("POST", "/messages"): self.messages,
-            ("POST", "/messages/count_tokens"): self.count_tokens,
-            ("GET", "/models"): self.models,
-            ("GET", "/health"): self.health,
-            ("GET", "/metrics"): self.metrics,
-        }
-        if (method, path) in table:
-            return table[(method, path)]
+        if (method, path) in ROUTES:
+            return getattr(self, ROUTES[(method, path)])
         if method == "GET" and path.startswith("/models/") and len(path) > 8:
             return lambda body: self.model_info(path[8:])
-        allowed = sorted(m for m, p in table if p == path)
+        allowed = sorted(m for m, p in ROUTES if p == path)
         if allowed:
             raise MethodNotAllowed("Method %s is not allowed on %s; use %s."
                                    % (method, self.path.split("?")[0], " or ".join(allowed)),
                                    headers={"Allow": ", ".join(allowed)})
-        raise NotFound("No route %s %s. Routes: POST /v1/chat/completions, POST /v1/responses, "
-                       "POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models, "
-                       "GET /health."
-                       % (method, self.path.split("?")[0]))
+        raise NotFound("No route %s %s. Routes: %s." % (
+            method, self.path.split("?")[0],
+            ", ".join("%s %s" % (m, p if p in UNVERSIONED else "/v1" + p) for m, p in ROUTES)))
 
     def read_body(self):
         """The request's JSON body (None for methods without one), or a 4xx."""
