@@ -2053,10 +2053,11 @@ class SSE:
 
 
 def first_then(events):
-    """Pull the first event before the response starts, so early failures keep their status."""
+    """Pull the first event before the response starts, so early failures keep their status;
+    the same events, first one included."""
     it = iter(events)
     first = next(it, None)
-    return ([] if first is None else [first]), it
+    return itertools.chain(() if first is None else (first,), it)
 
 
 # 9. OpenAI chat completions #####################################################################
@@ -2204,6 +2205,7 @@ def _openai_schema(fmt):
 
 class OpenAIChat:
     name = "openai"
+    call_id_prefix = "call_"
     FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
               "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
     TYPES = {"api_error": "server_error", "overloaded_error": "server_error",
@@ -2367,6 +2369,7 @@ def _anthropic_blocks(content, where, role):
 
 class AnthropicMessages:
     name = "anthropic"
+    call_id_prefix = "toolu_"
     STOP = {"end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal"}
 
     def parse(self, body, headers, cfg, count_only=False):
@@ -2690,6 +2693,7 @@ def _responses_tools(body):
 
 class OpenAIResponses:
     name = "responses"
+    call_id_prefix = "call_"
     #: stop reasons that end a response "incomplete", with OpenAI's reason
     INCOMPLETE = {"max_tokens": "max_output_tokens", "refusal": "content_filter"}
     #: ProxyError status -> Response.error.code (the SDK's closed list)
@@ -3364,7 +3368,7 @@ class Handler(BaseHTTPRequestHandler):
         self.dialect = dialect
         req = dialect.parse(body, self.headers, self.app.cfg)
         req.handler = pick_handler(self.headers.get("X-Toolcall-Module"), self.app.cfg.toolcall_module)
-        req.id_prefix = "toolu_" if dialect.name == "anthropic" else "call_"
+        req.id_prefix = dialect.call_id_prefix
         self.model = req.model
         call = Call(self.connection, self.app.cfg.timeout)
         source = model_events(self.app, req, call)
@@ -3373,11 +3377,11 @@ class Handler(BaseHTTPRequestHandler):
             if not req.stream:
                 c = collect(events)
                 return self.send_json(200, dialect.render(req, c, body))
-            first, rest = first_then(events)
+            events_ahead = first_then(events)
             sse = SSE(self)
             sse.start([("X-Request-Id", self.request_id)])
             self.status, self._streaming = 200, True
-            dialect.stream(req, itertools.chain(first, rest), sse, body)
+            dialect.stream(req, events_ahead, sse, body)
             sse.end()
         finally:
             events.close()

@@ -28,6 +28,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import fake_upstream  # noqa: E402
+from conftest import base_env, free_port  # noqa: E402  (needs pytest: bash .ci/run)
 
 PROXY = ROOT / "claude_openai_proxy.py"
 FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
@@ -38,18 +39,8 @@ RESULTS = []
 
 
 def env_for(claude_bin, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE", "ANTHROPIC"))}
-    env.update(HOME=HOME, CLAUDE_BIN=claude_bin, ANTHROPIC_BASE_URL=UP.url,
-               ANTHROPIC_API_KEY="sk-ant-bench", CLAUDE_PROXY_PASS_ENV="ANTHROPIC_BASE_URL,ANTHROPIC_API_KEY")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The proxy's environment, built exactly as the tests build it."""
+    return base_env(HOME, UP.url, claude_bin, **extra)
 
 
 class Proxy:

@@ -141,6 +141,8 @@ def test_streaming_one_chunk_per_upstream_delta(proxy, upstream):
     status, headers, text = chat(proxy, "count", stream=True)
     assert status == 200, text
     assert headers["Content-Type"].startswith("text/event-stream")
+    # nginx buffers responses unless told not to (README: behind Caddy or nginx)
+    assert headers["X-Accel-Buffering"] == "no" and headers["Cache-Control"] == "no-cache"
     chunks, done = chunks_of(text)
     assert done, "stream must end with data: [DONE]"
     assert content_deltas(chunks) == ["aaaa ", "bbbb ", "cccc ", "dddd ", "eeee"]
