@@ -45,7 +45,9 @@ Configuration (flags win over environment; read once at start-up)
     --cors-origins    CLAUDE_PROXY_CORS_ORIGINS      ""    browser origins allowed (or *)
     --shutdown-grace  CLAUDE_PROXY_SHUTDOWN_GRACE    30    seconds in-flight requests may finish
     --read-timeout    CLAUDE_PROXY_READ_TIMEOUT      60    seconds of client silence while reading
-    --history         CLAUDE_PROXY_HISTORY           flat  earlier turns: flat | structured
+    --history         CLAUDE_PROXY_HISTORY     structured  earlier turns: structured | flat
+    --sessions        CLAUDE_PROXY_SESSIONS          2     conversations kept live for their next turn
+    --session-idle    CLAUDE_PROXY_SESSION_IDLE      300   seconds a kept conversation waits
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
@@ -215,7 +217,9 @@ class Config:
     pool_size: int = 2
     pool_max_idle: float = 300.0
     read_timeout: float = 60.0
-    history: str = "flat"
+    history: str = "structured"
+    sessions: int = 2
+    session_idle: float = 300.0
     #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
     workdir: str = ""
     #: snapshot of os.environ taken at start-up; nothing reads os.environ later
@@ -256,7 +260,12 @@ OPTIONS = (
     ("--read-timeout", "CLAUDE_PROXY_READ_TIMEOUT", "read_timeout", float,
      "seconds of client silence while a request is read (or a kept-alive connection idles)"),
     ("--history", "CLAUDE_PROXY_HISTORY", "history", str,
-     "earlier turns of a conversation: flat (one JSON transcript) or structured (real turns)"),
+     "earlier turns of a conversation: structured (real turns) or flat (one JSON transcript)"),
+    ("--sessions", "CLAUDE_PROXY_SESSIONS", "sessions", int,
+     "finished conversations whose CLI process is kept for their next turn (structured history; "
+     "0 = off; each holds ~180 MB)"),
+    ("--session-idle", "CLAUDE_PROXY_SESSION_IDLE", "session_idle", float,
+     "seconds a kept conversation waits for its next turn before its process is ended"),
 )
 LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins")
 SECRET_OPTIONS = ("api_keys",)
@@ -313,6 +322,8 @@ def load_config(argv=None, environ=None):
         raise SystemExit("error: CLAUDE_PROXY_MAX_CONCURRENCY must be at least 1")
     if cfg.pool_size < 0:
         raise SystemExit("error: CLAUDE_PROXY_POOL_SIZE must be 0 or more")
+    if cfg.sessions < 0:
+        raise SystemExit("error: CLAUDE_PROXY_SESSIONS must be 0 or more")
     try:
         resolve_model(cfg.default_model, None)
     except ProxyError as err:
@@ -1312,6 +1323,20 @@ class CLIProcess:
         except OSError:
             return True      # no /proc (not Linux): poll() already said it is alive
 
+    def resume(self):
+        """Ready a kept process for its conversation's next turn: alive, and nothing it printed
+        while it waited is taken for the new answer."""
+        if self._closed or self.proc.poll() is not None:
+            return False
+        while True:
+            try:
+                if self.lines.get_nowait() is _EOF:
+                    return False
+            except queue.Empty:
+                break
+        self.seen, self.stopped, self.garbage = 0, None, []
+        return True
+
     def exit_status(self, wait=2.0):
         """The exit status once the process has ended (None if it hasn't within `wait`), with
         its stderr read to the end, so an error message can quote it."""
@@ -1508,6 +1533,131 @@ class Pool:
             self.backend.discard(proc)
 
 
+def conversation_key(req, messages):
+    """What a CLI process that answered `messages` holds: the settings it was given (launch,
+    model, effort, system prompt with the tool prompt, handler) and the conversation.  An
+    assistant message counts by what a client can echo back of it, its text and its tool
+    calls (ids, thinking and block boundaries are dropped or reshaped by clients); a user
+    message counts whole."""
+    h = hashlib.sha256(json.dumps([repr(launch_of(req)), req.cli_model, req.effort,
+                                   render_system(req), req.handler.name]).encode())
+    for m in messages:
+        if m.role == "assistant":
+            text = "".join(b.get("text", "") for b in m.blocks if b.get("type") == "text")
+            calls = [[b.get("name"), b.get("input")] for b in m.blocks if b.get("type") == "tool_use"]
+            part = ["assistant", text.strip(), calls]
+        else:
+            part = ["user", m.blocks]
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+class Sessions:
+    """Conversations kept live between turns.  The process that answered a turn holds that
+    conversation exactly as the upstream saw it; when the next request is that conversation,
+    the answer as the client got it, and one new user message, the message goes to the same
+    process: no start-up, no earlier turns to give it again, and the upstream request is the
+    previous one plus the new turn, unchanged (the prompt cache's best case).
+
+    A process is only ever continued by the conversation it answered (conversation_key), so
+    nothing of one conversation reaches another.  At most `size` are kept (the oldest is ended
+    first), each for `max_idle` seconds (the upstream prompt cache lives 5 minutes).
+    """
+
+    def __init__(self, backend, size, max_idle):
+        self.backend, self.size, self.max_idle = backend, size, max_idle
+        self.kept = collections.OrderedDict()       # key -> (proc, parked at); oldest first
+        self.cond = threading.Condition()
+        self.hits = self.misses = 0
+        self.closed = False
+        if size > 0:
+            threading.Thread(target=self._expire, name="sessions", daemon=True).start()
+
+    def wants(self, req, messages):
+        """The key of the conversation this request continues, or None when it can't be one
+        (sessions off, flat history, native tools, structured output, a prefill, no history)."""
+        if self.size <= 0 or self.backend.cfg.history != "structured" or native_tools(req) \
+                or req.json_schema is not None or messages[-1].role != "user":
+            return None
+        return conversation_key(req, messages[:-1]) if len(messages) > 1 else ""
+
+    def take(self, key):
+        """The live process that holds conversation `key`, or None."""
+        if not key:
+            return None
+        with self.cond:
+            proc, _ = self.kept.pop(key, (None, 0))
+            if proc is None:
+                self.misses += 1
+                return None
+        if proc.resume():
+            with self.cond:
+                self.hits += 1
+            return proc
+        self.backend.discard(proc)
+        with self.cond:
+            self.misses += 1
+        return None
+
+    def park(self, key, proc):
+        with self.cond:
+            if self.closed or self.size <= 0:
+                ended = [proc]
+            else:
+                ended = [p for p, _ in [self.kept.pop(key, (None, 0))] if p is not None]
+                self.kept[key] = (proc, time.monotonic())
+                while len(self.kept) > self.size:
+                    ended.append(self.kept.popitem(last=False)[1][0])
+        for p in ended:
+            self.backend.discard(p)
+
+    def _expire(self):
+        while True:
+            with self.cond:
+                if self.closed:
+                    return
+                now = time.monotonic()
+                old = [k for k, (p, at) in self.kept.items() if now - at > self.max_idle]
+                ended = [self.kept.pop(k)[0] for k in old]
+                if not ended:
+                    self.cond.wait(1.0)
+            for p in ended:
+                self.backend.discard(p)
+
+    def status(self):
+        with self.cond:
+            return {"size": self.size, "kept": len(self.kept), "hits": self.hits,
+                    "misses": self.misses}
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            procs = [p for p, _ in self.kept.values()]
+            self.kept.clear()
+            self.cond.notify_all()
+        for p in procs:
+            self.backend.discard(p)
+
+
+class Keep:
+    """One request's part in Sessions: the conversation it continues (`prior`), and the process
+    that answered it, parked under the new conversation once the answer is known to be whole."""
+
+    def __init__(self, sessions, req, prior):
+        self.sessions, self.req, self.prior = sessions, req, prior
+        self.proc = None
+
+    def finish(self, messages, answer):
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            self.sessions.park(conversation_key(self.req, list(messages) + [answer]), proc)
+
+    def drop(self):
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            self.sessions.backend.discard(proc)
+
+
 class Backend:
     """Starts CLI processes (or takes pre-started ones), translates their output into events,
     and ends them."""
@@ -1519,6 +1669,7 @@ class Backend:
         self.lock = threading.Lock()
         self.started = 0
         self.pool = Pool(self, cfg.pool_size, cfg.pool_max_idle)
+        self.sessions = Sessions(self, cfg.sessions, cfg.session_idle)
 
     def spawn(self, launch):
         proc = CLIProcess(self.cfg, launch, self.workdir)
@@ -1533,46 +1684,59 @@ class Backend:
         with self.lock:
             self.live.discard(proc)
 
-    def run(self, req, messages, call):
+    def run(self, req, messages, call, keep=None):
         """One CLI turn for `messages`: yields events, ends with Done or raises ProxyError.
 
-        A pre-started process can die between hand-out and its first line (a multi-threaded
-        process killed a moment ago still looks alive to waitpid); nothing has reached the
-        client or the upstream then, so the same lines go once to a fresh process.
+        A process that holds the conversation so far (Sessions) gets only the new message.
+        A pre-started or kept process can die between hand-out and its first line (a
+        multi-threaded process killed a moment ago still looks alive to waitpid); nothing has
+        reached the client or the upstream then, so the request goes once to a fresh process.
+        With `keep`, a process whose turn ended whole is handed to it instead of being ended.
         """
         if native_tools(req) and req.json_schema is not None:
             raise BadRequest("Structured output (response_format / output_config.format) cannot "
                              "be combined with native tool mode; use the generic handler.")
         launch = launch_of(req)
-        proc = self.pool.take(launch)
+        proc = self.sessions.take(keep.prior) if keep is not None else None
+        resumed = proc is not None
+        proc = proc or self.pool.take(launch)
         while True:
             pooled, proc = proc is not None, proc or self.spawn(launch)
             bridge = ToolBridge(req) if native_tools(req) else None
             try:
+                last = user_line(render_turn(messages[-1:], req.handler))
                 turns = history_turns(messages, req.handler) \
-                    if self.cfg.history == "structured" else None
-                first = control_lines(req, messages, bridge, proc.model, turns)
-                if turns is None:
-                    proc.send(*first)
+                    if self.cfg.history == "structured" and not resumed else None
+                if resumed:
+                    proc.send(last)
+                elif turns is None:
+                    proc.send(*control_lines(req, messages, bridge, proc.model))
                 else:
-                    yield from send_history(proc, call, first, turns,
-                                            user_line(render_turn(messages[-1:], req.handler)))
+                    yield from send_history(proc, call, control_lines(req, messages, bridge,
+                                                                      proc.model, turns),
+                                            turns, last)
                 events = translate(proc, call, bridge, structured=req.json_schema is not None,
                                    streaming=req.stream)
                 if req.stop:
                     events = cut_at_stops(events, req.stop, proc.interrupt)
-                yield from events
+                for ev in events:
+                    if isinstance(ev, Done) and keep is not None and not proc.stopped:
+                        keep.proc, proc = proc, None     # whole: Keep parks or ends it
+                    yield ev
                 return
             except StillBorn:
                 if not pooled:
                     raise
-                self.pool.note_stillborn()
+                if not resumed:
+                    self.pool.note_stillborn()
             finally:
-                self.discard(proc)
-            proc = None
+                if proc is not None:
+                    self.discard(proc)
+            proc, resumed = None, False
 
     def close_all(self):
         self.pool.close()
+        self.sessions.close()
         with self.lock:
             procs = list(self.live)
         for proc in procs:
@@ -2981,6 +3145,13 @@ class Metrics:
                     'claude_proxy_pool_requests_total{result="miss"} %d' % pool["misses"]])
             metric("claude_proxy_pool_ready", "gauge", "pre-started processes waiting",
                    ["claude_proxy_pool_ready %d" % pool["ready"]])
+            kept = app.backend.sessions.status()
+            metric("claude_proxy_session_requests_total", "counter", "requests with history "
+                   "continued on the process that answered the turn before (hit) or not (miss)",
+                   ['claude_proxy_session_requests_total{result="hit"} %d' % kept["hits"],
+                    'claude_proxy_session_requests_total{result="miss"} %d' % kept["misses"]])
+            metric("claude_proxy_sessions_kept", "gauge", "conversations kept for their next turn",
+                   ["claude_proxy_sessions_kept %d" % kept["kept"]])
             metric("claude_proxy_tokens_total", "counter", "tokens by direction",
                    ['claude_proxy_tokens_total{direction="in"} %d' % self.tokens["in"],
                     'claude_proxy_tokens_total{direction="out"} %d' % self.tokens["out"]])
@@ -3038,16 +3209,40 @@ class App:
 
 
 def model_events(app, req, call):
-    """The whole pipeline for one request: a slot, then one CLI turn (or the tool engine)."""
+    """The whole pipeline for one request: a slot, then one CLI turn (or the tool engine).
+    A turn that ends whole, in one CLI run (no refusal retry), keeps its process for the
+    conversation's next turn (Sessions)."""
     app.backend.gate.acquire(call)
+    sessions = app.backend.sessions
+    prior = sessions.wants(req, req.messages)
+    keep = Keep(sessions, req, prior) if prior is not None else None
+    runs = []
     try:
         def run(messages):
-            return app.backend.run(req, messages, call)
+            runs.append(messages)
+            return app.backend.run(req, messages, call, keep if len(runs) == 1 else None)
         if req.tools and req.tool_choice != "none" and not req.handler.native:
-            yield from emulated_tool_events(req, run)
+            events = emulated_tool_events(req, run)
         else:            # no tools, or native tools (the CLI backend's ToolBridge)
-            yield from run(req.messages)
+            events = run(req.messages)
+        text, calls = [], []
+        for ev in events:
+            if keep is not None:
+                if isinstance(ev, TextDelta):
+                    text.append(ev.text)
+                elif isinstance(ev, ToolCall):
+                    calls.append({"type": "tool_use", "name": ev.name,
+                                  "input": json.loads(ev.arguments)})
+                elif isinstance(ev, Reset):
+                    text, calls = [], []
+                elif isinstance(ev, Done) and len(runs) == 1 and \
+                        ev.stop_reason in ("end_turn", "tool_use"):
+                    keep.finish(req.messages, Message(
+                        "assistant", [{"type": "text", "text": "".join(text)}] + calls))
+            yield ev
     finally:
+        if keep is not None:
+            keep.drop()
         app.backend.gate.release()
 
 
@@ -3434,6 +3629,7 @@ class Handler(BaseHTTPRequestHandler):
             "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
             "cli_processes_started": app.backend.started,
             "pool": app.backend.pool.status(),
+            "sessions": app.backend.sessions.status(),
             "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)})
 
 
