@@ -1599,6 +1599,12 @@ class Sessions:
             self.misses += 1
         return None
 
+    def note_stillborn(self):
+        """The kept process taken died before it answered (see Backend.run): not a hit."""
+        with self.cond:
+            self.hits -= 1
+            self.misses += 1
+
     def park(self, key, proc):
         with self.cond:
             if self.closed or self.size <= 0:
@@ -1616,8 +1622,9 @@ class Sessions:
             with self.cond:
                 if self.closed:
                     return
-                now = time.monotonic()
-                old = [k for k, (p, at) in self.kept.items() if now - at > self.max_idle]
+                now = time.monotonic()     # waited long enough, or died while waiting
+                old = [k for k, (p, at) in self.kept.items()
+                       if now - at > self.max_idle or p.proc.poll() is not None]
                 ended = [self.kept.pop(k)[0] for k in old]
                 if not ended:
                     self.cond.wait(1.0)
@@ -1727,8 +1734,7 @@ class Backend:
             except StillBorn:
                 if not pooled:
                     raise
-                if not resumed:
-                    self.pool.note_stillborn()
+                (self.sessions if resumed else self.pool).note_stillborn()
             finally:
                 if proc is not None:
                     self.discard(proc)

@@ -154,11 +154,12 @@ def proxy(make_proxy):
 
 @pytest.fixture(scope="session")
 def fake_proxy(make_proxy, tmp_path_factory):
-    """A proxy on the fake CLI, without a warm pool (so every CLI process it starts belongs to a
-    request); it records the pids of its CLI runs in `fake_proxy.pids`."""
+    """A proxy on the fake CLI, without a warm pool or kept sessions (so every CLI process it
+    starts belongs to a request and ends with it); it records the pids of its CLI runs in `fake_proxy.pids`."""
     pids = tmp_path_factory.mktemp("pids")
     p = make_proxy(fake=True, args=("--timeout", "4"), FAKE_CLAUDE_PIDS=pids,
-                   CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_PIDS", CLAUDE_PROXY_POOL_SIZE=0)
+                   CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_PIDS", CLAUDE_PROXY_POOL_SIZE=0,
+                   CLAUDE_PROXY_SESSIONS=0)
     p.pids = pids
     return p
 

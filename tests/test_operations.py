@@ -672,8 +672,9 @@ def settle(pid, base, timeout=10):
 
 
 def test_soak_no_leaks(make_proxy):
+    # no pool, no kept sessions: every CLI process belongs to one request and must end with it
     p = make_proxy(fake=True, CLAUDE_BIN=str(SOAK_CLAUDE), CLAUDE_PROXY_POOL_SIZE=0,
-                   CLAUDE_PROXY_MAX_CONCURRENCY=2, args=("--timeout", "30"))
+                   CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_MAX_CONCURRENCY=2, args=("--timeout", "30"))
     pid = p.proc.pid
     for i in range(3 * len(SOAK_MIX)):                               # warm-up
         assert soak_request(p.port, SOAK_MIX[i % len(SOAK_MIX)], i)[2]

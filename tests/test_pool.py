@@ -148,6 +148,7 @@ def start(make_proxy):
     started = []
 
     def make(*args, **kw):
+        kw.setdefault("CLAUDE_PROXY_SESSIONS", 0)   # only pooled and running CLIs are counted here
         p = make_proxy(*args, **kw)
         started.append(p)
         return p

@@ -1,0 +1,211 @@
+"""Kept conversations (Sessions, CLAUDE_PROXY_SESSIONS): the process that answered a turn takes
+the conversation's next turn.  Real CLI, fake upstream; behaviour, not timings.
+
+Nothing here asserts a duration.  Which process served a turn is seen through /health
+(sessions hits/misses, cli_processes_started) and through /proc (the proxy's children).
+"""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+import fake_upstream
+from conftest import sse_events
+from test_history import normalised
+from test_pool import alive, children, health, poll, wait_gone
+
+CHAT = "/v1/chat/completions"
+WEATHER = {"name": "get_weather", "description": "Current weather for a city.",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                            "required": ["city"]}}
+F = "`" * 3
+
+
+@pytest.fixture
+def start(make_proxy):
+    """A proxy without a pool (so every started process is a request's), stopped after the test."""
+    started = []
+
+    def make(**env):
+        env.setdefault("CLAUDE_PROXY_POOL_SIZE", 0)
+        p = make_proxy(**env)
+        started.append(p)
+        return p
+    yield make
+    for p in started:
+        p.stop()
+
+
+def without_cache_marks(messages):
+    """The request as the prompt cache compares it: cache_control marks are not content."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{k: v for k, v in b.items() if k != "cache_control"} for b in content]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def chat_turns(proxy, upstream, n, stream=False, prefix="Q"):
+    """Continue one OpenAI conversation for n turns; returns (messages, upstream calls)."""
+    messages, calls = [], []
+    for i in range(n):
+        messages.append({"role": "user", "content": "%s%d: tell me about %d." % (prefix, i, i)})
+        upstream.push(fake_upstream.text("%s-answer %d." % (prefix, i)))
+        before = len(upstream.model_calls)
+        if stream:
+            status, _, body = proxy.post(CHAT, {"model": "sonnet", "stream": True,
+                                                "messages": messages})
+            assert status == 200, body
+            chunks = [json.loads(data) for _, data in sse_events(body) if data != "[DONE]"]
+            text = "".join(c["choices"][0]["delta"].get("content") or ""
+                           for c in chunks if c["choices"])
+        else:
+            status, _, body = proxy.post(CHAT, {"model": "sonnet", "messages": messages})
+            assert status == 200, body
+            text = body["choices"][0]["message"]["content"]
+        assert text == "%s-answer %d." % (prefix, i)
+        assert len(upstream.model_calls) == before + 1      # one upstream call per turn
+        calls.append(upstream.model_calls[-1]["messages"])
+        messages.append({"role": "assistant", "content": text})
+    return messages, calls
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_conversation_continues_on_the_process_that_answered(start, upstream, stream):
+    p = start()
+    _, calls = chat_turns(p, upstream, 4, stream=stream)
+    h = health(p)
+    assert h["sessions"]["hits"] == 3 and h["sessions"]["misses"] == 0
+    assert h["cli_processes_started"] == 1          # one process for all four turns
+    assert h["sessions"]["kept"] == 1 and len(children(p)) == 1
+    # each request is the previous one plus the answer and the new question; from the second
+    # turn on exactly so (the CLI adds its "# Environment" message once, at the second turn)
+    for prev, nxt in zip(calls, calls[1:]):
+        assert normalised(nxt)[:len(normalised(prev))] == normalised(prev)
+        assert len(normalised(nxt)) == len(normalised(prev)) + 2
+    for prev, nxt in zip(calls[1:], calls[2:]):
+        assert without_cache_marks(nxt)[:len(prev)] == without_cache_marks(prev)
+        assert [m["role"] for m in nxt[len(prev):]] == ["assistant", "user"]
+
+
+def test_emulated_tool_call_and_result_continue_the_session(start, upstream):
+    """Anthropic dialect: the model calls a tool (emulated), the client sends the call back with
+    its result; that request continues on the same process, and the model sees the result."""
+    p = start()
+    call = F + 'tool_call\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n' + F
+    upstream.push(fake_upstream.text("Let me look that up.\n\n" + call))
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    body = {"model": "sonnet", "max_tokens": 1024, "tools": [WEATHER], "messages": messages}
+    status, _, out = p.post("/v1/messages", body)
+    assert status == 200 and out["stop_reason"] == "tool_use", out
+    use = [b for b in out["content"] if b["type"] == "tool_use"][0]
+    assert use["name"] == "get_weather" and use["input"] == {"city": "Paris"}
+    messages += [{"role": "assistant", "content": out["content"]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"],
+                                               "content": "SUNNY-21C"}]}]
+    upstream.push(fake_upstream.text("It is sunny, 21 C."))
+    status, _, out = p.post("/v1/messages", dict(body, messages=messages))
+    assert status == 200 and out["content"][0]["text"] == "It is sunny, 21 C.", out
+    h = health(p)
+    assert h["sessions"]["hits"] == 1 and h["cli_processes_started"] == 1
+    sent = upstream.model_calls[-1]["messages"]
+    assert "SUNNY-21C" in json.dumps(sent[-1]) and "Let me look that up." in json.dumps(sent[-2])
+
+
+def test_an_edited_history_is_not_continued(start, upstream):
+    """A process is continued only by the conversation it answered: change an earlier message
+    (or the answer) and the request is served as a new one, with the history as sent."""
+    p = start()
+    messages, _ = chat_turns(p, upstream, 1)
+    edited = [messages[0], {"role": "assistant", "content": "An answer I made up."},
+              {"role": "user", "content": "And then?"}]
+    upstream.push(fake_upstream.text("Then this."))
+    status, _, body = p.post(CHAT, {"model": "sonnet", "messages": edited})
+    assert status == 200 and body["choices"][0]["message"]["content"] == "Then this."
+    h = health(p)
+    assert h["sessions"]["hits"] == 0 and h["sessions"]["misses"] == 1
+    assert h["cli_processes_started"] == 2
+    sent = normalised(upstream.model_calls[-1]["messages"])
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert sent[1]["content"] == [{"type": "text", "text": "An answer I made up."}]
+    # other settings are another conversation too: a different system prompt
+    upstream.push(fake_upstream.text("Sure."))
+    status, _, body = p.post(CHAT, {"model": "sonnet", "messages": [
+        {"role": "system", "content": "Be terse."}] + messages + [
+        {"role": "user", "content": "More?"}]})
+    assert status == 200
+    assert health(p)["sessions"]["hits"] == 0
+
+
+def test_a_kept_process_that_died_is_replaced(start, upstream):
+    p = start()
+    messages, _ = chat_turns(p, upstream, 1)
+    (pid,) = children(p)
+    os.kill(pid, signal.SIGKILL)
+    wait_gone([pid])
+    messages.append({"role": "user", "content": "Still there?"})
+    upstream.push(fake_upstream.text("Yes."))
+    status, _, body = p.post(CHAT, {"model": "sonnet", "messages": messages})
+    assert status == 200 and body["choices"][0]["message"]["content"] == "Yes.", body
+    sent = normalised(upstream.model_calls[-1]["messages"])
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]   # whole history, fresh
+    assert health(p)["sessions"]["hits"] == 0
+
+
+def test_at_most_sessions_are_kept_oldest_ended_first(start, upstream):
+    p = start(CLAUDE_PROXY_SESSIONS=1)
+    first, _ = chat_turns(p, upstream, 1, prefix="A")
+    (a_pid,) = children(p)
+    second, _ = chat_turns(p, upstream, 1, prefix="B")
+    wait_gone([a_pid])
+    assert health(p)["sessions"]["kept"] == 1 and len(children(p)) == 1
+    first.append({"role": "user", "content": "Back to A."})
+    upstream.push(fake_upstream.text("A again."))
+    status, _, _ = p.post(CHAT, {"model": "sonnet", "messages": first})
+    assert status == 200
+    assert health(p)["sessions"]["misses"] == 1
+
+
+def test_idle_sessions_end_and_their_tmpdir_goes(start, upstream):
+    p = start(CLAUDE_PROXY_SESSION_IDLE=1)
+    chat_turns(p, upstream, 1)
+    (pid,) = children(p)
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    tmpdir = env[b"TMPDIR"].decode()
+    assert os.path.isdir(tmpdir)
+    wait_gone([pid])
+    poll(lambda: health(p)["sessions"]["kept"] == 0, "the session to be forgotten")
+    poll(lambda: not os.path.exists(tmpdir), "its TMPDIR to be removed")
+
+
+def test_shutdown_ends_kept_sessions(make_proxy, upstream):
+    p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0)
+    chat_turns(p, upstream, 1)
+    pids = children(p)
+    assert pids and all(alive(x) for x in pids)
+    p.proc.send_signal(signal.SIGTERM)
+    p.proc.wait(timeout=30)
+    wait_gone(pids)
+
+
+@pytest.mark.parametrize("env, body", [
+    ({}, {"stop": ["STOP"]}),                               # the CLI was interrupted
+    ({}, {"max_tokens": 5}),                                # ditto, at max_tokens
+    ({"CLAUDE_PROXY_SESSIONS": 0}, {}),                     # switched off
+    ({"CLAUDE_PROXY_HISTORY": "flat"}, {}),                 # flat history has no real turns
+])
+def test_turns_that_are_not_kept(start, upstream, env, body):
+    p = start(**env)
+    upstream.push(fake_upstream.text("one two STOP three four five six seven", chunks=4)
+                  if "stop" in body else fake_upstream.text("one two three", stop_reason="max_tokens")
+                  if "max_tokens" in body else fake_upstream.text("fine"))
+    status, _, out = p.post(CHAT, dict({"model": "sonnet", "messages": [
+        {"role": "user", "content": "Go."}]}, **body))
+    assert status == 200, out
+    wait_gone(children(p))
+    assert health(p)["sessions"]["kept"] == 0
