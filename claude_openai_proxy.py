@@ -3633,7 +3633,7 @@ class Handler(BaseHTTPRequestHandler):
             "status": "ok", "version": __version__, "uptime_s": round(time.time() - app.started_at, 1),
             "claude_bin": app.cfg.claude_bin, "claude_found": bool(shutil.which(app.cfg.claude_bin)),
             "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
-            "cli_processes_started": app.backend.started,
+            "cli_processes_started": app.backend.started, "history": app.cfg.history,
             "pool": app.backend.pool.status(),
             "sessions": app.backend.sessions.status(),
             "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)})

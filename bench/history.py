@@ -1,27 +1,28 @@
 #!/usr/bin/env python3
-"""Multi-turn history benchmark: CLAUDE_PROXY_HISTORY=structured vs flat, one run side by side.
+"""Multi-turn history benchmark: kept sessions vs structured injection vs flat, side by side.
 
     python3 bench/history.py [rounds]      # default 5 rounds
 
 One conversation is continued turn by turn, from 0 to 10 earlier turns (an earlier turn = one
-user message and the assistant's answer), through two proxies on the real CLI and the fake
-upstream from tests/, each with a warm pool of one (a request is sent only once its
+user message and the assistant's answer), through three proxies on the real CLI and the fake
+upstream from tests/ (kept: the default; injected: CLAUDE_PROXY_SESSIONS=0; flat:
+CLAUDE_PROXY_HISTORY=flat), each with a warm pool of one (a request is sent only once its
 pre-started process has booted).  Printed per mode:
 
 - shared prefix between consecutive turns: how much of turn N's upstream request is, unchanged,
   the start of turn N+1's, counted at content-block granularity (the prompt cache matches whole
   prefixes; a block that changed counts as not shared) and weighed by the JSON size of the
-  blocks.  "raw" compares the request exactly as the CLI sent it; "normalised" first drops the
-  CLI's own {"role": "system"} messages, treats string content as one text block, and ignores
-  cache_control (as tests/test_history.py does).  Messages only: the system prompt is the same
-  in both modes.
+  blocks.  "raw" compares the request as the CLI sent it (but for cache_control marks, which
+  the cache does not compare); "normalised" also drops the CLI's own {"role": "system"}
+  messages and treats string content as one text block (as tests/test_history.py does).
+  Messages only: the system prompt is the same in all modes.
 - the same injection done by hand on a pre-started bare CLI, two ways: "naive" (wait for the
   initialize answer, then one write per line) and "batched" (what the proxy does: the first
   earlier user line in the write with the control lines, each assistant line in the write
   with the line after it).  Figures: ms from the first write to the first text delta.
 - time to first token (median over rounds) at 0, 1, 5 and 10 earlier turns, and the cost per
   earlier turn: the least-squares slope over all runs, and the median over k of
-  (structured - flat at k earlier turns) / k.  Single requests are noisy here (tens of ms on a
+  (mode - flat at k earlier turns) / k.  Single requests are noisy here (tens of ms on a
   2-core machine); use several rounds.
 """
 import http.client
@@ -51,7 +52,7 @@ def blocks_of(messages, normalise):
         if isinstance(content, str):
             content = [{"type": "text", "text": content}] if normalise else [content]
         for b in content:
-            if normalise and isinstance(b, dict):
+            if isinstance(b, dict):      # a cache mark is not content: the cache ignores it
                 b = {k: v for k, v in b.items() if k != "cache_control"}
             out.append(json.dumps([m["role"], b], sort_keys=True))
     return out
@@ -118,16 +119,25 @@ def conversation(proxy, mode, ttft):
     return calls
 
 
+MODES = {   # name: the proxy's settings
+    "kept": dict(CLAUDE_PROXY_HISTORY="structured"),                       # the default
+    "injected": dict(CLAUDE_PROXY_HISTORY="structured", CLAUDE_PROXY_SESSIONS=0),
+    "flat": dict(CLAUDE_PROXY_HISTORY="flat", CLAUDE_PROXY_SESSIONS=0),
+}
+
+
 def main(rounds):
     print("multi-turn history: real CLI %s, fake upstream, warm pool of 1, %d round(s)"
           % (CLAUDE, rounds))
-    proxies = {mode: Proxy(CLAUDE_PROXY_POOL_SIZE=1, CLAUDE_PROXY_HISTORY=mode)
-               for mode in ("structured", "flat")}
+    print("  kept     = structured history, the conversation's process kept between turns (default)")
+    print("  injected = structured history given to a pre-started process line by line")
+    print("  flat     = earlier turns as one JSON transcript in the user message")
+    proxies = {mode: Proxy(CLAUDE_PROXY_POOL_SIZE=1, **env) for mode, env in MODES.items()}
     ttft = {mode: [[] for _ in range(EARLIER + 1)] for mode in proxies}
     prefix = {mode: {"raw": [], "normalised": []} for mode in proxies}
     try:
         for _ in range(rounds):
-            for mode, proxy in proxies.items():     # interleaved, so drift hits both alike
+            for mode, proxy in proxies.items():     # interleaved, so drift hits all alike
                 calls = conversation(proxy, mode, ttft)
                 for prev, nxt in zip(calls, calls[1:]):
                     prefix[mode]["raw"].append(shared_fraction(prev, nxt, False))
@@ -139,14 +149,16 @@ def main(rounds):
     for _ in range(rounds):
         for key in bare:
             bare[key].append(bare_injection(*key))
-    print("\n  %-52s %12s %12s" % ("", "structured", "flat"))
+    print("\n  %-56s" % "" + "".join("%11s" % m for m in MODES))
 
     def row(label, fn, fmt):
-        print("  %-52s %12s %12s" % (label, fmt % fn("structured"), fmt % fn("flat")))
+        print("  %-56s" % label + "".join("%11s" % (fmt % fn(m)) for m in MODES))
     row("shared prefix, consecutive turns, raw (mean)",
         lambda m: 100 * statistics.mean(prefix[m]["raw"]), "%.1f %%")
     row("shared prefix, consecutive turns, raw (min)",
         lambda m: 100 * min(prefix[m]["raw"]), "%.1f %%")
+    row("shared prefix, turns 2..%d, raw (min)" % EARLIER,      # after the first continuation
+        lambda m: 100 * min(x for i, x in enumerate(prefix[m]["raw"]) if i % EARLIER), "%.1f %%")
     row("shared prefix, consecutive turns, normalised (mean)",
         lambda m: 100 * statistics.mean(prefix[m]["normalised"]), "%.1f %%")
     row("shared prefix, consecutive turns, normalised (min)",
@@ -154,15 +166,15 @@ def main(rounds):
     med = {m: [statistics.median(x) for x in ttft[m]] for m in ttft}
     for n in (0, 1, 5, EARLIER):
         row("time to first token, %d earlier turns (median)" % n, lambda m: 1000 * med[m][n], "%.0f ms")
-    for n in (0, EARLIER):
-        print("  %-52s %12s %12s" % ("bare CLI, %d earlier turns: naive / batched" % n,
-                                     "%.0f ms" % (1000 * statistics.median(bare["naive", n])),
-                                     "%.0f ms" % (1000 * statistics.median(bare["batched", n]))))
     row("cost per earlier turn (least-squares slope, all runs)", lambda m: 1000 * slope(ttft[m]),
         "%.1f ms")
-    extra = [s - f for s, f in zip(med["structured"], med["flat"])]
-    print("  %-52s %12.1f ms" % ("structured - flat, per earlier turn (median of k=1..%d)" % EARLIER,
-                                 1000 * statistics.median(extra[k] / k for k in range(1, EARLIER + 1))))
+    row("minus flat, per earlier turn (median of k=1..%d)" % EARLIER,
+        lambda m: 1000 * statistics.median((med[m][k] - med["flat"][k]) / k
+                                           for k in range(1, EARLIER + 1)), "%.1f ms")
+    for n in (0, EARLIER):
+        print("  %-56s%11s%11s" % ("bare CLI, %d earlier turns: naive / batched injection" % n,
+                                   "%.0f ms" % (1000 * statistics.median(bare["naive", n])),
+                                   "%.0f ms" % (1000 * statistics.median(bare["batched", n]))))
 
 
 def bare_injection(mode, earlier):

@@ -198,3 +198,25 @@ def sse_events(text):
                 data.append(line[6:])
         out.append((name, "\n".join(data)))
     return out
+
+
+def upstream_turns(call):
+    """The conversation a CLI sent upstream as [(role, blocks)], without what the CLI adds itself
+    (role "system" messages, <system-reminder> blocks, cache_control marks)."""
+    out = []
+    for m in call["messages"]:
+        if m["role"] == "system":
+            continue
+        content = m["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        out.append((m["role"], [{k: v for k, v in b.items() if k != "cache_control"}
+                                for b in content if not (b.get("type") == "text" and
+                                                         b["text"].startswith("<system-reminder>"))]))
+    return out
+
+
+def upstream_texts(call):
+    """upstream_turns as [(role, the text blocks joined by newlines)]."""
+    return [(role, "\n".join(b["text"] for b in blocks if b.get("type") == "text"))
+            for role, blocks in upstream_turns(call)]

@@ -12,7 +12,7 @@ import anthropic
 import pytest
 
 import fake_upstream
-from conftest import sse_events
+from conftest import sse_events, upstream_turns
 
 ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "x"}
 
@@ -58,6 +58,12 @@ def upstream_user_text(call):
                 inner = b.get("content")
                 out.append(inner if isinstance(inner, str) else json.dumps(inner))
     return "\n".join(out)
+
+
+def fenced_all(blocks, info):
+    """The JSON objects of the ```info blocks in the text blocks, in order."""
+    text = "\n".join(b["text"] for b in blocks if b.get("type") == "text")
+    return [json.loads(m) for m in re.findall(r"```%s\n(.*?)\n```" % info, text, re.S)]
 
 
 def tool_call_text(name, arguments, before=""):
@@ -322,18 +328,20 @@ def test_tool_result_round_trip_reaches_upstream(client, upstream):
                  "content": [{"type": "text", "text": "TIME-ERROR tz database offline"}]}]}])
     assert msg.stop_reason == "end_turn"
     assert msg.content[0].text == "Paris is 18C and it is 14:05 there."
-    # the history may travel as a JSON transcript: compare with its quoting undone
-    sent = upstream_user_text(upstream.model_calls[-1]).replace('\\"', '"')
-    assert "Weather and time in Paris?" in sent
-    assert "WEATHER-RESULT 18C cloudy" in sent
-    assert "TIME-ERROR tz database offline" in sent
-    assert "toolu_01Weather" in sent and "toolu_02Time" in sent
-    # the failed result is marked as an error for the model
-    time_part = sent[sent.rindex("toolu_02Time"):]
-    assert "TIME-ERROR" in time_part and re.search(r'"is_error"\s*:\s*true', time_part)
-    weather_part = sent[sent.rindex("toolu_01Weather"):sent.rindex("toolu_02Time")]
-    assert "is_error" not in weather_part
-    assert "get_weather" in sent and '"city": "Paris"' in sent
+    # structured history: the earlier turns reach upstream as real messages, in order, with
+    # the calls as ```tool_call text and the results (error flag included) as ```tool_result
+    [(r1, ask), (r2, answer), (r3, results)] = upstream_turns(upstream.model_calls[-1])
+    assert (r1, r2, r3) == ("user", "assistant", "user")
+    assert ask == [{"type": "text", "text": "Weather and time in Paris?"}]
+    assert "Checking both." in answer[0]["text"]
+    assert fenced_all(answer, "tool_call") == [
+        {"name": "get_weather", "arguments": {"city": "Paris"}},
+        {"name": "get_time", "arguments": {"tz": "Europe/Paris"}}]
+    assert fenced_all(results, "tool_result") == [
+        {"tool_call_id": "toolu_01Weather", "name": "get_weather",
+         "content": "WEATHER-RESULT 18C cloudy"},
+        {"tool_call_id": "toolu_02Time", "name": "get_time",
+         "content": "TIME-ERROR tz database offline", "is_error": True}]
 
 
 # -- count_tokens and models --------------------------------------------------------------------

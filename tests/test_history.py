@@ -59,7 +59,14 @@ def assert_continues(prev_call, next_call, answer_blocks, new_user_blocks):
 
 @pytest.fixture(scope="module")
 def structured(make_proxy):
-    return make_proxy(CLAUDE_PROXY_HISTORY="structured")
+    """Structured history given to a new process each request: sessions off, so every turn
+    here injects its earlier turns (test_sessions.py covers continuing a kept process)."""
+    return make_proxy(CLAUDE_PROXY_HISTORY="structured", CLAUDE_PROXY_SESSIONS=0)
+
+
+def test_structured_is_the_default(proxy):
+    status, _, body = proxy.request("GET", "/health")
+    assert status == 200 and body["history"] == "structured", body
 
 
 def test_history_option_is_validated(home, upstream):
@@ -192,7 +199,8 @@ def test_streaming_with_history(structured, upstream):
         ["user", "assistant", "user"]
 
 
-def test_flat_mode_keeps_the_json_transcript(proxy, upstream):
+def test_flat_mode_keeps_the_json_transcript(make_proxy, upstream):
+    proxy = make_proxy(CLAUDE_PROXY_HISTORY="flat")
     messages = [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."},
                 {"role": "user", "content": "Follow-up?"}]
     status, _, out = proxy.post("/v1/chat/completions", {"model": "sonnet", "messages": messages})

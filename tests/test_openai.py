@@ -16,7 +16,7 @@ import openai
 import pytest
 
 import fake_upstream
-from conftest import MARKER, alive, no_leftover_cli, sse_events
+from conftest import MARKER, alive, no_leftover_cli, sse_events, upstream_texts
 
 CHAT = "/v1/chat/completions"
 
@@ -65,6 +65,12 @@ def text_of(content):
     if isinstance(content, str):
         return content
     return "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+
+
+@pytest.fixture(scope="module")
+def flat_proxy(make_proxy):
+    """A proxy with CLAUDE_PROXY_HISTORY=flat: earlier turns as a JSON transcript."""
+    return make_proxy(CLAUDE_PROXY_HISTORY="flat")
 
 
 def transcript_in(text):
@@ -301,20 +307,26 @@ def test_no_system_message_still_no_agent_prompt(proxy, upstream):
     assert len(system) < 500, system
 
 
-def test_multi_turn_history_reaches_upstream(proxy, upstream):
-    """Every earlier turn (role and text) reaches the model, inside the one user message the
-    CLI sends; the system prompt stays out of the transcript."""
+@pytest.mark.parametrize("history", ["structured", "flat"])
+def test_multi_turn_history_reaches_upstream(request, upstream, history):
+    """Every earlier turn (role and text) reaches the model: as real messages of their own
+    (structured, the default) or inside the one user message's transcript (flat); the system
+    prompt stays out of the conversation."""
+    p = request.getfixturevalue("proxy" if history == "structured" else "flat_proxy")
     turns = [("user", "First question: what is 2+2? Q1-ALPHA"),
              ("assistant", "It is 4. A1-BRAVO"),
              ("user", "And doubled? Q2-CHARLIE \"quoted\" ünï")]
     messages = [{"role": "system", "content": "Be terse. SYS-DELTA"}]
     messages += [{"role": r, "content": t} for r, t in turns]
-    status, _, body = chat(proxy, messages)
+    status, _, body = chat(p, messages)
     assert status == 200, body
     [call] = upstream.model_calls
-    [user] = user_messages(call)
-    transcript = transcript_in(text_of(user["content"]))
-    assert [(t["role"], text_of(t["content"])) for t in transcript] == turns
+    if history == "structured":
+        assert upstream_texts(call) == turns
+    else:
+        [user] = user_messages(call)
+        transcript = transcript_in(text_of(user["content"]))
+        assert [(t["role"], text_of(t["content"])) for t in transcript] == turns
     assert "Be terse. SYS-DELTA" in system_text(call)
     assert "SYS-DELTA" not in json.dumps(call["messages"])
 
@@ -388,7 +400,9 @@ def test_cli_environment_is_allow_listed(make_proxy):
                    ANTHROPIC_AUTH_TOKEN="stray-token", ANTHROPIC_MODEL="claude-opus-1",
                    CLAUDECODE="1", CLAUDE_PROXY_API_KEYS="proxy-client-key",
                    CLAUDE_PROXY_PASS_ENV="EXTRA_PASSED,ANTHROPIC_BASE_URL",
-                   EXTRA_PASSED="yes", NOT_PASSED="no")
+                   EXTRA_PASSED="yes", NOT_PASSED="no",
+                   # no kept sessions: a kept process keeps its TMPDIR (test_sessions.py)
+                   CLAUDE_PROXY_SESSIONS=0)
     status, _, body = p.post(CHAT, {"model": "sonnet",
                                     "messages": [{"role": "user", "content": "[[echo-env]]"}]},
                              headers={"Authorization": "Bearer proxy-client-key"})

@@ -17,7 +17,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
 import fake_upstream
-from conftest import PROXY, sse_events
+from conftest import PROXY, sse_events, upstream_turns
 
 STREAM_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city.",
@@ -35,10 +35,8 @@ def system_text(call):
     return " ".join(b["text"] for b in call["system"])
 
 
-def transcript(call):
-    """The turns of a multi-message request, as the CLI sent them upstream."""
-    text = call["messages"][0]["content"][0]["text"]
-    return json.loads(text[text.index("\n\n[") + 2:])
+def text_of(blocks):
+    return "\n".join(b["text"] for b in blocks if b["type"] == "text")
 
 
 def fenced(text, info):
@@ -105,14 +103,14 @@ def test_items_input_with_image(client, upstream):
     assert resp.output_text == "A green pixel."
     call = upstream.model_calls[-1]
     assert "Be terse." in system_text(call)
-    content = call["messages"][0]["content"]
-    images = [b for b in content if b["type"] == "image"]
-    assert images == [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                   "data": data}}]
-    turns = transcript(call)
-    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
-    assert turns[1]["content"] == "Noted: kiwi."
-    assert "What is in this image?" in turns[2]["content"]
+    turns = upstream_turns(call)
+    assert [role for role, _ in turns] == ["user", "assistant", "user"]
+    assert text_of(turns[0][1]) == "Remember the word kiwi."
+    assert text_of(turns[1][1]) == "Noted: kiwi."
+    assert turns[2][1] == [
+        {"type": "text", "text": "What is in this image?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}]
+    assert "Be terse." not in json.dumps(call["messages"])
 
 
 def test_remote_image_url_is_refused(client, upstream):
@@ -144,12 +142,13 @@ def test_function_tool_round_trip(client, upstream):
         {"type": "function_call_output", "call_id": fc.call_id, "output": '{"temp": 21}'}])
     assert second.output_text == "It is 21 degrees in Paris."
     assert [item.type for item in second.output] == ["message"]
-    turns = transcript(upstream.model_calls[-1])
-    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
-    assert "Let me check." in turns[1]["content"]
-    assert fenced(turns[1]["content"], "tool_call") == {"name": "get_weather",
-                                                        "arguments": {"city": "Paris"}}
-    assert fenced(turns[2]["content"], "tool_result") == {
+    turns = upstream_turns(upstream.model_calls[-1])
+    assert [role for role, _ in turns] == ["user", "assistant", "user"]
+    assert text_of(turns[0][1]) == "Weather in Paris?"
+    answer = text_of(turns[1][1])
+    assert "Let me check." in answer
+    assert fenced(answer, "tool_call") == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert fenced(text_of(turns[2][1]), "tool_result") == {
         "tool_call_id": fc.call_id, "name": "get_weather", "content": '{"temp": 21}'}
 
 

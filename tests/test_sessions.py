@@ -7,7 +7,6 @@ Nothing here asserts a duration.  Which process served a turn is seen through /h
 import json
 import os
 import signal
-import time
 
 import pytest
 

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 import fake_upstream
-from conftest import PROXY, base_env, free_port, real_claude_bin, sse_events
+from conftest import PROXY, base_env, free_port, real_claude_bin, sse_events, upstream_texts
 
 F = "`" * 3
 
@@ -64,9 +64,15 @@ def user_text(model_call):
 
 
 def transcript(model_call):
-    """The JSON transcript of earlier turns inside the upstream user message."""
+    """The JSON transcript of earlier turns inside the upstream user message (flat history)."""
     text = user_text(model_call)
     return json.loads(text[text.index("["):text.rindex("]") + 1])
+
+
+@pytest.fixture(scope="module")
+def flat_proxy(make_proxy):
+    """A proxy with CLAUDE_PROXY_HISTORY=flat: earlier turns as a JSON transcript."""
+    return make_proxy(CLAUDE_PROXY_HISTORY="flat")
 
 
 def fenced(text, info):
@@ -144,9 +150,11 @@ def test_refusal_is_retried_with_the_nudge(proxy, upstream):
     assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
     assert REFUSAL not in (msg["content"] or "")
     first, second = upstream.model_calls
-    assert "did not call a tool" not in user_text(first)
-    retry = user_text(second)
-    assert "did not call a tool" in retry and REFUSAL in retry    # the nudge, after the refusal
+    assert upstream_texts(first) == [("user", ASK[0]["content"])]
+    # the retry: the question, the refusal as the model's turn, then the nudge
+    [(r1, ask), (r2, refusal), (r3, nudge)] = upstream_texts(second)
+    assert (r1, ask) == ("user", ASK[0]["content"]) and (r2, refusal) == ("assistant", REFUSAL)
+    assert r3 == "user" and "did not call a tool" in nudge
     assert "get_weather" in system_text(second)
 
 
@@ -265,7 +273,9 @@ def test_streaming_refusal_is_retried_and_never_shown(proxy, upstream):
 
 # -- history ------------------------------------------------------------------------------------
 
-def test_history_of_calls_and_results_reaches_upstream_intact(proxy, upstream):
+@pytest.mark.parametrize("history", ["structured", "flat"])
+def test_history_of_calls_and_results_reaches_upstream_intact(request, upstream, history):
+    proxy = request.getfixturevalue("proxy" if history == "structured" else "flat_proxy")
     tricky = 'He said "hi" \\o/\nline 2\t{"temp": 21, "unit": "C", "tags": ["a", "b"]}\n' + F + "json\n{}\n" + F
     messages = [
         {"role": "system", "content": "You are a weather bot."},
@@ -284,7 +294,10 @@ def test_history_of_calls_and_results_reaches_upstream_intact(proxy, upstream):
     assert out["choices"][0]["finish_reason"] == "stop"
     [model_call] = upstream.model_calls
     assert "You are a weather bot." in system_text(model_call)
-    turns = transcript(model_call)
+    if history == "structured":      # the default: earlier turns as real messages
+        turns = [{"role": r, "content": c} for r, c in upstream_texts(model_call)]
+    else:
+        turns = transcript(model_call)
     assert [t["role"] for t in turns] == ["user", "assistant", "user"]
     assert turns[0]["content"] == "Weather in Paris and Rome?"
     calls = fenced(turns[1]["content"], "tool_call")
@@ -360,7 +373,11 @@ def test_openai_sdk_full_loop(proxy, upstream):
     assert second.choices[0].finish_reason == "stop"
     assert second.choices[0].message.content == "It is 21 °C and clear in Paris."
     assert not second.choices[0].message.tool_calls
-    results = fenced(transcript(upstream.model_calls[-1])[-1]["content"], "tool_result")
+    turns = upstream_texts(upstream.model_calls[-1])
+    assert [r for r, _ in turns] == ["user", "assistant", "user"]
+    assert turns[0][1] == "What's the weather in Paris?"
+    assert fenced(turns[1][1], "tool_call") == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    results = fenced(turns[2][1], "tool_result")
     assert results == [{"tool_call_id": tc.id, "name": "get_weather", "content": '{"temp_c": 21, "sky": "clear"}'}]
 
 
