@@ -47,6 +47,9 @@ def main():
     text = ""
     for line in sys.stdin:
         msg = json.loads(line)
+        if msg.get("type") == "control_request":      # as the real CLI: every request answered
+            out({"type": "control_response", "response": {
+                "subtype": "success", "request_id": msg.get("request_id"), "response": {}}})
         if msg.get("type") == "user":
             content = msg["message"]["content"]
             text = content if isinstance(content, str) else " ".join(

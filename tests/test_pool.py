@@ -360,6 +360,46 @@ def test_launch_settings_are_a_miss_served_cold(start, upstream):
     assert calls and all(c["max_tokens"] == 77 for c in calls), [c.get("max_tokens") for c in calls]
 
 
+# -- (7b) a repeated initialize is given ahead of time, and only ever to its own request ---------
+
+def ask_with_system(proxy, system, text):
+    return proxy.post("/v1/chat/completions", {"model": "sonnet", "messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": text}]}, timeout=60)
+
+
+def test_repeated_system_prompt_is_initialized_ahead_and_never_given_to_another(start, upstream):
+    proxy = start(CLAUDE_PROXY_POOL_SIZE=1)
+    for i in range(2):                      # the same system prompt twice in a row
+        wait_ready(proxy)
+        upstream.push(fake_upstream.text("plain %d" % i))
+        status, _, body = ask_with_system(proxy, "AGENT-PROMPT-A", "task %d" % i)
+        assert status == 200 and answer(body) == "plain %d" % i, body
+    h, _ = wait_ready(proxy)
+    assert h["pool"]["initialized_hits"] == 0
+    # the refill got AGENT-PROMPT-A ahead of time and serves the third request with it
+    upstream.push(fake_upstream.text("pre-initialized"))
+    status, _, body = ask_with_system(proxy, "AGENT-PROMPT-A", "task 2")
+    assert status == 200 and answer(body) == "pre-initialized", body
+    h, _ = wait_ready(proxy)
+    assert h["pool"]["initialized_hits"] == 1
+    assert "AGENT-PROMPT-A" in json.dumps(calls_with(upstream, "task 2")[0]["system"])
+    # another system prompt never gets the process initialized with A: it is served with its
+    # own prompt (by a process that got none), and A's process is replaced
+    upstream.push(fake_upstream.text("other agent"))
+    status, _, body = ask_with_system(proxy, "AGENT-PROMPT-B", "task 3")
+    assert status == 200 and answer(body) == "other agent", body
+    system = json.dumps(calls_with(upstream, "task 3")[0]["system"])
+    assert "AGENT-PROMPT-B" in system and "AGENT-PROMPT-A" not in system
+    h, _ = wait_ready(proxy)
+    assert h["pool"]["initialized_hits"] == 1 and h["pool"]["mode"] == "warm"
+    # and B's next request takes the plain process the pool now holds
+    upstream.push(fake_upstream.text("B again"))
+    status, _, body = ask_with_system(proxy, "AGENT-PROMPT-B", "task 4")
+    assert status == 200 and answer(body) == "B again", body
+    assert "AGENT-PROMPT-A" not in json.dumps(calls_with(upstream, "task 4")[0]["system"])
+    assert health(proxy)["pool"]["hits"] == h["pool"]["hits"] + 1
+
+
 # -- (8) processes that die at start: cold fallback, clear errors (fake bin) --------------------
 
 def test_pool_of_dying_processes_falls_back_and_requests_get_an_error(start, upstream, tmp_path):
