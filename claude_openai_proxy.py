@@ -469,6 +469,7 @@ class Done:
     stop_reason: str             # Anthropic vocabulary: end_turn, max_tokens, tool_use, ...
     usage: Usage
     stop_sequence: str = None
+    whole: bool = True           # False: the client got less than the model wrote (see Sessions)
 
 
 @dataclass
@@ -986,6 +987,7 @@ class Attempt:
     held: list = field(default_factory=list)     # events not yet sent to the client
     text: str = ""
     calls: int = 0
+    dropped: int = 0             # calls beyond the first when parallel_tool_calls is off
     holding: bool = True
     done: Done = None
 
@@ -1019,7 +1021,8 @@ def emulated_tool_events(req, run):
             first = second
     yield from first.held
     reason = "tool_use" if first.calls else (first.done.stop_reason if first.done else "end_turn")
-    yield Done(reason, total, first.done.stop_sequence if first.done else None)
+    yield Done(reason, total, first.done.stop_sequence if first.done else None,
+               whole=not first.dropped)
 
 
 def _tool_attempt(req, run, messages, hold_all, total):
@@ -1034,6 +1037,8 @@ def _tool_attempt(req, run, messages, hold_all, total):
             elif req.parallel_tool_calls or not a.calls:
                 a.calls += 1
                 yield ToolCall(new_id(req.id_prefix), val[0], json.dumps(val[1], ensure_ascii=False))
+            else:
+                a.dropped += 1
 
     for ev in run(messages):
         if isinstance(ev, TextDelta):
@@ -1049,7 +1054,7 @@ def _tool_attempt(req, run, messages, hold_all, total):
             yield ev
             continue
         elif isinstance(ev, Reset):
-            pending, a.calls = "", 0
+            pending, a.calls, a.dropped = "", 0, 0
             answer.clear()
             a.held = []
             out = [ev]
@@ -3270,8 +3275,8 @@ class App:
 
 def model_events(app, req, call):
     """The whole pipeline for one request: a slot, then one CLI turn (or the tool engine).
-    A turn that ends whole, in one CLI run (no refusal retry), keeps its process for the
-    conversation's next turn (Sessions)."""
+    A turn that ends whole (the client got all the model wrote), in one CLI run (no refusal
+    retry), keeps its process for the conversation's next turn (Sessions)."""
     app.backend.gate.acquire(call)
     sessions = app.backend.sessions
     prior = sessions.wants(req, req.messages)
@@ -3295,7 +3300,7 @@ def model_events(app, req, call):
                                   "input": json.loads(ev.arguments)})
                 elif isinstance(ev, Reset):
                     text, calls = [], []
-                elif isinstance(ev, Done) and len(runs) == 1 and \
+                elif isinstance(ev, Done) and len(runs) == 1 and ev.whole and \
                         ev.stop_reason in ("end_turn", "tool_use"):
                     keep.finish(req.messages, Message(
                         "assistant", [{"type": "text", "text": "".join(text)}] + calls))

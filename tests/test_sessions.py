@@ -208,3 +208,20 @@ def test_turns_that_are_not_kept(start, upstream, env, body):
     assert status == 200, out
     wait_gone(children(p))
     assert health(p)["sessions"]["kept"] == 0
+
+
+def test_a_turn_whose_extra_tool_calls_were_dropped_is_not_kept(start, upstream):
+    """parallel_tool_calls: false hands the client the first call only; the process heard the
+    model make two, so it no longer holds the conversation the client has."""
+    p = start()
+    two = "".join(F + 'tool_call\n{"name": "get_weather", "arguments": {"city": "%s"}}\n' % c + F + "\n"
+                  for c in ("Paris", "Rome"))
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["input_schema"]}}
+    body = {"model": "sonnet", "tools": [tool], "messages": [{"role": "user", "content": "Both?"}]}
+    for parallel, kept in ((False, 0), (True, 1)):
+        upstream.push(fake_upstream.text(two))
+        status, _, out = p.post(CHAT, dict(body, parallel_tool_calls=parallel))
+        assert status == 200, out
+        calls = out["choices"][0]["message"]["tool_calls"]
+        assert len(calls) == (2 if parallel else 1)
+        poll(lambda: health(p)["sessions"]["kept"] == kept, "%d kept session(s)" % kept)
