@@ -59,6 +59,9 @@ Data flow
          Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
     Native tools (X-Toolcall-Module: native) skip the engine: the client's tools reach the model
     as real tools through the CLI's MCP bridge, and its tool_use blocks come back as ToolCalls.
+    The CLI process is a pre-started one from the pool when one is ready, and when a request
+    continues a conversation whose last turn ended whole, the very process that answered it
+    (Sessions): then only the new user message is sent.
 
 Contents
 --------
@@ -3203,18 +3206,17 @@ class Metrics:
                    ["claude_proxy_cli_running %d" % gate.running])
             metric("claude_proxy_cli_processes_started_total", "counter", "CLI processes started",
                    ["claude_proxy_cli_processes_started_total %d" % app.backend.started])
-            pool = app.backend.pool.status()
-            metric("claude_proxy_pool_requests_total", "counter", "requests served by a "
-                   "pre-started process (hit) or a fresh one (miss)",
-                   ['claude_proxy_pool_requests_total{result="hit"} %d' % pool["hits"],
-                    'claude_proxy_pool_requests_total{result="miss"} %d' % pool["misses"]])
+            pool, kept = app.backend.pool.status(), app.backend.sessions.status()
+            for name, status, help_ in (
+                    ("pool", pool, "requests served by a pre-started process (hit) or a fresh one "
+                                   "(miss)"),
+                    ("session", kept, "requests with history continued on the process that "
+                                      "answered the turn before (hit) or not (miss)")):
+                full = "claude_proxy_%s_requests_total" % name
+                metric(full, "counter", help_, ['%s{result="%s"} %d' % (full, r, status[k])
+                                                for r, k in (("hit", "hits"), ("miss", "misses"))])
             metric("claude_proxy_pool_ready", "gauge", "pre-started processes waiting",
                    ["claude_proxy_pool_ready %d" % pool["ready"]])
-            kept = app.backend.sessions.status()
-            metric("claude_proxy_session_requests_total", "counter", "requests with history "
-                   "continued on the process that answered the turn before (hit) or not (miss)",
-                   ['claude_proxy_session_requests_total{result="hit"} %d' % kept["hits"],
-                    'claude_proxy_session_requests_total{result="miss"} %d' % kept["misses"]])
             metric("claude_proxy_sessions_kept", "gauge", "conversations kept for their next turn",
                    ["claude_proxy_sessions_kept %d" % kept["kept"]])
             metric("claude_proxy_tokens_total", "counter", "tokens by direction",

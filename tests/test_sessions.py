@@ -13,7 +13,7 @@ import pytest
 import fake_upstream
 from conftest import sse_events
 from test_history import normalised
-from test_pool import alive, children, health, poll, wait_gone
+from test_pool import alive, children, health, metric, poll, wait_gone
 
 CHAT = "/v1/chat/completions"
 WEATHER = {"name": "get_weather", "description": "Current weather for a city.",
@@ -81,6 +81,9 @@ def test_a_conversation_continues_on_the_process_that_answered(start, upstream, 
     assert h["sessions"]["hits"] == 3 and h["sessions"]["misses"] == 0
     assert h["cli_processes_started"] == 1          # one process for all four turns
     assert h["sessions"]["kept"] == 1 and len(children(p)) == 1
+    assert metric(p, 'claude_proxy_session_requests_total{result="hit"}') == 3
+    assert metric(p, 'claude_proxy_session_requests_total{result="miss"}') == 0
+    assert metric(p, "claude_proxy_sessions_kept") == 1
     # each request is the previous one plus the answer and the new question; from the second
     # turn on exactly so (the CLI adds its "# Environment" message once, at the second turn)
     for prev, nxt in zip(calls, calls[1:]):
