@@ -721,8 +721,7 @@ class BaseToolCallHandler:
     extra_refusal_patterns = ()
 
     def __init__(self):
-        pats = tuple(self.refusal_patterns) + tuple(self.extra_refusal_patterns)
-        self._refusal = re.compile("|".join("(?:%s)" % p for p in pats), re.I)
+        self._refusal = None      # compiled at first use: ~7 ms a handler, kept off start-up
 
     # -- prompt building ------------------------------------------------------------------
     def tool_prompt(self, tools, tool_choice):
@@ -767,6 +766,9 @@ class BaseToolCallHandler:
 
     # -- parsing ----------------------------------------------------------------------------
     def is_refusal(self, text):
+        if getattr(self, "_refusal", None) is None:
+            pats = tuple(self.refusal_patterns) + tuple(self.extra_refusal_patterns)
+            self._refusal = re.compile("|".join("(?:%s)" % p for p in pats), re.I)
         return bool(self._refusal.search((text or "").replace("\u2019", "'")))
 
     def parse(self, text, final=True, names=None):
