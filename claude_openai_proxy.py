@@ -1027,7 +1027,7 @@ def emulated_tool_events(req, run):
     yield from first.held
     reason = "tool_use" if first.calls else (first.done.stop_reason if first.done else "end_turn")
     yield Done(reason, total, first.done.stop_sequence if first.done else None,
-               whole=not first.dropped)
+               whole=not first.dropped and (first.done is None or first.done.whole))
 
 
 def _tool_attempt(req, run, messages, hold_all, total):
@@ -1080,10 +1080,11 @@ def _tool_attempt(req, run, messages, hold_all, total):
 
 
 # 7. CLI backend #################################################################################
-# One CLI process per attempt, run as a plain model: no built-in tools, no CLAUDE.md, no
-# settings, no session files, its own TMPDIR, an empty working directory, an allow-listed
-# environment.  Prompts travel on stdin (stream-json), never on argv.  Native tools are the only
-# tools it ever sees: the client's, through ToolBridge, and never run.
+# One CLI process per attempt (or per conversation, while Sessions keeps it), run as a plain
+# model: no built-in tools, no CLAUDE.md, no settings, no session files, its own TMPDIR, an
+# empty working directory, an allow-listed environment.  Prompts travel on stdin (stream-json),
+# never on argv.  Native tools are the only tools it ever sees: the client's, through
+# ToolBridge, and never run.
 
 #: efforts a running process accepts per request (apply_flag_settings effortLevel); "max" is
 #: session-only in the CLI, so it has to be a launch flag.
@@ -1354,7 +1355,7 @@ class CLIProcess:
                     return False
             except queue.Empty:
                 break
-        self.seen, self.stopped, self.garbage = 0, None, []
+        self.seen, self.stopped, self.garbage, self.rate_limit = 0, None, [], None
         return True
 
     def exit_status(self, wait=2.0):
@@ -1448,9 +1449,10 @@ class Pool:
     hand-out falls back to cold spawns for a while, which /health reports.
 
     When the last two requests of a launch key sent the same initialize (system prompt,
-    schema), new processes for it get that initialize ahead of time (~50 ms off the request);
-    such a process serves only a request with that initialize, and is replaced once another
-    one is asked for.
+    schema), new processes for it get that initialize ahead of time (~50 ms off the request),
+    all but one: a request with another system prompt still finds a process that got none.
+    A process initialized ahead serves only a request with exactly that initialize, and is
+    replaced once another initialize has been asked twice in a row.
     """
     BACKOFF = 60.0
 
@@ -1477,7 +1479,7 @@ class Pool:
             self.recent[launch] = None
             self.recent.move_to_end(launch)
             while len(self.recent) > self.size:
-                self.recent.popitem(last=False)
+                self.inits.pop(self.recent.popitem(last=False)[0], None)
             seen, repeats = self.inits.get(launch, (None, 0))
             self.inits[launch] = (init, repeats + 1 if init is not None and init == seen else 1)
             found = None
@@ -1500,9 +1502,10 @@ class Pool:
     def _initialize(self, proc, init):
         """Give a new process the initialize its launch settings were last asked with, and
         read the answer, so that it is silent again when handed out: "ok", "refused" (the CLI
-        said no: not tried again) or "died"."""
+        said no, or did not answer within 5 s (it takes ~50 ms): not tried again until the
+        initialize is asked twice more) or "died"."""
         proc.send(control("init", init))
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not self.closed:
             try:
                 item = proc.lines.get(timeout=0.5)
@@ -1513,7 +1516,13 @@ class Pool:
             if isinstance(item, dict) and item.get("type") == "control_response":
                 proc.preinit = init
                 return "ok" if (item.get("response") or {}).get("subtype") == "success" else "refused"
-        return "died"
+        return "refused"
+
+    def _superseded(self, proc):
+        """A process initialized ahead for a system prompt that another one has replaced
+        (asked twice in a row since), so no request is likely to want it."""
+        init, repeats = self.inits.get(proc.launch, (None, 0))
+        return proc.preinit is not None and proc.preinit != init and repeats >= 2
 
     def _note_death(self, proc=None):
         """Count a pooled process that died unused (caller holds the lock)."""
@@ -1545,7 +1554,7 @@ class Pool:
                         self.ready.remove(proc)
                         self._note_death(proc)
                     elif now - proc.born > self.max_idle or have[proc.launch] >= want[proc.launch] \
-                            or proc.preinit not in (None, self.inits.get(proc.launch, (None,))[0]):
+                            or self._superseded(proc):
                         self.ready.remove(proc)     # stale, or settings nobody asks for now
                         threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
                     else:
@@ -1555,15 +1564,19 @@ class Pool:
                     self.cond.wait(1.0)
                     continue
                 # asked twice in a row with the same initialize (an agent's fixed system
-                # prompt): the new process gets it now, which takes it off the request's path
+                # prompt): the new process gets it now, which takes it off the request's path;
+                # one process per launch key stays without, for a request with another prompt
                 init, repeats = self.inits.get(short[0], (None, 0))
+                plain = sum(p.launch == short[0] and p.preinit is None for p in self.ready)
+                if repeats < 2 or not plain:
+                    init = None
             try:
                 proc = self.backend.spawn(short[0])
             except ProxyError:
                 with self.cond:
                     self._note_death()
                 continue
-            outcome = self._initialize(proc, init) if init is not None and repeats >= 2 else "ok"
+            outcome = self._initialize(proc, init) if init is not None else "ok"
             if outcome != "ok":
                 with self.cond:
                     if outcome == "died":
@@ -1612,7 +1625,7 @@ def conversation_key(req, messages):
             part = ["assistant", text.strip(), calls]
         else:
             part = ["user", m.blocks]
-        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
+        h.update(json.dumps(part, sort_keys=True).encode())     # ASCII: lone surrogates too
     return h.hexdigest()
 
 
@@ -1638,8 +1651,9 @@ class Sessions:
             threading.Thread(target=self._expire, name="sessions", daemon=True).start()
 
     def wants(self, req, messages):
-        """The key of the conversation this request continues, or None when it can't be one
-        (sessions off, flat history, native tools, structured output, a prefill, no history)."""
+        """The key of the conversation this request continues ("" for a first message), or
+        None when its turn can't be kept (sessions off, flat history, native tools, structured
+        output, a prefill)."""
         if self.size <= 0 or self.backend.cfg.history != "structured" or native_tools(req) \
                 or req.json_schema is not None or messages[-1].role != "user":
             return None
@@ -1678,8 +1692,8 @@ class Sessions:
                 self.kept[key] = (proc, time.monotonic())
                 while len(self.kept) > self.size:
                     ended.append(self.kept.popitem(last=False)[1][0])
-        for p in ended:
-            self.backend.discard(p)
+        for p in ended:      # not on the request's thread: the answer is still being sent
+            threading.Thread(target=self.backend.discard, args=(p,), daemon=True).start()
 
     def _expire(self):
         while True:
@@ -1719,9 +1733,10 @@ class Keep:
         self.proc = None
 
     def finish(self, messages, answer):
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            self.sessions.park(conversation_key(self.req, list(messages) + [answer]), proc)
+        if self.proc is not None:
+            key = conversation_key(self.req, list(messages) + [answer])
+            proc, self.proc = self.proc, None
+            self.sessions.park(key, proc)
 
     def drop(self):
         proc, self.proc = self.proc, None
@@ -1802,7 +1817,9 @@ class Backend:
             finally:
                 if proc is not None:
                     self.discard(proc)
-            proc, resumed = None, False
+            proc = self.pool.take(launch, None if native_tools(req) else init_request(req)) \
+                if resumed else None
+            resumed = False
 
     def close_all(self):
         self.pool.close()
@@ -2098,7 +2115,10 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                 yield TextDelta(json.dumps(item["structured_output"], ensure_ascii=False))
                 yield Done("end_turn", usage)
                 return
-            yield Done(item.get("stop_reason") or "end_turn", usage)
+            # a re-asked answer shorter than the text already streamed: the client has more
+            # than the CLI keeps (Sessions must not continue it)
+            yield Done(item.get("stop_reason") or "end_turn", usage,
+                       whole=not any(replay.skip.values()))
             return
         if bridge is not None and bridge.done:
             yield Done("tool_use", bridge.usage)
@@ -2788,8 +2808,9 @@ class AnthropicMessages:
 
 # 11. OpenAI responses ###########################################################################
 # POST /v1/responses, stateless.  OpenAI keeps responses server-side so that a later request can
-# say `previous_response_id`; this proxy keeps nothing (every request is one fresh CLI turn, and
-# a store of conversations would be a second copy of every user's data to secure and expire), so
+# say `previous_response_id`; this proxy stores nothing it could look up by id (a store of
+# conversations would be a second copy of every user's data to secure and expire; Sessions
+# only keeps a CLI process, in memory, for a request that resends the same conversation), so
 # clients send the whole conversation in `input`, as they do with `store: false`.  Only function
 # tools exist here (OpenAI's built-in tools run on OpenAI's servers), and the model's thinking is
 # not returned as reasoning items.
@@ -3282,11 +3303,10 @@ def model_events(app, req, call):
     A turn that ends whole (the client got all the model wrote), in one CLI run (no refusal
     retry), keeps its process for the conversation's next turn (Sessions)."""
     app.backend.gate.acquire(call)
-    sessions = app.backend.sessions
-    prior = sessions.wants(req, req.messages)
-    keep = Keep(sessions, req, prior) if prior is not None else None
-    runs = []
+    keep, runs = None, []
     try:
+        prior = app.backend.sessions.wants(req, req.messages)
+        keep = Keep(app.backend.sessions, req, prior) if prior is not None else None
         def run(messages):
             runs.append(messages)
             return app.backend.run(req, messages, call, keep if len(runs) == 1 else None)

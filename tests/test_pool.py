@@ -368,36 +368,45 @@ def ask_with_system(proxy, system, text):
 
 
 def test_repeated_system_prompt_is_initialized_ahead_and_never_given_to_another(start, upstream):
-    proxy = start(CLAUDE_PROXY_POOL_SIZE=1)
+    proxy = start(CLAUDE_PROXY_POOL_SIZE=2)
     for i in range(2):                      # the same system prompt twice in a row
         wait_ready(proxy)
         upstream.push(fake_upstream.text("plain %d" % i))
         status, _, body = ask_with_system(proxy, "AGENT-PROMPT-A", "task %d" % i)
         assert status == 200 and answer(body) == "plain %d" % i, body
-    h, _ = wait_ready(proxy)
-    assert h["pool"]["initialized_hits"] == 0
-    # the refill got AGENT-PROMPT-A ahead of time and serves the third request with it
+    h0, _ = wait_ready(proxy)
+    assert h0["pool"]["initialized_hits"] == 0
+    # one refill got AGENT-PROMPT-A ahead of time and serves the third request with it
     upstream.push(fake_upstream.text("pre-initialized"))
     status, _, body = ask_with_system(proxy, "AGENT-PROMPT-A", "task 2")
     assert status == 200 and answer(body) == "pre-initialized", body
-    h, _ = wait_ready(proxy)
-    assert h["pool"]["initialized_hits"] == 1
+    assert health(proxy)["pool"]["initialized_hits"] == 1
     assert "AGENT-PROMPT-A" in json.dumps(calls_with(upstream, "task 2")[0]["system"])
-    # another system prompt never gets the process initialized with A: it is served with its
-    # own prompt (by a process that got none), and A's process is replaced
-    upstream.push(fake_upstream.text("other agent"))
-    status, _, body = ask_with_system(proxy, "AGENT-PROMPT-B", "task 3")
-    assert status == 200 and answer(body) == "other agent", body
-    system = json.dumps(calls_with(upstream, "task 3")[0]["system"])
-    assert "AGENT-PROMPT-B" in system and "AGENT-PROMPT-A" not in system
+    # another system prompt never gets a process initialized with A; the pool keeps one that
+    # got none, so it is still a hit (no cold start), served with its own prompt
+    for i in (3, 4):
+        wait_ready(proxy)
+        upstream.push(fake_upstream.text("other agent %d" % i))
+        status, _, body = ask_with_system(proxy, "AGENT-PROMPT-B", "task %d" % i)
+        assert status == 200 and answer(body) == "other agent %d" % i, body
+        system = json.dumps(calls_with(upstream, "task %d" % i)[0]["system"])
+        assert "AGENT-PROMPT-B" in system and "AGENT-PROMPT-A" not in system
     h, _ = wait_ready(proxy)
-    assert h["pool"]["initialized_hits"] == 1 and h["pool"]["mode"] == "warm"
-    # and B's next request takes the plain process the pool now holds
-    upstream.push(fake_upstream.text("B again"))
-    status, _, body = ask_with_system(proxy, "AGENT-PROMPT-B", "task 4")
-    assert status == 200 and answer(body) == "B again", body
-    assert "AGENT-PROMPT-A" not in json.dumps(calls_with(upstream, "task 4")[0]["system"])
-    assert health(proxy)["pool"]["hits"] == h["pool"]["hits"] + 1
+    assert h["pool"]["misses"] == h0["pool"]["misses"] and h["pool"]["mode"] == "warm"
+    assert h["pool"]["hits"] == h0["pool"]["hits"] + 3
+    assert h["pool"]["initialized_hits"] == 1
+
+
+def test_a_pool_of_one_is_not_initialized_ahead(start, upstream):
+    """With one pooled process there is none to spare for another system prompt: it gets none."""
+    proxy = start(CLAUDE_PROXY_POOL_SIZE=1)
+    for i in range(4):
+        wait_ready(proxy)
+        upstream.push(fake_upstream.text("same %d" % i))
+        status, _, body = ask_with_system(proxy, "AGENT-PROMPT-A", "same task %d" % i)
+        assert status == 200 and answer(body) == "same %d" % i, body
+    h, _ = wait_ready(proxy)
+    assert h["pool"]["initialized_hits"] == 0 and h["pool"]["hits"] == 4
 
 
 # -- (8) processes that die at start: cold fallback, clear errors (fake bin) --------------------

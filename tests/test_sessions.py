@@ -228,3 +228,36 @@ def test_a_turn_whose_extra_tool_calls_were_dropped_is_not_kept(start, upstream)
         calls = out["choices"][0]["message"]["tool_calls"]
         assert len(calls) == (2 if parallel else 1)
         poll(lambda: health(p)["sessions"]["kept"] == kept, "%d kept session(s)" % kept)
+
+
+def test_a_lone_surrogate_in_the_history_is_served_and_kept(start, upstream):
+    """JavaScript clients can cut a string inside a surrogate pair; such text reaches the CLI
+    (as a JSON escape) and must not break the conversation key, leak the slot or the process."""
+    p = start(CLAUDE_PROXY_MAX_CONCURRENCY=1)
+    messages = [{"role": "user", "content": "cut emoji \ud83d here"}]
+    for answer in ("first", "second"):
+        upstream.push(fake_upstream.text(answer))
+        status, _, body = p.post(CHAT, {"model": "sonnet", "messages": messages})
+        assert status == 200 and body["choices"][0]["message"]["content"] == answer, body
+        messages += [{"role": "assistant", "content": answer},
+                     {"role": "user", "content": "more \udc00 text"}]
+    h = health(p)
+    assert h["concurrency"]["running"] == 0
+    assert h["sessions"]["hits"] == 1 and h["sessions"]["kept"] == 1 and len(children(p)) == 1
+
+
+def test_a_stream_that_got_more_than_the_re_asked_answer_is_not_kept(start, upstream):
+    """The upstream stream drops after some text and the CLI's second answer is shorter than
+    what the client already has: the client's answer is not the one the CLI keeps."""
+    p = start()
+    first = "AAAA BBBB CCCC DDDD EEEE FFFF GGGG HHHH IIII JJJJ"
+    upstream.push(fake_upstream.text(first, chunks=10, drop_after=5))
+    upstream.default = fake_upstream.text("AAAA")
+    status, _, body = p.post(CHAT, {"model": "sonnet", "stream": True,
+                                    "messages": [{"role": "user", "content": "Go."}]}, timeout=150)
+    assert status == 200, body
+    chunks = [json.loads(d) for _, d in sse_events(body) if d != "[DONE]"]
+    got = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert len(upstream.model_calls) >= 2 and got.startswith("AAAA") and len(got) > 4, got
+    wait_gone(children(p))
+    assert health(p)["sessions"]["kept"] == 0
