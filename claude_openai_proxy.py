@@ -1273,6 +1273,7 @@ class CLIProcess:
         self.launch = launch
         self.model = launch_model(cfg, launch)
         self.preinit = None          # the initialize request the pool gave it ahead of time
+        self.refused = False         # ... and the CLI refused it
         self.born = time.monotonic()
         self.lines = queue.Queue()
         self.stderr_tail = collections.deque(maxlen=20)
@@ -1335,8 +1336,18 @@ class CLIProcess:
         self.send(control("stop", {"subtype": "interrupt"}))
 
     def fresh(self):
-        """Alive and silent: a pre-started process that printed anything has gone wrong."""
-        if self._closed or self.proc.poll() is not None or not self.lines.empty():
+        """Alive and silent: a pre-started process that printed anything but the answer to an
+        initialize given ahead (taken here) has gone wrong."""
+        if self._closed or self.refused or self.proc.poll() is not None:
+            return False
+        while self.preinit is not None and not self.lines.empty():
+            item = self.lines.get_nowait()
+            if not (isinstance(item, dict) and item.get("type") == "control_response"):
+                return False
+            self.refused = (item.get("response") or {}).get("subtype") != "success"
+            if self.refused:
+                return False
+        if not self.lines.empty():
             return False
         try:      # a killed multi-threaded process is a zombie before waitpid can reap it
             with open("/proc/%d/stat" % self.proc.pid, "rb") as f:
@@ -1489,7 +1500,7 @@ class Pool:
                     if proc.fresh():
                         found = proc
                         break
-                    self._note_death(proc)
+                    self._unfit(proc)
             if found:
                 self.hits += 1
                 self.preinit_hits += found.preinit is not None
@@ -1499,24 +1510,15 @@ class Pool:
             self.cond.notify_all()
         return found
 
-    def _initialize(self, proc, init):
-        """Give a new process the initialize its launch settings were last asked with, and
-        read the answer, so that it is silent again when handed out: "ok", "refused" (the CLI
-        said no, or did not answer within 5 s (it takes ~50 ms): not tried again until the
-        initialize is asked twice more) or "died"."""
-        proc.send(control("init", init))
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not self.closed:
-            try:
-                item = proc.lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if item is _EOF:
-                return "died"
-            if isinstance(item, dict) and item.get("type") == "control_response":
-                proc.preinit = init
-                return "ok" if (item.get("response") or {}).get("subtype") == "success" else "refused"
-        return "refused"
+    def _unfit(self, proc):
+        """End a ready process that is no longer fit (caller holds the lock).  One whose
+        initialize given ahead was refused is not a death, and that initialize is not given
+        ahead again until it is asked twice more; any other died."""
+        if proc.refused:
+            self.inits.pop(proc.launch, None)
+            threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
+        else:
+            self._note_death(proc)
 
     def _superseded(self, proc):
         """A process initialized ahead for a system prompt that another one has replaced
@@ -1552,7 +1554,7 @@ class Pool:
                 for proc in list(self.ready):
                     if not proc.fresh():
                         self.ready.remove(proc)
-                        self._note_death(proc)
+                        self._unfit(proc)
                     elif now - proc.born > self.max_idle or have[proc.launch] >= want[proc.launch] \
                             or self._superseded(proc):
                         self.ready.remove(proc)     # stale, or settings nobody asks for now
@@ -1576,15 +1578,9 @@ class Pool:
                 with self.cond:
                     self._note_death()
                 continue
-            outcome = self._initialize(proc, init) if init is not None else "ok"
-            if outcome != "ok":
-                with self.cond:
-                    if outcome == "died":
-                        self._note_death(proc)
-                    else:
-                        self.inits.pop(short[0], None)
-                        threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
-                continue
+            if init is not None:      # read while it boots; its answer is taken by fresh()
+                proc.send(control("init", init))
+                proc.preinit = init
             with self.cond:
                 if self.closed:
                     self.backend.discard(proc)

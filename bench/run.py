@@ -148,9 +148,12 @@ def bare_cli_ttft(prestarted=False):
 
 def bench_ttft(rounds=7):
     print("\n1. time to first token (real CLI %s, fake upstream; median of %d)" % (CLAUDE, rounds))
-    cold = Proxy(CLAUDE_PROXY_POOL_SIZE=0)
-    warm = Proxy()          # the default pool of 2: after two requests with the same system
-    bare, nopool, pool, bare_warm = [], [], [], []     # prompt, one process gets it ahead of time
+    # one-message requests: no conversation to keep, and a kept process left idle beside the
+    # measurement is noise.  The default pool of 2: after two requests with the same system
+    # prompt, one of its processes gets it ahead of time.
+    cold = Proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
+    warm = Proxy(CLAUDE_PROXY_SESSIONS=0)
+    bare, nopool, pool, bare_warm = [], [], [], []
     try:
         for _ in range(rounds):        # interleaved, so drift hits all alike
             bare.append(bare_cli_ttft())

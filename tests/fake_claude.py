@@ -13,7 +13,8 @@ on a directive in the user's text:
     [[rate-limited]] a rate_limit_event (resets in 120 s), then a 429 result
     [[stamps:N]]    N text deltas, each "<time.time()>;" when printed, 2 ms apart (benchmarks)
     anything else   answer "fake answer" with a result line
-Each run records its pid in $FAKE_CLAUDE_PIDS (a directory) when that is passed to it.
+Each run records its pid in $FAKE_CLAUDE_PIDS (a directory) when that is passed to it, and
+refuses every initialize request when $FAKE_CLAUDE_REFUSE_INIT is set.
 """
 import json
 import os
@@ -48,8 +49,13 @@ def main():
     for line in sys.stdin:
         msg = json.loads(line)
         if msg.get("type") == "control_request":      # as the real CLI: every request answered
-            out({"type": "control_response", "response": {
-                "subtype": "success", "request_id": msg.get("request_id"), "response": {}}})
+            if os.environ.get("FAKE_CLAUDE_REFUSE_INIT") and \
+                    msg.get("request", {}).get("subtype") == "initialize":
+                out({"type": "control_response", "response": {
+                    "subtype": "error", "request_id": msg.get("request_id"), "error": "refused"}})
+            else:
+                out({"type": "control_response", "response": {
+                    "subtype": "success", "request_id": msg.get("request_id"), "response": {}}})
         if msg.get("type") == "user":
             content = msg["message"]["content"]
             text = content if isinstance(content, str) else " ".join(

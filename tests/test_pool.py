@@ -409,6 +409,20 @@ def test_a_pool_of_one_is_not_initialized_ahead(start, upstream):
     assert h["pool"]["initialized_hits"] == 0 and h["pool"]["hits"] == 4
 
 
+def test_a_refused_initialize_ahead_is_not_a_start_failure(start, upstream):
+    """The CLI refuses the initialize (here: every one): requests get the 400 they would get
+    anyway (also one handed a process before its refusal arrived), and the processes given it
+    ahead are ended without counting as start failures, so the pool stays warm."""
+    proxy = start(fake=True, CLAUDE_PROXY_POOL_SIZE=2, FAKE_CLAUDE_REFUSE_INIT="1",
+                  CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_REFUSE_INIT")
+    for i in range(4):
+        wait_ready(proxy)
+        status, _, body = chat(proxy, "refused %d" % i)
+        assert status == 400 and "refused the request settings" in body["error"]["message"], body
+    h, _ = wait_ready(proxy)
+    assert h["pool"]["start_failures"] == 0 and h["pool"]["mode"] == "warm"
+
+
 # -- (8) processes that die at start: cold fallback, clear errors (fake bin) --------------------
 
 def test_pool_of_dying_processes_falls_back_and_requests_get_an_error(start, upstream, tmp_path):
