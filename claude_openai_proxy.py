@@ -1647,18 +1647,17 @@ class Sessions:
             threading.Thread(target=self._expire, name="sessions", daemon=True).start()
 
     def wants(self, req, messages):
-        """The key of the conversation this request continues ("" for a first message), or
-        None when its turn can't be kept (sessions off, flat history, native tools, structured
-        output, a prefill)."""
+        """The key of the conversation this request continues, or None when its turn is not
+        kept: sessions off, flat history, native tools, structured output, a prefill, and a
+        first message (most of those are one-shot requests; a CLI kept after its turn still
+        works ~0.25 s of CPU, and a conversation is kept from its second turn on)."""
         if self.size <= 0 or self.backend.cfg.history != "structured" or native_tools(req) \
-                or req.json_schema is not None or messages[-1].role != "user":
+                or req.json_schema is not None or messages[-1].role != "user" or len(messages) < 2:
             return None
-        return conversation_key(req, messages[:-1]) if len(messages) > 1 else ""
+        return conversation_key(req, messages[:-1])
 
     def take(self, key):
         """The live process that holds conversation `key`, or None."""
-        if not key:
-            return None
         with self.cond:
             proc, _ = self.kept.pop(key, (None, 0))
             if proc is None:
