@@ -13,8 +13,9 @@ pre-started process has booted).  Printed per mode:
   the start of turn N+1's, counted at content-block granularity (the prompt cache matches whole
   prefixes; a block that changed counts as not shared) and weighed by the JSON size of the
   blocks.  "raw" compares the request as the CLI sent it (but for cache_control marks, which
-  the cache does not compare); "normalised" also drops the CLI's own {"role": "system"}
-  messages and treats string content as one text block (as tests/test_history.py does).
+  the cache does not compare, and string content, which is shorthand for one text block);
+  "normalised" also drops the CLI's own {"role": "system"} messages (as
+  tests/test_history.py does).
   Messages only: the system prompt is the same in all modes.
 - the same injection done by hand on a pre-started bare CLI, two ways: "naive" (wait for the
   initialize answer, then one write per line) and "batched" (what the proxy does: the first
@@ -49,8 +50,8 @@ def blocks_of(messages, normalise):
         if normalise and m.get("role") == "system":
             continue
         content = m["content"]
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}] if normalise else [content]
+        if isinstance(content, str):     # shorthand for one text block, to the API too
+            content = [{"type": "text", "text": content}]
         for b in content:
             if isinstance(b, dict):      # a cache mark is not content: the cache ignores it
                 b = {k: v for k, v in b.items() if k != "cache_control"}
@@ -129,7 +130,8 @@ MODES = {   # name: the proxy's settings
 def main(rounds):
     print("multi-turn history: real CLI %s, fake upstream, warm pool of 1, %d round(s)"
           % (CLAUDE, rounds))
-    print("  kept     = structured history, the conversation's process kept between turns (default)")
+    print("  kept     = structured history, the conversation's process kept between turns (default;")
+    print("             from the conversation's second request on)")
     print("  injected = structured history given to a pre-started process line by line")
     print("  flat     = earlier turns as one JSON transcript in the user message")
     proxies = {mode: Proxy(CLAUDE_PROXY_POOL_SIZE=1, **env) for mode, env in MODES.items()}
