@@ -1606,14 +1606,15 @@ class Pool:
             self.backend.discard(proc)
 
 
-def conversation_key(req, messages):
-    """What a CLI process that answered `messages` holds: the settings it was given (launch,
-    model, effort, system prompt with the tool prompt, handler) and the conversation.  An
-    assistant message counts by what a client can echo back of it, its text and its tool
-    calls (ids, thinking and block boundaries are dropped or reshaped by clients); a user
-    message counts whole."""
-    h = hashlib.sha256(json.dumps([repr(launch_of(req)), req.cli_model, req.effort,
-                                   render_system(req), req.handler.name]).encode())
+def conversation_hash(req, messages, h=None):
+    """What a CLI process that answered `messages` holds, as a running SHA-256: the settings it
+    was given (launch, model, effort, system prompt with the tool prompt, handler) and the
+    conversation.  An assistant message counts by what a client can echo back of it, its text
+    and its tool calls (ids, thinking and block boundaries are dropped or reshaped by clients);
+    a user message counts whole.  With `h` (the hash of earlier messages) it goes on from there."""
+    if h is None:
+        h = hashlib.sha256(json.dumps([repr(launch_of(req)), req.cli_model, req.effort,
+                                       render_system(req), req.handler.name]).encode())
     for m in messages:
         if m.role == "assistant":
             text = "".join(b.get("text", "") for b in m.blocks if b.get("type") == "text")
@@ -1622,7 +1623,7 @@ def conversation_key(req, messages):
         else:
             part = ["user", m.blocks]
         h.update(json.dumps(part, sort_keys=True).encode())     # ASCII: lone surrogates too
-    return h.hexdigest()
+    return h
 
 
 class Sessions:
@@ -1632,7 +1633,7 @@ class Sessions:
     process: no start-up, no earlier turns to give it again, and the upstream request is the
     previous one plus the new turn, unchanged (the prompt cache's best case).
 
-    A process is only ever continued by the conversation it answered (conversation_key), so
+    A process is only ever continued by the conversation it answered (conversation_hash), so
     nothing of one conversation reaches another.  At most `size` are kept (the oldest is ended
     first), each for `max_idle` seconds (the upstream prompt cache lives 5 minutes).
     """
@@ -1646,15 +1647,16 @@ class Sessions:
         if size > 0:
             threading.Thread(target=self._expire, name="sessions", daemon=True).start()
 
-    def wants(self, req, messages):
-        """The key of the conversation this request continues, or None when its turn is not
-        kept: sessions off, flat history, native tools, structured output, a prefill, and a
-        first message (most of those are one-shot requests; a CLI kept after its turn still
-        works ~0.25 s of CPU, and a conversation is kept from its second turn on)."""
+    def keep_for(self, req):
+        """The request's Keep, or None when its turn is not kept: sessions off, flat history,
+        native tools, structured output, a prefill, and a first message (most of those are
+        one-shot requests; a CLI kept after its turn still works ~0.25 s of CPU, so a
+        conversation is kept from its second turn on)."""
+        messages = req.messages
         if self.size <= 0 or self.backend.cfg.history != "structured" or native_tools(req) \
                 or req.json_schema is not None or messages[-1].role != "user" or len(messages) < 2:
             return None
-        return conversation_key(req, messages[:-1])
+        return Keep(self, req)
 
     def take(self, key):
         """The live process that holds conversation `key`, or None."""
@@ -1721,15 +1723,18 @@ class Sessions:
 
 class Keep:
     """One request's part in Sessions: the conversation it continues (`prior`), and the process
-    that answered it, parked under the new conversation once the answer is known to be whole."""
+    that answered it, parked under the new conversation once the answer is known to be whole
+    (the hash goes on from the request's messages: each is hashed once)."""
 
-    def __init__(self, sessions, req, prior):
-        self.sessions, self.req, self.prior = sessions, req, prior
-        self.proc = None
+    def __init__(self, sessions, req):
+        self.sessions, self.req, self.proc = sessions, req, None
+        self._hash = conversation_hash(req, req.messages[:-1])
+        self.prior = self._hash.hexdigest()
+        conversation_hash(req, req.messages[-1:], self._hash)
 
-    def finish(self, messages, answer):
+    def finish(self, answer):
         if self.proc is not None:
-            key = conversation_key(self.req, list(messages) + [answer])
+            key = conversation_hash(self.req, [answer], self._hash.copy()).hexdigest()
             proc, self.proc = self.proc, None
             self.sessions.park(key, proc)
 
@@ -1780,7 +1785,8 @@ class Backend:
         launch = launch_of(req)
         proc = self.sessions.take(keep.prior) if keep is not None else None
         resumed = proc is not None
-        proc = proc or self.pool.take(launch, None if native_tools(req) else init_request(req))
+        pooled_init = None if native_tools(req) else init_request(req)
+        proc = proc or self.pool.take(launch, pooled_init)
         while True:
             pooled, proc = proc is not None, proc or self.spawn(launch)
             bridge = ToolBridge(req) if native_tools(req) else None
@@ -1812,8 +1818,7 @@ class Backend:
             finally:
                 if proc is not None:
                     self.discard(proc)
-            proc = self.pool.take(launch, None if native_tools(req) else init_request(req)) \
-                if resumed else None
+            proc = self.pool.take(launch, pooled_init) if resumed else None
             resumed = False
 
     def close_all(self):
@@ -3300,8 +3305,7 @@ def model_events(app, req, call):
     app.backend.gate.acquire(call)
     keep, runs = None, []
     try:
-        prior = app.backend.sessions.wants(req, req.messages)
-        keep = Keep(app.backend.sessions, req, prior) if prior is not None else None
+        keep = app.backend.sessions.keep_for(req)
         def run(messages):
             runs.append(messages)
             return app.backend.run(req, messages, call, keep if len(runs) == 1 else None)
@@ -3321,7 +3325,7 @@ def model_events(app, req, call):
                     text, calls = [], []
                 elif isinstance(ev, Done) and len(runs) == 1 and ev.whole and \
                         ev.stop_reason in ("end_turn", "tool_use"):
-                    keep.finish(req.messages, Message(
+                    keep.finish(Message(
                         "assistant", [{"type": "text", "text": "".join(text)}] + calls))
             yield ev
     finally:

@@ -269,3 +269,35 @@ def test_a_stream_that_got_more_than_the_re_asked_answer_is_not_kept(start, upst
     assert len(upstream.model_calls) >= 2 and got.startswith("AAAA") and len(got) > 4, got
     wait_gone(children(p))
     assert health(p)["sessions"]["kept"] == 0
+
+
+REFUSAL = "I'm sorry, but I don't have access to real-time weather data."
+CALL = F + 'tool_call\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n' + F
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["input_schema"]}}
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+@pytest.mark.parametrize("case", ["refusal retried", "structured output", "native tools", "kept"])
+def test_more_turns_that_are_not_kept(start, upstream, case):
+    """The refusal retry (the process heard a refusal and a nudge the client never saw),
+    structured output and native tools are not kept; the same tool request without the retry
+    is (the control case)."""
+    p = start()
+    body, headers = {"model": "sonnet", "messages": SEED + [{"role": "user", "content": "Paris?"}]}, {}
+    if case == "structured output":
+        upstream.push(fake_upstream.tool_use("StructuredOutput", {"n": 1}))
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}
+    else:
+        body["tools"] = [TOOL]
+        if case == "refusal retried":
+            upstream.push(fake_upstream.text(REFUSAL))
+        upstream.push(fake_upstream.text("Checking." if case == "native tools" else CALL))
+        if case == "native tools":
+            headers = {"X-Toolcall-Module": "native"}
+    status, _, out = p.post(CHAT, body, headers=headers)
+    assert status == 200, out
+    if case == "refusal retried":
+        assert out["choices"][0]["message"]["tool_calls"] and len(upstream.model_calls) == 2
+    kept = 1 if case == "kept" else 0
+    poll(lambda: health(p)["sessions"]["kept"] == kept and len(children(p)) == kept,
+         "%d kept session(s)" % kept)
