@@ -98,6 +98,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -1089,6 +1090,8 @@ def _tool_attempt(req, run, messages, hold_all, total):
 #: efforts a running process accepts per request (apply_flag_settings effortLevel); "max" is
 #: session-only in the CLI, so it has to be a launch flag.
 RUNTIME_EFFORTS = ("low", "medium", "high", "xhigh")
+#: seconds a finished process may take to rewind its conversation before it is ended instead
+RESET_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -1281,6 +1284,13 @@ class CLIProcess:
         self.stopped = None
         self.rate_limit = None       # the last rate_limit_info the CLI reported
         self.seen = 0                # stdout lines read so far
+        self.kind = "spawned"        # how it last served, or how it waits (see Idle)
+        self.settings = None         # the settings lines a reused process was given (see Idle)
+        self.conversation = None     # the conversation a kept process holds (conversation_hash)
+        self.served = 0              # turns answered
+        self.clean = False           # its last turn ended whole, not interrupted nor failed
+        self.used = self.born        # when it last served or came back idle
+        self._users = []             # uuids of the user lines in its conversation (reset)
         self._closed = False
         threading.Thread(target=self._read_stdout, daemon=True).start()
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
@@ -1305,6 +1315,10 @@ class CLIProcess:
             pass
 
     def send(self, *objs):
+        for o in objs:         # every user line gets a uuid: reset() rewinds to the first
+            if o.get("type") == "user":
+                o.setdefault("uuid", str(uuid.uuid4()))
+                self._users.append(o["uuid"])
         try:           # one write for all lines: each is a wake-up of the CLI's reader
             self.proc.stdin.write("".join(json.dumps(o) + "\n" for o in objs).encode())
             self.proc.stdin.flush()
@@ -1368,6 +1382,45 @@ class CLIProcess:
                 break
         self.seen, self.stopped, self.garbage, self.rate_limit = 0, None, [], None
         return True
+
+    def reset(self, timeout=RESET_SECONDS):
+        """Empty the conversation after a turn that ended cleanly, so that the next request's
+        upstream `system` and `messages` are byte for byte what a fresh process with the same
+        settings would send (pinned by tests/test_reuse.py).  `rewind_conversation` to the first
+        user line does that (~15 ms); the `/clear` command would leave three caveat text
+        blocks in the next user message.  The CLI checks that the rewind knows the latest
+        user line (`last_seen_user_message_uuid`), else it refuses with stale_target."""
+        if not self._users or not self.resume():
+            return False
+        self.send(control("rewind", {"subtype": "rewind_conversation",
+                                     "target_message_uuid": self._users[0],
+                                     "last_seen_user_message_uuid": self._users[-1]}))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                item = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if item is _EOF:
+                return False
+            if isinstance(item, dict) and item.get("type") == "control_response":
+                resp = item.get("response") or {}
+                if resp.get("request_id") == "rewind":
+                    ok = resp.get("subtype") == "success" and \
+                        (resp.get("response") or {}).get("rewound") is True
+                    self._users = [] if ok else self._users
+                    return ok and self.resume()
+
+    def rss(self):
+        """Resident memory in bytes (0 where /proc cannot tell)."""
+        try:
+            with open("/proc/%d/status" % self.proc.pid, "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0
 
     def exit_status(self, wait=2.0):
         """The exit status once the process has ended (None if it hasn't within `wait`), with
