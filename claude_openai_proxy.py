@@ -22,7 +22,7 @@ Endpoints
     POST /v1/messages/count_tokens   Anthropic token count (an estimate: ~4 bytes a token)
     GET  /v1/models                  model list (Anthropic shape if anthropic-version/x-api-key)
     GET  /v1/models/{id}             one model
-    GET  /health                     liveness, capacity, pool, handler modules (no secrets)
+    GET  /health                     liveness, capacity, idle CLI processes, handlers (no secrets)
     GET  /metrics                    Prometheus text format
   Every /v1/... route also answers without the /v1 prefix.
 
@@ -38,7 +38,7 @@ Configuration (flags win over environment; read once at start-up)
     --cli-retries     CLAUDE_PROXY_CLI_RETRIES       1     upstream retries inside the CLI
     --pass-env        CLAUDE_PROXY_PASS_ENV          ""    extra variables passed to the CLI
     --toolcall-module CLAUDE_PROXY_TOOLCALL_MODULE   generic  (generic | native | modules/NAME)
-    --pool-size       CLAUDE_PROXY_POOL_SIZE         2     pre-started CLI processes (0 = off)
+    --pool-size       CLAUDE_PROXY_POOL_SIZE         mem   ready CLI processes (0 = off; max 2 by memory)
     --pool-max-idle   CLAUDE_PROXY_POOL_MAX_IDLE     300   seconds before a waiting one is renewed
     (env only)        CLAUDE_PROXY_API_KEYS          ""    keys clients must send (Bearer/x-api-key)
     --max-body        CLAUDE_PROXY_MAX_BODY          10 MB largest request body, then 413
@@ -46,8 +46,11 @@ Configuration (flags win over environment; read once at start-up)
     --shutdown-grace  CLAUDE_PROXY_SHUTDOWN_GRACE    30    seconds in-flight requests may finish
     --read-timeout    CLAUDE_PROXY_READ_TIMEOUT      60    seconds of client silence while reading
     --history         CLAUDE_PROXY_HISTORY     structured  earlier turns: structured | flat
-    --sessions        CLAUDE_PROXY_SESSIONS          2     conversations kept live for their next turn
+    --sessions        CLAUDE_PROXY_SESSIONS          mem   conversations kept live for their next turn
     --session-idle    CLAUDE_PROXY_SESSION_IDLE      300   seconds a kept conversation waits
+    --idle-max        CLAUDE_PROXY_IDLE_MAX          mem   idle CLI processes of every kind, LRU
+    --reuse           CLAUDE_PROXY_REUSE             100   requests per CLI process (0 = one each)
+    --recycle-rss     CLAUDE_PROXY_RECYCLE_RSS       500   MB above which a CLI is not reused
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
@@ -59,9 +62,10 @@ Data flow
          Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
     Native tools (X-Toolcall-Module: native) skip the engine: the client's tools reach the model
     as real tools through the CLI's MCP bridge, and its tool_use blocks come back as ToolCalls.
-    The CLI process is a pre-started one from the pool when one is ready, and when a request
-    continues a conversation whose last turn ended whole, the very process that answered it
-    (Sessions): then only the new user message is sent.
+    The CLI process comes from one store of idle processes (Idle) when one fits: the very
+    process that answered the conversation so far (then only the new user message is sent),
+    else one that answered an earlier request with the same settings and was reset, else a
+    pre-started one; a process whose turn ended cleanly goes back to the store.
 
 Contents
 --------
@@ -80,6 +84,7 @@ import argparse
 import base64
 import binascii
 import collections
+import dataclasses
 import hashlib
 import hmac
 import importlib
@@ -218,12 +223,17 @@ class Config:
     max_body: int = 10 * 1024 * 1024
     cors_origins: tuple = ()
     shutdown_grace: float = 30.0
-    pool_size: int = 2
+    pool_size: int = None        # None: sized from memory (size_idle), as are sessions, idle_max
     pool_max_idle: float = 300.0
     read_timeout: float = 60.0
     history: str = "structured"
-    sessions: int = 2
+    sessions: int = None
     session_idle: float = 300.0
+    idle_max: int = None
+    reuse: int = 100
+    recycle_rss: int = 500
+    #: how pool_size, sessions and idle_max were chosen (start-up log, /health)
+    sizing: str = ""
     #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
     workdir: str = ""
     #: snapshot of os.environ taken at start-up; nothing reads os.environ later
@@ -270,6 +280,13 @@ OPTIONS = (
      "0 = off; each holds ~180 MB)"),
     ("--session-idle", "CLAUDE_PROXY_SESSION_IDLE", "session_idle", float,
      "seconds a kept conversation waits for its next turn before its process is ended"),
+    ("--idle-max", "CLAUDE_PROXY_IDLE_MAX", "idle_max", int,
+     "idle CLI processes held at most, of every kind (pool, reused, kept); the least recently "
+     "used is ended first"),
+    ("--reuse", "CLAUDE_PROXY_REUSE", "reuse", int,
+     "requests one CLI process serves, reset in between, before it is replaced (0 = one each)"),
+    ("--recycle-rss", "CLAUDE_PROXY_RECYCLE_RSS", "recycle_rss", int,
+     "MB of resident memory above which a CLI process is replaced instead of reused (0 = no limit)"),
 )
 LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins")
 SECRET_OPTIONS = ("api_keys",)
@@ -286,8 +303,10 @@ def build_parser():
         if flag is None:
             env_only.append("  %s: %s" % (env, help_))
             continue
+        default = getattr(defaults, name)
         p.add_argument(flag, dest=name, default=None,
-                       help="%s (env %s, default %r)" % (help_, env, getattr(defaults, name)))
+                       help="%s (env %s, default %s)" % (help_, env, "from memory" if default is None
+                                                          else repr(default)))
     p.epilog = "environment only:\n" + "\n".join(env_only) + "\n\n" + p.epilog
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="allow a non-loopback --host without CLAUDE_PROXY_API_KEYS")
@@ -324,10 +343,11 @@ def load_config(argv=None, environ=None):
     cfg = Config(environ=environ, allow_unauthenticated=args.allow_unauthenticated, **values)
     if cfg.max_concurrency < 1:
         raise SystemExit("error: CLAUDE_PROXY_MAX_CONCURRENCY must be at least 1")
-    if cfg.pool_size < 0:
-        raise SystemExit("error: CLAUDE_PROXY_POOL_SIZE must be 0 or more")
-    if cfg.sessions < 0:
-        raise SystemExit("error: CLAUDE_PROXY_SESSIONS must be 0 or more")
+    for name, env in (("pool_size", "POOL_SIZE"), ("sessions", "SESSIONS"), ("idle_max", "IDLE_MAX"),
+                      ("reuse", "REUSE"), ("recycle_rss", "RECYCLE_RSS")):
+        if (getattr(cfg, name) or 0) < 0:
+            raise SystemExit("error: CLAUDE_PROXY_%s must be 0 or more" % env)
+    cfg = size_idle(cfg)
     try:
         resolve_model(cfg.default_model, None)
     except ProxyError as err:
@@ -341,6 +361,56 @@ def load_config(argv=None, environ=None):
                          "reaches it would spend your subscription. Set keys, or pass "
                          "--allow-unauthenticated if something in front checks them." % cfg.host)
     return cfg, args
+
+
+#: what one CLI process may come to hold (180-300 MB measured; README: Performance)
+CLI_MEMORY = 300 * 2 ** 20
+
+
+def available_memory():
+    """(bytes, where from): /proc/meminfo MemAvailable, or what a cgroup limit (v2 or v1)
+    leaves if that is less; (None, "") where neither can be read."""
+    avail, source = None, ""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail, source = int(line.split()[1]) * 1024, "MemAvailable"
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f, open(usage) as g:
+                room = int(f.read().strip()) - int(g.read().strip())
+        except (OSError, ValueError):
+            continue                                    # absent, or "max": no limit
+        if room < 2 ** 60 and (avail is None or room < avail):
+            avail, source = max(0, room), "the cgroup limit"
+    return avail, source
+
+
+def size_idle(cfg, memory=None):
+    """cfg with the idle-process sizes the operator left unset chosen from memory: what 80 %
+    of the available memory holds in CLI_MEMORY units, after room for max_concurrency running
+    CLIs; at most the historical defaults (pool 2, sessions 2), and the budget large enough
+    for every running CLI to come back idle.  A 1 GB machine gets none: no swap, no OOM kill."""
+    unset = [n for n in ("pool_size", "sessions", "idle_max") if getattr(cfg, n) is None]
+    avail, source = memory or available_memory()
+    fit = 4 + cfg.max_concurrency if avail is None else \
+        max(0, int((avail * 0.8 - cfg.max_concurrency * CLI_MEMORY) // CLI_MEMORY))
+    pool = min(2, fit) if cfg.pool_size is None else cfg.pool_size
+    sessions = min(2, max(0, fit - pool)) if cfg.sessions is None else cfg.sessions
+    budget = max(pool + sessions, min(fit, cfg.max_concurrency)) if cfg.idle_max is None \
+        else cfg.idle_max
+    if not unset:
+        how = "set by the operator"
+    else:
+        how = "%s from %s" % (", ".join(n for n in unset), "%s %.1f GiB (%d MB a CLI, %d running)"
+                               % (source, avail / 2 ** 30, CLI_MEMORY // 2 ** 20,
+                                  cfg.max_concurrency) if avail is not None else "defaults (memory unknown)")
+    return dataclasses.replace(cfg, pool_size=pool, sessions=sessions, idle_max=budget, sizing=how)
 
 
 def is_loopback(host):
@@ -397,9 +467,12 @@ class Request:
     thinking: bool = False       # return thinking to the client
     disable_thinking: bool = False
     include_usage: bool = False
+    session: str = ""            # the client says a conversation follows (session_signal)
     handler: object = None
     id_prefix: str = "call_"     # tool call ids: call_... (OpenAI) or toolu_... (Anthropic)
     json_schema: dict = None     # structured output: the answer must be JSON matching it
+    account: str = ""            # the login that serves it (section 7, logins)
+    served_by: str = ""          # the kind of CLI process that answered (section 7)
 
 
 @dataclass
@@ -555,6 +628,19 @@ def image_block(url_or_data, media_type=None):
     except (binascii.Error, ValueError):
         raise BadRequest("image data is not valid base64")
     return {"type": "image", "source": {"type": "base64", "media_type": m.group(1), "data": data}}
+
+
+def session_signal(body, headers):
+    """What the client sent that says a conversation will follow, in either dialect: header
+    X-Session-Id, OpenAI prompt_cache_key / safety_identifier / user, Anthropic
+    metadata.user_id (Claude Code puts its session there); "" when none."""
+    metadata = body.get("metadata") if isinstance(body, dict) else None
+    for value in (headers.get("X-Session-Id"),
+                  *(body.get(k) for k in ("prompt_cache_key", "safety_identifier", "user")),
+                  metadata.get("user_id") if isinstance(metadata, dict) else None):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
 
 
 def merge_messages(messages):
@@ -1502,85 +1588,177 @@ class Gate:
             self._cond.notify_all()
 
 
-class Pool:
-    """Pre-started CLI processes, one request each.  A process boots (~0.7 s) before it reads
-    stdin, so one started ahead of time answers several times sooner.
+class Idle:
+    """Every CLI process that is not running a turn, in one store.  Each has a launch key
+    (Launch: argv and environment), settings, and a kind that says what it can serve:
 
-    It keeps `size` processes spread over the launch settings most recently asked for (one
-    key: all of them; two keys, e.g. OpenAI defaults and an Anthropic max_tokens: one each),
-    hands out only live, silent ones, replaces those idle longer than `max_idle` (so a
-    re-login or a CLI upgrade is picked up), and after 3 deaths in a row without a good
-    hand-out falls back to cold spawns for a while, which /health reports.
+        pool         pre-started, nothing sent yet          any request with its launch key
+        initialized  pre-started, given an initialize ahead a request with that initialize
+        reused       answered a request cleanly, then reset (CLIProcess.reset): conversation
+                     empty, the settings of that request    a request with the same settings
+        kept         holds a conversation (conversation_hash) that conversation's next turn
+
+    A request takes the best that fits (`take`): its own conversation > same settings, reset >
+    initialized > pool; else a new process is started ("spawned").  A process whose turn ended
+    cleanly comes back (`give_back`) kept for its conversation, or reset for the next request
+    (after at most `reuse` turns and below `recycle_rss`; never after a failure, an interrupt
+    or a turn that did not end), or is ended.
+
+    One eviction policy: at most `budget` idle processes in all (sized from memory at
+    start-up), the least recently used ended first; at most `sessions` of them hold a
+    conversation.  A thread keeps `pool_size` ready ones (reused, initialized or pool) spread
+    over the launch keys most recently asked for, one of them plain (pool) per key for a
+    request with other settings; it ends those that died or waited too long (`max_idle`, so a
+    re-login or a CLI upgrade is picked up; `session_idle` for a conversation, the upstream
+    prompt cache's lifetime), and after 3 deaths in a row of pre-started processes it falls
+    back to cold spawns for a while (/health says so).
 
     When the last two requests of a launch key sent the same initialize (system prompt,
-    schema), new processes for it get that initialize ahead of time (~50 ms off the request),
-    all but one: a request with another system prompt still finds a process that got none.
-    A process initialized ahead serves only a request with exactly that initialize, and is
-    replaced once another initialize has been asked twice in a row.
+    schema), new pre-started processes get it ahead of time (~50 ms off the request).
     """
     BACKOFF = 60.0
+    KINDS = ("kept", "reused", "initialized", "pool")
 
-    def __init__(self, backend, size, max_idle):
-        self.backend, self.size, self.max_idle = backend, size, max_idle
-        self.ready = collections.deque()
+    def __init__(self, backend, cfg):
+        self.backend = backend
+        self.pool_size, self.max_idle = cfg.pool_size, cfg.pool_max_idle
+        self.sessions, self.session_idle = cfg.sessions, cfg.session_idle
+        self.budget, self.reuse = cfg.idle_max, cfg.reuse
+        self.recycle_rss = cfg.recycle_rss * 2 ** 20
+        self.procs = []               # least recently used first
+        self.resetting = 0            # processes being reset: counted in the budget
         self.recent = collections.OrderedDict([(Launch(), None)])   # most recent last
         self.cond = threading.Condition()
-        self.hits = self.misses = self.failures = self.preinit_hits = 0
-        self.failures_in_a_row = 0
+        self.hits = collections.Counter()
+        self.misses = self.failures = self.failures_in_a_row = self.recycled = self.evicted = 0
         self.paused_until = 0.0
         self.closed = False
         #: launch -> (the initialize it was last asked with, how many times in a row)
         self.inits = {}
-        if size > 0:
-            threading.Thread(target=self._maintain, name="pool", daemon=True).start()
+        threading.Thread(target=self._maintain, name="idle", daemon=True).start()
 
-    def take(self, launch, init=None):
-        """A ready process for `launch`: one that already got `init` (the request's initialize)
-        if there is one, else one that got none; None when neither is ready."""
-        if self.size <= 0:
+    def keep_for(self, req):
+        """The request's Keep (its answered turn stays on its process for the next one), or
+        None: sessions off, flat history, native tools, structured output, a prefill, and a
+        first message unless the client said a conversation follows (req.session; most first
+        messages are one-shot requests, and a kept process is held from everyone else)."""
+        messages = req.messages
+        if self.sessions <= 0 or self.backend.cfg.history != "structured" or native_tools(req) \
+                or req.json_schema is not None or messages[-1].role != "user" \
+                or (len(messages) < 2 and not req.session):
             return None
+        return Keep(self, req)
+
+    def take(self, launch, settings=None, init=None, conversation=None):
+        """(process, kind) for a request: the best idle one that fits, or (None, "spawned").
+        `settings` is what a reused process must have been given (None: no reuse), `init` the
+        request's initialize, `conversation` the one it continues."""
         with self.cond:
-            self.recent[launch] = None
-            self.recent.move_to_end(launch)
-            while len(self.recent) > self.size:
-                self.inits.pop(self.recent.popitem(last=False)[0], None)
-            seen, repeats = self.inits.get(launch, (None, 0))
-            self.inits[launch] = (init, repeats + 1 if init is not None and init == seen else 1)
+            if self.pool_size > 0:
+                self.recent[launch] = None
+                self.recent.move_to_end(launch)
+                while len(self.recent) > self.pool_size:
+                    self.inits.pop(self.recent.popitem(last=False)[0], None)
+                seen, repeats = self.inits.get(launch, (None, 0))
+                self.inits[launch] = (init, repeats + 1 if init is not None and init == seen else 1)
+
+            def rank(p):
+                if p.launch != launch:
+                    return None
+                if p.kind == "kept":
+                    return 0 if conversation is not None and p.conversation == conversation else None
+                if p.kind == "reused":
+                    return 1 if settings is not None and p.settings == settings else None
+                if p.kind == "initialized":
+                    return 2 if init is not None and p.preinit == init else None
+                return 3
+            fits = sorted((p for p in self.procs if rank(p) is not None), key=rank)
             found = None
-            for proc in sorted(self.ready, key=lambda p: p.preinit != init):
-                if proc.launch == launch and proc.preinit in (None, init):
-                    self.ready.remove(proc)
-                    if proc.fresh():
-                        found = proc
-                        break
-                    self._unfit(proc)
-            if found:
-                self.hits += 1
-                self.preinit_hits += found.preinit is not None
-                self.failures_in_a_row = 0
-            else:
+            for proc in fits:
+                self.procs.remove(proc)
+                if proc.resume() if proc.kind in ("kept", "reused") else proc.fresh():
+                    found = proc
+                    break
+                self._unfit(proc)
+            if found is None:
                 self.misses += 1
+            else:
+                self.hits[found.kind] += 1
+                if found.kind in ("initialized", "pool"):
+                    self.failures_in_a_row = 0
             self.cond.notify_all()
-        return found
+        return (found, found.kind) if found is not None else (None, "spawned")
+
+    def give_back(self, proc, conversation=None):
+        """A process whose request is over: kept for `conversation`, reset for reuse, or
+        ended.  Not on the request's thread when it is kept or reset: the answer may still be
+        on its way to the client."""
+        fit = proc.clean and not self.closed and proc.served < max(self.reuse, 1) \
+            and not (self.recycle_rss and proc.rss() > self.recycle_rss)
+        if fit and conversation is not None and self.sessions > 0:
+            proc.kind, proc.conversation = "kept", conversation
+            with self.cond:
+                self._hold(proc)
+        elif fit and self.reuse > 0 and proc.settings is not None:
+            with self.cond:
+                self.resetting += 1
+            threading.Thread(target=self._reset, args=(proc,), daemon=True).start()
+        else:
+            if proc.clean and self.reuse > 0 and proc.settings is not None:
+                with self.cond:
+                    self.recycled += 1
+            if proc.clean:
+                threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
+            else:
+                self.backend.discard(proc)
+
+    def _reset(self, proc):
+        ok = proc.reset()
+        with self.cond:
+            self.resetting -= 1
+            if ok and not self.closed:
+                proc.kind, proc.conversation = "reused", None
+                self._hold(proc)
+                return
+        self.backend.discard(proc)
+
+    def _hold(self, proc):
+        """Add an idle process, most recently used; end what the limits leave no room for
+        (caller holds the lock)."""
+        proc.used = time.monotonic()
+        self.procs.append(proc)
+        ended = []
+        kept = [p for p in self.procs if p.kind == "kept"]
+        if len(kept) > self.sessions:
+            ended.append(kept[0])
+            self.procs.remove(kept[0])
+        while self.procs and len(self.procs) + self.resetting > self.budget:
+            ended.append(self.procs.pop(0))
+            self.evicted += 1
+        for p in ended:
+            threading.Thread(target=self.backend.discard, args=(p,), daemon=True).start()
+        self.cond.notify_all()
 
     def _unfit(self, proc):
-        """End a ready process that is no longer fit (caller holds the lock).  One whose
-        initialize given ahead was refused is not a death, and that initialize is not given
-        ahead again until it is asked twice more; any other died."""
+        """End an idle process that is no longer fit (caller holds the lock).  A pre-started
+        one whose initialize given ahead was refused is not a death, and that initialize is
+        not given ahead again until it is asked twice more; any other pre-started one died."""
         if proc.refused:
             self.inits.pop(proc.launch, None)
             threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
-        else:
+        elif proc.kind in ("initialized", "pool"):
             self._note_death(proc)
+        else:
+            threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
 
     def _superseded(self, proc):
-        """A process initialized ahead for a system prompt that another one has replaced
-        (asked twice in a row since), so no request is likely to want it."""
+        """Initialized ahead for a system prompt that another one has replaced (asked twice in
+        a row since), so no request is likely to want it."""
         init, repeats = self.inits.get(proc.launch, (None, 0))
         return proc.preinit is not None and proc.preinit != init and repeats >= 2
 
     def _note_death(self, proc=None):
-        """Count a pooled process that died unused (caller holds the lock)."""
+        """Count a pre-started process that died unused (caller holds the lock)."""
         self.failures += 1
         self.failures_in_a_row += 1
         if self.failures_in_a_row >= 3:
@@ -1588,14 +1766,18 @@ class Pool:
         if proc is not None:
             threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
 
-    def note_stillborn(self):
-        """A handed-out process died before it printed anything (see Backend.run)."""
+    def note_stillborn(self, kind):
+        """A process handed out as `kind` died before it printed anything (see Backend.run):
+        a pre-started one counts as a death, a kept or reused one as no hit."""
         with self.cond:
-            self._note_death()
+            if kind in ("initialized", "pool"):
+                self._note_death()
+            else:
+                self.hits[kind] -= 1
 
     def _targets(self):
         keys = list(reversed(self.recent))
-        return collections.Counter(keys[i % len(keys)] for i in range(self.size))
+        return collections.Counter(keys[i % len(keys)] for i in range(self.pool_size))
 
     def _maintain(self):
         while True:
@@ -1603,27 +1785,36 @@ class Pool:
                 if self.closed:
                     return
                 now, want = time.monotonic(), self._targets()
-                have = collections.Counter()
-                for proc in list(self.ready):
+                ready, plain = collections.Counter(), collections.Counter()
+                for proc in [p for p in self.procs if p.kind in ("kept", "reused")]:
+                    limit = self.session_idle if proc.kind == "kept" else self.max_idle
+                    if proc.proc.poll() is not None or now - proc.used > limit:
+                        self.procs.remove(proc)     # died while waiting, or waited long enough
+                        threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
+                    elif proc.kind == "reused":
+                        ready[proc.launch] += 1
+                for proc in [p for p in self.procs if p.kind in ("initialized", "pool")]:
+                    spare = ready[proc.launch] >= want[proc.launch] and \
+                        (proc.kind != "pool" or plain[proc.launch] or not want[proc.launch])
                     if not proc.fresh():
-                        self.ready.remove(proc)
+                        self.procs.remove(proc)
                         self._unfit(proc)
-                    elif now - proc.born > self.max_idle or have[proc.launch] >= want[proc.launch] \
-                            or self._superseded(proc):
-                        self.ready.remove(proc)     # stale, or settings nobody asks for now
+                    elif now - proc.used > self.max_idle or spare or self._superseded(proc):
+                        self.procs.remove(proc)     # stale, or settings nobody asks for now
                         threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
                     else:
-                        have[proc.launch] += 1
-                short = [k for k in want if have[k] < want[k]]
-                if not short or now < self.paused_until:
+                        ready[proc.launch] += 1
+                        plain[proc.launch] += proc.kind == "pool"
+                short = [k for k in want if ready[k] < want[k] or not plain[k]]
+                if not short or now < self.paused_until or \
+                        len(self.procs) + self.resetting >= self.budget:
                     self.cond.wait(1.0)
                     continue
                 # asked twice in a row with the same initialize (an agent's fixed system
                 # prompt): the new process gets it now, which takes it off the request's path;
                 # one process per launch key stays without, for a request with another prompt
                 init, repeats = self.inits.get(short[0], (None, 0))
-                plain = sum(p.launch == short[0] and p.preinit is None for p in self.ready)
-                if repeats < 2 or not plain:
+                if repeats < 2 or not plain[short[0]]:
                     init = None
             try:
                 proc = self.backend.spawn(short[0])
@@ -1631,29 +1822,37 @@ class Pool:
                 with self.cond:
                     self._note_death()
                 continue
+            proc.kind = "pool"
             if init is not None:      # read while it boots; its answer is taken by fresh()
                 proc.send(control("init", init))
-                proc.preinit = init
+                proc.preinit, proc.kind = init, "initialized"
             with self.cond:
                 if self.closed:
                     self.backend.discard(proc)
                     return
-                self.ready.append(proc)
+                self.procs.append(proc)
             time.sleep(0.05)    # let a freshly spawned process show an immediate death
 
     def status(self):
+        """One set of figures for /health, /metrics and the dashboard."""
         with self.cond:
             paused = time.monotonic() < self.paused_until
-            return {"size": self.size, "ready": sum(p.fresh() for p in self.ready),
-                    "hits": self.hits, "misses": self.misses, "initialized_hits": self.preinit_hits,
+            held = collections.Counter(p.kind for p in self.procs)
+            return {"budget": self.budget, "pool_size": self.pool_size, "sessions": self.sessions,
+                    "reuse": self.reuse, "recycle_rss_mb": self.recycle_rss // 2 ** 20,
+                    "sized": self.backend.cfg.sizing,
+                    "idle": {k: held[k] for k in self.KINDS},
+                    "ready": sum(p.kind != "kept" and p.fresh() for p in self.procs),
+                    "hits": {k: self.hits[k] for k in self.KINDS}, "misses": self.misses,
+                    "recycled": self.recycled, "evicted": self.evicted,
                     "start_failures": self.failures,
-                    "mode": "off" if self.size == 0 else ("cold-fallback" if paused else "warm")}
+                    "mode": "off" if self.pool_size == 0 else ("cold-fallback" if paused else "warm")}
 
     def close(self):
         with self.cond:
             self.closed = True
-            procs = list(self.ready)
-            self.ready.clear()
+            procs = list(self.procs)
+            self.procs.clear()
             self.cond.notify_all()
         for proc in procs:
             self.backend.discard(proc)
@@ -1679,108 +1878,14 @@ def conversation_hash(req, messages, h=None):
     return h
 
 
-class Sessions:
-    """Conversations kept live between turns.  The process that answered a turn holds that
-    conversation exactly as the upstream saw it; when the next request is that conversation,
-    the answer as the client got it, and one new user message, the message goes to the same
-    process: no start-up, no earlier turns to give it again, and the upstream request is the
-    previous one plus the new turn, unchanged (the prompt cache's best case).
-
-    A process is only ever continued by the conversation it answered (conversation_hash), so
-    nothing of one conversation reaches another.  At most `size` are kept (the oldest is ended
-    first), each for `max_idle` seconds (the upstream prompt cache lives 5 minutes).
-    """
-
-    def __init__(self, backend, size, max_idle):
-        self.backend, self.size, self.max_idle = backend, size, max_idle
-        self.kept = collections.OrderedDict()       # key -> (proc, parked at); oldest first
-        self.cond = threading.Condition()
-        self.hits = self.misses = 0
-        self.closed = False
-        if size > 0:
-            threading.Thread(target=self._expire, name="sessions", daemon=True).start()
-
-    def keep_for(self, req):
-        """The request's Keep, or None when its turn is not kept: sessions off, flat history,
-        native tools, structured output, a prefill, and a first message (most of those are
-        one-shot requests; a CLI kept after its turn still works ~0.25 s of CPU, so a
-        conversation is kept from its second turn on)."""
-        messages = req.messages
-        if self.size <= 0 or self.backend.cfg.history != "structured" or native_tools(req) \
-                or req.json_schema is not None or messages[-1].role != "user" or len(messages) < 2:
-            return None
-        return Keep(self, req)
-
-    def take(self, key):
-        """The live process that holds conversation `key`, or None."""
-        with self.cond:
-            proc, _ = self.kept.pop(key, (None, 0))
-            if proc is None:
-                self.misses += 1
-                return None
-        if proc.resume():
-            with self.cond:
-                self.hits += 1
-            return proc
-        self.backend.discard(proc)
-        with self.cond:
-            self.misses += 1
-        return None
-
-    def note_stillborn(self):
-        """The kept process taken died before it answered (see Backend.run): not a hit."""
-        with self.cond:
-            self.hits -= 1
-            self.misses += 1
-
-    def park(self, key, proc):
-        with self.cond:
-            if self.closed or self.size <= 0:
-                ended = [proc]
-            else:
-                ended = [p for p, _ in [self.kept.pop(key, (None, 0))] if p is not None]
-                self.kept[key] = (proc, time.monotonic())
-                while len(self.kept) > self.size:
-                    ended.append(self.kept.popitem(last=False)[1][0])
-        for p in ended:      # not on the request's thread: the answer is still being sent
-            threading.Thread(target=self.backend.discard, args=(p,), daemon=True).start()
-
-    def _expire(self):
-        while True:
-            with self.cond:
-                if self.closed:
-                    return
-                now = time.monotonic()     # waited long enough, or died while waiting
-                old = [k for k, (p, at) in self.kept.items()
-                       if now - at > self.max_idle or p.proc.poll() is not None]
-                ended = [self.kept.pop(k)[0] for k in old]
-                if not ended:
-                    self.cond.wait(1.0)
-            for p in ended:
-                self.backend.discard(p)
-
-    def status(self):
-        with self.cond:
-            return {"size": self.size, "kept": len(self.kept), "hits": self.hits,
-                    "misses": self.misses}
-
-    def close(self):
-        with self.cond:
-            self.closed = True
-            procs = [p for p, _ in self.kept.values()]
-            self.kept.clear()
-            self.cond.notify_all()
-        for p in procs:
-            self.backend.discard(p)
-
-
 class Keep:
-    """One request's part in Sessions: the conversation it continues (`prior`), and the process
-    that answered it, parked under the new conversation once the answer is known to be whole
-    (the hash goes on from the request's messages: each is hashed once)."""
+    """One request's part in keeping its conversation: the conversation it continues
+    (`prior`), and the process that answered it, kept under the new conversation once the
+    answer is known to be whole (the hash goes on from the request's messages: each is hashed
+    once), or else given back to be reset or ended."""
 
-    def __init__(self, sessions, req):
-        self.sessions, self.req, self.proc = sessions, req, None
+    def __init__(self, idle, req):
+        self.idle, self.req, self.proc = idle, req, None
         self._hash = conversation_hash(req, req.messages[:-1])
         self.prior = self._hash.hexdigest()
         conversation_hash(req, req.messages[-1:], self._hash)
@@ -1789,17 +1894,17 @@ class Keep:
         if self.proc is not None:
             key = conversation_hash(self.req, [answer], self._hash.copy()).hexdigest()
             proc, self.proc = self.proc, None
-            self.sessions.park(key, proc)
+            self.idle.give_back(proc, key)
 
     def drop(self):
         proc, self.proc = self.proc, None
         if proc is not None:
-            self.sessions.backend.discard(proc)
+            self.idle.give_back(proc)
 
 
 class Backend:
-    """Starts CLI processes (or takes pre-started ones), translates their output into events,
-    and ends them."""
+    """Starts CLI processes (or takes idle ones), translates their output into events, and
+    gives them back to the idle store (or ends them)."""
 
     def __init__(self, cfg, workdir):
         self.cfg, self.workdir = cfg, workdir
@@ -1807,8 +1912,7 @@ class Backend:
         self.live = set()
         self.lock = threading.Lock()
         self.started = 0
-        self.pool = Pool(self, cfg.pool_size, cfg.pool_max_idle)
-        self.sessions = Sessions(self, cfg.sessions, cfg.session_idle)
+        self.idle = Idle(self, cfg)
 
     def spawn(self, launch):
         proc = CLIProcess(self.cfg, launch, self.workdir)
@@ -1817,66 +1921,78 @@ class Backend:
             self.started += 1
         return proc
 
-
     def discard(self, proc):
         proc.close()
         with self.lock:
             self.live.discard(proc)
 
+    def idle_status(self):
+        return self.idle.status()
+
     def run(self, req, messages, call, keep=None):
         """One CLI turn for `messages`: yields events, ends with Done or raises ProxyError.
 
-        A process that holds the conversation so far (Sessions) gets only the new message.
-        A pre-started or kept process can die between hand-out and its first line (a
-        multi-threaded process killed a moment ago still looks alive to waitpid); nothing has
-        reached the client or the upstream then, so the request goes once to a fresh process.
-        With `keep`, a process whose turn ended whole is handed to it instead of being ended.
+        The process comes from the idle store when one fits (req.served_by says which kind):
+        one that holds the conversation so far gets only the new message; a reused one only
+        the user lines (it has the request's settings already).  An idle process can die
+        between hand-out and its first line (a multi-threaded process killed a moment ago
+        still looks alive to waitpid); nothing has reached the client or the upstream then, so
+        the request goes once to another process.  A turn that ends whole leaves its process
+        `clean`; with `keep` it is handed to the Keep, else given back to the store.
         """
         if native_tools(req) and req.json_schema is not None:
             raise BadRequest("Structured output (response_format / output_config.format) cannot "
                              "be combined with native tool mode; use the generic handler.")
         launch = launch_of(req)
-        proc = self.sessions.take(keep.prior) if keep is not None else None
-        resumed = proc is not None
-        pooled_init = None if native_tools(req) else init_request(req)
-        proc = proc or self.pool.take(launch, pooled_init)
+        init = None if native_tools(req) else init_request(req)
+        # what a reused process must have been given: no native tools (their MCP bridge) and
+        # no structured output (its StructuredOutput tool); one initialize, model and effort
+        settings = None if init is None or req.json_schema is not None else \
+            json.dumps([init, req.cli_model, req.effort], sort_keys=True)
+        proc, kind = self.idle.take(launch, settings, init,
+                                    keep.prior if keep is not None else None)
         while True:
-            pooled, proc = proc is not None, proc or self.spawn(launch)
+            if proc is None:
+                proc, kind = self.spawn(launch), "spawned"
+            req.served_by = kind
             bridge = ToolBridge(req) if native_tools(req) else None
             try:
                 last = user_line(render_turn(messages[-1:], req.handler))
                 turns = history_turns(messages, req.handler) \
-                    if self.cfg.history == "structured" and not resumed else None
-                if resumed:
+                    if self.cfg.history == "structured" and kind != "kept" else None
+                lines = [] if kind == "kept" else control_lines(req, messages, bridge, proc, turns)
+                if kind == "reused":
+                    lines = [line for line in lines if line["type"] == "user"]
+                proc.settings, proc.clean = settings, False
+                if kind == "kept":
                     proc.send(last)
                 elif turns is None:
-                    proc.send(*control_lines(req, messages, bridge, proc))
+                    proc.send(*lines)
                 else:
-                    yield from send_history(proc, call, control_lines(req, messages, bridge,
-                                                                      proc, turns),
-                                            turns, last)
+                    yield from send_history(proc, call, lines, turns, last)
                 events = translate(proc, call, bridge, structured=req.json_schema is not None,
                                    streaming=req.stream)
                 if req.stop:
                     events = cut_at_stops(events, req.stop, proc.interrupt)
                 for ev in events:
-                    if isinstance(ev, Done) and keep is not None and not proc.stopped:
-                        keep.proc, proc = proc, None     # whole: Keep parks or ends it
+                    if isinstance(ev, Done):
+                        proc.served += 1
+                        proc.clean = not proc.stopped and bridge is None
+                        if keep is not None and proc.clean:
+                            keep.proc, proc = proc, None     # Keep keeps it or gives it back
                     yield ev
                 return
             except StillBorn:
-                if not pooled:
+                if kind == "spawned":
                     raise
-                (self.sessions if resumed else self.pool).note_stillborn()
+                self.idle.note_stillborn(kind)
             finally:
                 if proc is not None:
-                    self.discard(proc)
-            proc = self.pool.take(launch, pooled_init) if resumed else None
-            resumed = False
+                    self.idle.give_back(proc)
+            proc, kind = self.idle.take(launch, settings, init) if kind == "kept" else (None, "")
 
     def close_all(self):
-        self.pool.close()
-        self.sessions.close()
+        self.idle.close()
         with self.lock:
             procs = list(self.live)
         for proc in procs:
@@ -3282,19 +3398,13 @@ class Metrics:
                    ["claude_proxy_cli_running %d" % gate.running])
             metric("claude_proxy_cli_processes_started_total", "counter", "CLI processes started",
                    ["claude_proxy_cli_processes_started_total %d" % app.backend.started])
-            pool, kept = app.backend.pool.status(), app.backend.sessions.status()
-            for name, status, help_ in (
-                    ("pool", pool, "requests served by a pre-started process (hit) or a fresh one "
-                                   "(miss)"),
-                    ("session", kept, "requests with history continued on the process that "
-                                      "answered the turn before (hit) or not (miss)")):
-                full = "claude_proxy_%s_requests_total" % name
-                metric(full, "counter", help_, ['%s{result="%s"} %d' % (full, r, status[k])
-                                                for r, k in (("hit", "hits"), ("miss", "misses"))])
-            metric("claude_proxy_pool_ready", "gauge", "pre-started processes waiting",
-                   ["claude_proxy_pool_ready %d" % pool["ready"]])
-            metric("claude_proxy_sessions_kept", "gauge", "conversations kept for their next turn",
-                   ["claude_proxy_sessions_kept %d" % kept["kept"]])
+            idle = app.backend.idle_status()
+            full = "claude_proxy_idle_requests_total"
+            metric(full, "counter", "CLI turns by the kind of process that served them",
+                   ['%s{served_by="%s"} %d' % (full, k, n)
+                    for k, n in list(idle["hits"].items()) + [("spawned", idle["misses"])]])
+            metric("claude_proxy_idle_processes", "gauge", "idle CLI processes by kind",
+                   ['claude_proxy_idle_processes{kind="%s"} %d' % kv for kv in idle["idle"].items()])
             metric("claude_proxy_tokens_total", "counter", "tokens by direction",
                    ['claude_proxy_tokens_total{direction="in"} %d' % self.tokens["in"],
                     'claude_proxy_tokens_total{direction="out"} %d' % self.tokens["out"]])
@@ -3354,11 +3464,11 @@ class App:
 def model_events(app, req, call):
     """The whole pipeline for one request: a slot, then one CLI turn (or the tool engine).
     A turn that ends whole (the client got all the model wrote), in one CLI run (no refusal
-    retry), keeps its process for the conversation's next turn (Sessions)."""
+    retry), keeps its process for the conversation's next turn (Idle.keep_for)."""
     app.backend.gate.acquire(call)
     keep, runs = None, []
     try:
-        keep = app.backend.sessions.keep_for(req)
+        keep = app.backend.idle.keep_for(req)
         def run(messages):
             runs.append(messages)
             return app.backend.run(req, messages, call, keep if len(runs) == 1 else None)
@@ -3705,6 +3815,7 @@ class Handler(BaseHTTPRequestHandler):
         req = dialect.parse(body, self.headers, self.app.cfg)
         req.handler = pick_handler(self.headers.get("X-Toolcall-Module"), self.app.cfg.toolcall_module)
         req.id_prefix = dialect.call_id_prefix
+        req.session = session_signal(body, self.headers)
         self.model = req.model
         call = Call(self.connection, self.app.cfg.timeout)
         source = model_events(self.app, req, call)
@@ -3769,8 +3880,7 @@ class Handler(BaseHTTPRequestHandler):
             "claude_bin": app.cfg.claude_bin, "claude_found": bool(shutil.which(app.cfg.claude_bin)),
             "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
             "cli_processes_started": app.backend.started, "history": app.cfg.history,
-            "pool": app.backend.pool.status(),
-            "sessions": app.backend.sessions.status(),
+            "idle": app.backend.idle_status(),
             "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)})
 
 
@@ -3856,8 +3966,10 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
-    sys.stderr.write("claude-proxy %s listening on http://%s:%s (CLI: %s, model %s, %d slots)\n"
-                     % (__version__, host, port, cfg.claude_bin, cfg.default_model, cfg.max_concurrency))
+    sys.stderr.write("claude-proxy %s listening on http://%s:%s (CLI: %s, model %s, %d slots; "
+                     "idle CLIs: pool %d, sessions %d, budget %d, %s)\n"
+                     % (__version__, host, port, cfg.claude_bin, cfg.default_model, cfg.max_concurrency,
+                        cfg.pool_size, cfg.sessions, cfg.idle_max, cfg.sizing))
     sys.stderr.flush()
     try:
         server.serve_forever(poll_interval=0.2)
