@@ -1693,20 +1693,20 @@ class Idle:
         """A process whose request is over: kept for `conversation`, reset for reuse, or
         ended.  Not on the request's thread when it is kept or reset: the answer may still be
         on its way to the client."""
-        fit = proc.clean and not self.closed and proc.served < max(self.reuse, 1) \
-            and not (self.recycle_rss and proc.rss() > self.recycle_rss)
+        fit = proc.clean and not self.closed and \
+            not (self.recycle_rss and proc.rss() > self.recycle_rss)
         if fit and conversation is not None and self.sessions > 0:
             proc.kind, proc.conversation = "kept", conversation
             with self.cond:
                 self._hold(proc)
-        elif fit and self.reuse > 0 and proc.settings is not None:
+        elif fit and proc.served < self.reuse and proc.settings is not None:
             with self.cond:
                 self.resetting += 1
             threading.Thread(target=self._reset, args=(proc,), daemon=True).start()
         else:
             if proc.clean and self.reuse > 0 and proc.settings is not None:
                 with self.cond:
-                    self.recycled += 1
+                    self.recycled += 1      # served its `reuse` turns, or grew too big
             if proc.clean:
                 threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
             else:

@@ -63,6 +63,11 @@ def health(proxy):
     return body
 
 
+def pool_hits(h):
+    """Requests served by a pre-started process (initialized ahead or not)."""
+    return h["idle"]["hits"]["pool"] + h["idle"]["hits"]["initialized"]
+
+
 def poll(fn, what, timeout=READY_WAIT, every=0.05):
     """Call fn() until it returns something truthy; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -80,9 +85,9 @@ def wait_ready(proxy, n=None):
     that many CLI children are alive (no request running); returns (health, pids)."""
     def check():
         h = health(proxy)
-        want = h["pool"]["size"] if n is None else n
+        want = h["idle"]["pool_size"] if n is None else n
         kids = children(proxy)
-        if h["pool"]["ready"] == want and len(kids) == want and h["concurrency"]["running"] == 0:
+        if h["idle"]["ready"] == want and len(kids) == want and h["concurrency"]["running"] == 0:
             return h, kids
         return None
     return poll(check, "the pool to be ready")
@@ -148,7 +153,8 @@ def start(make_proxy):
     started = []
 
     def make(*args, **kw):
-        kw.setdefault("CLAUDE_PROXY_SESSIONS", 0)   # only pooled and running CLIs are counted here
+        kw.setdefault("CLAUDE_PROXY_SESSIONS", 0)   # only pre-started and running CLIs are counted
+        kw.setdefault("CLAUDE_PROXY_REUSE", 0)      # here (reuse: tests/test_reuse.py)
         p = make_proxy(*args, **kw)
         started.append(p)
         return p
@@ -163,7 +169,7 @@ def start(make_proxy):
 def test_hit_reuses_the_waiting_process_then_refills_and_ends_it(start, upstream):
     proxy = start(CLAUDE_PROXY_POOL_SIZE=1)
     h0, (waiting,) = wait_ready(proxy)
-    assert h0["pool"]["mode"] == "warm" and h0["pool"]["size"] == 1
+    assert h0["idle"]["mode"] == "warm" and h0["idle"]["pool_size"] == 1
     started0 = h0["cli_processes_started"]
 
     upstream.push(fake_upstream.text("ANSWER-ONE"))
@@ -176,11 +182,11 @@ def test_hit_reuses_the_waiting_process_then_refills_and_ends_it(start, upstream
     h1, (refill,) = wait_ready(proxy)
     assert not alive(waiting)
     assert refill != waiting
-    assert h1["pool"]["hits"] == h0["pool"]["hits"] + 1
-    assert h1["pool"]["misses"] == h0["pool"]["misses"]
+    assert pool_hits(h1) == pool_hits(h0) + 1
+    assert h1["idle"]["misses"] == h0["idle"]["misses"]
     assert h1["cli_processes_started"] == started0 + 1
-    assert metric(proxy, 'claude_proxy_pool_requests_total{result="hit"}') == h1["pool"]["hits"]
-    assert metric(proxy, "claude_proxy_pool_ready") == 1
+    assert metric(proxy, 'claude_proxy_idle_requests_total{served_by="pool"}') == h1["idle"]["hits"]["pool"]
+    assert metric(proxy, 'claude_proxy_idle_processes{kind="pool"}') == 1
 
     # the refilled process answers the next request with nothing of the first one
     upstream.push(fake_upstream.text("ANSWER-TWO"))
@@ -189,7 +195,7 @@ def test_hit_reuses_the_waiting_process_then_refills_and_ends_it(start, upstream
     assert answer(body) == "ANSWER-TWO"
     h2, (third,) = wait_ready(proxy)
     assert not alive(refill) and third not in (waiting, refill)
-    assert h2["pool"]["hits"] == h0["pool"]["hits"] + 2
+    assert pool_hits(h2) == pool_hits(h0) + 2
     second = calls_with(upstream, "second question")
     assert second, upstream.model_calls
     for call in second:
@@ -215,9 +221,9 @@ def test_killed_pool_process_is_not_handed_out_and_is_replaced(start, upstream):
     assert refill != waiting and not alive(waiting)
     # one request was counted, and the dead process once, as a failure (never as an answer):
     # a miss, or a hit on the replacement if the pool's own check noticed the death first
-    assert h1["pool"]["hits"] + h1["pool"]["misses"] == h0["pool"]["hits"] + h0["pool"]["misses"] + 1
-    assert h1["pool"]["start_failures"] == h0["pool"]["start_failures"] + 1
-    assert h1["pool"]["mode"] == "warm"
+    assert pool_hits(h1) + h1["idle"]["misses"] == pool_hits(h0) + h0["idle"]["misses"] + 1
+    assert h1["idle"]["start_failures"] == h0["idle"]["start_failures"] + 1
+    assert h1["idle"]["mode"] == "warm"
 
 
 def test_pool_process_killed_just_before_a_request_is_not_an_error(start, upstream):
@@ -245,15 +251,15 @@ def test_sporadic_deaths_do_not_switch_the_pool_off(start, upstream):
         status, _, body = chat(proxy, "after death %d" % i)
         assert status == 200 and answer(body) == "fake answer", body
         pool = poll(lambda: (lambda p: p if p["ready"] == 1 or p["mode"] != "warm" else None)(
-            health(proxy)["pool"]), "a replacement or a change of mode")
+            health(proxy)["idle"]), "a replacement or a change of mode")
         assert pool["mode"] == "warm", (i, pool)
         h0, _ = wait_ready(proxy)                    # a healthy replacement ...
         status, _, body = chat(proxy, "healthy %d" % i)
         assert status == 200 and answer(body) == "fake answer", body
-        assert health(proxy)["pool"]["hits"] == h0["pool"]["hits"] + 1   # ... served from the pool
+        assert pool_hits(health(proxy)) == pool_hits(h0) + 1   # ... served from the pool
     h = health(proxy)
-    assert h["pool"]["start_failures"] == 3
-    assert h["pool"]["mode"] == "warm", h["pool"]
+    assert h["idle"]["start_failures"] == 3
+    assert h["idle"]["mode"] == "warm", h["idle"]
     wait_ready(proxy)
 
 
@@ -268,15 +274,15 @@ def test_idle_process_is_recycled(start, upstream):
         return len(kids) == 1 and first not in kids and not alive(first) and kids
     (second,) = poll(replaced, "the idle process to be replaced")
     h1 = health(proxy)
-    assert h1["pool"]["hits"] == h0["pool"]["hits"] == 0
-    assert h1["pool"]["misses"] == 0
-    assert h1["pool"]["start_failures"] == 0          # recycling is not a failure
-    assert h1["pool"]["mode"] == "warm"
+    assert pool_hits(h1) == pool_hits(h0) == 0
+    assert h1["idle"]["misses"] == 0
+    assert h1["idle"]["start_failures"] == 0          # recycling is not a failure
+    assert h1["idle"]["mode"] == "warm"
     assert h1["cli_processes_started"] >= 2
     # and it still serves requests from the pool
     status, _, body = chat(proxy, "hi")
     assert status == 200 and answer(body) == "fake answer"
-    assert health(proxy)["pool"]["hits"] == 1
+    assert pool_hits(health(proxy)) == 1
 
 
 # -- (6) shutdown ends every pool process (real CLI) --------------------------------------------
@@ -311,8 +317,8 @@ def test_model_and_effort_per_request_are_pool_hits(start, upstream):
         assert status == 200, (alias, effort, body)
         assert answer(body) == "ok %d" % i
         h1 = health(proxy)
-        assert h1["pool"]["hits"] == h0["pool"]["hits"] + 1, (alias, effort, h1["pool"])
-        assert h1["pool"]["misses"] == h0["pool"]["misses"], (alias, effort, h1["pool"])
+        assert pool_hits(h1) == pool_hits(h0) + 1, (alias, effort, h1["idle"])
+        assert h1["idle"]["misses"] == h0["idle"]["misses"], (alias, effort, h1["idle"])
         calls = calls_with(upstream, marker)
         assert calls, upstream.model_calls
         assert {c["model"] for c in calls} == {model_id}, (alias, [c["model"] for c in calls])
@@ -331,8 +337,8 @@ def test_launch_settings_are_a_miss_served_cold(start, upstream):
     assert status == 200, body
     assert [b["text"] for b in body["content"] if b["type"] == "text"] == ["no thinking here"]
     h1 = health(proxy)
-    assert h1["pool"]["misses"] == h0["pool"]["misses"] + 1
-    assert h1["pool"]["hits"] == h0["pool"]["hits"]
+    assert h1["idle"]["misses"] == h0["idle"]["misses"] + 1
+    assert pool_hits(h1) == pool_hits(h0)
     assert h1["cli_processes_started"] >= h0["cli_processes_started"] + 1
     calls = calls_with(upstream, "launch-case-thinking")
     assert calls and all("thinking" not in c or c["thinking"].get("type") == "disabled"
@@ -346,7 +352,7 @@ def test_launch_settings_are_a_miss_served_cold(start, upstream):
         "model": "sonnet", "max_tokens": 1000, "thinking": {"type": "disabled"},
         "messages": [{"role": "user", "content": "launch-case-again"}]}, timeout=60)
     assert status == 200 and body["content"][-1]["text"] == "again", body
-    assert health(proxy)["pool"]["hits"] == h0["pool"]["hits"] + 1
+    assert pool_hits(health(proxy)) == pool_hits(h0) + 1
 
     # OpenAI max_tokens: CLAUDE_CODE_MAX_OUTPUT_TOKENS is fixed at launch
     h0, _ = wait_ready(proxy)
@@ -355,7 +361,7 @@ def test_launch_settings_are_a_miss_served_cold(start, upstream):
     assert status == 200, body
     assert answer(body) == "short"
     h1 = health(proxy)
-    assert h1["pool"]["misses"] == h0["pool"]["misses"] + 1
+    assert h1["idle"]["misses"] == h0["idle"]["misses"] + 1
     calls = calls_with(upstream, "launch-case-max-tokens")
     assert calls and all(c["max_tokens"] == 77 for c in calls), [c.get("max_tokens") for c in calls]
 
@@ -375,12 +381,12 @@ def test_repeated_system_prompt_is_initialized_ahead_and_never_given_to_another(
         status, _, body = ask_with_system(proxy, "AGENT-PROMPT-A", "task %d" % i)
         assert status == 200 and answer(body) == "plain %d" % i, body
     h0, _ = wait_ready(proxy)
-    assert h0["pool"]["initialized_hits"] == 0
+    assert h0["idle"]["hits"]["initialized"] == 0
     # one refill got AGENT-PROMPT-A ahead of time and serves the third request with it
     upstream.push(fake_upstream.text("pre-initialized"))
     status, _, body = ask_with_system(proxy, "AGENT-PROMPT-A", "task 2")
     assert status == 200 and answer(body) == "pre-initialized", body
-    assert health(proxy)["pool"]["initialized_hits"] == 1
+    assert health(proxy)["idle"]["hits"]["initialized"] == 1
     assert "AGENT-PROMPT-A" in json.dumps(calls_with(upstream, "task 2")[0]["system"])
     # another system prompt never gets a process initialized with A; the pool keeps one that
     # got none, so it is still a hit (no cold start), served with its own prompt
@@ -392,9 +398,9 @@ def test_repeated_system_prompt_is_initialized_ahead_and_never_given_to_another(
         system = json.dumps(calls_with(upstream, "task %d" % i)[0]["system"])
         assert "AGENT-PROMPT-B" in system and "AGENT-PROMPT-A" not in system
     h, _ = wait_ready(proxy)
-    assert h["pool"]["misses"] == h0["pool"]["misses"] and h["pool"]["mode"] == "warm"
-    assert h["pool"]["hits"] == h0["pool"]["hits"] + 3
-    assert h["pool"]["initialized_hits"] == 1
+    assert h["idle"]["misses"] == h0["idle"]["misses"] and h["idle"]["mode"] == "warm"
+    assert pool_hits(h) == pool_hits(h0) + 3
+    assert h["idle"]["hits"]["initialized"] == 1
 
 
 def test_a_pool_of_one_is_not_initialized_ahead(start, upstream):
@@ -406,7 +412,7 @@ def test_a_pool_of_one_is_not_initialized_ahead(start, upstream):
         status, _, body = ask_with_system(proxy, "AGENT-PROMPT-A", "same task %d" % i)
         assert status == 200 and answer(body) == "same %d" % i, body
     h, _ = wait_ready(proxy)
-    assert h["pool"]["initialized_hits"] == 0 and h["pool"]["hits"] == 4
+    assert h["idle"]["hits"]["initialized"] == 0 and pool_hits(h) == 4
 
 
 def test_a_refused_initialize_ahead_is_not_a_start_failure(start, upstream):
@@ -420,7 +426,7 @@ def test_a_refused_initialize_ahead_is_not_a_start_failure(start, upstream):
         status, _, body = chat(proxy, "refused %d" % i)
         assert status == 400 and "refused the request settings" in body["error"]["message"], body
     h, _ = wait_ready(proxy)
-    assert h["pool"]["start_failures"] == 0 and h["pool"]["mode"] == "warm"
+    assert h["idle"]["start_failures"] == 0 and h["idle"]["mode"] == "warm"
 
 
 # -- (8) processes that die at start: cold fallback, clear errors (fake bin) --------------------
@@ -432,7 +438,7 @@ def test_pool_of_dying_processes_falls_back_and_requests_get_an_error(start, ups
     proxy = start(fake=True, CLAUDE_BIN=str(script), CLAUDE_PROXY_POOL_SIZE=1)
 
     def fell_back():
-        p = health(proxy)["pool"]
+        p = health(proxy)["idle"]
         return p if p["mode"] == "cold-fallback" and p["start_failures"] >= 3 else None
     pool = poll(fell_back, "the pool to give up on warm processes")
     assert pool["ready"] == 0
@@ -446,7 +452,7 @@ def test_pool_of_dying_processes_falls_back_and_requests_get_an_error(start, ups
         timeout=30)
     assert 500 <= status < 600 and body["type"] == "error", (status, body)
     assert "claude CLI" in body["error"]["message"]
-    assert health(proxy)["pool"]["mode"] == "cold-fallback"
+    assert health(proxy)["idle"]["mode"] == "cold-fallback"
 
 
 # -- (9) pool processes are not running requests (fake CLI) -------------------------------------
@@ -455,13 +461,13 @@ def test_pool_processes_do_not_use_concurrency_slots(start, upstream):
     proxy = start(fake=True, CLAUDE_PROXY_POOL_SIZE=2, CLAUDE_PROXY_MAX_CONCURRENCY=1,
                   CLAUDE_PROXY_QUEUE_TIMEOUT=30)
     h, kids = wait_ready(proxy)
-    assert h["pool"]["ready"] == 2 and len(kids) == 2
+    assert h["idle"]["ready"] == 2 and len(kids) == 2
     assert h["concurrency"] == {"capacity": 1, "running": 0, "queued": 0}
     assert metric(proxy, "claude_proxy_cli_running") == 0
     # the one slot is free for a request, served from the pool
     status, _, body = chat(proxy, "hello")
     assert status == 200 and answer(body) == "fake answer"
-    assert health(proxy)["pool"]["hits"] == 1
+    assert pool_hits(health(proxy)) == 1
 
 
 # -- (10) the gate ------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Kept conversations (Sessions, CLAUDE_PROXY_SESSIONS): the process that answered a turn takes
+"""Kept conversations (Idle kind "kept", CLAUDE_PROXY_SESSIONS): the process that answered a turn takes
 the conversation's next turn.  Real CLI, fake upstream; behaviour, not timings.
 
 Nothing here asserts a duration.  Which process served a turn is seen through /health
-(sessions hits/misses, cli_processes_started) and through /proc (the proxy's children).
+(idle kept hits, misses = spawns, cli_processes_started) and through /proc (the proxy's children).
 """
 import json
 import os
@@ -27,11 +27,13 @@ SEED = [{"role": "user", "content": "Seed question."}, {"role": "assistant", "co
 
 @pytest.fixture
 def start(make_proxy):
-    """A proxy without a pool (so every started process is a request's), stopped after the test."""
+    """A proxy without a pool or reuse (so every started process is a request's, and only kept
+    ones outlive it), stopped after the test."""
     started = []
 
     def make(**env):
         env.setdefault("CLAUDE_PROXY_POOL_SIZE", 0)
+        env.setdefault("CLAUDE_PROXY_REUSE", 0)     # a turn not kept ends its process here
         p = make_proxy(**env)
         started.append(p)
         return p
@@ -85,12 +87,12 @@ def test_a_conversation_continues_on_the_process_that_answered(start, upstream, 
     p = start()
     _, calls = chat_turns(p, upstream, 4, stream=stream)
     h = health(p)
-    assert h["sessions"]["hits"] == 3 and h["sessions"]["misses"] == 1
+    assert h["idle"]["hits"]["kept"] == 3 and h["idle"]["misses"] == 1
     assert h["cli_processes_started"] == 1          # one process for all four turns
-    assert h["sessions"]["kept"] == 1 and len(children(p)) == 1
-    assert metric(p, 'claude_proxy_session_requests_total{result="hit"}') == 3
-    assert metric(p, 'claude_proxy_session_requests_total{result="miss"}') == 1
-    assert metric(p, "claude_proxy_sessions_kept") == 1
+    assert h["idle"]["idle"]["kept"] == 1 and len(children(p)) == 1
+    assert metric(p, 'claude_proxy_idle_requests_total{served_by="kept"}') == 3
+    assert metric(p, 'claude_proxy_idle_requests_total{served_by="spawned"}') == 1
+    assert metric(p, 'claude_proxy_idle_processes{kind="kept"}') == 1
     # each request is exactly the previous one plus the answer and the new question (the CLI's
     # own system messages included; cache_control marks aside, which the cache ignores)
     for prev, nxt in zip(calls, calls[1:]):
@@ -117,7 +119,7 @@ def test_emulated_tool_call_and_result_continue_the_session(start, upstream):
     status, _, out = p.post("/v1/messages", dict(body, messages=messages))
     assert status == 200 and out["content"][0]["text"] == "It is sunny, 21 C.", out
     h = health(p)
-    assert h["sessions"]["hits"] == 1 and h["cli_processes_started"] == 1
+    assert h["idle"]["hits"]["kept"] == 1 and h["cli_processes_started"] == 1
     sent = upstream.model_calls[-1]["messages"]
     assert "SUNNY-21C" in json.dumps(sent[-1]) and "Let me look that up." in json.dumps(sent[-2])
 
@@ -127,14 +129,14 @@ def test_an_edited_history_is_not_continued(start, upstream):
     (or the answer) and the request is served as a new one, with the history as sent."""
     p = start()
     messages, _ = chat_turns(p, upstream, 1)
-    misses = health(p)["sessions"]["misses"]
+    misses = health(p)["idle"]["misses"]
     edited = [messages[0], {"role": "assistant", "content": "An answer I made up."},
               {"role": "user", "content": "And then?"}]
     upstream.push(fake_upstream.text("Then this."))
     status, _, body = p.post(CHAT, {"model": "sonnet", "messages": edited})
     assert status == 200 and body["choices"][0]["message"]["content"] == "Then this."
     h = health(p)
-    assert h["sessions"]["hits"] == 0 and h["sessions"]["misses"] == misses + 1
+    assert h["idle"]["hits"]["kept"] == 0 and h["idle"]["misses"] == misses + 1
     assert h["cli_processes_started"] == 2
     sent = normalised(upstream.model_calls[-1]["messages"])
     assert [m["role"] for m in sent] == ["user", "assistant", "user"]
@@ -145,7 +147,7 @@ def test_an_edited_history_is_not_continued(start, upstream):
         {"role": "system", "content": "Be terse."}] + messages + [
         {"role": "user", "content": "More?"}]})
     assert status == 200
-    assert health(p)["sessions"]["hits"] == 0
+    assert health(p)["idle"]["hits"]["kept"] == 0
 
 
 def test_a_kept_process_that_died_is_replaced(start, upstream):
@@ -160,7 +162,7 @@ def test_a_kept_process_that_died_is_replaced(start, upstream):
     assert status == 200 and body["choices"][0]["message"]["content"] == "Yes.", body
     sent = normalised(upstream.model_calls[-1]["messages"])
     assert [m["role"] for m in sent] == ["user", "assistant"] * 2 + ["user"]   # all of it, fresh
-    assert health(p)["sessions"]["hits"] == 0
+    assert health(p)["idle"]["hits"]["kept"] == 0
 
 
 def test_at_most_sessions_are_kept_oldest_ended_first(start, upstream):
@@ -169,13 +171,13 @@ def test_at_most_sessions_are_kept_oldest_ended_first(start, upstream):
     (a_pid,) = children(p)
     second, _ = chat_turns(p, upstream, 1, prefix="B")
     wait_gone([a_pid])
-    assert health(p)["sessions"]["kept"] == 1 and len(children(p)) == 1
+    assert health(p)["idle"]["idle"]["kept"] == 1 and len(children(p)) == 1
     first.append({"role": "user", "content": "Back to A."})
     upstream.push(fake_upstream.text("A again."))
-    misses = health(p)["sessions"]["misses"]
+    misses = health(p)["idle"]["misses"]
     status, _, _ = p.post(CHAT, {"model": "sonnet", "messages": first})
     assert status == 200
-    assert health(p)["sessions"]["misses"] == misses + 1
+    assert health(p)["idle"]["misses"] == misses + 1
 
 
 def test_idle_sessions_end_and_their_tmpdir_goes(start, upstream):
@@ -187,7 +189,7 @@ def test_idle_sessions_end_and_their_tmpdir_goes(start, upstream):
     tmpdir = env[b"TMPDIR"].decode()
     assert os.path.isdir(tmpdir)
     wait_gone([pid])
-    poll(lambda: health(p)["sessions"]["kept"] == 0, "the session to be forgotten")
+    poll(lambda: health(p)["idle"]["idle"]["kept"] == 0, "the session to be forgotten")
     poll(lambda: not os.path.exists(tmpdir), "its TMPDIR to be removed")
 
 
@@ -217,7 +219,7 @@ def test_turns_that_are_not_kept(start, upstream, env, body):
         {"role": "user", "content": "Go."}]}, **body))
     assert status == 200, out
     wait_gone(children(p))
-    assert health(p)["sessions"]["kept"] == 0
+    assert health(p)["idle"]["idle"]["kept"] == 0
 
 
 def test_a_turn_whose_extra_tool_calls_were_dropped_is_not_kept(start, upstream):
@@ -234,7 +236,7 @@ def test_a_turn_whose_extra_tool_calls_were_dropped_is_not_kept(start, upstream)
         assert status == 200, out
         calls = out["choices"][0]["message"]["tool_calls"]
         assert len(calls) == (2 if parallel else 1)
-        poll(lambda: health(p)["sessions"]["kept"] == kept, "%d kept session(s)" % kept)
+        poll(lambda: health(p)["idle"]["idle"]["kept"] == kept, "%d kept session(s)" % kept)
 
 
 def test_a_lone_surrogate_in_the_history_is_served_and_kept(start, upstream):
@@ -250,7 +252,7 @@ def test_a_lone_surrogate_in_the_history_is_served_and_kept(start, upstream):
                      {"role": "user", "content": "more \udc00 text"}]
     h = health(p)
     assert h["concurrency"]["running"] == 0
-    assert h["sessions"]["hits"] == 1 and h["sessions"]["kept"] == 1 and len(children(p)) == 1
+    assert h["idle"]["hits"]["kept"] == 1 and h["idle"]["idle"]["kept"] == 1 and len(children(p)) == 1
 
 
 def test_a_stream_that_got_more_than_the_re_asked_answer_is_not_kept(start, upstream):
@@ -268,7 +270,7 @@ def test_a_stream_that_got_more_than_the_re_asked_answer_is_not_kept(start, upst
     got = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert len(upstream.model_calls) >= 2 and got.startswith("AAAA") and len(got) > 4, got
     wait_gone(children(p))
-    assert health(p)["sessions"]["kept"] == 0
+    assert health(p)["idle"]["idle"]["kept"] == 0
 
 
 REFUSAL = "I'm sorry, but I don't have access to real-time weather data."
@@ -299,5 +301,5 @@ def test_more_turns_that_are_not_kept(start, upstream, case):
     if case == "refusal retried":
         assert out["choices"][0]["message"]["tool_calls"] and len(upstream.model_calls) == 2
     kept = 1 if case == "kept" else 0
-    poll(lambda: health(p)["sessions"]["kept"] == kept and len(children(p)) == kept,
+    poll(lambda: health(p)["idle"]["idle"]["kept"] == kept and len(children(p)) == kept,
          "%d kept session(s)" % kept)
