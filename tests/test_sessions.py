@@ -303,3 +303,40 @@ def test_more_turns_that_are_not_kept(start, upstream, case):
     kept = 1 if case == "kept" else 0
     poll(lambda: health(p)["idle"]["idle"]["kept"] == kept and len(children(p)) == kept,
          "%d kept session(s)" % kept)
+
+
+@pytest.mark.parametrize("path, body, headers", [
+    (CHAT, {"prompt_cache_key": "conv-1"}, {}),
+    (CHAT, {"user": "someone"}, {}),
+    (CHAT, {"safety_identifier": "hashed-user"}, {}),
+    (CHAT, {}, {"X-Session-Id": "conv-2"}),
+    ("/v1/messages", {"metadata": {"user_id": "claude-code-session"}, "max_tokens": 100}, {}),
+    ("/v1/responses", {"prompt_cache_key": "conv-3"}, {}),
+])
+def test_a_first_message_is_kept_when_the_client_says_a_conversation_follows(start, upstream, path,
+                                                                             body, headers):
+    p = start()
+    messages, calls = [], []
+    for i in range(3):
+        messages.append({"role": "user", "content": "Turn %d question." % i})
+        upstream.push(fake_upstream.text("Turn %d answer." % i))
+        key = "input" if path == "/v1/responses" else "messages"
+        status, _, out = p.post(path, {"model": "sonnet", key: messages, **body}, headers=headers)
+        assert status == 200, out
+        calls.append(upstream.model_calls[-1]["messages"])
+        messages.append({"role": "assistant", "content": "Turn %d answer." % i})
+    h = health(p)
+    assert h["idle"]["hits"]["kept"] == 2 and h["cli_processes_started"] == 1
+    # from the first request on, each upstream request extends the one before exactly
+    for prev, nxt in zip(calls, calls[1:]):
+        assert without_cache_marks(nxt)[:len(prev)] == without_cache_marks(prev)
+        assert [m["role"] for m in nxt[len(prev):]] == ["assistant", "user"]
+
+
+def test_a_first_message_without_a_signal_is_not_kept(start, upstream):
+    p = start()
+    status, _, _ = p.post(CHAT, {"model": "sonnet", "user": "  ",
+                                 "messages": [{"role": "user", "content": "Go."}]})
+    assert status == 200
+    poll(lambda: not children(p), "the process to end")
+    assert health(p)["idle"]["idle"]["kept"] == 0
