@@ -98,7 +98,7 @@ def wait_ready(proxy, timeout=30):
     while time.time() < deadline:
         c = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
         c.request("GET", "/health")
-        if json.loads(c.getresponse().read())["pool"]["ready"] >= 1:
+        if json.loads(c.getresponse().read())["idle"]["ready"] >= 1:
             time.sleep(1.5)          # ready = spawned; let it finish booting
             return
         time.sleep(0.05)

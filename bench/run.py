@@ -10,8 +10,9 @@ once, so the times are the CLI's and the proxy's own).  The real CLI is the pinn
 quote medians and ratios, not single runs.
 
 1. ttft        time to first token: bare CLI vs proxy without pool vs proxy with pool
+                (reuse off here; bench/reuse.py measures the reused path)
 2. passthrough delay from the CLI printing a delta to the client reading it (500 deltas)
-3. load        64 concurrent streaming clients, cap 4, pool 2
+3. load        64 concurrent streaming clients, cap 4, pool 2, reuse off
 4. footprint   start-up to first /health, idle RSS of the proxy (children excluded)
 """
 import http.client
@@ -66,7 +67,7 @@ class Proxy:
         while time.time() < deadline:
             c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
             c.request("GET", "/health")
-            if json.loads(c.getresponse().read())["pool"]["ready"] >= n:
+            if json.loads(c.getresponse().read())["idle"]["ready"] >= n:
                 time.sleep(2.0)       # ready = spawned; let it finish booting, as in steady use
                 return
             time.sleep(0.05)
@@ -151,8 +152,9 @@ def bench_ttft(rounds=7):
     # one-message requests: no conversation to keep, and a kept process left idle beside the
     # measurement is noise.  The default pool of 2: after two requests with the same system
     # prompt, one of its processes gets it ahead of time.
-    cold = Proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
-    warm = Proxy(CLAUDE_PROXY_SESSIONS=0)
+    # reuse off: this is the one-process-per-request design (reuse: bench/reuse.py)
+    cold = Proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_REUSE=0)
+    warm = Proxy(CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_REUSE=0)
     bare, nopool, pool, bare_warm = [], [], [], []
     try:
         for _ in range(rounds):        # interleaved, so drift hits all alike
@@ -195,7 +197,8 @@ def bench_passthrough(deltas=500):
 
 def bench_load(clients=64):
     print("\n3. load: %d concurrent streaming clients, cap 4, pool 2 (real CLI)" % clients)
-    proxy = Proxy(CLAUDE_PROXY_POOL_SIZE=2, CLAUDE_PROXY_MAX_CONCURRENCY=4, CLAUDE_PROXY_QUEUE_TIMEOUT=300)
+    proxy = Proxy(CLAUDE_PROXY_POOL_SIZE=2, CLAUDE_PROXY_MAX_CONCURRENCY=4, CLAUDE_PROXY_QUEUE_TIMEOUT=300,
+                  CLAUDE_PROXY_REUSE=0)
     proxy.wait_pool(2)
     results, errors, order, lock = {}, [], [], threading.Lock()
     peak = [proxy.rss_kb()]
