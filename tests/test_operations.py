@@ -823,13 +823,14 @@ def test_metrics_exposition(metrics_proxy):
     for name, kind in (("claude_proxy_requests_total", "counter"), ("claude_proxy_in_flight", "gauge"),
                        ("claude_proxy_queued", "gauge"),
                        ("claude_proxy_cli_processes_started_total", "counter"),
-                       ("claude_proxy_pool_requests_total", "counter"),
+                       ("claude_proxy_idle_requests_total", "counter"),
+                       ("claude_proxy_idle_processes", "gauge"),
                        ("claude_proxy_tokens_total", "counter"),
                        ("claude_proxy_ttft_seconds", "histogram"),
                        ("claude_proxy_duration_seconds", "histogram")):
         assert typed.get(name) == kind, (name, typed)
-    for key in ('claude_proxy_pool_requests_total{result="hit"}',
-                'claude_proxy_pool_requests_total{result="miss"}',
+    for key in tuple('claude_proxy_idle_requests_total{served_by="%s"}' % k
+                     for k in ("kept", "reused", "initialized", "pool", "spawned")) + (
                 'claude_proxy_tokens_total{direction="in"}', 'claude_proxy_tokens_total{direction="out"}',
                 "claude_proxy_in_flight", "claude_proxy_queued"):
         assert key in samples, key
@@ -869,8 +870,8 @@ def test_metrics_counters_move(metrics_proxy):
     assert delta('claude_proxy_requests_total{route="other",status="404"}') == 1
     assert delta('claude_proxy_requests_total{route="/metrics",status="200"}') >= 1
     assert delta("claude_proxy_cli_processes_started_total") >= 1
-    assert delta('claude_proxy_pool_requests_total{result="hit"}') + \
-        delta('claude_proxy_pool_requests_total{result="miss"}') == 2
+    assert sum(delta('claude_proxy_idle_requests_total{served_by="%s"}' % k)
+               for k in ("kept", "reused", "initialized", "pool", "spawned")) == 2
     assert delta('claude_proxy_tokens_total{direction="in"}') == 6
     assert delta('claude_proxy_tokens_total{direction="out"}') == 4
     assert delta("claude_proxy_duration_seconds_count") == 2
