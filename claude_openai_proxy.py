@@ -546,7 +546,7 @@ class Done:
     stop_reason: str             # Anthropic vocabulary: end_turn, max_tokens, tool_use, ...
     usage: Usage
     stop_sequence: str = None
-    whole: bool = True           # False: the client got less than the model wrote (see Sessions)
+    whole: bool = True           # False: the client got less than the model wrote (see Idle.keep_for)
 
 
 @dataclass
@@ -1167,8 +1167,8 @@ def _tool_attempt(req, run, messages, hold_all, total):
 
 
 # 7. CLI backend #################################################################################
-# One CLI process per attempt (or per conversation, while Sessions keeps it), run as a plain
-# model: no built-in tools, no CLAUDE.md, no settings, no session files, its own TMPDIR, an
+# A CLI process serves request after request (reset in between; or holds a conversation, see
+# Idle), run as a plain model: no built-in tools, no CLAUDE.md, no settings, no session files, its own TMPDIR, an
 # empty working directory, an allow-listed environment.  Prompts travel on stdin (stream-json),
 # never on argv.  Native tools are the only tools it ever sees: the client's, through
 # ToolBridge, and never run.
@@ -1182,7 +1182,7 @@ RESET_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class Launch:
-    """What must be fixed when a CLI process starts (argv and environment); the pool is keyed
+    """What must be fixed when a CLI process starts (argv and environment); the idle store is keyed
     on it.  System prompt, effort and model aliases are sent per request over the control
     protocol.  A full model id goes on argv: `set_model` with one costs an extra upstream
     probe request (max_tokens 1) on every run, `--model` does not."""
@@ -1214,7 +1214,7 @@ def control(rid, request):
 def control_lines(req, messages, bridge=None, proc=None, history=None):
     """The stdin lines for one request, the same for a fresh and a pre-started process
     (`proc`: the process; an alias equal to its --model needs no set_model, and an initialize
-    it already got from the pool is not sent again).
+    it already got ahead of time is not sent again).
     With `history` (structured turns) the user lines are left to send_history."""
     init = init_request(req, bridge)
     launched_with = proc.model if proc is not None else None
@@ -1303,7 +1303,7 @@ def launch_model(cfg, launch):
 def cli_argv(cfg, launch):
     # --permission-prompt-tool stdio: the CLI asks us (can_use_tool) before running a tool, which
     # native tools need; with no tools offered nothing asks and the upstream request is the same,
-    # so every process gets it and the pool serves both modes.
+    # so every process gets it and an idle one serves both modes.
     argv = [cfg.claude_bin, "-p", "--input-format", "stream-json",
             "--output-format", "stream-json", "--verbose", "--include-partial-messages",
             "--tools", "", "--no-session-persistence", "--setting-sources", "",
@@ -1361,7 +1361,7 @@ class CLIProcess:
                                  "set CLAUDE_BIN to its path." % (cfg.claude_bin, exc.strerror or exc))
         self.launch = launch
         self.model = launch_model(cfg, launch)
-        self.preinit = None          # the initialize request the pool gave it ahead of time
+        self.preinit = None          # the initialize request it was given ahead of time (Idle)
         self.refused = False         # ... and the CLI refused it
         self.born = time.monotonic()
         self.lines = queue.Queue()
@@ -1693,7 +1693,7 @@ class Idle:
         """A process whose request is over: kept for `conversation`, reset for reuse, or
         ended.  Not on the request's thread when it is kept or reset: the answer may still be
         on its way to the client."""
-        fit = proc.clean and not self.closed and \
+        fit = proc.clean and not self.closed and self.budget > 0 and \
             not (self.recycle_rss and proc.rss() > self.recycle_rss)
         if fit and conversation is not None and self.sessions > 0:
             proc.kind, proc.conversation = "kept", conversation
@@ -2285,7 +2285,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                 yield Done("end_turn", usage)
                 return
             # a re-asked answer shorter than the text already streamed: the client has more
-            # than the CLI keeps (Sessions must not continue it)
+            # than the CLI keeps (it must not be kept)
             yield Done(item.get("stop_reason") or "end_turn", usage,
                        whole=not any(replay.skip.values()))
             return
