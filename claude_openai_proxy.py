@@ -50,7 +50,7 @@ Configuration (flags win over environment; read once at start-up)
     --session-idle    CLAUDE_PROXY_SESSION_IDLE      300   seconds a kept conversation waits
     --idle-max        CLAUDE_PROXY_IDLE_MAX          mem   idle CLI processes of every kind, LRU
     --reuse           CLAUDE_PROXY_REUSE             100   requests per CLI process (0 = one each)
-    --recycle-rss     CLAUDE_PROXY_RECYCLE_RSS       500   MB above which a CLI is not reused
+    --recycle-rss     CLAUDE_PROXY_RECYCLE_RSS       400   MB above which a CLI is not reused
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
@@ -231,7 +231,7 @@ class Config:
     session_idle: float = 300.0
     idle_max: int = None
     reuse: int = 100
-    recycle_rss: int = 500
+    recycle_rss: int = 400
     #: how pool_size, sessions and idle_max were chosen (start-up log, /health)
     sizing: str = ""
     #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
@@ -2978,7 +2978,7 @@ class AnthropicMessages:
 # 11. OpenAI responses ###########################################################################
 # POST /v1/responses, stateless.  OpenAI keeps responses server-side so that a later request can
 # say `previous_response_id`; this proxy stores nothing it could look up by id (a store of
-# conversations would be a second copy of every user's data to secure and expire; Sessions
+# conversations would be a second copy of every user's data to secure and expire; Idle
 # only keeps a CLI process, in memory, for a request that resends the same conversation), so
 # clients send the whole conversation in `input`, as they do with `store: false`.  Only function
 # tools exist here (OpenAI's built-in tools run on OpenAI's servers), and the model's thinking is

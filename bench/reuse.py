@@ -232,7 +232,7 @@ def bench_growth(n=200, every=25):
     try:
         for i in range(n + 1):
             until(proxy, lambda h: h["idle"]["idle"]["reused"] == 1 or i == 0)
-            if i % every == 0:
+            if i % every == 0 and i:
                 kids = children(proxy.proc.pid)
                 samples.append((i, sum(rss_mb(k) for k in kids)))
             if i < n:
@@ -244,7 +244,8 @@ def bench_growth(n=200, every=25):
         report("RSS after %3d requests" % i, mb, "MB")
     report("processes started", started, "")
     first, last = samples[2][1] - samples[0][1], samples[-1][1] - samples[-3][1]
-    report("growth over the first 50 / the last 50", first, "MB / %.1f MB" % last)
+    report("growth from request %d to %d / over the last %d" % (every, 3 * every, 2 * every),
+           first, "MB / %.1f MB" % last)
 
 
 def bench_mixed(n=1000):
