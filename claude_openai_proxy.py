@@ -1620,7 +1620,9 @@ class Idle:
     KINDS = ("kept", "reused", "initialized", "pool")
 
     def __init__(self, backend, cfg):
-        self.backend = backend
+        if None in (cfg.pool_size, cfg.sessions, cfg.idle_max):    # a Config not from load_config
+            cfg = size_idle(cfg)
+        self.backend, self.sizing = backend, cfg.sizing
         self.pool_size, self.max_idle = cfg.pool_size, cfg.pool_max_idle
         self.sessions, self.session_idle = cfg.sessions, cfg.session_idle
         self.budget, self.reuse = cfg.idle_max, cfg.reuse
@@ -1840,7 +1842,7 @@ class Idle:
             held = collections.Counter(p.kind for p in self.procs)
             return {"budget": self.budget, "pool_size": self.pool_size, "sessions": self.sessions,
                     "reuse": self.reuse, "recycle_rss_mb": self.recycle_rss // 2 ** 20,
-                    "sized": self.backend.cfg.sizing,
+                    "sized": self.sizing,
                     "idle": {k: held[k] for k in self.KINDS},
                     "ready": sum(p.kind != "kept" and p.fresh() for p in self.procs),
                     "hits": {k: self.hits[k] for k in self.KINDS}, "misses": self.misses,
