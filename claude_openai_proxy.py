@@ -3907,6 +3907,8 @@ def check(cfg):
     ok = True
     print("claude-proxy %s configuration:" % __version__)
     print(describe_config(cfg))
+    print("idle CLI sizes: pool %d, sessions %d, budget %d (%s)"
+          % (cfg.pool_size, cfg.sessions, cfg.idle_max, cfg.sizing))
     found = shutil.which(cfg.claude_bin)
     print("CLI: %s" % (found or "NOT FOUND (set CLAUDE_BIN)"))
     if not found:

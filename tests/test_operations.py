@@ -961,6 +961,7 @@ def test_check_ok_with_real_cli(home, upstream):
     assert "check-secret-77d2" not in out and "other-4k" not in out
     assert "sk-ant-test-dummy-key" not in out
     assert re.search(r"CLAUDE_PROXY_API_KEYS\s+2 key\(s\), masked", out), out
+    assert re.search(r"idle CLI sizes: pool \d+, sessions \d+, budget \d+ \(.*from MemAvailable", out), out
     assert len(upstream.model_calls) >= 1
 
 
