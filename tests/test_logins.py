@@ -139,3 +139,95 @@ def test_each_warning_step_is_logged_as_it_is_crossed(sub_proxy, upstream):
     assert [re.search(r"at (\d+)%", l).group(1) for l in warned] == ["70", "80", "90"]
     assert p.request("GET", "/v1/usage")[2]["accounts"][0]["windows"]["five_hour"]["status"] \
         == "allowed_warning"
+
+
+# -- 2. limit errors a client can act on ----------------------------------------------------------
+
+def ask(proxy, dialect, text="hi", stream=False, headers=None):
+    path, body = {"openai": (CHAT, {}), "anthropic": ("/v1/messages", {"max_tokens": 50}),
+                  "responses": ("/v1/responses", {})}[dialect]
+    body.update(model="sonnet", stream=stream)
+    if dialect == "responses":
+        body["input"] = text
+    else:
+        body["messages"] = [{"role": "user", "content": text}]
+    return proxy.post(path, body, headers=headers, timeout=120)
+
+
+def error_of(dialect, body):
+    return body["error"]
+
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic", "responses"])
+@pytest.mark.parametrize("window", ["five_hour", "seven_day"])
+def test_rejected_window_is_429_naming_it_with_retry_after_its_reset(sub_proxy, upstream,
+                                                                     dialect, window):
+    token, now = new_token(), int(time.time())
+    plan = Plan(five_hour=1.0 if window == "five_hour" else 0.3, five_hour_reset=now + 1800,
+                seven_day=1.0 if window == "seven_day" else 0.3, seven_day_reset=now + 90000)
+    upstream.plans[token] = plan
+    p = sub_proxy(token, CLAUDE_PROXY_POOL_SIZE=0)
+    status, hdrs, got = ask(p, dialect)
+    assert status == 429, got
+    err, h = error_of(dialect, got), lower(hdrs)
+    reset = now + (1800 if window == "five_hour" else 90000)
+    assert reset - time.time() - 5 <= int(h["retry-after"]) <= reset - now + 1
+    assert h["anthropic-ratelimit-unified-reset"] == str(reset)
+    assert h["anthropic-ratelimit-unified-type"] == window
+    assert h["x-claude-account"] == "default"
+    assert "the %s window" % window in err["message"]
+    # the CLI's own words for it, pinned (2.1.330)
+    # (it says "your weekly limit" only when the plan's extra usage is switched off)
+    assert "You've hit your limit · resets" in err["message"]
+    assert time.strftime("%Y-%m-%d %H:%M", time.gmtime(reset)) in err["message"]
+    if dialect == "anthropic":
+        assert err["type"] == "rate_limit_error"
+    else:
+        assert err["code"] == "rate_limit_exceeded"
+    assert p.request("GET", "/v1/usage")[2]["accounts"][0]["windows"][window]["status"] == "rejected"
+    assert len(tokens_used(upstream)) == 1       # CLAUDE_PROXY_CLI_RETRIES=1: >60 s is not retried
+
+
+def test_rejected_window_in_a_stream_is_still_a_429(sub_proxy, upstream):
+    token = new_token()
+    upstream.plans[token] = Plan(five_hour=1.0)
+    p = sub_proxy(token, CLAUDE_PROXY_POOL_SIZE=0)
+    for dialect in ("openai", "anthropic"):
+        status, hdrs, got = ask(p, dialect, stream=True)
+        assert status == 429, got
+        assert "five_hour" in got["error"]["message"] and int(lower(hdrs)["retry-after"]) > 3000
+
+
+def test_extra_usage_refusal_is_429_insufficient_quota(sub_proxy, upstream):
+    """Past the plan's limits with no usage credits, the API refuses with credits_required;
+    the CLI says "You've hit your usage limit"."""
+    token = new_token()
+    upstream.plans[token] = Plan(five_hour=1.0, overage="allowed", credits_required=True)
+    p = sub_proxy(token, CLAUDE_PROXY_POOL_SIZE=0)
+    status, hdrs, got = ask(p, "openai")
+    assert status == 429, got
+    assert got["error"]["code"] == "insufficient_quota"
+    assert "refused extra usage" in got["error"]["message"]
+    assert "You've hit your usage limit · resets" in got["error"]["message"]
+    assert int(lower(hdrs)["retry-after"]) > 3000
+    status, _, got = ask(p, "anthropic")
+    assert status == 429 and got["error"]["type"] == "rate_limit_error", got
+    assert "refused extra usage" in got["error"]["message"]
+
+
+def test_a_model_the_plan_lacks_is_404_model_not_found(sub_proxy, upstream):
+    token = new_token()
+    upstream.plans[token] = Plan()
+    upstream.default = fake_upstream.error(404, "not_found_error", "model: claude-opus-4-8")
+    p = sub_proxy(token, CLAUDE_PROXY_POOL_SIZE=0)
+    status, _, got = p.post(CHAT, {"model": "claude-opus-4-8",
+                                   "messages": [{"role": "user", "content": "hi"}]}, timeout=120)
+    assert status == 404, got
+    assert got["error"]["code"] == "model_not_found"
+    msg = got["error"]["message"]
+    assert "not available to login 'default'" in msg and "plan may not include it" in msg
+    assert "There's an issue with the selected model (claude-opus-4-8)" in msg
+    status, _, got = p.post("/v1/messages", {"model": "claude-opus-4-8", "max_tokens": 9,
+                                             "messages": [{"role": "user", "content": "hi"}]},
+                            timeout=120)
+    assert status == 404 and got["error"]["type"] == "not_found_error", got
