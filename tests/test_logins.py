@@ -231,3 +231,59 @@ def test_a_model_the_plan_lacks_is_404_model_not_found(sub_proxy, upstream):
                                              "messages": [{"role": "user", "content": "hi"}]},
                             timeout=120)
     assert status == 404 and got["error"]["type"] == "not_found_error", got
+
+
+# -- 3. the extra-usage guard ---------------------------------------------------------------------
+
+def test_guard_refuses_once_a_response_was_billed_as_extra_usage_until_the_reset(sub_proxy,
+                                                                                upstream):
+    """Default deny: the first answer past a used-up window comes back billed as extra usage
+    (the CLI reports isUsingOverage); from then on the proxy answers 429 without sending
+    anything, until the window's reset; then requests go through again."""
+    token, reset = new_token(), int(time.time()) + 15
+    plan = Plan(five_hour=1.0, five_hour_reset=reset, overage="allowed")
+    upstream.plans[token] = plan
+    p = sub_proxy(token)
+    assert chat(p)[0] == 200                  # already billed when the proxy learns it
+    acct = p.request("GET", "/v1/usage")[2]["accounts"][0]
+    assert acct["extra_usage"] == {"status": "allowed", "in_use": True}
+    assert "billed as extra usage; refusing more until the reset" in p.log
+
+    for dialect in ("openai", "anthropic", "responses"):
+        status, hdrs, got = ask(p, dialect)
+        assert status == 429, got
+        assert "would be billed as extra usage" in got["error"]["message"]
+        assert "CLAUDE_PROXY_EXTRA_USAGE=deny" in got["error"]["message"]
+        assert 1 <= int(lower(hdrs)["retry-after"]) <= 16
+    assert len(tokens_used(upstream)) == 1, "the guard sent nothing"
+    assert p.request("GET", "/health")[2]["logins"]["accounts"][0]["limited"] is True
+
+    while time.time() < reset + 1:             # the window resets
+        time.sleep(0.2)
+    plan.five_hour, plan.five_hour_reset = 0.05, int(time.time()) + 18000
+    status, _, got = chat(p)
+    assert status == 200, got
+    assert len(tokens_used(upstream)) == 2
+    assert p.request("GET", "/v1/usage")[2]["accounts"][0]["extra_usage"]["in_use"] is False
+
+
+def test_guard_allow_lets_extra_usage_through(sub_proxy, upstream):
+    token = new_token()
+    upstream.plans[token] = Plan(five_hour=1.0, overage="allowed")
+    p = sub_proxy(token, CLAUDE_PROXY_EXTRA_USAGE="allow")
+    for _ in range(2):
+        assert chat(p)[0] == 200
+    assert len(tokens_used(upstream)) == 2
+    usage = p.request("GET", "/v1/usage")[2]
+    assert usage["guard"] == {"extra_usage": "allow"}
+    assert usage["accounts"][0]["extra_usage"]["in_use"] is True
+    assert "billed as extra usage" in p.log and "refusing" not in p.log
+
+
+def test_guard_setting_is_checked_at_start_up(home, upstream_server):
+    import subprocess, sys
+    from conftest import PROXY
+    env = base_env(home, upstream_server.url, real_claude_bin(), CLAUDE_PROXY_EXTRA_USAGE="maybe")
+    out = subprocess.run([sys.executable, str(PROXY), "--port", "0"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "CLAUDE_PROXY_EXTRA_USAGE must be deny or allow" in out.stderr
