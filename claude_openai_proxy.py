@@ -368,6 +368,10 @@ def load_config(argv=None, environ=None):
     return cfg, args
 
 
+TOKEN_NOT_HERE = ("A token never goes into the configuration (the environment and argv are "
+                  "readable by others): write it to a file (chmod 600) and give token-file:PATH.")
+
+
 def parse_accounts(items):
     """CLAUDE_PROXY_ACCOUNTS entries -> ((name, kind, path), ...).  An entry is never echoed:
     whoever pastes a token there by mistake must not find it in a log."""
@@ -377,7 +381,8 @@ def parse_accounts(items):
         name, value = name.strip(), value.strip()
         if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or not value:
             raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS entry %d must be NAME=CONFIG_DIR or "
-                             "NAME=token-file:PATH (NAME: letters, digits, _ . -)" % i)
+                             "NAME=token-file:PATH (NAME: letters, digits, _ . -). %s"
+                             % (i, TOKEN_NOT_HERE))
         if name in names:
             raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS names %r twice" % name)
         names.add(name)
@@ -390,8 +395,7 @@ def parse_accounts(items):
             kind, path = "config_dir", value
         elif value.startswith("sk-ant-") or "/" not in value:
             raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS %s is neither a directory nor "
-                             "token-file:PATH. A token never goes into the configuration: write "
-                             "it to a file (chmod 600) and give token-file:PATH." % name)
+                             "token-file:PATH. %s" % (name, TOKEN_NOT_HERE))
         else:
             raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS %s: no directory %s (log in with "
                              "CLAUDE_CONFIG_DIR=%s claude login)" % (name, value, value))

@@ -287,3 +287,172 @@ def test_guard_setting_is_checked_at_start_up(home, upstream_server):
     out = subprocess.run([sys.executable, str(PROXY), "--port", "0"], env=env,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "CLAUDE_PROXY_EXTRA_USAGE must be deny or allow" in out.stderr
+
+
+# -- 4. several logins ----------------------------------------------------------------------------
+
+@pytest.fixture
+def two_logins(sub_proxy, upstream, tmp_path):
+    """make(**env) -> (proxy, token of login "a" (a token file), token of "b" (a config dir
+    holding a made-up .credentials.json)); no login in the proxy's own environment."""
+    ta, tb = new_token(), new_token()
+    (tmp_path / "a.token").write_text(ta + "\n")
+    (tmp_path / "a.token").chmod(0o600)
+    cdir = tmp_path / "b-config"
+    cdir.mkdir()
+    (cdir / ".credentials.json").write_text(json.dumps({"claudeAiOauth": {
+        "accessToken": tb, "refreshToken": "rt-" + tb, "expiresAt": int(time.time() + 86400 * 30) * 1000,
+        "scopes": ["user:inference", "user:profile"], "subscriptionType": "max"}}))
+    upstream.plans[ta], upstream.plans[tb] = Plan(), Plan()
+
+    def make(**extra):
+        p = sub_proxy(CLAUDE_PROXY_ACCOUNTS="a=token-file:%s,b=%s" % (tmp_path / "a.token", cdir),
+                      **extra)
+        p.token_file = tmp_path / "a.token"
+        return p, ta, tb
+    return make
+
+
+def test_new_conversations_go_to_the_most_headroom_and_stay_there(two_logins, upstream):
+    p, ta, tb = two_logins()
+    upstream.plans[ta].five_hour = 0.9
+    upstream.plans[tb].five_hour = 0.2
+    seen = []
+    for text in ("one", "two", "three"):                   # three new conversations
+        status, hdrs, got = chat(p, text)
+        assert status == 200, got
+        seen.append(lower(hdrs)["x-claude-account"])
+    # nothing known at first: the first login; then b has more headroom (unknown, then 80 %)
+    assert seen == ["a", "b", "b"]
+    assert tokens_used(upstream) == [ta, tb, tb]
+    # conversation "one" goes on on a, although b has more headroom
+    status, hdrs, got = p.post(CHAT, {"model": "sonnet", "messages": [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "Hello from the fake upstream."},
+        {"role": "user", "content": "and on"}]}, timeout=120)
+    assert status == 200, got
+    assert lower(hdrs)["x-claude-account"] == "a" and tokens_used(upstream)[-1] == ta
+    usage = {a["name"]: a for a in p.request("GET", "/v1/usage")[2]["accounts"]}
+    assert usage["a"]["windows"]["five_hour"]["utilization"] == 0.9
+    assert usage["b"]["windows"]["five_hour"]["utilization"] == 0.2
+    assert sum(t["output"] for t in usage["b"]["tokens"].values()) == 14
+    no_secret_in(p, ta, tb)
+
+
+def test_a_limited_login_fails_over_before_the_first_byte(two_logins, upstream):
+    p, ta, tb = two_logins(CLAUDE_PROXY_POOL_SIZE=0)
+    upstream.plans[ta].five_hour = 1.0                    # a: refused, no extra usage
+    for dialect, stream in (("openai", False), ("anthropic", True)):
+        before = len(tokens_used(upstream))
+        status, hdrs, got = ask(p, dialect, "fail me over %s" % dialect, stream=stream)
+        assert status == 200, got
+        assert lower(hdrs)["x-claude-account"] == "b"
+        used = tokens_used(upstream)[before:]
+        # the first time a is asked and refuses; once known limited it is not asked first
+        assert used == ([ta, tb] if dialect == "openai" else [tb]), used
+    assert "login a refused a request (429 rate_limit_exceeded); asking the next login" in p.log
+    # both limited: the 429 of the one that resets first
+    upstream.plans[tb].five_hour = 1.0
+    status, hdrs, got = chat(p, "nobody can")
+    assert status == 429 and "hit its plan limit" in got["error"]["message"], got
+    no_secret_in(p, ta, tb)
+
+
+def test_pinning_a_login_and_unknown_names(two_logins, upstream):
+    p, ta, tb = two_logins()
+    for _ in range(2):
+        status, hdrs, got = chat(p, headers={"X-Claude-Account": "b"})
+        assert status == 200 and lower(hdrs)["x-claude-account"] == "b", got
+    assert tokens_used(upstream) == [tb, tb]
+    for dialect in ("openai", "anthropic", "responses"):
+        status, _, got = ask(p, dialect, headers={"X-Claude-Account": "nobody"})
+        assert status == 400, got
+        assert "Unknown X-Claude-Account 'nobody'" in got["error"]["message"]
+        assert "a, b" in got["error"]["message"]
+    assert len(tokens_used(upstream)) == 2
+    # pinned to a limited login: its 429, no failover
+    upstream.plans[tb].five_hour = 1.0
+    status, hdrs, got = chat(p, "pinned", headers={"X-Claude-Account": "b"})
+    assert status == 429 and lower(hdrs)["x-claude-account"] == "b", got
+    assert tokens_used(upstream)[-1] == tb and ta not in tokens_used(upstream)
+
+
+def test_a_login_that_fails_to_authenticate_is_unhealthy_and_the_other_serves(two_logins, upstream):
+    p, ta, tb = two_logins(CLAUDE_PROXY_POOL_SIZE=0)
+    upstream.plans[ta].revoked = True
+    status, hdrs, got = chat(p, "first")
+    assert status == 200 and lower(hdrs)["x-claude-account"] == "b", got
+    used = tokens_used(upstream)
+    assert used[-1] == tb and set(used[:-1]) == {ta}, used     # (the CLI retries a 401 once)
+    status, hdrs, got = chat(p, "second")
+    assert status == 200 and lower(hdrs)["x-claude-account"] == "b", got
+    assert tokens_used(upstream)[len(used):] == [tb], "an unhealthy login is not asked first"
+    usage = {a["name"]: a for a in p.request("GET", "/v1/usage")[2]["accounts"]}
+    assert usage["a"]["healthy"] is False and usage["b"]["healthy"] is True
+    assert usage["a"]["hint"] == "write a new `claude setup-token` token to %s" % p.token_file
+    health = {a["name"]: a for a in p.request("GET", "/health")[2]["logins"]["accounts"]}
+    assert health["a"]["healthy"] is False and health["a"]["hint"] == usage["a"]["hint"]
+    assert 'claude_proxy_login_healthy{account="a"} 0' in p.request("GET", "/metrics")[2]
+    assert "login a failed to authenticate (upstream 401)" in p.log
+    # pinned to it: the login problem, the CLI's words (2.1.330) and the hint, not a 401
+    status, _, got = chat(p, "pinned", headers={"X-Claude-Account": "a"})
+    assert status == 502, got
+    msg = got["error"]["message"]
+    assert "could not authenticate with login 'a'" in msg and "claude setup-token" in msg
+    assert "Failed to authenticate. API Error: 401 OAuth token has been revoked" in msg
+    no_secret_in(p, ta, tb)
+    assert ta not in json.dumps(got) and tb not in json.dumps(got)
+
+
+def test_accounts_setting_is_checked_and_never_echoed(home, upstream_server, tmp_path):
+    import subprocess, sys
+    from conftest import PROXY
+    token = new_token()
+    for value, says in ((token, "A token never goes into the configuration"),
+                        ("x=" + token, "A token never goes into the configuration"),
+                        ("x=token-file:/nonexistent/t", "no token file at /nonexistent/t"),
+                        ("x=%s,x=%s" % (tmp_path, tmp_path), "names 'x' twice")):
+        env = base_env(home, upstream_server.url, real_claude_bin(), CLAUDE_PROXY_ACCOUNTS=value)
+        out = subprocess.run([sys.executable, str(PROXY), "--port", "0"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 and says in out.stderr, out.stderr
+        assert token not in out.stderr and token[12:] not in out.stderr
+
+
+def test_no_failover_once_the_answer_began_and_each_login_gets_its_own_environment(
+        make_proxy, tmp_path):
+    """On the fake CLI: each login's CLI gets its own CLAUDE_CONFIG_DIR or token, nothing of
+    the other; a limit that arrives after text went out is that request's error (no second
+    login asked), and the next conversation goes to the other login."""
+    from conftest import sse_events
+    token = new_token()
+    (tmp_path / "a.token").write_text(token)
+    (tmp_path / "bdir").mkdir()
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0,
+                   CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_PIDS", FAKE_CLAUDE_PIDS=pids,
+                   CLAUDE_CODE_OAUTH_TOKEN="inherited-" + token[12:],
+                   CLAUDE_PROXY_ACCOUNTS="a=token-file:%s,b=%s" % (tmp_path / "a.token",
+                                                                   tmp_path / "bdir"))
+    envs = {}
+    for name in ("a", "b"):
+        status, hdrs, got = chat(p, "[[echo-env]] " + name, headers={"X-Claude-Account": name})
+        assert status == 200 and lower(hdrs)["x-claude-account"] == name, got
+        envs[name] = json.loads(got["choices"][0]["message"]["content"])
+    assert envs["a"]["CLAUDE_CODE_OAUTH_TOKEN"] == token and "CLAUDE_CONFIG_DIR" not in envs["a"]
+    assert envs["b"]["CLAUDE_CONFIG_DIR"] == str(tmp_path / "bdir")
+    assert "CLAUDE_CODE_OAUTH_TOKEN" not in envs["b"], "the inherited login must not leak in"
+
+    runs = len(list(pids.iterdir()))
+    status, hdrs, text = p.post(CHAT, {"model": "sonnet", "stream": True, "messages": [
+        {"role": "user", "content": "[[limited-late]]"}]}, timeout=60)
+    assert status == 200 and lower(hdrs)["x-claude-account"] == "a"
+    datas = [json.loads(d) for _n, d in sse_events(text) if d != "[DONE]"]
+    assert any(c.get("choices") and c["choices"][0]["delta"].get("content") == "partial "
+               for c in datas), text
+    assert "hit its plan limit" in datas[-1]["error"]["message"], text
+    assert len(list(pids.iterdir())) == runs + 1, "no second login was asked"
+    status, hdrs, got = chat(p, "next conversation")
+    assert status == 200 and lower(hdrs)["x-claude-account"] == "b", got
+    assert token not in p.log and token[12:] not in p.log
