@@ -456,3 +456,54 @@ def test_no_failover_once_the_answer_began_and_each_login_gets_its_own_environme
     status, hdrs, got = chat(p, "next conversation")
     assert status == 200 and lower(hdrs)["x-claude-account"] == "b", got
     assert token not in p.log and token[12:] not in p.log
+
+
+# -- 5. beyond one machine: a LiteLLM Router in front of two instances ----------------------------
+
+ROUTER_SCRIPT = r'''
+import json, os, sys
+from litellm import Router
+import litellm
+litellm.telemetry = False
+litellm.suppress_debug_info = True
+urls = sys.argv[1:]
+router = Router(model_list=[
+    {"model_name": "claude", "litellm_params": {"model": "openai/sonnet", "order": i + 1,
+                                                "api_base": url + "/v1", "api_key": "unused"}}
+    for i, url in enumerate(urls)], num_retries=1, allowed_fails=0, cooldown_time=300,
+    retry_after=0)
+out = []
+for i in range(3):
+    r = router.completion(model="claude", messages=[{"role": "user", "content": "q%d" % i}])
+    out.append({"text": r.choices[0].message.content,
+                "api_base": r._hidden_params.get("api_base")})
+print(json.dumps(out))
+'''
+
+
+def test_litellm_router_fails_over_from_a_limited_instance_and_cools_it_down(sub_proxy, upstream,
+                                                                              tmp_path):
+    pytest.importorskip("litellm")
+    import subprocess, sys, os
+    t1, t2 = new_token(), new_token()
+    upstream.plans[t1] = Plan(five_hour=1.0)             # instance 1's login: used up
+    upstream.plans[t2] = Plan(five_hour=0.2)
+    p1 = sub_proxy(t1, CLAUDE_PROXY_POOL_SIZE=0)
+    p2 = sub_proxy(t2, CLAUDE_PROXY_POOL_SIZE=0)
+    script = tmp_path / "router.py"
+    script.write_text(ROUTER_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "ANTHROPIC"))}
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY="False",
+               NO_PROXY="127.0.0.1,localhost", HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, str(script), p1.url, p2.url], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [g["text"] for g in got] == ["Hello from the fake upstream."] * 3
+    assert all(g["api_base"].startswith(p2.url) for g in got), got
+    # instance 1 was asked once (its 429 put it in cooldown), instance 2 served all three
+    assert tokens_used(upstream).count(t1) == 1, tokens_used(upstream)
+    assert tokens_used(upstream).count(t2) == 3
+    assert "/v1/chat/completions 429" in p1.log
+    assert p1.request("GET", "/v1/usage")[2]["accounts"][0]["windows"]["five_hour"]["status"] \
+        == "rejected"
