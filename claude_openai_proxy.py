@@ -60,6 +60,8 @@ Data flow
     HTTP body -> dialect.parse -> Request (neutral) -> prompt rendering -> CLI process
       -> stream-json lines -> events (Start, TextDelta, ThinkingDelta, ToolCall, ToolCallDelta,
          Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
+    Each request is served by one login (section 7, logins: by headroom, a conversation on its
+    login, X-Claude-Account pins), whose CLI processes are its own.
     Native tools (X-Toolcall-Module: native) skip the engine: the client's tools reach the model
     as real tools through the CLI's MCP bridge, and its tool_use blocks come back as ToolCalls.
     The CLI process is a pre-started one from the pool when one is ready, and when a request
@@ -2472,18 +2474,20 @@ class Account:
                 mine = self.tokens.setdefault(model, dict.fromkeys([k for k, _ in TOKEN_KEYS], 0))
                 for k, n in counts.items():
                     mine[k] += n
-            status = item.get("api_error_status")
             if not item.get("is_error"):
                 self.healthy, self.hint = True, None
-            elif status == 401 or (status == 403 and not MODEL_REFUSED.search(str(item.get("result")))):
-                if self.healthy:
-                    log_line("login %s failed to authenticate (upstream %s); other logins serve "
-                             "until it is logged in again" % (self.name, status))
-                self.healthy, self.failed_at = False, time.time()
-                self.hint = ("log in again: CLAUDE_CONFIG_DIR=%s claude login" % self.path
-                             if self.kind == "config_dir" else
-                             "write a new `claude setup-token` token to %s" % self.path
-                             if self.kind == "token_file" else "run `claude login` on the server")
+
+    def mark_unhealthy(self, why):
+        """Its CLI could not authenticate (LoginFailed: `why`, already scrubbed)."""
+        with self.lock:
+            if self.healthy:
+                log_line("login %s failed to authenticate; other logins serve until it is "
+                         "logged in again (%s)" % (self.name, why[:200]))
+            self.healthy, self.failed_at = False, time.time()
+            self.hint = ("log in again: CLAUDE_CONFIG_DIR=%s claude login" % self.path
+                         if self.kind == "config_dir" else
+                         "write a new `claude setup-token` token to %s" % self.path
+                         if self.kind == "token_file" else "run `claude login` on the server")
 
     def _note_limits(self, info):
         was_overage = bool((self.info or {}).get("isUsingOverage"))
@@ -3712,28 +3716,34 @@ class App:
 
 
 def model_events(app, req, call, pinned=None):
-    """The whole pipeline for one request: a slot, a login, then one CLI turn (or the tool
+    """The whole pipeline for one request: a login, a slot, then one CLI turn (or the tool
     engine).  A request its login refuses for limits or authentication before anything went to
     the client is asked once more on the next login that can take it (not when pinned)."""
+    logins, tried = app.backend.logins, []
+    account = logins.choose(req, pinned)         # the guard's refusal needs no slot
     app.backend.gate.acquire(call)
     try:
-        tried = []
         while True:
-            account = app.backend.logins.choose(req, pinned, tried)
             req.account = account.name
             sent = False
             try:
                 for ev in login_events(app, req, call):
                     sent = True
                     yield ev
-                app.backend.logins.remember(req, account)
+                logins.remember(req, account)
                 return
-            except (RateLimited, LoginFailed) as err:
+            except (RateLimited, LoginFailed) as exc:
+                if isinstance(exc, LoginFailed):
+                    account.mark_unhealthy(exc.message)
                 tried.append(account.name)
-                if sent or pinned or len(tried) >= len(app.backend.logins.accounts):
+                if sent or pinned or len(tried) >= len(logins.accounts):
                     raise
-                log_line("login %s refused a request (%s %s); asking the next login"
-                         % (account.name, err.status, err.code or err.kind))
+                try:
+                    account = logins.choose(req, None, tried)
+                except ProxyError:
+                    raise exc from None           # the first refusal is the answer
+                log_line("login %s refused a request (%s %s); asking login %s"
+                         % (tried[-1], exc.status, exc.code or exc.kind, account.name))
     finally:
         app.backend.gate.release()
 
@@ -3922,7 +3932,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Vary", "Origin")
             self.send_header("Access-Control-Expose-Headers",
                              "X-Request-Id, Retry-After, x-ratelimit-remaining-requests, "
-                             "x-ratelimit-reset-requests, anthropic-ratelimit-unified-status, "
+                             "x-ratelimit-reset-requests, X-Claude-Account, "
+                             "anthropic-ratelimit-unified-status, "
                              "anthropic-ratelimit-unified-reset, anthropic-ratelimit-unified-type, "
                              "anthropic-ratelimit-unified-utilization")
         super().end_headers()
@@ -4198,10 +4209,6 @@ def check(cfg):
         ok = False
     app = App(cfg)
     try:
-        req = Request(model=cfg.default_model, cli_model=resolve_model(cfg.default_model, "sonnet")[1],
-                      messages=[Message("user", [{"type": "text", "text": "Reply with the word OK."}])],
-                      max_tokens=16, handler=HANDLERS["generic"])
-
         class NoClient:
             deadline = time.monotonic() + 120
 
@@ -4211,12 +4218,21 @@ def check(cfg):
 
             maybe_check = check
 
-        c = collect(app.backend.run(req, req.messages, NoClient()))
-        print("Logged in: yes (model %s answered %r, %d tokens)" % (cfg.default_model, c.text[:40],
-                                                                   c.usage.output_tokens))
-    except ProxyError as err:
-        print("Logged in: NO: %s" % err.message)
-        ok = False
+        for account in app.backend.logins.accounts:     # each login: one tiny request
+            label = "" if account.name == "default" and not cfg.accounts else \
+                " (login %s)" % account.name
+            req = Request(model=cfg.default_model,
+                          cli_model=resolve_model(cfg.default_model, "sonnet")[1],
+                          messages=[Message("user", [{"type": "text",
+                                                      "text": "Reply with the word OK."}])],
+                          max_tokens=16, handler=HANDLERS["generic"], account=account.name)
+            try:
+                c = collect(app.backend.run(req, req.messages, NoClient()))
+                print("Logged in%s: yes (model %s answered %r, %d tokens)" % (
+                    label, cfg.default_model, c.text[:40], c.usage.output_tokens))
+            except ProxyError as err:
+                print("Logged in%s: NO: %s" % (label, err.message))
+                ok = False
     finally:
         app.close()
     for name, err in sorted(MODULE_ERRORS.items()):

@@ -350,7 +350,7 @@ def test_a_limited_login_fails_over_before_the_first_byte(two_logins, upstream):
         used = tokens_used(upstream)[before:]
         # the first time a is asked and refuses; once known limited it is not asked first
         assert used == ([ta, tb] if dialect == "openai" else [tb]), used
-    assert "login a refused a request (429 rate_limit_exceeded); asking the next login" in p.log
+    assert "login a refused a request (429 rate_limit_exceeded); asking login b" in p.log
     # both limited: the 429 of the one that resets first
     upstream.plans[tb].five_hour = 1.0
     status, hdrs, got = chat(p, "nobody can")
@@ -393,7 +393,8 @@ def test_a_login_that_fails_to_authenticate_is_unhealthy_and_the_other_serves(tw
     health = {a["name"]: a for a in p.request("GET", "/health")[2]["logins"]["accounts"]}
     assert health["a"]["healthy"] is False and health["a"]["hint"] == usage["a"]["hint"]
     assert 'claude_proxy_login_healthy{account="a"} 0' in p.request("GET", "/metrics")[2]
-    assert "login a failed to authenticate (upstream 401)" in p.log
+    [line] = [l for l in p.log.splitlines() if "login a failed to authenticate" in l]
+    assert "other logins serve until it is logged in again" in line and "upstream 401" in line
     # pinned to it: the login problem, the CLI's words (2.1.330) and the hint, not a 401
     status, _, got = chat(p, "pinned", headers={"X-Claude-Account": "a"})
     assert status == 502, got
@@ -507,3 +508,87 @@ def test_litellm_router_fails_over_from_a_limited_instance_and_cools_it_down(sub
     assert "/v1/chat/completions 429" in p1.log
     assert p1.request("GET", "/v1/usage")[2]["accounts"][0]["windows"]["five_hour"]["status"] \
         == "rejected"
+
+
+NGINX_CONF = """
+worker_processes 1;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/error.log warn;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path %(dir)s/body; proxy_temp_path %(dir)s/proxy;
+    fastcgi_temp_path %(dir)s/fcgi; uwsgi_temp_path %(dir)s/uwsgi; scgi_temp_path %(dir)s/scgi;
+    upstream claude_proxies {
+        hash $http_x_session_id consistent;
+        server 127.0.0.1:%(p1)d max_fails=1 fail_timeout=300s;
+        server 127.0.0.1:%(p2)d max_fails=1 fail_timeout=300s;
+    }
+    server {
+        listen 127.0.0.1:%(port)d;
+        location / {
+            proxy_pass http://claude_proxies;
+            proxy_next_upstream error timeout http_429 non_idempotent;
+            proxy_next_upstream_tries 2;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 660s;
+        }
+    }
+}
+"""
+
+
+def test_nginx_keeps_a_session_on_one_instance_and_fails_over_on_429(sub_proxy, upstream,
+                                                                     tmp_path):
+    """The README's nginx recipe, run: a session header hashes to one instance; a 429 from a
+    limited instance goes to the next one, and the limited one rests (max_fails)."""
+    import shutil, subprocess, urllib.request
+    from conftest import free_port
+    if not shutil.which("nginx"):
+        pytest.skip("nginx is not installed (.ci/run installs nginx-light)")
+    t1, t2 = new_token(), new_token()
+    upstream.plans[t1], upstream.plans[t2] = Plan(), Plan()
+    p1 = sub_proxy(t1, CLAUDE_PROXY_POOL_SIZE=0)
+    p2 = sub_proxy(t2, CLAUDE_PROXY_POOL_SIZE=0)
+    port = free_port()
+    (tmp_path / "nginx.conf").write_text(NGINX_CONF % {"dir": tmp_path, "p1": p1.port,
+                                                       "p2": p2.port, "port": port})
+    nginx = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                              "-g", "daemon off; master_process off;"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        front = Proxy.__new__(Proxy)
+        front.url = "http://127.0.0.1:%d" % port
+        deadline = time.time() + 10
+        while True:
+            try:
+                urllib.request.urlopen(front.url + "/health", timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and nginx.poll() is None, "nginx did not start"
+                time.sleep(0.05)
+        where = {}
+        for i in range(12):                                # sessions until both instances served
+            sid = "session-%d" % i
+            status, _, got = chat(front, "hi " + sid, headers={"X-Session-Id": sid})
+            assert status == 200, got
+            where[sid] = tokens_used(upstream)[-1]
+            if len(set(where.values())) == 2 and len(where) >= 4:
+                break
+        assert set(where.values()) == {t1, t2}, "the hash never chose one of the instances"
+        for sid, token in where.items():                   # each session stays where it began
+            assert chat(front, "again " + sid, headers={"X-Session-Id": sid})[0] == 200
+            assert tokens_used(upstream)[-1] == token, sid
+        on_1 = [sid for sid, t in where.items() if t == t1]
+        upstream.plans[t1].five_hour = 1.0                 # instance 1's login is used up
+        status, _, got = chat(front, "over", headers={"X-Session-Id": on_1[0]})
+        assert status == 200, got
+        assert tokens_used(upstream)[-2:] == [t1, t2]      # asked, refused, next instance
+        asked = len(tokens_used(upstream))
+        status, _, got = chat(front, "rested", headers={"X-Session-Id": on_1[-1]})
+        assert status == 200 and tokens_used(upstream)[asked:] == [t2], "instance 1 rests"
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
