@@ -592,3 +592,25 @@ def test_nginx_keeps_a_session_on_one_instance_and_fails_over_on_429(sub_proxy, 
     finally:
         nginx.terminate()
         nginx.wait(10)
+
+
+def test_check_asks_every_login(home, upstream, tmp_path):
+    """--check sends one tiny request per login and says which ones are not logged in."""
+    import subprocess, sys
+    from conftest import PROXY
+    ta, tb = new_token(), new_token()
+    upstream.plans[ta], upstream.plans[tb] = Plan(), Plan(revoked=True)
+    (tmp_path / "a").write_text(ta)
+    (tmp_path / "b").write_text(tb)
+    env = base_env(home, upstream.url, real_claude_bin(), CLAUDE_PROXY_PASS_ENV="ANTHROPIC_BASE_URL",
+                   CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_ACCOUNTS="a=token-file:%s,b=token-file:%s"
+                   % (tmp_path / "a", tmp_path / "b"))
+    env.pop("ANTHROPIC_API_KEY")
+    out = subprocess.run([sys.executable, str(PROXY), "--check"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Logged in (login a): yes" in out.stdout
+    assert "Logged in (login b): NO" in out.stdout and "claude setup-token" in out.stdout
+    assert "token-file:%s" % (tmp_path / "a") in out.stdout      # the config, tokens masked
+    for t in (ta, tb):
+        assert t not in out.stdout + out.stderr and t[12:] not in out.stdout + out.stderr
