@@ -3695,16 +3695,20 @@ class App:
         return self.backend.logins.report()
 
     def logins_summary(self):
-        """/health's view of usage_report: per login, healthy or not and its binding window."""
-        out = []
+        """/health's view of usage_report: per login, healthy or not and its binding window;
+        `serving`: some login is healthy and not known to be out of limits (a load balancer's
+        health check can read it)."""
+        out, serving = [], False
         for a in self.backend.logins.accounts:
             r, limited = a.report(), a.limited()
+            serving |= r["healthy"] and not a.exhausted()
             binding = max(r["windows"].items(), key=lambda kv: kv[1]["utilization"], default=None)
             out.append({"name": r["name"], "healthy": r["healthy"], "hint": r["hint"],
                         "limited": limited is not None,
                         "binding": dict(binding[1], window=binding[0]) if binding else None,
                         "extra_usage_in_use": r["extra_usage"]["in_use"]})
-        return {"guard": {"extra_usage": self.cfg.extra_usage}, "accounts": out}
+        return {"serving": serving, "guard": {"extra_usage": self.cfg.extra_usage},
+                "accounts": out}
 
     def close(self):
         self.backend.close_all()

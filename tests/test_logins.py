@@ -614,3 +614,79 @@ def test_check_asks_every_login(home, upstream, tmp_path):
     assert "token-file:%s" % (tmp_path / "a") in out.stdout      # the config, tokens masked
     for t in (ta, tb):
         assert t not in out.stdout + out.stderr and t[12:] not in out.stdout + out.stderr
+
+
+HAPROXY_CONF = """
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 660s
+    timeout server 660s
+frontend fe
+    bind 127.0.0.1:%(port)d
+    default_backend claude_proxies
+backend claude_proxies
+    balance hdr(X-Session-Id)
+    hash-type consistent
+    option httpchk GET /health
+    http-check expect rstring "\\"serving\\": true"
+    retry-on conn-failure empty-response
+    retries 1
+    option redispatch 1
+    server a 127.0.0.1:%(p1)d check inter %(inter)s fall 1 rise 1
+    server b 127.0.0.1:%(p2)d check inter %(inter)s fall 1 rise 1
+"""
+
+
+def test_haproxy_keeps_a_session_and_takes_a_limited_instance_out(sub_proxy, upstream, tmp_path):
+    """The README's HAProxy recipe, run: a session header hashes to one instance; once an
+    instance's only login is known out of limits its /health says "serving": false, the
+    health check takes it out and its sessions go to the other one."""
+    import shutil, subprocess, urllib.request
+    from conftest import free_port
+    if not shutil.which("haproxy"):
+        pytest.skip("haproxy is not installed (.ci/run installs it)")
+    t1, t2 = new_token(), new_token()
+    upstream.plans[t1], upstream.plans[t2] = Plan(), Plan()
+    p1 = sub_proxy(t1, CLAUDE_PROXY_POOL_SIZE=0)
+    p2 = sub_proxy(t2, CLAUDE_PROXY_POOL_SIZE=0)
+    port = free_port()
+    (tmp_path / "h.cfg").write_text(HAPROXY_CONF % {"p1": p1.port, "p2": p2.port, "port": port,
+                                                    "inter": "500ms"})
+    hap = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "h.cfg")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        front = Proxy.__new__(Proxy)
+        front.url = "http://127.0.0.1:%d" % port
+        deadline = time.time() + 10
+        while True:
+            try:
+                urllib.request.urlopen(front.url + "/health", timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and hap.poll() is None, "haproxy did not start"
+                time.sleep(0.05)
+        where = {}
+        for i in range(12):
+            sid = "session-%d" % i
+            status, _, got = chat(front, "hi " + sid, headers={"X-Session-Id": sid})
+            assert status == 200, got
+            where[sid] = tokens_used(upstream)[-1]
+            if len(set(where.values())) == 2 and len(where) >= 4:
+                break
+        assert set(where.values()) == {t1, t2}
+        for sid, token in where.items():
+            assert chat(front, "again " + sid, headers={"X-Session-Id": sid})[0] == 200
+            assert tokens_used(upstream)[-1] == token, sid
+        on_1 = [sid for sid, t in where.items() if t == t1]
+        upstream.plans[t1].five_hour = 1.0
+        status, hdrs, got = chat(front, "refused", headers={"X-Session-Id": on_1[0]})
+        assert status == 429, got           # HAProxy 2.6 cannot retry on a 429: it reaches the client
+        assert p1.request("GET", "/health")[2]["logins"]["serving"] is False
+        time.sleep(3)                       # several health checks
+        asked = len(tokens_used(upstream))
+        status, _, got = chat(front, "elsewhere", headers={"X-Session-Id": on_1[0]})
+        assert status == 200 and tokens_used(upstream)[asked:] == [t2], got
+    finally:
+        hap.terminate()
+        hap.wait(10)
