@@ -690,3 +690,34 @@ def test_haproxy_keeps_a_session_and_takes_a_limited_instance_out(sub_proxy, ups
     finally:
         hap.terminate()
         hap.wait(10)
+
+
+def test_tokens_of_a_kept_conversation_count_each_turn_once(sub_proxy, upstream):
+    """The CLI's modelUsage adds up over a process's turns; a conversation continued on its
+    kept process counts only what each turn added."""
+    token = new_token()
+    upstream.plans[token] = Plan()
+    p = sub_proxy(token)
+    msgs = [{"role": "user", "content": "one"}]
+    for turn in range(3):
+        status, _, got = p.post(CHAT, {"model": "sonnet", "messages": msgs}, timeout=120)
+        assert status == 200, got
+        msgs += [{"role": "assistant", "content": got["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "more %d" % turn}]
+    assert p.request("GET", "/health")[2]["sessions"]["hits"] >= 1, "the third turn was kept"
+    assert len(tokens_used(upstream)) == 3
+    [counts] = p.request("GET", "/v1/usage")[2]["accounts"][0]["tokens"].values()
+    assert (counts["input"], counts["output"]) == (33, 21), counts
+
+
+def test_a_403_for_the_model_is_not_a_login_failure(sub_proxy, upstream):
+    token = new_token()
+    upstream.plans[token] = Plan()
+    upstream.default = fake_upstream.error(403, "permission_error",
+                                           "Your plan does not include access to this model")
+    p = sub_proxy(token, CLAUDE_PROXY_POOL_SIZE=0)
+    status, _, got = chat(p)
+    assert status == 403, got
+    assert got["error"]["code"] == "model_not_found"
+    assert "plan may not include it" in got["error"]["message"]
+    assert p.request("GET", "/v1/usage")[2]["accounts"][0]["healthy"] is True
