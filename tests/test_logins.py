@@ -540,37 +540,40 @@ http {
 """
 
 
-def test_nginx_keeps_a_session_on_one_instance_and_fails_over_on_429(sub_proxy, upstream,
-                                                                     tmp_path):
-    """The README's nginx recipe, run: a session header hashes to one instance; a 429 from a
-    limited instance goes to the next one, and the limited one rests (max_fails)."""
+@pytest.fixture
+def balanced(sub_proxy, upstream, tmp_path):
+    """balanced(program, conf) -> (front, t1, t2, sessions on 1): two instances, one
+    subscription each, behind a load balancer started from `conf` (a template of p1, p2, port,
+    dir); each of the sessions found has been served twice by the same instance."""
     import shutil, subprocess, urllib.request
     from conftest import free_port
-    if not shutil.which("nginx"):
-        pytest.skip("nginx is not installed (.ci/run installs nginx-light)")
-    t1, t2 = new_token(), new_token()
-    upstream.plans[t1], upstream.plans[t2] = Plan(), Plan()
-    p1 = sub_proxy(t1, CLAUDE_PROXY_POOL_SIZE=0)
-    p2 = sub_proxy(t2, CLAUDE_PROXY_POOL_SIZE=0)
-    port = free_port()
-    (tmp_path / "nginx.conf").write_text(NGINX_CONF % {"dir": tmp_path, "p1": p1.port,
-                                                       "p2": p2.port, "port": port})
-    nginx = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-                              "-g", "daemon off; master_process off;"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        front = Proxy.__new__(Proxy)
-        front.url = "http://127.0.0.1:%d" % port
+    started = []
+
+    def make(argv, conf):
+        if not shutil.which(argv[0]):
+            pytest.skip("%s is not installed (.ci/run installs it)" % argv[0])
+        t1, t2 = new_token(), new_token()
+        upstream.plans[t1], upstream.plans[t2] = Plan(), Plan()
+        p1 = sub_proxy(t1, CLAUDE_PROXY_POOL_SIZE=0)
+        p2 = sub_proxy(t2, CLAUDE_PROXY_POOL_SIZE=0)
+        port = free_port()
+        (tmp_path / "lb.conf").write_text(conf % {"dir": tmp_path, "p1": p1.port, "p2": p2.port,
+                                                  "port": port})
+        lb = subprocess.Popen([a.replace("CONF", str(tmp_path / "lb.conf")) for a in argv],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(lb)
+        front = Proxy.__new__(Proxy)          # only its request helpers, on the balancer's URL
+        front.url, front.backends = "http://127.0.0.1:%d" % port, (p1, p2)
         deadline = time.time() + 10
         while True:
             try:
                 urllib.request.urlopen(front.url + "/health", timeout=1).close()
                 break
             except OSError:
-                assert time.time() < deadline and nginx.poll() is None, "nginx did not start"
+                assert time.time() < deadline and lb.poll() is None, "%s did not start" % argv[0]
                 time.sleep(0.05)
         where = {}
-        for i in range(12):                                # sessions until both instances served
+        for i in range(12):                   # sessions until both instances served some
             sid = "session-%d" % i
             status, _, got = chat(front, "hi " + sid, headers={"X-Session-Id": sid})
             assert status == 200, got
@@ -578,42 +581,29 @@ def test_nginx_keeps_a_session_on_one_instance_and_fails_over_on_429(sub_proxy, 
             if len(set(where.values())) == 2 and len(where) >= 4:
                 break
         assert set(where.values()) == {t1, t2}, "the hash never chose one of the instances"
-        for sid, token in where.items():                   # each session stays where it began
+        for sid, token in where.items():      # each session stays where it began
             assert chat(front, "again " + sid, headers={"X-Session-Id": sid})[0] == 200
             assert tokens_used(upstream)[-1] == token, sid
-        on_1 = [sid for sid, t in where.items() if t == t1]
-        upstream.plans[t1].five_hour = 1.0                 # instance 1's login is used up
-        status, _, got = chat(front, "over", headers={"X-Session-Id": on_1[0]})
-        assert status == 200, got
-        assert tokens_used(upstream)[-2:] == [t1, t2]      # asked, refused, next instance
-        asked = len(tokens_used(upstream))
-        status, _, got = chat(front, "rested", headers={"X-Session-Id": on_1[-1]})
-        assert status == 200 and tokens_used(upstream)[asked:] == [t2], "instance 1 rests"
-    finally:
-        nginx.terminate()
-        nginx.wait(10)
+        return front, t1, t2, [sid for sid, t in where.items() if t == t1]
+
+    yield make
+    for lb in started:
+        lb.terminate()
+        lb.wait(10)
 
 
-def test_check_asks_every_login(home, upstream, tmp_path):
-    """--check sends one tiny request per login and says which ones are not logged in."""
-    import subprocess, sys
-    from conftest import PROXY
-    ta, tb = new_token(), new_token()
-    upstream.plans[ta], upstream.plans[tb] = Plan(), Plan(revoked=True)
-    (tmp_path / "a").write_text(ta)
-    (tmp_path / "b").write_text(tb)
-    env = base_env(home, upstream.url, real_claude_bin(), CLAUDE_PROXY_PASS_ENV="ANTHROPIC_BASE_URL",
-                   CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_ACCOUNTS="a=token-file:%s,b=token-file:%s"
-                   % (tmp_path / "a", tmp_path / "b"))
-    env.pop("ANTHROPIC_API_KEY")
-    out = subprocess.run([sys.executable, str(PROXY), "--check"], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "Logged in (login a): yes" in out.stdout
-    assert "Logged in (login b): NO" in out.stdout and "claude setup-token" in out.stdout
-    assert "token-file:%s" % (tmp_path / "a") in out.stdout      # the config, tokens masked
-    for t in (ta, tb):
-        assert t not in out.stdout + out.stderr and t[12:] not in out.stdout + out.stderr
+def test_nginx_keeps_a_session_on_one_instance_and_fails_over_on_429(balanced, upstream):
+    """The README's nginx recipe, run: a session header hashes to one instance; a 429 from a
+    limited instance goes to the next one, and the limited one rests (max_fails)."""
+    front, t1, t2, on_1 = balanced(["nginx", "-p", "/", "-c", "CONF", "-g",
+                                    "daemon off; master_process off;"], NGINX_CONF)
+    upstream.plans[t1].five_hour = 1.0                 # instance 1's login is used up
+    status, _, got = chat(front, "over", headers={"X-Session-Id": on_1[0]})
+    assert status == 200, got
+    assert tokens_used(upstream)[-2:] == [t1, t2]      # asked, refused, next instance
+    asked = len(tokens_used(upstream))
+    status, _, got = chat(front, "rested", headers={"X-Session-Id": on_1[-1]})
+    assert status == 200 and tokens_used(upstream)[asked:] == [t2], "instance 1 rests"
 
 
 HAPROXY_CONF = """
@@ -633,63 +623,25 @@ backend claude_proxies
     retry-on conn-failure empty-response
     retries 1
     option redispatch 1
-    server a 127.0.0.1:%(p1)d check inter %(inter)s fall 1 rise 1
-    server b 127.0.0.1:%(p2)d check inter %(inter)s fall 1 rise 1
+    server a 127.0.0.1:%(p1)d check inter 500ms fall 1 rise 1
+    server b 127.0.0.1:%(p2)d check inter 500ms fall 1 rise 1
 """
 
 
-def test_haproxy_keeps_a_session_and_takes_a_limited_instance_out(sub_proxy, upstream, tmp_path):
+def test_haproxy_keeps_a_session_and_takes_a_limited_instance_out(balanced, upstream):
     """The README's HAProxy recipe, run: a session header hashes to one instance; once an
     instance's only login is known out of limits its /health says "serving": false, the
     health check takes it out and its sessions go to the other one."""
-    import shutil, subprocess, urllib.request
-    from conftest import free_port
-    if not shutil.which("haproxy"):
-        pytest.skip("haproxy is not installed (.ci/run installs it)")
-    t1, t2 = new_token(), new_token()
-    upstream.plans[t1], upstream.plans[t2] = Plan(), Plan()
-    p1 = sub_proxy(t1, CLAUDE_PROXY_POOL_SIZE=0)
-    p2 = sub_proxy(t2, CLAUDE_PROXY_POOL_SIZE=0)
-    port = free_port()
-    (tmp_path / "h.cfg").write_text(HAPROXY_CONF % {"p1": p1.port, "p2": p2.port, "port": port,
-                                                    "inter": "500ms"})
-    hap = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "h.cfg")],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        front = Proxy.__new__(Proxy)
-        front.url = "http://127.0.0.1:%d" % port
-        deadline = time.time() + 10
-        while True:
-            try:
-                urllib.request.urlopen(front.url + "/health", timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline and hap.poll() is None, "haproxy did not start"
-                time.sleep(0.05)
-        where = {}
-        for i in range(12):
-            sid = "session-%d" % i
-            status, _, got = chat(front, "hi " + sid, headers={"X-Session-Id": sid})
-            assert status == 200, got
-            where[sid] = tokens_used(upstream)[-1]
-            if len(set(where.values())) == 2 and len(where) >= 4:
-                break
-        assert set(where.values()) == {t1, t2}
-        for sid, token in where.items():
-            assert chat(front, "again " + sid, headers={"X-Session-Id": sid})[0] == 200
-            assert tokens_used(upstream)[-1] == token, sid
-        on_1 = [sid for sid, t in where.items() if t == t1]
-        upstream.plans[t1].five_hour = 1.0
-        status, hdrs, got = chat(front, "refused", headers={"X-Session-Id": on_1[0]})
-        assert status == 429, got           # HAProxy 2.6 cannot retry on a 429: it reaches the client
-        assert p1.request("GET", "/health")[2]["logins"]["serving"] is False
-        time.sleep(3)                       # several health checks
-        asked = len(tokens_used(upstream))
-        status, _, got = chat(front, "elsewhere", headers={"X-Session-Id": on_1[0]})
-        assert status == 200 and tokens_used(upstream)[asked:] == [t2], got
-    finally:
-        hap.terminate()
-        hap.wait(10)
+    front, t1, t2, on_1 = balanced(["haproxy", "-db", "-f", "CONF"], HAPROXY_CONF)
+    upstream.plans[t1].five_hour = 1.0
+    status, _, got = chat(front, "refused", headers={"X-Session-Id": on_1[0]})
+    assert status == 429, got           # HAProxy 2.6 cannot retry on a 429: it reaches the client
+    assert front.backends[0].request("GET", "/health")[2]["logins"]["serving"] is False
+    assert front.backends[1].request("GET", "/health")[2]["logins"]["serving"] is True
+    time.sleep(3)                       # several health checks
+    asked = len(tokens_used(upstream))
+    status, _, got = chat(front, "elsewhere", headers={"X-Session-Id": on_1[0]})
+    assert status == 200 and tokens_used(upstream)[asked:] == [t2], got
 
 
 def test_tokens_of_a_kept_conversation_count_each_turn_once(sub_proxy, upstream):
