@@ -2624,7 +2624,11 @@ class Logins:
         for a in usable:
             if a.name == name and a.healthy and not a.exhausted(now):
                 return a
-        return max(usable, key=lambda a: (a.healthy, not a.exhausted(now), a.headroom(now)))
+        # a login that failed to authenticate gets a new conversation again once RECHECK_SECONDS
+        # have passed (it may have been logged in again); if it still fails, the request goes
+        # on to the next login
+        return max(usable, key=lambda a: (a.healthy or now - a.failed_at > RECHECK_SECONDS,
+                                          not a.exhausted(now), a.headroom(now)))
 
     def remember(self, req, account):
         with self.lock:

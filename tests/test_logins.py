@@ -673,3 +673,76 @@ def test_a_403_for_the_model_is_not_a_login_failure(sub_proxy, upstream):
     assert got["error"]["code"] == "model_not_found"
     assert "plan may not include it" in got["error"]["message"]
     assert p.request("GET", "/v1/usage")[2]["accounts"][0]["healthy"] is True
+
+
+# -- the routing rules on their own (no CLI) ------------------------------------------------------
+
+def logins_of(*names, guard="deny"):
+    import sys, pathlib
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    import claude_openai_proxy as cop
+    cfg = cop.Config(accounts=tuple((n, "token_file", "/nowhere/" + n) for n in names),
+                     extra_usage=guard)
+    req = cop.Request(model="sonnet", cli_model="sonnet",
+                      messages=[cop.Message("user", [{"type": "text", "text": "hi"}])])
+    return cop, cop.Logins(cfg), req
+
+
+def limits(five_hour, resets, status="allowed", overage="rejected", in_use=False):
+    return {"type": "rate_limit_event", "rate_limit_info": {
+        "status": status, "resetsAt": resets, "rateLimitType": "five_hour",
+        "overageStatus": overage, "isUsingOverage": in_use,
+        "unifiedWindows": {"five_hour": {"utilization": five_hour, "resetsAt": resets,
+                                         "status": status}}}}
+
+
+def test_routing_rechecks_an_unhealthy_login_after_a_while():
+    cop, logins, req = logins_of("a", "b")
+    a, b = logins.accounts
+    a.mark_unhealthy("upstream 401")
+    assert logins.choose(req).name == "b"
+    a.failed_at -= cop.RECHECK_SECONDS + 1              # five minutes later: a gets a try
+    assert logins.choose(req).name == "a"
+    b.mark_unhealthy("upstream 401")                     # both down: the one down longest
+    a.mark_unhealthy("upstream 401")
+    a.failed_at -= 10
+    assert logins.choose(req).name == "a"
+    assert logins.choose(req, tried=["a"]).name == "b"
+    with pytest.raises(cop.CLIUnavailable):
+        logins.choose(req, tried=["a", "b"])
+
+
+def test_routing_by_headroom_ignores_windows_that_have_reset():
+    cop, logins, req = logins_of("a", "b")
+    a, b = logins.accounts
+    now = time.time()
+    a.note(limits(0.3, int(now) + 3600))
+    b.note(limits(0.6, int(now) + 3600))
+    assert logins.choose(req).name == "a"
+    a.note(limits(0.95, int(now) - 1))                   # a's window is over: unused again
+    assert a.headroom() == 1.0 and logins.choose(req).name == "a"
+    a.note(limits(0.95, int(now) + 3600))
+    assert logins.choose(req).name == "b"
+    logins.remember(req, a)                              # the conversation began on a
+    assert logins.choose(req).name == "a"
+    a.note(limits(1.0, int(now) + 3600, status="rejected"))   # out of limits: it moves
+    assert logins.choose(req).name == "b"
+
+
+def test_the_guard_holds_until_the_reset_and_only_when_extra_usage_would_bill():
+    cop, logins, req = logins_of("a")
+    [a] = logins.accounts
+    now = int(time.time())
+    a.note(limits(1.0, now + 100, status="rejected", overage="rejected"))
+    assert a.limited() is None, "no extra usage to bill: the upstream refuses for free"
+    assert logins.choose(req).name == "a"
+    a.note(limits(1.0, now + 100, status="rejected", overage="allowed", in_use=True))
+    err = a.limited()
+    assert err.status == 429 and 99 <= int(err.headers["Retry-After"]) <= 101
+    with pytest.raises(cop.RateLimited):
+        logins.choose(req)
+    assert a.limited(now + 101) is None                  # after the reset
+    _cop, allowing, _req = logins_of("a", guard="allow")
+    allowing.accounts[0].note(limits(1.0, now + 100, status="rejected", overage="allowed",
+                                     in_use=True))
+    assert allowing.accounts[0].limited() is None
