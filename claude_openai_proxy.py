@@ -3744,7 +3744,7 @@ def model_events(app, req, call, pinned=None):
                 if isinstance(exc, LoginFailed):
                     account.mark_unhealthy(exc.message)
                 tried.append(account.name)
-                if sent or pinned or len(tried) >= len(logins.accounts):
+                if sent or pinned or len(tried) > 1:      # one other login, no more
                     raise
                 try:
                     account = logins.choose(req, None, tried)

@@ -257,6 +257,7 @@ def test_guard_refuses_once_a_response_was_billed_as_extra_usage_until_the_reset
         assert 1 <= int(lower(hdrs)["retry-after"]) <= 16
     assert len(tokens_used(upstream)) == 1, "the guard sent nothing"
     assert p.request("GET", "/health")[2]["logins"]["accounts"][0]["limited"] is True
+    assert 'claude_proxy_extra_usage_in_use{account="default"} 1' in p.request("GET", "/metrics")[2]
 
     while time.time() < reset + 1:             # the window resets
         time.sleep(0.2)
@@ -403,6 +404,16 @@ def test_a_login_that_fails_to_authenticate_is_unhealthy_and_the_other_serves(tw
     assert "Failed to authenticate. API Error: 401 OAuth token has been revoked" in msg
     no_secret_in(p, ta, tb)
     assert ta not in json.dumps(got) and tb not in json.dumps(got)
+    # logged in again (a new token in its file, read at each CLI start): healthy again
+    renewed = new_token()
+    p.token_file.write_text(renewed)
+    upstream.plans[renewed] = Plan()
+    status, hdrs, got = chat(p, "renewed", headers={"X-Claude-Account": "a"})
+    assert status == 200 and lower(hdrs)["x-claude-account"] == "a", got
+    assert tokens_used(upstream)[-1] == renewed
+    usage = {a["name"]: a for a in p.request("GET", "/v1/usage")[2]["accounts"]}
+    assert usage["a"]["healthy"] is True and usage["a"]["hint"] is None
+    no_secret_in(p, renewed)
 
 
 def test_accounts_setting_is_checked_and_never_echoed(home, upstream_server, tmp_path):
@@ -746,3 +757,16 @@ def test_the_guard_holds_until_the_reset_and_only_when_extra_usage_would_bill():
     allowing.accounts[0].note(limits(1.0, now + 100, status="rejected", overage="allowed",
                                      in_use=True))
     assert allowing.accounts[0].limited() is None
+
+
+def test_usage_needs_a_key_and_health_does_not(make_proxy):
+    p = make_proxy(fake=True, CLAUDE_PROXY_API_KEYS="usage-key-1", CLAUDE_PROXY_POOL_SIZE=0)
+    status, _, got = p.request("GET", "/v1/usage")
+    assert status == 401, got
+    status, _, got = p.request("GET", "/v1/usage", headers={"Authorization": "Bearer usage-key-1"})
+    assert status == 200 and got["accounts"][0]["name"] == "default", got
+    assert got["accounts"][0]["windows"] == {} and got["accounts"][0]["updated_at"] is None
+    assert p.request("GET", "/usage", headers={"x-api-key": "usage-key-1"})[0] == 200
+    status, _, health = p.request("GET", "/health")
+    assert status == 200 and health["logins"]["serving"] is True
+    assert "usage-key-1" not in json.dumps(got) + json.dumps(health)
