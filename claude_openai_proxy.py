@@ -2406,10 +2406,12 @@ def limit_error(info, account, said=None, delay_ms=None, guard=False):
     """The 429 for a login out of plan limits, in words a client can act on: which window,
     when it resets (Retry-After), and whether it is extra usage that was refused.  `guard`:
     the proxy refused it itself, before sending anything (CLAUDE_PROXY_EXTRA_USAGE=deny)."""
-    window = info.get("rateLimitType") or "plan"
+    window = info.get("rateLimitType")
     resets = unix_seconds(info.get("resetsAt"))
     login = "Login %r" % account if account else "The login"
-    if info.get("errorCode") == "credits_required" or window == "overage":
+    if not window:        # no plan facts (an API-key login, or a plain 429): the upstream's
+        msg, code = "%s was rate limited upstream." % login, "rate_limit_exceeded"
+    elif info.get("errorCode") == "credits_required" or window == "overage":
         msg, code = ("%s was refused extra usage: its plan limits are used up and no usage "
                      "credits cover more." % login), "insufficient_quota"
     elif guard:
