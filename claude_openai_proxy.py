@@ -22,7 +22,9 @@ Endpoints
     POST /v1/messages/count_tokens   Anthropic token count (an estimate: ~4 bytes a token)
     GET  /v1/models                  model list (Anthropic shape if anthropic-version/x-api-key)
     GET  /v1/models/{id}             one model
-    GET  /health                     liveness, capacity, idle CLI processes, handlers (no secrets)
+    GET  /v1/usage                   plan limits and tokens per login (no secrets)
+    GET  /health                     liveness, capacity, idle CLI processes, logins, handlers
+                                     (no secrets)
     GET  /metrics                    Prometheus text format
   Every /v1/... route also answers without the /v1 prefix.
 
@@ -52,6 +54,8 @@ Configuration (flags win over environment; read once at start-up)
     --reuse           CLAUDE_PROXY_REUSE             100   requests per CLI process (0 = one each)
     --recycle-rss     CLAUDE_PROXY_RECYCLE_RSS       400   MB above which a CLI is not reused
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
+    --extra-usage     CLAUDE_PROXY_EXTRA_USAGE       deny  past the plan's limits: deny | allow
+    --accounts        CLAUDE_PROXY_ACCOUNTS          ""    logins: NAME=CONFIG_DIR,NAME=token-file:PATH
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
 
@@ -60,6 +64,8 @@ Data flow
     HTTP body -> dialect.parse -> Request (neutral) -> prompt rendering -> CLI process
       -> stream-json lines -> events (Start, TextDelta, ThinkingDelta, ToolCall, ToolCallDelta,
          Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
+    Each request is served by one login (section 7, logins: by headroom, a conversation on its
+    login, X-Claude-Account pins), whose CLI processes are its own.
     Native tools (X-Toolcall-Module: native) skip the engine: the client's tools reach the model
     as real tools through the CLI's MCP bridge, and its tool_use blocks come back as ToolCalls.
     The CLI process comes from one store of idle processes (Idle) when one fits: the very
@@ -144,9 +150,13 @@ class ProxyError(Exception):
     status = 500
     kind = "api_error"          # Anthropic error type; the OpenAI renderer maps it
 
-    def __init__(self, message, status=None, kind=None, headers=None, param=None):
+    code = None                 # OpenAI `code` (rate_limit_exceeded, insufficient_quota, ...)
+
+    def __init__(self, message, status=None, kind=None, headers=None, param=None, code=None):
         super().__init__(message)
         self.message = message
+        if code is not None:
+            self.code = code
         if status is not None:
             self.status = status
         if kind is not None:
@@ -189,6 +199,11 @@ class UpstreamError(ProxyError):
 
 class StillBorn(UpstreamError):
     """The CLI ended before printing a single line."""
+
+
+class LoginFailed(UpstreamError):
+    """The upstream refused the login the CLI used (401/403): the server's login, not the
+    client's key, so another login may serve the request."""
 
 
 class CLIUnavailable(ProxyError):
@@ -234,6 +249,9 @@ class Config:
     recycle_rss: int = 400
     #: how pool_size, sessions and idle_max were chosen (start-up log, /health)
     sizing: str = ""
+    extra_usage: str = "deny"
+    #: the logins: ((name, "config_dir" | "token_file", path), ...); () = the CLI's own login
+    accounts: tuple = ()
     #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
     workdir: str = ""
     #: snapshot of os.environ taken at start-up; nothing reads os.environ later
@@ -287,8 +305,14 @@ OPTIONS = (
      "requests one CLI process serves, reset in between, before it is replaced (0 = one each)"),
     ("--recycle-rss", "CLAUDE_PROXY_RECYCLE_RSS", "recycle_rss", int,
      "MB of resident memory above which a CLI process is replaced instead of reused (0 = no limit)"),
+    ("--extra-usage", "CLAUDE_PROXY_EXTRA_USAGE", "extra_usage", str,
+     "once a login's plan limits are used up: deny (429 until the reset) or allow (the CLI goes "
+     "on, billed as extra usage where the plan has it)"),
+    ("--accounts", "CLAUDE_PROXY_ACCOUNTS", "accounts", str,
+     "comma-separated logins NAME=CONFIG_DIR (a dir `claude login` wrote) or "
+     "NAME=token-file:PATH (a file holding a `claude setup-token` token); never a token itself"),
 )
-LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins")
+LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins", "accounts")
 SECRET_OPTIONS = ("api_keys",)
 
 
@@ -356,6 +380,10 @@ def load_config(argv=None, environ=None):
         raise SystemExit("error: CLAUDE_PROXY_LOG_FORMAT must be text or json")
     if cfg.history not in HISTORY_MODES:
         raise SystemExit("error: CLAUDE_PROXY_HISTORY must be structured or flat")
+    if cfg.extra_usage not in ("deny", "allow"):
+        raise SystemExit("error: CLAUDE_PROXY_EXTRA_USAGE must be deny or allow")
+    if cfg.accounts:
+        cfg = dataclasses.replace(cfg, accounts=parse_accounts(cfg.accounts))
     if not cfg.api_keys and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
         raise SystemExit("error: refusing to listen on %s without CLAUDE_PROXY_API_KEYS: anyone who "
                          "reaches it would spend your subscription. Set keys, or pass "
@@ -411,6 +439,39 @@ def size_idle(cfg, memory=None):
                                % (source, avail / 2 ** 30, CLI_MEMORY // 2 ** 20,
                                   cfg.max_concurrency) if avail is not None else "defaults (memory unknown)")
     return dataclasses.replace(cfg, pool_size=pool, sessions=sessions, idle_max=budget, sizing=how)
+TOKEN_NOT_HERE = ("A token never goes into the configuration (the environment and argv are "
+                  "readable by others): write it to a file (chmod 600) and give token-file:PATH.")
+
+
+def parse_accounts(items):
+    """CLAUDE_PROXY_ACCOUNTS entries -> ((name, kind, path), ...).  An entry is never echoed:
+    whoever pastes a token there by mistake must not find it in a log."""
+    out, names = [], set()
+    for i, item in enumerate(items, 1):
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or not value:
+            raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS entry %d must be NAME=CONFIG_DIR or "
+                             "NAME=token-file:PATH (NAME: letters, digits, _ . -). %s"
+                             % (i, TOKEN_NOT_HERE))
+        if name in names:
+            raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS names %r twice" % name)
+        names.add(name)
+        if value.startswith("token-file:"):
+            kind, path = "token_file", value[len("token-file:"):]
+            if not os.path.isfile(path):
+                raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS %s: no token file at %s"
+                                 % (name, path))
+        elif os.path.isdir(value):
+            kind, path = "config_dir", value
+        elif value.startswith("sk-ant-") or "/" not in value:
+            raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS %s is neither a directory nor "
+                             "token-file:PATH. %s" % (name, TOKEN_NOT_HERE))
+        else:
+            raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS %s: no directory %s (log in with "
+                             "CLAUDE_CONFIG_DIR=%s claude login)" % (name, value, value))
+        out.append((name, kind, os.path.abspath(path)))
+    return tuple(out)
 
 
 def is_loopback(host):
@@ -428,6 +489,9 @@ def describe_config(cfg):
         value = getattr(cfg, name)
         if name in SECRET_OPTIONS and value:
             value = "%d key(s), masked" % len(value)
+        elif name == "accounts":
+            value = ",".join("%s=%s" % (n, p if k == "config_dir" else "token-file:" + p)
+                             for n, k, p in value)
         elif isinstance(value, tuple):
             value = ",".join(value)
         lines.append("  %-30s %s" % (env, value))
@@ -1190,11 +1254,13 @@ class Launch:
     effort: str = ""             # only "max"
     disable_thinking: bool = False
     max_tokens: int = 0
+    account: str = ""            # the login (section 7, logins): its own processes
 
 
 def launch_of(req):
     return Launch("" if req.cli_model in MODEL_FAMILIES else req.cli_model,
-                  "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens)
+                  "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens,
+                  req.account)
 
 
 def init_request(req, bridge=None):
@@ -1282,13 +1348,14 @@ def await_ack(proc, call):
             continue
         kind = item.get("type")
         if kind == "result":
+            proc.note(item)
             if item.get("is_error"):
-                raise result_error(item, None, proc.rate_limit)
+                raise result_error(item, None, proc.rate_limit, proc.launch.account)
             return
         if kind == "control_request":
             refuse(proc, item.get("request_id"))
         elif kind == "rate_limit_event":
-            proc.rate_limit = item.get("rate_limit_info") or proc.rate_limit
+            proc.note(item)
         elif kind == "control_response" and (item.get("response") or {}).get("subtype") == "error":
             resp = item["response"]
             raise BadRequest("The claude CLI refused the request settings (%s): %s"
@@ -1332,7 +1399,29 @@ def cli_env(cfg, launch, tmpdir):
         env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
     if launch.max_tokens:
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(launch.max_tokens)
+    login = next((a for a in cfg.accounts if a[0] == launch.account), None)
+    if login is not None:          # this login only: nothing inherited may pick another one
+        env.pop("CLAUDE_CONFIG_DIR", None)
+        env.pop("CLAUDE_CODE_OAUTH_TOKEN", None)
+        name, kind, path = login
+        if kind == "config_dir":
+            env["CLAUDE_CONFIG_DIR"] = path
+        else:
+            env["CLAUDE_CODE_OAUTH_TOKEN"] = read_token(name, path)
     return env
+
+
+def read_token(name, path):
+    """A login's token, read at each start (a renewed file is picked up); never quoted."""
+    try:
+        token = pathlib.Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoginFailed("The token file of login %r (%s) cannot be read: %s"
+                          % (name, path, getattr(exc, "strerror", None) or type(exc).__name__))
+    if not token or any(c.isspace() for c in token):
+        raise LoginFailed("The token file of login %r (%s) must hold one token (from `claude "
+                          "setup-token`) and nothing else." % (name, path))
+    return token
 
 
 _EOF = object()
@@ -1369,6 +1458,8 @@ class CLIProcess:
         self.garbage = []
         self.stopped = None
         self.rate_limit = None       # the last rate_limit_info the CLI reported
+        self.account = None          # its login's Account (set by Backend.spawn)
+        self.model_usage = {}        # the last result's modelUsage (totals since start)
         self.seen = 0                # stdout lines read so far
         self.kind = "spawned"        # how it last served, or how it waits (see Idle)
         self.settings = None         # the settings lines a reused process was given (see Idle)
@@ -1399,6 +1490,24 @@ class CLIProcess:
                 self.stderr_tail.append(scrub(raw.decode("utf-8", "replace").rstrip()))
         except (OSError, ValueError):
             pass
+
+    def note(self, item):
+        """A rate_limit_event or result line: what it says about the login goes to its Account.
+        A result's modelUsage counts from the start of the process: the turn's share is what
+        it adds."""
+        spent = {}
+        if item.get("type") == "rate_limit_event":
+            self.rate_limit = item.get("rate_limit_info") or self.rate_limit
+        elif isinstance(item.get("modelUsage"), dict):
+            for model, u in item["modelUsage"].items():
+                if not isinstance(u, dict):
+                    continue
+                before = self.model_usage.get(model) or {}
+                spent[model] = {k: max(0, int(u.get(key) or 0) - int(before.get(key) or 0))
+                                for k, key in TOKEN_KEYS}
+            self.model_usage = item["modelUsage"]
+        if self.account is not None:
+            self.account.note(item, spent)
 
     def send(self, *objs):
         for o in objs:         # every user line gets a uuid: reset() rewinds to the first
@@ -1629,7 +1738,8 @@ class Idle:
         self.recycle_rss = cfg.recycle_rss * 2 ** 20
         self.procs = []               # least recently used first
         self.resetting = 0            # processes being reset: counted in the budget
-        self.recent = collections.OrderedDict([(Launch(), None)])   # most recent last
+        # most recent last; until a request comes, the first login's default settings
+        self.recent = collections.OrderedDict([(Launch(account=backend.logins.first.name), None)])
         self.cond = threading.Condition()
         self.hits = collections.Counter()
         self.misses = self.failures = self.failures_in_a_row = self.recycled = self.evicted = 0
@@ -1914,10 +2024,12 @@ class Backend:
         self.live = set()
         self.lock = threading.Lock()
         self.started = 0
+        self.logins = Logins(cfg)
         self.idle = Idle(self, cfg)
 
     def spawn(self, launch):
         proc = CLIProcess(self.cfg, launch, self.workdir)
+        proc.account = self.logins.get(launch.account)
         with self.lock:
             self.live.add(proc)
             self.started += 1
@@ -2251,7 +2363,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                 elif block.get("type") == "tool_use" and bridge is not None and not bridge.ended:
                     yield from bridge.on_block(proc, block)
         elif kind == "rate_limit_event":
-            proc.rate_limit = item.get("rate_limit_info") or proc.rate_limit
+            proc.note(item)
         elif kind == "system" and item.get("subtype") == "api_retry":
             last_retry = item
             yield from replay.restart()      # the CLI asks again, from the start
@@ -2270,6 +2382,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                 raise BadRequest("The claude CLI refused the request settings (%s): %s"
                                  % (resp.get("request_id"), scrub(str(resp.get("error")))))
         elif kind == "result":
+            proc.note(item)
             usage = Usage.from_api(item.get("usage"))
             if bridge is not None and bridge.calls and item.get("api_error_status") is None:
                 # the turn this proxy stopped reads as an error (aborted_tools): it is the answer
@@ -2279,7 +2392,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                 yield Done(proc.stopped, usage)
                 return
             if item.get("is_error") or item.get("subtype") == "error_max_structured_output_retries":
-                raise result_error(item, last_retry, proc.rate_limit)
+                raise result_error(item, last_retry, proc.rate_limit, proc.launch.account)
             if structured:
                 if "structured_output" not in item:
                     raise UpstreamError("The model did not return JSON matching the schema.")
@@ -2404,21 +2517,21 @@ def limit_headers(info):
     return headers
 
 
-def result_error(result, last_retry, rate_limit=None):
+def result_error(result, last_retry, rate_limit=None, account=""):
     status = result.get("api_error_status")
     text = scrub(str(result.get("result") or "; ".join(result.get("errors") or []) or
                      result.get("terminal_reason") or "unknown error"))
-    if status in (401, 403):
-        return UpstreamError(
-            "The claude CLI on the proxy server could not authenticate (upstream %s: %s). "
-            "On the server, run `claude login` (or `claude setup-token` and set "
-            "CLAUDE_CODE_OAUTH_TOKEN)." % (status, text))
+    login = "login %r" % account if account else "its login"
+    if status == 401 or (status == 403 and not MODEL_REFUSED.search(text)):
+        return LoginFailed(
+            "The claude CLI on the proxy server could not authenticate with %s (upstream %s: %s). "
+            "On the server, run `claude login` (for a login of CLAUDE_PROXY_ACCOUNTS: "
+            "`CLAUDE_CONFIG_DIR=<its dir> claude login`, or a new `claude setup-token` token in "
+            "its file)." % (login, status, text))
     if status == 429:
         delay = (last_retry or {}).get("retry_delay_ms")
-        after = str(max(1, int(-(-delay // 1000)))) if isinstance(delay, (int, float)) else "30"
         info = (result.get("api_error_params") or {}).get("rate_limit_info") or rate_limit
-        return RateLimited("Upstream rate limit: %s" % text,
-                           headers=dict({"Retry-After": after}, **limit_headers(info)))
+        return limit_error(info or {}, account, said=text, delay_ms=delay)
     if status == 529:
         return Overloaded("Upstream overloaded: %s" % text)
     if result.get("subtype") == "error_max_structured_output_retries":
@@ -2426,6 +2539,11 @@ def result_error(result, last_retry, rate_limit=None):
                              "(the CLI gave up after its retries).")
     if status == 400 or "prompt is too long" in text.lower():
         return BadRequest("Upstream rejected the request: %s" % text)
+    if status in (403, 404) and MODEL_REFUSED.search(text):
+        return ProxyError("The model is not available to %s: its plan may not include it, or the "
+                          "id is wrong; ask for another model. The CLI said: %s" % (login, text),
+                          status=status, code="model_not_found",
+                          kind="permission_error" if status == 403 else "not_found_error")
     if status == 404:
         return NotFound("Upstream: %s" % text)
     if status == 413:
@@ -2433,6 +2551,265 @@ def result_error(result, last_retry, rate_limit=None):
     if status is None and result.get("terminal_reason") == "api_error":
         return UpstreamError("Could not reach the upstream API: %s" % text)
     return UpstreamError("The claude CLI failed (upstream status %s): %s" % (status, text))
+
+
+#: the CLI's texts for a model the login cannot use (404: "There's an issue with the selected
+#: model (X). It may not exist or you may not have access to it."; a 403 naming the model)
+MODEL_REFUSED = re.compile(r"selected model|not have access to (it|this model)|"
+                           r"does not (include|have) access to (this|the) model", re.I)
+#: plan windows as the CLI names them (rate_limit_info.rateLimitType, unifiedWindows keys)
+WINDOW_NAMES = {"five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
+                "seven_day_sonnet": "weekly Sonnet", "overage": "extra usage"}
+
+
+def unix_seconds(value):
+    """A reset time as the CLI gives it (seconds or milliseconds) -> int seconds, or None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value / 1000 if value > 1e11 else value)
+    return None
+
+
+def limit_error(info, account, said=None, delay_ms=None, guard=False):
+    """The 429 for a login out of plan limits, in words a client can act on: which window,
+    when it resets (Retry-After), and whether it is extra usage that was refused.  `guard`:
+    the proxy refused it itself, before sending anything (CLAUDE_PROXY_EXTRA_USAGE=deny)."""
+    window = info.get("rateLimitType")
+    resets = unix_seconds(info.get("resetsAt"))
+    login = "Login %r" % account if account else "The login"
+    if not window:        # no plan facts (an API-key login, or a plain 429): the upstream's
+        msg, code = "%s was rate limited upstream." % login, "rate_limit_exceeded"
+    elif info.get("errorCode") == "credits_required" or window == "overage":
+        msg, code = ("%s was refused extra usage: its plan limits are used up and no usage "
+                     "credits cover more." % login), "insufficient_quota"
+    elif guard:
+        msg, code = ("%s has used up its %s window (%s); more requests would be billed as extra "
+                     "usage, which this proxy refuses (CLAUDE_PROXY_EXTRA_USAGE=deny), so nothing "
+                     "was sent." % (login, window, WINDOW_NAMES.get(window, window))), \
+            "rate_limit_exceeded"
+    else:
+        msg, code = ("%s hit its plan limit: the %s window (%s) is used up."
+                     % (login, window, WINDOW_NAMES.get(window, window))), "rate_limit_exceeded"
+    if resets:
+        msg += " It resets at %s UTC." % time.strftime("%Y-%m-%d %H:%M", time.gmtime(resets))
+    if said:
+        msg += " The CLI said: %s" % said
+    after = str(max(1, int(-(-delay_ms // 1000)))) if isinstance(delay_ms, (int, float)) else "30"
+    headers = dict({"Retry-After": after}, **limit_headers(info))
+    if account:
+        headers["X-Claude-Account"] = account
+    return RateLimited(msg, headers=headers, code=code)
+
+
+# -- logins --------------------------------------------------------------------------------------
+# Each login (an entry of CLAUDE_PROXY_ACCOUNTS, or the CLI's own, named "default") has its own
+# CLI processes (Launch.account) and its own plan: what the CLI last reported of its windows
+# (rate_limit_event: subscription logins only), whether its extra usage is in use, tokens per
+# model, whether it authenticated.  Requests are routed by that, and the extra-usage guard
+# refuses before anything is sent.
+
+WARN_AT = (0.5, 0.75, 0.9, 1.0)   # a window's utilization crossing one of these is logged
+AFFINITY_MAX = 4096               # conversations whose login is remembered
+RECHECK_SECONDS = 300.0           # then a login that failed to authenticate is tried again
+TOKEN_KEYS = (("input", "inputTokens"), ("output", "outputTokens"),
+              ("cache_read", "cacheReadInputTokens"), ("cache_write", "cacheCreationInputTokens"))
+
+
+def log_line(text):
+    sys.stderr.write("claude-proxy: %s\n" % text)
+    sys.stderr.flush()
+
+
+class Account:
+    """One login and what is known of its plan.  All state changes under `lock`."""
+
+    def __init__(self, name, kind="", path="", guard="deny"):
+        self.name, self.kind, self.path, self.guard = name, kind, path, guard
+        self.lock = threading.Lock()
+        self.info = None             # the last rate_limit_info
+        self.updated_at = None
+        self.windows = {}            # name -> {"utilization", "status", "resets_at"}
+        self.marks = {}              # name -> (resets_at, highest WARN_AT step logged)
+        self.tokens = {}             # model -> {"input", "output", "cache_read", "cache_write"}
+        self.healthy, self.hint, self.failed_at = True, None, 0.0
+
+    def note(self, item, spent=None):
+        """A rate_limit_event or result line of one of its CLI processes (`spent`: the result's
+        tokens per model for that turn)."""
+        with self.lock:
+            if item.get("type") == "rate_limit_event":
+                self._note_limits(item.get("rate_limit_info") or {})
+                return
+            for model, counts in (spent or {}).items():
+                mine = self.tokens.setdefault(model, dict.fromkeys([k for k, _ in TOKEN_KEYS], 0))
+                for k, n in counts.items():
+                    mine[k] += n
+            if not item.get("is_error"):
+                self.healthy, self.hint = True, None
+
+    def mark_unhealthy(self, why):
+        """Its CLI could not authenticate (LoginFailed: `why`, already scrubbed)."""
+        with self.lock:
+            if self.healthy:
+                log_line("login %s failed to authenticate; other logins serve until it is "
+                         "logged in again (%s)" % (self.name, why[:200]))
+            self.healthy, self.failed_at = False, time.time()
+            self.hint = ("log in again: CLAUDE_CONFIG_DIR=%s claude login" % self.path
+                         if self.kind == "config_dir" else
+                         "write a new `claude setup-token` token to %s" % self.path
+                         if self.kind == "token_file" else "run `claude login` on the server")
+
+    def _note_limits(self, info):
+        was_overage = bool((self.info or {}).get("isUsingOverage"))
+        self.info, self.updated_at = info, int(time.time())
+        windows = info.get("unifiedWindows")
+        if not isinstance(windows, dict):       # the binding window only
+            windows = {info["rateLimitType"]: info} if info.get("rateLimitType") else {}
+        for name, w in windows.items():
+            if not isinstance(w, dict) or name == "overage":
+                continue
+            u = w.get("utilization")
+            u = float(u) if isinstance(u, (int, float)) and not isinstance(u, bool) else \
+                (1.0 if w.get("status") == "rejected" else 0.0)
+            self.windows[name] = new = {"utilization": u, "status": str(w.get("status") or "allowed"),
+                                        "resets_at": unix_seconds(w.get("resetsAt"))}
+            period, logged = self.marks.get(name, (None, 0.0))
+            if period != new["resets_at"]:
+                logged = 0.0                   # a new period of this window
+            step = max([t for t in WARN_AT if u >= t] or [0.0])
+            if step > logged:
+                log_line("login %s: plan window %s at %d%% (%s)%s" % (
+                    self.name, name, round(u * 100), new["status"],
+                    ", resets %s UTC" % time.strftime("%Y-%m-%d %H:%M", time.gmtime(new["resets_at"]))
+                    if new["resets_at"] else ""))
+            self.marks[name] = (new["resets_at"], max(step, logged))
+        if info.get("isUsingOverage") and not was_overage:
+            log_line("login %s: the plan's limits are used up and requests are billed as extra "
+                     "usage%s" % (self.name, "; refusing more until the reset "
+                                  "(CLAUDE_PROXY_EXTRA_USAGE=deny)" if self.guard == "deny" else ""))
+
+    def exhausted(self, now=None):
+        """Known to be out of plan limits until a reset that has not come: a rejected window,
+        or requests already billed as extra usage."""
+        now = time.time() if now is None else now
+        with self.lock:
+            info = self.info or {}
+            resets = unix_seconds(info.get("resetsAt"))
+            return bool(resets and resets > now and
+                        (info.get("status") == "rejected" or info.get("isUsingOverage")))
+
+    def limited(self, now=None):
+        """The 429 the guard answers for this login without sending anything, or None: it is
+        exhausted and its next requests would be billed as extra usage (the CLI goes on past a
+        rejected window when the plan's extra usage allows it).  Until the reset it names.
+        A login that is out of limits with no extra usage is not refused here: the upstream
+        refuses it for free, and knows first when the window has come back."""
+        if self.guard != "deny" or not self.exhausted(now):
+            return None
+        with self.lock:
+            info = dict(self.info or {})
+        billable = info.get("isUsingOverage") or (
+            info.get("overageStatus") in ("allowed", "allowed_warning") and
+            info.get("errorCode") != "credits_required" and info.get("rateLimitType") != "overage")
+        return limit_error(info, self.name, guard=True) if billable else None
+
+    def headroom(self, now=None):
+        """1 - the highest utilization among its windows still running (the binding one)."""
+        now = time.time() if now is None else now
+        with self.lock:
+            used = [w["utilization"] for w in self.windows.values()
+                    if not w["resets_at"] or w["resets_at"] > now]
+        return 1.0 - max(used or [0.0])
+
+    def report(self):
+        with self.lock:
+            info = self.info or {}
+            return {"name": self.name, "healthy": self.healthy, "hint": self.hint,
+                    "windows": {k: dict(v) for k, v in self.windows.items()},
+                    "binding_window": info.get("rateLimitType"),
+                    "extra_usage": {"status": info.get("overageStatus"),
+                                    "in_use": bool(info.get("isUsingOverage"))},
+                    "updated_at": self.updated_at,
+                    "tokens": {m: dict(t) for m, t in self.tokens.items()}}
+
+
+class Logins:
+    """The logins and the choice among them.  A new conversation goes to the healthy login
+    with the most headroom on its binding window; a conversation stays on the login that
+    served its first turn (its prompt cache and kept process are there); X-Claude-Account
+    pins one."""
+
+    def __init__(self, cfg):
+        self.guard = cfg.extra_usage
+        self.accounts = [Account(n, k, p, cfg.extra_usage) for n, k, p in cfg.accounts] or \
+            [Account("default", guard=cfg.extra_usage)]
+        self.first = self.accounts[0]
+        self.by_name = {a.name: a for a in self.accounts}
+        self.affinity = collections.OrderedDict()     # conversation root -> login name
+        self.lock = threading.Lock()
+
+    def get(self, name):
+        return self.by_name.get(name) or self.first
+
+    @staticmethod
+    def root(req):
+        """What names a conversation from its first turn on: the system prompt and the first
+        message (each later request of it repeats both)."""
+        first = req.messages[0] if req.messages else None
+        return hashlib.sha256(json.dumps([req.system, first.blocks if first else None],
+                                         sort_keys=True).encode()).hexdigest()
+
+    def choose(self, req, pinned=None, tried=()):
+        """The login for `req`; raises the 429 of a limited login when none can serve it."""
+        if pinned:
+            account = self.by_name.get(pinned)
+            if account is None:
+                raise BadRequest("Unknown X-Claude-Account %r; this proxy's logins: %s."
+                                 % (pinned, ", ".join(self.by_name)), param="X-Claude-Account")
+            err = account.limited()
+            if err is not None:
+                raise err
+            return account
+        now, limits = time.time(), []
+        usable = []
+        for a in self.accounts:
+            if a.name in tried:
+                continue
+            err = a.limited(now)
+            if err is not None:
+                limits.append(err)
+            elif a.healthy or now - a.failed_at > RECHECK_SECONDS:
+                usable.append(a)
+        if not usable:         # only logins that failed to authenticate: one of them may be back
+            usable = [a for a in self.accounts if a.name not in tried and not a.healthy
+                      and a.limited(now) is None]
+            usable.sort(key=lambda a: a.failed_at)
+            usable = usable[:1]
+        if not usable:
+            if limits:
+                raise min(limits, key=lambda e: int(e.headers.get("Retry-After", "0")))
+            raise CLIUnavailable("No login of this proxy can serve the request.")
+        with self.lock:
+            name = self.affinity.get(self.root(req))
+        for a in usable:
+            if a.name == name and a.healthy and not a.exhausted(now):
+                return a
+        # a login that failed to authenticate gets a new conversation again once RECHECK_SECONDS
+        # have passed (it may have been logged in again); if it still fails, the request goes
+        # on to the next login
+        return max(usable, key=lambda a: (a.healthy or now - a.failed_at > RECHECK_SECONDS,
+                                          not a.exhausted(now), a.headroom(now)))
+
+    def remember(self, req, account):
+        with self.lock:
+            key = self.root(req)
+            self.affinity[key] = account.name
+            self.affinity.move_to_end(key)
+            while len(self.affinity) > AFFINITY_MAX:
+                self.affinity.popitem(last=False)
+
+    def report(self):
+        return {"accounts": [a.report() for a in self.accounts],
+                "guard": {"extra_usage": self.guard}}
 
 
 # 8. SSE #########################################################################################
@@ -2741,7 +3118,8 @@ class OpenAIChat:
     def error(self, err):
         status = 503 if err.status == 529 else err.status
         return status, {"error": {"message": err.message, "type": self.TYPES.get(err.kind, err.kind),
-                                  "param": err.param, "code": err.kind if status >= 500 else None}}
+                                  "param": err.param,
+                                  "code": err.code or (err.kind if status >= 500 else None)}}
 
 
 # 10. Anthropic messages #########################################################################
@@ -3407,6 +3785,29 @@ class Metrics:
                     for k, n in list(idle["hits"].items()) + [("spawned", idle["misses"])]])
             metric("claude_proxy_idle_processes", "gauge", "idle CLI processes by kind",
                    ['claude_proxy_idle_processes{kind="%s"} %d' % kv for kv in idle["idle"].items()])
+            logins = app.usage_report()["accounts"]
+            metric("claude_proxy_login_healthy", "gauge", "1 while the login authenticates",
+                   ['claude_proxy_login_healthy{account="%s"} %d' % (a["name"], a["healthy"])
+                    for a in logins])
+            for name, key, help_ in (
+                    ("utilization", "utilization", "share of the plan window used (0-1)"),
+                    ("resets_at", "resets_at", "unix time the plan window resets")):
+                full = "claude_proxy_plan_window_%s" % name
+                metric(full, "gauge", help_, ['%s{account="%s",window="%s"} %s'
+                                              % (full, a["name"], w, v[key] or 0)
+                                              for a in logins for w, v in sorted(a["windows"].items())])
+            metric("claude_proxy_plan_window_rejected", "gauge", "1 while the window refuses",
+                   ['claude_proxy_plan_window_rejected{account="%s",window="%s"} %d'
+                    % (a["name"], w, v["status"] == "rejected")
+                    for a in logins for w, v in sorted(a["windows"].items())])
+            metric("claude_proxy_extra_usage_in_use", "gauge",
+                   "1 while the login's requests are billed as extra usage",
+                   ['claude_proxy_extra_usage_in_use{account="%s"} %d'
+                    % (a["name"], a["extra_usage"]["in_use"]) for a in logins])
+            metric("claude_proxy_login_tokens_total", "counter", "tokens per login, model and kind",
+                   ['claude_proxy_login_tokens_total{account="%s",model="%s",kind="%s"} %d'
+                    % (a["name"], m, k, n) for a in logins for m, t in sorted(a["tokens"].items())
+                    for k, n in t.items()])
             metric("claude_proxy_tokens_total", "counter", "tokens by direction",
                    ['claude_proxy_tokens_total{direction="in"} %d' % self.tokens["in"],
                     'claude_proxy_tokens_total{direction="out"} %d' % self.tokens["out"]])
@@ -3454,6 +3855,28 @@ class App:
                 self.idle.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             return not self.in_flight
 
+    def usage_report(self):
+        """The GET /v1/usage body: per login its plan windows, extra usage, health and tokens
+        per model since start-up; and the extra-usage guard.  No secrets: names and paths only
+        appear as the operator configured them, tokens never."""
+        return self.backend.logins.report()
+
+    def logins_summary(self):
+        """/health's view of usage_report: per login, healthy or not and its binding window;
+        `serving`: some login is healthy and not known to be out of limits (a load balancer's
+        health check can read it)."""
+        out, serving = [], False
+        for a in self.backend.logins.accounts:
+            r, limited = a.report(), a.limited()
+            serving |= r["healthy"] and not a.exhausted()
+            binding = max(r["windows"].items(), key=lambda kv: kv[1]["utilization"], default=None)
+            out.append({"name": r["name"], "healthy": r["healthy"], "hint": r["hint"],
+                        "limited": limited is not None,
+                        "binding": dict(binding[1], window=binding[0]) if binding else None,
+                        "extra_usage_in_use": r["extra_usage"]["in_use"]})
+        return {"serving": serving, "guard": {"extra_usage": self.cfg.extra_usage},
+                "accounts": out}
+
     def close(self):
         self.backend.close_all()
         try:
@@ -3463,11 +3886,43 @@ class App:
             pass
 
 
-def model_events(app, req, call):
-    """The whole pipeline for one request: a slot, then one CLI turn (or the tool engine).
-    A turn that ends whole (the client got all the model wrote), in one CLI run (no refusal
-    retry), keeps its process for the conversation's next turn (Idle.keep_for)."""
+def model_events(app, req, call, pinned=None):
+    """The whole pipeline for one request: a login, a slot, then one CLI turn (or the tool
+    engine).  A request its login refuses for limits or authentication before anything went to
+    the client is asked once more on the next login that can take it (not when pinned)."""
+    logins, tried = app.backend.logins, []
+    account = logins.choose(req, pinned)         # the guard's refusal needs no slot
     app.backend.gate.acquire(call)
+    try:
+        while True:
+            req.account = account.name
+            sent = False
+            try:
+                for ev in login_events(app, req, call):
+                    sent = True
+                    yield ev
+                logins.remember(req, account)
+                return
+            except (RateLimited, LoginFailed) as exc:
+                if isinstance(exc, LoginFailed):
+                    account.mark_unhealthy(exc.message)
+                tried.append(account.name)
+                if sent or pinned or len(tried) > 1:      # one other login, no more
+                    raise
+                try:
+                    account = logins.choose(req, None, tried)
+                except ProxyError:
+                    raise exc from None           # the first refusal is the answer
+                log_line("login %s refused a request (%s %s); asking login %s"
+                         % (tried[-1], exc.status, exc.code or exc.kind, account.name))
+    finally:
+        app.backend.gate.release()
+
+
+def login_events(app, req, call):
+    """One CLI turn (or the tool engine) on the login `req.account`.  A turn that ends whole
+    (the client got all the model wrote), in one CLI run (no refusal retry), keeps its process
+    for the conversation's next turn (Idle.keep_for)."""
     keep, runs = None, []
     try:
         keep = app.backend.idle.keep_for(req)
@@ -3496,7 +3951,6 @@ def model_events(app, req, call):
     finally:
         if keep is not None:
             keep.drop()
-        app.backend.gate.release()
 
 
 def models_payload(anthropic_shape, only=None):
@@ -3551,6 +4005,7 @@ ROUTES = {
     ("POST", "/messages"): "messages",
     ("POST", "/messages/count_tokens"): "count_tokens",
     ("GET", "/models"): "models",
+    ("GET", "/usage"): "plan_usage",
     ("GET", "/health"): "health",
     ("GET", "/metrics"): "metrics",
 }
@@ -3648,7 +4103,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Vary", "Origin")
             self.send_header("Access-Control-Expose-Headers",
                              "X-Request-Id, Retry-After, x-ratelimit-remaining-requests, "
-                             "x-ratelimit-reset-requests, anthropic-ratelimit-unified-status, "
+                             "x-ratelimit-reset-requests, X-Claude-Account, "
+                             "anthropic-ratelimit-unified-status, "
                              "anthropic-ratelimit-unified-reset, anthropic-ratelimit-unified-type, "
                              "anthropic-ratelimit-unified-utilization")
         super().end_headers()
@@ -3820,15 +4276,16 @@ class Handler(BaseHTTPRequestHandler):
         req.session = session_signal(body, self.headers)
         self.model = req.model
         call = Call(self.connection, self.app.cfg.timeout)
-        source = model_events(self.app, req, call)
+        source = model_events(self.app, req, call, self.headers.get("X-Claude-Account"))
         events = self._observe(source)
         try:
             if not req.stream:
                 c = collect(events)
-                return self.send_json(200, dialect.render(req, c, body))
+                return self.send_json(200, dialect.render(req, c, body),
+                                      [("X-Claude-Account", req.account)])
             events_ahead = first_then(events)
             sse = SSE(self)
-            sse.start([("X-Request-Id", self.request_id)])
+            sse.start([("X-Request-Id", self.request_id), ("X-Claude-Account", req.account)])
             self.status, self._streaming = 200, True
             dialect.stream(req, events_ahead, sse, body)
             sse.end()
@@ -3874,6 +4331,9 @@ class Handler(BaseHTTPRequestHandler):
             raise NotFound("Model %r not found." % model_id)
         self.send_json(200, models_payload(self.dialect.name == "anthropic", model_id))
 
+    def plan_usage(self, body):          # not `usage`: that is the request's token usage
+        self.send_json(200, self.app.usage_report())
+
     def health(self, body):
         app = self.app
         gate = app.backend.gate
@@ -3883,6 +4343,7 @@ class Handler(BaseHTTPRequestHandler):
             "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
             "cli_processes_started": app.backend.started, "history": app.cfg.history,
             "idle": app.backend.idle_status(),
+            "logins": app.logins_summary(),
             "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)})
 
 
@@ -3921,10 +4382,6 @@ def check(cfg):
         ok = False
     app = App(cfg)
     try:
-        req = Request(model=cfg.default_model, cli_model=resolve_model(cfg.default_model, "sonnet")[1],
-                      messages=[Message("user", [{"type": "text", "text": "Reply with the word OK."}])],
-                      max_tokens=16, handler=HANDLERS["generic"])
-
         class NoClient:
             deadline = time.monotonic() + 120
 
@@ -3934,12 +4391,21 @@ def check(cfg):
 
             maybe_check = check
 
-        c = collect(app.backend.run(req, req.messages, NoClient()))
-        print("Logged in: yes (model %s answered %r, %d tokens)" % (cfg.default_model, c.text[:40],
-                                                                   c.usage.output_tokens))
-    except ProxyError as err:
-        print("Logged in: NO: %s" % err.message)
-        ok = False
+        for account in app.backend.logins.accounts:     # each login: one tiny request
+            label = "" if account.name == "default" and not cfg.accounts else \
+                " (login %s)" % account.name
+            req = Request(model=cfg.default_model,
+                          cli_model=resolve_model(cfg.default_model, "sonnet")[1],
+                          messages=[Message("user", [{"type": "text",
+                                                      "text": "Reply with the word OK."}])],
+                          max_tokens=16, handler=HANDLERS["generic"], account=account.name)
+            try:
+                c = collect(app.backend.run(req, req.messages, NoClient()))
+                print("Logged in%s: yes (model %s answered %r, %d tokens)" % (
+                    label, cfg.default_model, c.text[:40], c.usage.output_tokens))
+            except ProxyError as err:
+                print("Logged in%s: NO: %s" % (label, err.message))
+                ok = False
     finally:
         app.close()
     for name, err in sorted(MODULE_ERRORS.items()):

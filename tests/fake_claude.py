@@ -11,6 +11,8 @@ on a directive in the user's text:
     [[echo-env]]    answer with the environment it was given, as JSON
     [[echo-argv]]   answer with its argv, as JSON
     [[rate-limited]] a rate_limit_event (resets in 120 s), then a 429 result
+    [[limited-late]] a text delta, then a rejected rate_limit_event and a 429 result (a limit
+                    that arrives after the answer began; the real CLI never shows one on demand)
     [[stamps:N]]    N text deltas, each "<time.time()>;" when printed, 2 ms apart (benchmarks)
     anything else   answer "fake answer" with a result line
 Each run records its pid in $FAKE_CLAUDE_PIDS (a directory) when that is passed to it, and
@@ -92,6 +94,14 @@ def main():
             "rateLimitType": "five_hour", "utilization": 1.0}})
         out({"type": "result", "subtype": "success", "is_error": True, "api_error_status": 429,
              "result": "Claude usage limit reached", "usage": {}})
+        return 1
+    if mode == "limited-late":
+        delta("partial ")
+        out({"type": "rate_limit_event", "rate_limit_info": {
+            "status": "rejected", "resetsAt": int(time.time()) + 120,
+            "rateLimitType": "five_hour", "overageStatus": "rejected", "isUsingOverage": False}})
+        out({"type": "result", "subtype": "success", "is_error": True, "api_error_status": 429,
+             "result": "You've hit your limit", "usage": {}})
         return 1
     if mode == "stamps":
         for _ in range(arg or 500):

@@ -3,6 +3,10 @@
 Tests push replies (`Reply`) onto a queue; each POST /v1/messages takes the next one
 (or `default`, or what `responder(body)` returns). Every request is recorded with its
 headers and JSON body, so tests can assert what actually reached "Anthropic".
+Subscriptions: `plans[token] = Plan(...)` makes a request whose Authorization is
+`Bearer <token>` (a made-up OAuth token) carry that plan's `anthropic-ratelimit-unified-*`
+headers, as the real API does for subscription logins, and be refused (429) when a window is
+used up and no extra usage covers it, or (401) when the plan is `revoked`.
 Loopback only, stdlib only.
 """
 
@@ -36,6 +40,64 @@ class Reply:
     headers: dict = field(default_factory=dict)
     drop_after: int = -1
     stall: float = 0.0
+    details: dict = None        # an error's `details` (e.g. {"error_code": "credits_required"})
+
+
+@dataclass
+class Plan:
+    """One made-up subscription.  Utilization is 0-1 per window; a window at 1.0 is rejected,
+    from 0.8 allowed_warning.  Past a rejected window, `overage` decides: "allowed" answers
+    (billed as extra usage), "rejected" refuses with 429; `credits_required` refuses with the
+    error_code the API gives when extra usage has no credits."""
+    five_hour: float = 0.1
+    seven_day: float = 0.1
+    five_hour_reset: int = 0     # unix seconds; 0 = an hour from now
+    seven_day_reset: int = 0     # 0 = three days from now
+    overage: str = "rejected"    # overage-status: allowed | allowed_warning | rejected
+    credits_required: bool = False
+    step: float = 0.0            # what every answered request adds to both windows
+    revoked: bool = False        # the token is refused (401)
+    answered: int = 0
+
+    def windows(self):
+        now = int(time.time())
+        return {"5h": (self.five_hour, self.five_hour_reset or now + 3600),
+                "7d": (self.seven_day, self.seven_day_reset or now + 3 * 86400)}
+
+    @staticmethod
+    def status(u):
+        return "rejected" if u >= 1.0 else "allowed_warning" if u >= 0.8 else "allowed"
+
+    def headers(self):
+        w = self.windows()
+        rejected = [k for k, (u, _r) in w.items() if u >= 1.0]
+        claim = rejected[0] if rejected else max(w, key=lambda k: w[k][0])
+        h = {"anthropic-ratelimit-unified-status": "rejected" if rejected else "allowed",
+             "anthropic-ratelimit-unified-reset": str(w[claim][1]),
+             "anthropic-ratelimit-unified-representative-claim":
+                 {"5h": "five_hour", "7d": "seven_day"}[claim],
+             "anthropic-ratelimit-unified-overage-status": self.overage}
+        if self.credits_required:
+            h["anthropic-ratelimit-unified-representative-claim"] = "overage"
+        for k, (u, r) in w.items():
+            h.update({"anthropic-ratelimit-unified-%s-utilization" % k: str(u),
+                      "anthropic-ratelimit-unified-%s-status" % k: self.status(u),
+                      "anthropic-ratelimit-unified-%s-reset" % k: str(r)})
+        return h
+
+    def refusal(self):
+        """The error Reply for a request this plan refuses, or None."""
+        if self.revoked:
+            return Reply(status=401, error_type="authentication_error",
+                         message="OAuth token has been revoked")
+        over = any(u >= 1.0 for u, _r in self.windows().values())
+        if self.credits_required:
+            return Reply(status=429, error_type="rate_limit_error", message="credits required",
+                         headers=self.headers(), details={"error_code": "credits_required"})
+        if over and self.overage not in ("allowed", "allowed_warning"):
+            return Reply(status=429, error_type="rate_limit_error", message="rate limited",
+                         headers=self.headers())
+        return None
 
 
 def text(s, **kw):
@@ -71,6 +133,7 @@ class FakeUpstream:
         self.default = text("Hello from the fake upstream.")
         self.responder = None       # optional callable(body) -> Reply, wins over the queue
         self.aborted_streams = 0    # streams whose reader hung up before the end
+        self.plans = {}             # made-up OAuth token -> Plan
         self.lock = threading.Lock()
         upstream = self
 
@@ -104,10 +167,23 @@ class FakeUpstream:
                 self._record(body)
                 if not self.path.startswith("/v1/messages") or "count_tokens" in self.path:
                     return self._json(200, {"input_tokens": 42})
-                reply = upstream.next_reply(body)
+                auth = self.headers.get("Authorization") or ""
+                plan = upstream.plans.get(auth[7:] if auth.startswith("Bearer ") else None)
+                reply = plan.refusal() if plan is not None else None
+                if reply is None:
+                    reply = upstream.next_reply(body)
+                    if plan is not None and reply.status == 200:
+                        reply = Reply(**dict(reply.__dict__, headers=dict(reply.headers,
+                                                                          **plan.headers())))
+                        with upstream.lock:
+                            plan.answered += 1
+                            plan.five_hour = round(plan.five_hour + plan.step, 6)
+                            plan.seven_day = round(plan.seven_day + plan.step, 6)
                 if reply.status != 200:
-                    return self._json(reply.status, {"type": "error", "error": {
-                        "type": reply.error_type, "message": reply.message}}, reply.headers)
+                    err = {"type": reply.error_type, "message": reply.message}
+                    if reply.details is not None:
+                        err["details"] = reply.details
+                    return self._json(reply.status, {"type": "error", "error": err}, reply.headers)
                 if isinstance(body, dict) and body.get("stream"):
                     return self._stream(body, reply)
                 msg = upstream.message(body, reply)
@@ -168,6 +244,7 @@ class FakeUpstream:
             self.replies.clear()
             self.responder = None
             self.aborted_streams = 0
+            self.plans.clear()
             self.default = text("Hello from the fake upstream.")
 
     def next_reply(self, body):
