@@ -4035,8 +4035,8 @@ td.client { max-width: 220px; overflow: hidden; text-overflow: ellipsis; }
 tr.err td { background: #fde8ef; color: #8a1538; }
 .scroll { max-height: 520px; overflow: auto; background: var(--card); border: 1px solid var(--line);
           border-radius: 8px; }
-#config td { white-space: normal; overflow-wrap: anywhere; font-size: 12px; padding: 2px 6px; }
-#config td:first-child { color: var(--dim); }
+#config td { white-space: normal; overflow-wrap: anywhere; font-size: 12px; padding: 1px 6px; }
+#config td:first-child { color: var(--dim); white-space: nowrap; }
 .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 0 14px; }
 #keyform { margin: 16px 0; }
 #keyform .card { max-width: 520px; }
@@ -4066,13 +4066,14 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
 <main id="main" hidden>
   <h2>Plan limits</h2>
   <div class="grid" id="accounts"></div>
+  <h2>Last hour, per minute</h2>
+  <div class="plots" id="plots"></div>
   <div class="grid">
     <div><h2>Capacity</h2><div class="card" id="capacity"></div></div>
     <div><h2>CLI and logins</h2><div class="card" id="cli"></div></div>
-    <div><h2>Config</h2><div class="card"><table id="config"></table></div></div>
+    <div><h2>Config <span class="dim">(CLAUDE_PROXY_&hellip;)</span></h2>
+      <div class="card"><table id="config"></table></div></div>
   </div>
-  <h2>Last hour, per minute</h2>
-  <div class="plots" id="plots"></div>
   <h2>Last requests
     <select id="filter" aria-label="filter by status">
       <option value="all">all</option><option value="ok">2xx/3xx</option>
@@ -4268,7 +4269,9 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     var t = $("config");
     t.textContent = "";
     d.config.forEach(function (c) {
-      add(t, add(el("tr"), el("td", "", c.name), el("td", "", c.value === "" ? "-" : c.value)));
+      var name = el("td", "", c.name.replace(/^CLAUDE_PROXY_/, ""));
+      name.title = c.name;
+      add(t, add(el("tr"), name, el("td", "", c.value === "" ? "-" : c.value)));
     });
   }
 
