@@ -22,8 +22,11 @@ Endpoints
     POST /v1/messages/count_tokens   Anthropic token count (an estimate: ~4 bytes a token)
     GET  /v1/models                  model list (Anthropic shape if anthropic-version/x-api-key)
     GET  /v1/models/{id}             one model
-    GET  /health                     liveness, capacity, pool, handler modules (no secrets)
+    GET  /health                     ok | degraded (with reasons), capacity, pool, handler
+                                     modules (no secrets); HTTP 200 either way
     GET  /metrics                    Prometheus text format
+    GET  /  and  /dashboard          the status page: a static shell, no data, no key needed
+    GET  /dashboard/data             the page's data as JSON (a key when keys are set)
   Every /v1/... route also answers without the /v1 prefix.
 
 Configuration (flags win over environment; read once at start-up)

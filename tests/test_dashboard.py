@@ -31,6 +31,7 @@ CHAT = "/v1/chat/completions"
 KEY = "dash-key-5e1f09"
 OAUTH = "made-up-oauth-token-77c2"
 PROMPT_MARKER = "PROMPT-TEXT-NEVER-LOGGED-3b7d"
+INJECTED = '<b id="injected">x</b>'        # a client naming itself in markup
 
 
 def wait_for(cond, what, timeout=10):
@@ -275,6 +276,8 @@ def test_health_degraded_when_the_cli_is_missing(make_proxy, tmp_path):
     assert status == 200, "degraded stays 200: a restart would not fix it"
     assert h["status"] == "degraded" and h["claude_found"] is False
     assert len(h["reasons"]) == 1 and "CLAUDE_BIN=%s" % (tmp_path / "no-claude") in h["reasons"][0]
+    raw = urllib.request.urlopen(p.url + "/health").read().decode()
+    assert '"status": "degraded"' in raw and '"status": "ok"' not in raw    # the README's grep
     d = data(p)
     assert d["cli"]["found"] is False and d["cli"]["version"] is None
 
@@ -282,6 +285,7 @@ def test_health_degraded_when_the_cli_is_missing(make_proxy, tmp_path):
 def test_health_degraded_while_the_login_is_refused(make_proxy, upstream):
     p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
     assert p.request("GET", "/health")[2]["status"] == "ok"
+    assert '"status": "ok"' in urllib.request.urlopen(p.url + "/health").read().decode()
     upstream.default = fake_upstream.error(401, "authentication_error", "invalid x-api-key")
     status, _, body = chat(p, "hi", "dash-auth-1")
     assert status == 502, body
@@ -375,7 +379,8 @@ def served(make_proxy, upstream_server):
         headers={"anthropic-version": "2023-06-01", "X-Request-Id": "dash-stream",
                  "User-Agent": "Anthropic/Python 2.12.0"}, timeout=120)
     assert status == 200, body
-    assert p.post(CHAT, {"model": "sonnet"}, headers={"X-Request-Id": "dash-bad"})[0] == 400
+    assert p.post(CHAT, {"model": "sonnet"}, headers={"X-Request-Id": "dash-bad",
+                                                      "User-Agent": INJECTED})[0] == 400
     assert p.request("GET", "/v1/nothing-here")[0] == 404
     acc = wait_for(lambda: (lambda d: d["usage"]["accounts"][0]
                             if len(d["requests"]) >= 6 else None)(data(p)), "six rows")
@@ -424,13 +429,15 @@ def test_page_renders_in_chromium(served, tmp_path):
     for name, svg in plots:
         assert re.search(r"<(rect|path|circle) ", svg), name
     assert "CLI and logins" in dom and "logged in" in dom
+    assert not [a for _, a in tags.tags if a.get("id") == "injected"], "a User-Agent became markup"
+    assert "&lt;b id=\"injected\"&gt;x&lt;/b&gt;" in dom
     assert "2 key(s)" not in dom and "(none)" in dom          # the config card, keys masked
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     if shot.exists():
         shot.unlink()
-    browse(served.url + "/dashboard", tmp_path, "--hide-scrollbars", "--window-size=1280,1300",
+    browse(served.url + "/dashboard", tmp_path, "--hide-scrollbars", "--window-size=1280,1400",
            "--screenshot=%s" % shot)
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
