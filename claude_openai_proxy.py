@@ -358,17 +358,22 @@ def is_loopback(host):
         return host == "localhost"
 
 
-def describe_config(cfg):
-    """The effective config as text, secrets masked."""
-    lines = []
+def config_items(cfg):
+    """The effective config as (env var, text) pairs, secrets masked (--check, the dashboard)."""
+    items = []
     for _flag, env, name, _t, _h in OPTIONS:
         value = getattr(cfg, name)
         if name in SECRET_OPTIONS and value:
             value = "%d key(s), masked" % len(value)
         elif isinstance(value, tuple):
             value = ",".join(value)
-        lines.append("  %-30s %s" % (env, value))
-    return "\n".join(lines)
+        items.append((env, str(value)))
+    return items
+
+
+def describe_config(cfg):
+    """The effective config as text, secrets masked."""
+    return "\n".join("  %-30s %s" % item for item in config_items(cfg))
 
 
 # 4. Neutral model ###############################################################################
@@ -3470,14 +3475,7 @@ class App:
     def dashboard_data(self):
         """GET /dashboard/data: everything the page shows, secrets masked."""
         cfg = self.cfg
-        config = []
-        for _flag, env, name, _t, _h in OPTIONS:
-            value = getattr(cfg, name)
-            if name in SECRET_OPTIONS:
-                value = "%d key(s), masked" % len(value) if value else "(none)"
-            elif isinstance(value, tuple):
-                value = ",".join(value)
-            config.append({"name": env, "value": str(value)})
+        config = [{"name": env, "value": value} for env, value in config_items(cfg)]
         return {"version": __version__, "now": time.time(), "health": self.health_report(),
                 "cli": {"path": shutil.which(cfg.claude_bin) or cfg.claude_bin,
                         "found": bool(shutil.which(cfg.claude_bin)), "version": self.cli_version()},
