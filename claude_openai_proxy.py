@@ -4238,18 +4238,26 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     fill.style.width = (100 * c.running / Math.max(1, c.capacity)).toFixed(1) + "%";
     add(box, defs([["CLI processes started", h.cli_processes_started],
                    ["history", h.history]]));
-    // shown as /health reports them, whatever fields they carry
+    // every group of figures /health reports (pool, sessions, ...), whatever fields they carry
+    var TITLES = {pool: "idle processes (pool)", sessions: "kept conversations"};
     var pair = put(box, el("div", "pair"));
-    [["idle processes (pool)", h.pool], ["kept conversations", h.sessions]]
-      .forEach(function (p) {
-        if (!p[1]) return;
-        var col = put(pair, el("div"));
-        add(col, el("h3", "", p[0]));
-        add(col, defs(Object.keys(p[1]).map(function (k) {
-          var v = p[1][k];
-          return [k.replace(/_/g, " "), typeof v === "object" ? JSON.stringify(v) : v];
-        })));
-      });
+    Object.keys(h).forEach(function (group) {
+      var v = h[group];
+      if (!v || typeof v !== "object" || Array.isArray(v) ||
+          group === "concurrency" || group === "module_errors") return;
+      var col = put(pair, el("div"));
+      add(col, el("h3", "", TITLES[group] || group.replace(/_/g, " ")));
+      add(col, defs(flatten(v, "")));
+    });
+  }
+  function flatten(obj, prefix) {   // {"hits": {"pool": 3}} -> [["hits pool", 3]]
+    var out = [];
+    Object.keys(obj).forEach(function (k) {
+      var v = obj[k], name = prefix + k.replace(/_/g, " ");
+      if (v && typeof v === "object" && !Array.isArray(v)) out = out.concat(flatten(v, name + " "));
+      else out.push([name, Array.isArray(v) ? v.join(", ") : v]);
+    });
+    return out;
   }
 
   function renderCli(d) {

@@ -5,13 +5,16 @@ Chromium against a proxy that served requests through the real CLI and the fake 
 The browser tests need Debian's `chromium` (`.ci/run` installs it); without it they are skipped
 with the reason.  Their screenshot goes to tests/artifacts/ (git-ignored).
 """
+import base64
 import html.parser
 import json
 import os
 import pathlib
 import re
 import shutil
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -429,6 +432,8 @@ def test_page_renders_in_chromium(served, tmp_path):
     for name, svg in plots:
         assert re.search(r"<(rect|path|circle) ", svg), name
     assert "CLI and logins" in dom and "logged in" in dom
+    assert "slots: 0 of 2 running, 0 queued" in dom
+    assert "idle processes (pool)" in dom and "kept conversations" in dom and "<dt>hits</dt>" in dom
     assert not [a for _, a in tags.tags if a.get("id") == "injected"], "a User-Agent became markup"
     assert "&lt;b id=\"injected\"&gt;x&lt;/b&gt;" in dom
     assert "key(s), masked" not in dom and "API_KEYS" in dom    # the config card, no keys
@@ -479,7 +484,9 @@ def test_page_at_a_sub_path_asks_the_sub_path(served, tmp_path):
         front.shutdown()
         front.server_close()
     assert Tags(dom).find("body")[0]["data-state"] == "ready", dom[-1500:]
-    assert "/claude/dashboard/data" in seen and not [s for s in seen if not s.startswith("/claude/")]
+    assert not [s for s in seen if not s.startswith("/claude/")], seen
+    # live: the data is asked for again and again, the page itself once (no reload)
+    assert seen.count("/claude/") == 1 and seen.count("/claude/dashboard/data") >= 2, seen
     assert not console, console
 
 
@@ -493,3 +500,138 @@ def test_page_with_keys_shows_the_key_form_and_no_data(keyed, tmp_path):
     assert "CLAUDE_PROXY_HOST" not in dom and 'data-status' not in dom
     # the refused data request is the only console line (Chromium reports every 401)
     assert all("401" in line for line in console), console
+
+
+class DevTools:
+    """Just enough of the Chrome DevTools protocol over a WebSocket (standard library only) to
+    drive one page: evaluate script, and keep the events it sends (console, network)."""
+
+    def __init__(self, tmp_path):
+        exe = chromium()
+        if exe is None:
+            pytest.skip("no chromium on PATH: run .ci/run (apt-get install chromium) to test the "
+                        "page in a real browser")
+        profile = tmp_path / "devtools-profile"
+        profile.mkdir()
+        self.proc = subprocess.Popen(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             "--disable-default-apps", "--disable-extensions", "--user-data-dir=%s" % profile,
+             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"
+        wait_for(lambda: port_file.exists() and len(port_file.read_text().split()) >= 2,
+                 "chromium's DevTools port", timeout=30)
+        port = int(port_file.read_text().split()[0])
+        pages = json.load(urllib.request.urlopen("http://127.0.0.1:%d/json/list" % port))
+        ws = next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"]
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+                           "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n"
+                           % (ws.split(str(port), 1)[1], port, key)).encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.next_id, self.events = 0, []
+
+    def _recv_exact(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("DevTools closed the connection")
+            data += chunk
+        return data
+
+    def _recv_message(self):
+        parts = []
+        while True:
+            b0, b1 = self._recv_exact(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._recv_exact(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._recv_exact(8))[0]
+            parts.append(self._recv_exact(n))
+            if b0 & 0x80:
+                return json.loads(b"".join(parts))
+
+    def call(self, method, **params):
+        self.next_id += 1
+        payload = json.dumps({"id": self.next_id, "method": method, "params": params}).encode()
+        mask = os.urandom(4)
+        n = len(payload)
+        header = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else
+                                  bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else
+                                  bytes([0x80 | 127]) + struct.pack(">Q", n))
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while True:
+            msg = self._recv_message()
+            if msg.get("id") == self.next_id:
+                assert "error" not in msg, msg
+                return msg["result"]
+            self.events.append(msg)
+
+    def js(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def until(self, expression, what, timeout=20):
+        return wait_for(lambda: self.js(expression), what, timeout=timeout)
+
+    def close(self):
+        self.sock.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_key_form_in_chromium_keeps_the_key_in_session_storage_and_sends_a_header(keyed, tmp_path):
+    browser = DevTools(tmp_path)
+    try:
+        for domain in ("Runtime.enable", "Log.enable", "Network.enable", "Page.enable"):
+            browser.call(domain)
+        browser.call("Page.navigate", url=keyed.url + "/dashboard")
+        browser.until("document.body && document.body.dataset.state === 'locked'", "the key form")
+        submit = ("document.getElementById('key').value = %s; "
+                  "document.getElementById('keyform').requestSubmit(); true")
+        browser.js(submit % json.dumps("wrong-key"))
+        browser.until("document.getElementById('keymsg').textContent === 'That key was refused.'",
+                      "the refusal")
+        browser.js(submit % json.dumps(KEY))
+        browser.until("document.body.dataset.state === 'ready'", "the dashboard")
+        assert browser.js("sessionStorage.getItem('claude-proxy-key')") == KEY
+        assert browser.js("document.cookie") == "" and browser.js("localStorage.length") == 0
+        assert browser.js("document.getElementById('key').value") == ""
+        assert browser.js("document.getElementById('health').textContent") in ("ok", "degraded")
+        assert browser.js("document.getElementById('config').textContent").count("API_KEYS") == 1
+        browser.until("document.getElementById('updated').textContent.startsWith('updated')",
+                      "a poll")
+        # forgetting the key locks the page again
+        browser.js("document.getElementById('forget').click(); true")
+        browser.until("document.body.dataset.state === 'locked'", "the page to lock again")
+        assert browser.js("sessionStorage.getItem('claude-proxy-key')") is None
+        assert browser.js("document.body.dataset.errors") == "0"
+    finally:
+        browser.close()
+    sent = [e["params"]["request"] for e in browser.events
+            if e.get("method") == "Network.requestWillBeSent"]
+    data_requests = [r for r in sent if "/dashboard/data" in r["url"]]
+    assert len(data_requests) >= 3
+    for r in data_requests:
+        assert r["url"] == keyed.url + "/dashboard/data", "the key is never in a URL"
+        assert "Cookie" not in r["headers"]
+    auths = [r["headers"].get("Authorization") for r in data_requests]
+    assert None in auths and "Bearer wrong-key" in auths and "Bearer " + KEY in auths
+    thrown = [e for e in browser.events if e.get("method") in ("Runtime.exceptionThrown",
+                                                               "Runtime.consoleAPICalled")]
+    assert not thrown, thrown
+    logged = [e["params"]["entry"] for e in browser.events if e.get("method") == "Log.entryAdded"]
+    assert all(entry["source"] == "network" and "401" in entry["text"] for entry in logged), logged
