@@ -3405,9 +3405,8 @@ class App:
                            "fails with 503" % cfg.claude_bin)
         with self.lock:
             failures = sorted(self.login_failures.items())
-        for account, message in failures:
-            reasons.append("login %s: the last request could not authenticate; on the server "
-                           "run `claude login` (or `claude setup-token`)" % (account or "default"))
+        for account, message in failures:        # the message says what to run
+            reasons.append("login %s: %s" % (account or "default", message))
         if pool.get("mode") == "cold-fallback":
             reasons.append("the pool is in cold fallback: pre-started CLI processes kept dying "
                            "at start, so requests start their own (slower); see the proxy's log")
