@@ -594,6 +594,10 @@ class DevTools:
 
 
 def test_key_form_in_chromium_keeps_the_key_in_session_storage_and_sends_a_header(keyed, tmp_path):
+    auth = {"Authorization": "Bearer " + KEY}
+    assert chat(keyed, "hi", "dash-filter-ok", headers=auth)[0] == 200
+    assert keyed.request("GET", "/v1/dash-filter-missing", headers=auth)[0] == 404
+    row_for(keyed, "dash-filter-ok", auth)
     browser = DevTools(tmp_path)
     try:
         for domain in ("Runtime.enable", "Log.enable", "Network.enable", "Page.enable"):
@@ -614,6 +618,18 @@ def test_key_form_in_chromium_keeps_the_key_in_session_storage_and_sends_a_heade
         assert browser.js("document.getElementById('config').textContent").count("API_KEYS") == 1
         browser.until("document.getElementById('updated').textContent.startsWith('updated')",
                       "a poll")
+        # the status filter
+        rows = ("Array.from(document.querySelectorAll('#requests tbody tr'))"
+                ".map(function (r) { return [r.dataset.status, r.className]; })")
+        everything = browser.js(rows)
+        assert ["200", ""] in everything and ["404", "err"] in everything, everything
+        for choice, keep in (("errors", lambda st: int(st) >= 400), ("ok", lambda st: int(st) < 400),
+                             ("4xx", lambda st: 400 <= int(st) < 500), ("all", lambda st: True)):
+            browser.js("var f = document.getElementById('filter'); f.value = %s; "
+                       "f.dispatchEvent(new Event('change')); true" % json.dumps(choice))
+            shown = browser.js(rows)
+            assert shown == [r for r in everything if keep(r[0])], (choice, shown)
+            assert all((cls == "err") == (int(st) >= 400) for st, cls in shown)
         # forgetting the key locks the page again
         browser.js("document.getElementById('forget').click(); true")
         browser.until("document.body.dataset.state === 'locked'", "the page to lock again")
