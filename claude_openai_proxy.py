@@ -23,9 +23,11 @@ Endpoints
     GET  /v1/models                  model list (Anthropic shape if anthropic-version/x-api-key)
     GET  /v1/models/{id}             one model
     GET  /v1/usage                   plan limits and tokens per login (no secrets)
-    GET  /health                     liveness, capacity, idle CLI processes, logins, handlers
-                                     (no secrets)
+    GET  /health                     ok | degraded (with reasons), capacity, idle CLI processes,
+                                     logins, handlers (no secrets); HTTP 200 either way
     GET  /metrics                    Prometheus text format
+    GET  /  and  /dashboard          the status page: a static shell, no data, no key needed
+    GET  /dashboard/data             the page's data as JSON (a key when keys are set)
   Every /v1/... route also answers without the /v1 prefix.
 
 Configuration (flags win over environment; read once at start-up)
@@ -482,9 +484,9 @@ def is_loopback(host):
         return host == "localhost"
 
 
-def describe_config(cfg):
-    """The effective config as text, secrets masked."""
-    lines = []
+def config_items(cfg):
+    """The effective config as (env var, text) pairs, secrets masked (--check, the dashboard)."""
+    items = []
     for _flag, env, name, _t, _h in OPTIONS:
         value = getattr(cfg, name)
         if name in SECRET_OPTIONS and value:
@@ -494,8 +496,13 @@ def describe_config(cfg):
                              for n, k, p in value)
         elif isinstance(value, tuple):
             value = ",".join(value)
-        lines.append("  %-30s %s" % (env, value))
-    return "\n".join(lines)
+        items.append((env, str(value)))
+    return items
+
+
+def describe_config(cfg):
+    """The effective config as text, secrets masked."""
+    return "\n".join("  %-30s %s" % item for item in config_items(cfg))
 
 
 # 4. Neutral model ###############################################################################
@@ -3823,6 +3830,70 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+class RequestLog:
+    """The dashboard's memory of traffic, bounded and in memory only: the last `size` requests
+    as figures (never a prompt or an answer: ids, route, client, model, status, times,
+    tokens) and per-minute aggregates over the last hour for its plots (tokens per login and
+    model are the logins' own, Account.tokens).  Operational routes (this page, /health, /metrics) are not recorded:
+    their pollers would push the requests that matter out of the ring."""
+    QUIET = ("/", "/dashboard", "/dashboard/data", "/health", "/metrics")
+    MINUTES = 60
+    TTFT_SAMPLES = 500           # per minute; beyond that a minute's percentiles use its first 500
+
+    def __init__(self, size=200):
+        self.lock = threading.Lock()
+        self.ring = collections.deque(maxlen=size)
+        self.minutes = collections.OrderedDict()    # minute (epoch // 60) -> aggregates
+
+    def add(self, entry, usage):
+        """Record one finished request (`entry`: the figures the page's table shows)."""
+        minute = int(entry["t"] // 60)
+        with self.lock:
+            self.ring.append(entry)
+            m = self.minutes.get(minute)
+            if m is None:
+                m = self.minutes[minute] = {"requests": 0, "errors": 0, "usage": Usage(),
+                                            "ttft": []}
+                while len(self.minutes) > self.MINUTES or \
+                        next(iter(self.minutes)) <= minute - self.MINUTES:
+                    self.minutes.popitem(last=False)
+            m["requests"] += 1
+            m["errors"] += entry["status"] >= 400
+            if entry["ttft_ms"] is not None and len(m["ttft"]) < self.TTFT_SAMPLES:
+                m["ttft"].append(entry["ttft_ms"])
+            if usage:
+                m["usage"].add(usage)
+
+    def recent(self):
+        """The ring, newest first."""
+        with self.lock:
+            return list(reversed(self.ring))
+
+    def per_minute(self, now=None):
+        """The last hour, one row a minute (oldest first; minutes without traffic are zeros)."""
+        last = int((now or time.time()) // 60)
+        rows = []
+        with self.lock:
+            for minute in range(last - self.MINUTES + 1, last + 1):
+                m = self.minutes.get(minute)
+                u, ttft = (m["usage"], sorted(m["ttft"])) if m else (Usage(), [])
+                rows.append({"t": minute * 60, "requests": m["requests"] if m else 0,
+                             "errors": m["errors"] if m else 0,
+                             "tokens_in": u.prompt_tokens, "tokens_out": u.output_tokens,
+                             "cache_read": u.cache_read,
+                             "cache_share": round(u.cache_read / u.prompt_tokens, 4)
+                             if u.prompt_tokens else None,
+                             "ttft_p50": percentile(ttft, 50), "ttft_p95": percentile(ttft, 95)})
+        return rows
+
+
+def percentile(ordered, pct):
+    """Nearest-rank percentile of a sorted list (None for an empty one)."""
+    if not ordered:
+        return None
+    return ordered[max(0, -(-len(ordered) * pct // 100) - 1)]
+
+
 class App:
     """Everything a request needs: config, backend and counters.  One per server."""
 
@@ -3832,6 +3903,8 @@ class App:
         os.chmod(self.workdir, 0o500)        # stays empty: nothing for the CLI to read or write
         self.backend = Backend(cfg, self.workdir)
         self.metrics = Metrics()
+        self.requests = RequestLog()
+        self._cli_version = (None, 0.0)      # (text, monotonic time it was read)
         self.keys = tuple(key_digest(k) for k in cfg.api_keys)
         self.started_at = time.time()
         self.in_flight = 0
@@ -3876,6 +3949,59 @@ class App:
                         "extra_usage_in_use": r["extra_usage"]["in_use"]})
         return {"serving": serving, "guard": {"extra_usage": self.cfg.extra_usage},
                 "accounts": out}
+
+    def health_report(self):
+        """GET /health: `degraded`, with reasons, when requests are known to fail or be slow
+        for a reason the operator has to fix; the HTTP status stays 200 (see Handler.health)."""
+        cfg, gate, backend = self.cfg, self.backend.gate, self.backend
+        found = shutil.which(cfg.claude_bin)
+        idle, logins, reasons = backend.idle_status(), self.logins_summary(), []
+        if not found:
+            reasons.append("the claude CLI was not found (CLAUDE_BIN=%s): every model request "
+                           "fails with 503" % cfg.claude_bin)
+        for a in logins["accounts"]:              # the hint says what to run
+            if not a["healthy"]:
+                reasons.append("login %s failed to authenticate: %s" % (a["name"], a["hint"]))
+        if idle.get("mode") == "cold-fallback":
+            reasons.append("the pool is in cold fallback: pre-started CLI processes kept dying "
+                           "at start, so requests start their own (slower); see the proxy's log")
+        return {
+            "status": "degraded" if reasons else "ok", "reasons": reasons,
+            "version": __version__, "uptime_s": round(time.time() - self.started_at, 1),
+            "claude_bin": cfg.claude_bin, "claude_found": bool(found),
+            "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
+            "cli_processes_started": backend.started, "history": cfg.history,
+            "idle": idle, "logins": logins,
+            "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)}
+
+    def cli_version(self):
+        """`claude --version`, read at most every 10 minutes (an upgrade shows up)."""
+        text, at = self._cli_version
+        if at and time.monotonic() - at < 600:
+            return text
+        found = shutil.which(self.cfg.claude_bin)
+        text = None
+        if found:
+            try:
+                out = subprocess.run([found, "--version"], capture_output=True, text=True,
+                                     timeout=20, stdin=subprocess.DEVNULL, cwd=self.workdir,
+                                     env={k: v for k, v in self.cfg.environ.items()
+                                          if env_allowed(k)})
+                text = scrub((out.stdout.strip() or out.stderr.strip())[:200]) or None
+            except (OSError, subprocess.TimeoutExpired):
+                text = None
+        self._cli_version = (text, time.monotonic())
+        return text
+
+    def dashboard_data(self):
+        """GET /dashboard/data: everything the page shows, secrets masked."""
+        cfg = self.cfg
+        config = [{"name": env, "value": value} for env, value in config_items(cfg)]
+        return {"version": __version__, "now": time.time(), "health": self.health_report(),
+                "cli": {"path": shutil.which(cfg.claude_bin) or cfg.claude_bin,
+                        "found": bool(shutil.which(cfg.claude_bin)), "version": self.cli_version()},
+                "config": config, "usage": self.usage_report(),
+                "requests": self.requests.recent(), "minutes": self.requests.per_minute()}
 
     def close(self):
         self.backend.close_all()
@@ -4008,8 +4134,11 @@ ROUTES = {
     ("GET", "/usage"): "plan_usage",
     ("GET", "/health"): "health",
     ("GET", "/metrics"): "metrics",
+    ("GET", "/"): "dashboard",
+    ("GET", "/dashboard"): "dashboard",
+    ("GET", "/dashboard/data"): "dashboard_data",
 }
-UNVERSIONED = ("/health", "/metrics")
+UNVERSIONED = ("/health", "/metrics", "/", "/dashboard", "/dashboard/data")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -4049,6 +4178,7 @@ class Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         self.status, self.model, self.usage, self.dialect = 0, "-", None, DIALECTS["openai"]
         self._streaming = False
+        self.req = self.error = self.ttft = None
         self.request_id = re.sub(r"[^A-Za-z0-9._:-]", "", self.headers.get("X-Request-Id") or "")[:128] \
             or new_id("req_", 16)
         path = self.path.split("?", 1)[0]
@@ -4061,11 +4191,14 @@ class Handler(BaseHTTPRequestHandler):
                 return self.preflight()
             body = self.read_body()          # first, so an error response leaves keep-alive in sync
             route = self.route(self.command, path)
-            if route not in (self.health,) and not authorized(self.app.keys, self.headers):
+            # the page's shell holds no data (its data endpoint needs the key)
+            if route not in (self.health, self.dashboard) and \
+                    not authorized(self.app.keys, self.headers):
                 raise Unauthorized("Invalid or missing API key: send one of CLAUDE_PROXY_API_KEYS "
                                    "as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
             route(body)
         except ProxyError as err:
+            self.error = err
             self.send_error_body(err)
         except ClientGone:
             self.close_connection = True
@@ -4077,8 +4210,28 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_body(ProxyError("Internal proxy error; see the proxy's log."))
         finally:
             self.app.leave()
-            self.app.metrics.request(self.route_label(path), self.status, self.usage)
+            label = self.route_label(path)
+            self.app.metrics.request(label, self.status, self.usage)
+            self.record(label, started)
             self.access_log(path, started)
+
+    def record(self, label, started):
+        """The request's figures (no text of it) into the dashboard's RequestLog, and what it
+        says about its login into /health."""
+        req, u = self.req, self.usage
+        account = req.account if req else ""
+        if label in RequestLog.QUIET or self.command == "OPTIONS":
+            return
+        agent = re.sub(r"[^\x20-\x7e]", "?", self.headers.get("User-Agent") or "")
+        self.app.requests.add({
+            "t": round(time.time(), 3), "id": self.request_id, "method": self.command,
+            "route": label, "client": agent[:120], "model": self.model, "account": account,
+            "status": self.status, "stream": bool(req and req.stream),
+            "ttft_ms": None if self.ttft is None else round(self.ttft * 1000, 1),
+            "ms": round((time.monotonic() - started) * 1000, 1),
+            "in": u.input_tokens if u else 0, "out": u.output_tokens if u else 0,
+            "cache_read": u.cache_read if u else 0, "cache_write": u.cache_write if u else 0,
+            "served_by": req.served_by if req else ""}, u)
 
     def route_label(self, path):
         bare = path[3:] if path.startswith("/v1/") else path
@@ -4275,6 +4428,7 @@ class Handler(BaseHTTPRequestHandler):
         req.id_prefix = dialect.call_id_prefix
         req.session = session_signal(body, self.headers)
         self.model = req.model
+        self.model, self.req = req.model, req
         call = Call(self.connection, self.app.cfg.timeout)
         source = model_events(self.app, req, call, self.headers.get("X-Claude-Account"))
         events = self._observe(source)
@@ -4299,7 +4453,8 @@ class Handler(BaseHTTPRequestHandler):
         for ev in events:
             if first and isinstance(ev, (TextDelta, ThinkingDelta, ToolCall)):
                 first = False
-                self.app.metrics.observe("ttft", time.monotonic() - started)
+                self.ttft = time.monotonic() - started
+                self.app.metrics.observe("ttft", self.ttft)
             elif isinstance(ev, Done):
                 self.usage = ev.usage
                 self.app.metrics.observe("duration", time.monotonic() - started)
@@ -4335,16 +4490,551 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, self.app.usage_report())
 
     def health(self, body):
-        app = self.app
-        gate = app.backend.gate
-        self.send_json(200, {
-            "status": "ok", "version": __version__, "uptime_s": round(time.time() - app.started_at, 1),
-            "claude_bin": app.cfg.claude_bin, "claude_found": bool(shutil.which(app.cfg.claude_bin)),
-            "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
-            "cli_processes_started": app.backend.started, "history": app.cfg.history,
-            "idle": app.backend.idle_status(),
-            "logins": app.logins_summary(),
-            "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)})
+        # 200 for "degraded" too: the process is up and answers, and a restart (what a 503
+        # makes Docker or a load balancer do) fixes neither a login nor a missing CLI; alert
+        # on the body's status
+        self.send_json(200, self.app.health_report())
+
+    def dashboard(self, body):
+        """The page: a static shell (no data in it), its script and style allowed by a nonce."""
+        nonce = base64.b64encode(os.urandom(18)).decode()
+        data = DASHBOARD_HTML.replace("__NONCE__", nonce).encode()
+        self.status = 200
+        self.send_response(200)
+        for k, v in (("Content-Type", "text/html; charset=utf-8"),
+                     ("Content-Length", str(len(data))),
+                     ("Content-Security-Policy", DASHBOARD_CSP % {"nonce": nonce}),
+                     ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+                     ("X-Frame-Options", "DENY"), ("Cache-Control", "no-store"),
+                     ("X-Request-Id", self.request_id)):
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def dashboard_data(self, body):
+        self.send_json(200, self.app.dashboard_data(), [("Cache-Control", "no-store")])
+
+
+# -- the dashboard page (GET / and /dashboard) --------------------------------------------------
+# One static shell: everything it shows comes from GET dashboard/data (a relative URL, so the
+# page works behind a reverse proxy at a sub-path), polled every 3 s; values are inserted as
+# text, never as markup.  No external assets; the CSP allows only this response's own inline
+# style and script (a per-response nonce) and requests to this origin.
+
+DASHBOARD_CSP = ("default-src 'none'; script-src 'nonce-%(nonce)s'; style-src 'nonce-%(nonce)s'; "
+                 "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+                 "frame-ancestors 'none'")
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>claude-proxy</title>
+<link rel="icon" href="data:,">
+<style nonce="__NONCE__">
+:root { --bg: #f5f6f8; --card: #fff; --ink: #1d2330; --dim: #687085; --line: #e1e4ea;
+        --ok: #1f9d55; --warn: #d98e04; --bad: #d6336c; --accent: #3b6fd8; --accent2: #8a5cd8; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #14171d; --card: #1d2129; --ink: #e3e6ec; --dim: #98a0b3; --line: #2e3440; }
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+       font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: center; gap: 12px; padding: 12px 20px;
+         background: var(--card); border-bottom: 1px solid var(--line); }
+header h1 { font-size: 18px; margin: 0; }
+main, #keyform, #reasons { padding: 0 20px; }
+h2 { font-size: 13px; text-transform: uppercase; letter-spacing: .06em; color: var(--dim);
+     margin: 18px 0 8px; display: flex; align-items: center; gap: 10px; }
+.dim { color: var(--dim); }
+.badge { padding: 2px 10px; border-radius: 999px; font-weight: 600; font-size: 12px;
+         background: var(--line); }
+.badge.ok { background: var(--ok); color: #fff; }
+.badge.degraded, .badge.bad { background: var(--bad); color: #fff; }
+.badge.warn { background: var(--warn); color: #fff; }
+#updated.stale { color: var(--bad); }
+#reasons ul { margin: 10px 0 0; padding: 8px 12px 8px 28px; background: #fde8ef; color: #8a1538;
+              border-radius: 6px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 14px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+        padding: 10px 14px; min-width: 0; }
+.card h3 { margin: 0 0 6px; font-size: 15px; display: flex; gap: 8px; align-items: center; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 0; }
+dt { color: var(--dim); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.window { margin: 8px 0; }
+.window .label { display: flex; justify-content: space-between; gap: 8px; font-size: 13px; }
+.bar { height: 10px; background: var(--line); border-radius: 5px; overflow: hidden;
+       margin-top: 3px; }
+.bar .fill { height: 100%; background: var(--ok); width: 0; }
+.bar .fill.warn { background: var(--warn); }
+.bar .fill.bad { background: var(--bad); }
+.hint { background: #fff4db; color: #6b4a00; padding: 6px 8px; border-radius: 6px; margin: 6px 0; }
+.hint code, td code { font-size: 12px; }
+.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(260px, 1fr)); gap: 14px; }
+.plot svg { width: 100%; height: 120px; display: block; }
+.plot .legend { font-size: 12px; color: var(--dim); display: flex; gap: 12px; }
+.plot .legend i { display: inline-block; width: 10px; height: 3px; vertical-align: middle;
+                  margin-right: 4px; background: var(--accent); }
+.plot .legend i.s1 { background: var(--accent2); }
+.plot .legend i.err { background: var(--bad); }
+svg .s0 { stroke: var(--accent); fill: none; stroke-width: 1.6; }
+svg .s1 { stroke: var(--accent2); fill: none; stroke-width: 1.6; }
+svg .barv { fill: var(--accent); }
+svg .barv.err { fill: var(--bad); }
+svg .grid { stroke: var(--line); stroke-width: 1; }
+svg text { fill: var(--dim); font-size: 10px; }
+table { border-collapse: collapse; width: 100%; font-size: 12.5px; }
+th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid var(--line);
+         white-space: nowrap; }
+th { color: var(--dim); font-weight: 600; position: sticky; top: 0; background: var(--card); }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.client { max-width: 220px; overflow: hidden; text-overflow: ellipsis; }
+tr.err td { background: #fde8ef; color: #8a1538; }
+.scroll { max-height: 520px; overflow: auto; background: var(--card); border: 1px solid var(--line);
+          border-radius: 8px; }
+#config td { white-space: normal; overflow-wrap: anywhere; font-size: 12px; padding: 1px 6px; }
+#config td:first-child { color: var(--dim); white-space: nowrap; }
+.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 0 14px; }
+#keyform { margin: 16px 0; }
+#keyform .card { max-width: 520px; }
+input, select, button { font: inherit; }
+input[type=password] { padding: 4px 6px; width: 260px; }
+#page-errors { color: var(--bad); }
+footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
+</style>
+</head>
+<body data-state="loading" data-errors="0">
+<header>
+  <h1>claude-proxy</h1>
+  <span id="health" class="badge">loading</span>
+  <span id="meta" class="dim"></span>
+  <span id="updated" class="dim"></span>
+</header>
+<div id="reasons"></div>
+<form id="keyform" hidden>
+  <div class="card">
+    <h3>API key</h3>
+    <p id="keymsg" class="dim"></p>
+    <input type="password" id="key" autocomplete="off" placeholder="one of CLAUDE_PROXY_API_KEYS">
+    <button type="submit">Show dashboard</button>
+    <p class="dim">Kept in this tab's sessionStorage and sent as an Authorization header.</p>
+  </div>
+</form>
+<main id="main" hidden>
+  <h2>Plan limits</h2>
+  <div class="grid" id="accounts"></div>
+  <h2>Last hour, per minute</h2>
+  <div class="plots" id="plots"></div>
+  <div class="grid">
+    <div><h2>Capacity</h2><div class="card" id="capacity"></div></div>
+    <div><h2>CLI and logins</h2><div class="card" id="cli"></div></div>
+    <div><h2>Config <span class="dim">(CLAUDE_PROXY_&hellip;)</span></h2>
+      <div class="card"><table id="config"></table></div></div>
+  </div>
+  <h2>Last requests
+    <select id="filter" aria-label="filter by status">
+      <option value="all">all</option><option value="ok">2xx/3xx</option>
+      <option value="errors">errors (4xx/5xx)</option><option value="4xx">4xx</option>
+      <option value="5xx">5xx</option>
+    </select>
+    <span id="count" class="dim"></span>
+  </h2>
+  <div class="scroll">
+    <table id="requests">
+      <thead><tr><th>time</th><th>request id</th><th>route</th><th>client</th><th>model</th>
+        <th>login</th><th class="num">status</th><th class="num">TTFT ms</th><th class="num">ms</th>
+        <th class="num">in</th><th class="num">out</th><th class="num">cache read</th>
+        <th class="num">cache write</th><th>served by</th></tr></thead>
+      <tbody></tbody>
+    </table>
+  </div>
+</main>
+<ol id="page-errors" hidden></ol>
+<footer>Figures only: the proxy keeps no prompt or answer text.
+  <button id="forget" type="button" hidden>Forget key</button></footer>
+<script nonce="__NONCE__">
+"use strict";
+(function () {
+  // -- helpers ---------------------------------------------------------------------------------
+  var $ = function (id) { return document.getElementById(id); };
+  var errorList = $("page-errors");
+  function pageError(text) {        // a page that broke says so (and the browser test reads it)
+    var li = document.createElement("li");
+    li.textContent = String(text).slice(0, 300);
+    errorList.appendChild(li);
+    errorList.hidden = false;
+    document.body.dataset.errors = String(errorList.children.length);
+  }
+  window.addEventListener("error", function (e) { pageError("error: " + e.message); });
+  window.addEventListener("unhandledrejection", function (e) {
+    pageError("unhandled: " + (e.reason && e.reason.message || e.reason));
+  });
+  document.addEventListener("securitypolicyviolation", function (e) {
+    pageError("CSP blocked " + e.violatedDirective + " " + e.blockedURI);
+  });
+
+  // every value from the server goes in as text, never as markup (clients name themselves)
+  function el(tag, cls, text) {
+    var node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+  function add(parent) {            // append the children, return the parent
+    for (var i = 1; i < arguments.length; i++) parent.appendChild(arguments[i]);
+    return parent;
+  }
+  function put(parent, child) {     // append one child, return it
+    parent.appendChild(child);
+    return child;
+  }
+  function defs(pairs) {
+    var dl = el("dl");
+    pairs.forEach(function (p) { add(dl, el("dt", "", p[0]), el("dd", "", p[1])); });
+    return dl;
+  }
+  function num(n) {
+    if (n === null || n === undefined) return "-";
+    if (Math.abs(n) >= 1e6) return (n / 1e6).toFixed(1) + "M";
+    if (Math.abs(n) >= 1e4) return (n / 1e3).toFixed(1) + "k";
+    return String(Math.round(n * 10) / 10);
+  }
+  function span(seconds) {
+    seconds = Math.max(0, Math.round(seconds));
+    var d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600),
+        m = Math.floor(seconds % 3600 / 60), s = seconds % 60;
+    if (d) return d + "d " + h + "h";
+    if (h) return h + "h " + m + "m";
+    if (m) return m + "m " + s + "s";
+    return s + "s";
+  }
+  var WINDOW_NAMES = {five_hour: "5-hour", seven_day: "7-day", seven_day_opus: "7-day Opus",
+                      seven_day_sonnet: "7-day Sonnet", overage: "extra usage"};
+  function level(status, utilization) {
+    if (/reject|exceed|block/.test(status || "") || utilization >= 1) return "bad";
+    if (/warn/.test(status || "") || utilization >= 0.8) return "warn";
+    return "";
+  }
+
+  // -- state -----------------------------------------------------------------------------------
+  var KEY = "claude-proxy-key", skew = 0, last = null, timer = null;
+  function key() { try { return sessionStorage.getItem(KEY) || ""; } catch (e) { return ""; } }
+  function now() { return Date.now() / 1000 + skew; }       // the server's clock
+
+  // -- rendering -------------------------------------------------------------------------------
+  function renderHealth(d) {
+    var h = d.health, badge = $("health");
+    badge.textContent = h.status;
+    badge.className = "badge " + (h.status === "ok" ? "ok" : "degraded");
+    $("meta").textContent = "v" + d.version + " \u00b7 up " + span(h.uptime_s);
+    var box = $("reasons");
+    box.textContent = "";
+    if (h.reasons && h.reasons.length) {
+      var ul = put(box, el("ul"));
+      h.reasons.forEach(function (r) { add(ul, el("li", "", r)); });
+    }
+  }
+
+  function renderAccounts(d) {
+    var box = $("accounts"), guard = (d.usage.guard || {}).extra_usage;
+    box.textContent = "";
+    (d.usage.accounts || []).forEach(function (a) {
+      var card = put(box, el("div", "card account"));
+      card.dataset.account = a.name;
+      var title = put(card, el("h3", "", a.name));
+      add(title, el("span", "badge " + (a.healthy ? "ok" : "bad"),
+                    a.healthy ? "logged in" : "not logged in"));
+      if (a.hint) add(card, el("div", "hint", a.hint));
+      var names = Object.keys(a.windows || {});
+      if (!names.length) {
+        add(card, el("p", "dim", "No plan windows reported yet: the CLI reports them with a " +
+                                 "subscription login, after its first request."));
+      }
+      names.forEach(function (name) {
+        var w = a.windows[name], pct = Math.max(0, Math.min(1, w.utilization || 0)) * 100;
+        var row = put(card, el("div", "window"));
+        row.dataset.window = name;
+        var label = put(row, el("div", "label"));
+        add(label, el("span", "", (WINDOW_NAMES[name] || name) + " \u00b7 " +
+                                  Math.round(pct) + "% \u00b7 " + (w.status || "?")));
+        var reset = put(label, el("span", "dim reset"));
+        reset.dataset.reset = String(w.resets_at || 0);
+        var fill = put(put(row, el("div", "bar")),
+                       el("div", "fill " + level(w.status, w.utilization)));
+        fill.style.width = pct.toFixed(1) + "%";     // CSSOM: allowed by the page's CSP
+      });
+      var x = a.extra_usage || {};
+      add(card, defs([["extra usage", (x.status || "unknown") + (x.in_use ? " (in use now)" : "")],
+                      ["guard", guard === "deny" ? "extra usage denied" :
+                                guard === "allow" ? "extra usage allowed" : String(guard)],
+                      ["reported", a.updated_at ? span(now() - a.updated_at) + " ago" : "never"]]));
+      var models = Object.keys(a.tokens || {});
+      if (models.length) {
+        var t = put(card, el("table", "tokens"));
+        add(t, add(el("tr"), el("th", "", "model"), el("th", "num", "in"), el("th", "num", "out"),
+                   el("th", "num", "cache read"), el("th", "num", "cache write")));
+        models.forEach(function (m) {
+          var u = a.tokens[m];
+          add(t, add(el("tr"), el("td", "", m), el("td", "num", num(u.input)),
+                     el("td", "num", num(u.output)), el("td", "num", num(u.cache_read)),
+                     el("td", "num", num(u.cache_write))));
+        });
+      }
+    });
+    tick();
+  }
+
+  function renderCapacity(d) {
+    var h = d.health, c = h.concurrency, box = $("capacity");
+    box.textContent = "";
+    var slots = put(box, el("div", "window"));
+    put(put(slots, el("div", "label")), el("span", "", "slots: " + c.running + " of " +
+        c.capacity + " running, " + c.queued + " queued"));
+    var fill = put(put(slots, el("div", "bar")), el("div", "fill" + (c.queued ? " warn" : "")));
+    fill.style.width = (100 * c.running / Math.max(1, c.capacity)).toFixed(1) + "%";
+    add(box, defs([["CLI processes started", h.cli_processes_started],
+                   ["history", h.history]]));
+    // every group of figures /health reports (pool, sessions, ...), whatever fields they carry
+    var TITLES = {pool: "idle processes (pool)", sessions: "kept conversations"};
+    var pair = put(box, el("div", "pair"));
+    Object.keys(h).forEach(function (group) {
+      var v = h[group];
+      if (!v || typeof v !== "object" || Array.isArray(v) ||
+          group === "concurrency" || group === "module_errors") return;
+      var col = put(pair, el("div"));
+      add(col, el("h3", "", TITLES[group] || group.replace(/_/g, " ")));
+      add(col, defs(flatten(v, "")));
+    });
+  }
+  function flatten(obj, prefix) {   // {"hits": {"pool": 3}} -> [["hits pool", 3]]
+    var out = [];
+    Object.keys(obj).forEach(function (k) {
+      var v = obj[k], name = prefix + k.replace(/_/g, " ");
+      if (v && typeof v === "object" && !Array.isArray(v)) out = out.concat(flatten(v, name + " "));
+      else out.push([name, Array.isArray(v) ? v.join(", ") : v]);
+    });
+    return out;
+  }
+
+  function renderCli(d) {
+    var box = $("cli"), cli = d.cli;
+    box.textContent = "";
+    add(box, defs([["path", cli.path], ["found", cli.found ? "yes" : "NO (set CLAUDE_BIN)"],
+                   ["version", cli.version || "unknown"],
+                   ["handlers", (d.health.handlers || []).join(", ")]]));
+    var errs = d.health.module_errors || {};
+    Object.keys(errs).forEach(function (m) { add(box, el("div", "hint", m + ": " + errs[m])); });
+    add(box, el("h3", "", "logins"));
+    (d.usage.accounts || []).forEach(function (a) {
+      var row = put(box, el("div", "login"));
+      add(row, el("span", "badge " + (a.healthy ? "ok" : "bad"), a.healthy ? "ok" : "failing"));
+      add(row, document.createTextNode(" " + a.name));
+      if (a.hint) add(box, el("div", "hint", a.hint));
+    });
+    var t = $("config");
+    t.textContent = "";
+    d.config.forEach(function (c) {
+      var name = el("td", "", c.name.replace(/^CLAUDE_PROXY_/, ""));
+      name.title = c.name;
+      add(t, add(el("tr"), name, el("td", "", c.value === "" ? "-" : c.value)));
+    });
+  }
+
+  // -- plots (inline SVG) ----------------------------------------------------------------------
+  var SVGNS = "http://www.w3.org/2000/svg", W = 300, H = 110, PAD = 18;
+  function svg(tag, attrs) {
+    var node = document.createElementNS(SVGNS, tag);
+    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    return node;
+  }
+  function plot(title, series, opts) {
+    var card = el("div", "card plot");
+    card.dataset.plot = opts.id;
+    add(card, el("h3", "", title));
+    var root = svg("svg", {viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": title});
+    var n = series[0].values.length, max = opts.max || 0;
+    series.forEach(function (s) {
+      s.values.forEach(function (v) { if (v !== null && v > max) max = v; });
+    });
+    max = max || 1;
+    var x = function (i) { return PAD + (W - PAD - 4) * i / Math.max(1, n - 1); };
+    var y = function (v) { return H - PAD - (H - 2 * PAD) * v / max; };
+    add(root, svg("line", {"class": "grid", x1: PAD, x2: W - 4, y1: H - PAD, y2: H - PAD}),
+        svg("line", {"class": "grid", x1: PAD, x2: W - 4, y1: PAD, y2: PAD}));
+    var top = svg("text", {x: PAD, y: PAD - 5});
+    top.textContent = opts.fmt(max);
+    var left = svg("text", {x: PAD, y: H - 4});
+    left.textContent = "-60 min";
+    var right = svg("text", {x: W - 4, y: H - 4, "text-anchor": "end"});
+    right.textContent = "now";
+    add(root, top, left, right);
+    series.forEach(function (s, si) {
+      if (s.bars) {
+        var bw = Math.max(1, (W - PAD - 4) / n - 1);
+        s.values.forEach(function (v, i) {
+          if (!v) return;
+          var err = s.errors ? s.errors[i] : 0;
+          add(root, svg("rect", {"class": "barv", x: x(i) - bw / 2, y: y(v), width: bw,
+                                 height: H - PAD - y(v)}));
+          if (err) add(root, svg("rect", {"class": "barv err", x: x(i) - bw / 2, y: y(err),
+                                          width: bw, height: H - PAD - y(err)}));
+        });
+        return;
+      }
+      var d = "", pen = "M";
+      s.values.forEach(function (v, i) {
+        if (v === null || v === undefined) { pen = "M"; return; }
+        d += pen + x(i).toFixed(1) + " " + y(v).toFixed(1) + " ";
+        pen = "L";
+      });
+      if (d) add(root, svg("path", {"class": "s" + si, d: d}));
+      // a lone point (one busy minute) is a dot, not an invisible line
+      s.values.forEach(function (v, i) {
+        var before = s.values[i - 1], after = s.values[i + 1];
+        if (v !== null && v !== undefined && (before === null || before === undefined) &&
+            (after === null || after === undefined))
+          add(root, svg("circle", {"class": "s" + si, cx: x(i), cy: y(v), r: 1.8}));
+      });
+    });
+    add(card, root);
+    var legend = put(card, el("div", "legend"));
+    series.forEach(function (s, si) {
+      var item = put(legend, el("span"));
+      add(item, el("i", "s" + si), document.createTextNode(s.name));
+      if (s.errors) { item = put(legend, el("span")); add(item, el("i", "err"),
+                                                         document.createTextNode("errors")); }
+    });
+    return card;
+  }
+  function renderPlots(d) {
+    var m = d.minutes, pick = function (k) { return m.map(function (r) { return r[k]; }); };
+    var share = m.map(function (r) { return r.cache_share === null ? null : 100 * r.cache_share; });
+    var box = $("plots");
+    box.textContent = "";
+    add(box,
+        plot("Requests per minute", [{name: "requests", values: pick("requests"), bars: true,
+                                      errors: pick("errors")}],
+             {id: "requests", fmt: num}),
+        plot("Time to first token (ms)", [{name: "p50", values: pick("ttft_p50")},
+                                          {name: "p95", values: pick("ttft_p95")}],
+             {id: "ttft", fmt: num}),
+        plot("Tokens per minute", [{name: "in", values: pick("tokens_in")},
+                                   {name: "out", values: pick("tokens_out")}],
+             {id: "tokens", fmt: num}),
+        plot("Cache-read share of input (%)", [{name: "cache read", values: share}],
+             {id: "cache", fmt: function (v) { return Math.round(v) + "%"; }, max: 100}));
+  }
+
+  // -- the request table -----------------------------------------------------------------------
+  function wanted(status, filter) {
+    if (filter === "ok") return status > 0 && status < 400;
+    if (filter === "errors") return status >= 400 || status === 0;
+    if (filter === "4xx") return status >= 400 && status < 500;
+    if (filter === "5xx") return status >= 500;
+    return true;
+  }
+  function renderRequests(d) {
+    var filter = $("filter").value, body = $("requests").tBodies[0], shown = 0;
+    body.textContent = "";
+    d.requests.forEach(function (r) {
+      if (!wanted(r.status, filter)) return;
+      shown++;
+      var tr = put(body, el("tr", r.status >= 400 || r.status === 0 ? "err" : ""));
+      tr.dataset.status = String(r.status);
+      var client = el("td", "client", r.client || "-");
+      client.title = r.client || "";
+      add(tr, el("td", "", new Date(r.t * 1000).toLocaleTimeString()), el("td", "", r.id),
+          el("td", "", r.method + " " + r.route), client, el("td", "", r.model),
+          el("td", "", r.account || "default"), el("td", "num", r.status),
+          el("td", "num", r.ttft_ms === null ? "-" : num(r.ttft_ms)), el("td", "num", num(r.ms)),
+          el("td", "num", num(r["in"])), el("td", "num", num(r.out)),
+          el("td", "num", num(r.cache_read)), el("td", "num", num(r.cache_write)),
+          el("td", "", r.served_by || "-"));
+    });
+    $("count").textContent = shown + " of " + d.requests.length;
+  }
+
+  function render(d) {
+    renderHealth(d);
+    renderAccounts(d);
+    renderCapacity(d);
+    renderCli(d);
+    renderPlots(d);
+    renderRequests(d);
+  }
+
+  function tick() {                 // reset countdowns move every second between polls
+    var nodes = document.querySelectorAll("[data-reset]");
+    for (var i = 0; i < nodes.length; i++) {
+      var at = Number(nodes[i].dataset.reset);
+      nodes[i].textContent = at ? "resets in " + span(at - now()) : "";
+    }
+  }
+
+  // -- polling and the key ---------------------------------------------------------------------
+  function showKeyForm(message) {
+    $("main").hidden = true;
+    $("keyform").hidden = false;
+    $("keymsg").textContent = message;
+    $("health").textContent = "locked";
+    $("health").className = "badge";
+    document.body.dataset.state = "locked";
+  }
+  function refresh() {
+    clearTimeout(timer);
+    var headers = {}, k = key();
+    if (k) headers.Authorization = "Bearer " + k;
+    fetch("dashboard/data", {headers: headers, cache: "no-store", credentials: "omit"})
+      .then(function (r) {
+        if (r.status === 401) {
+          showKeyForm(k ? "That key was refused." : "This proxy needs one of its API keys.");
+          return null;
+        }
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(function (d) {
+        if (d) {
+          skew = d.now - Date.now() / 1000;
+          last = d;
+          $("keyform").hidden = true;
+          $("main").hidden = false;
+          $("forget").hidden = !k;
+          render(d);
+          $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+          $("updated").className = "dim";
+          document.body.dataset.state = "ready";
+        }
+        timer = setTimeout(refresh, document.hidden ? 15000 : 3000);
+      })
+      .catch(function (e) {
+        $("updated").textContent = "update failed (" + e.message + "), retrying";
+        $("updated").className = "stale";
+        timer = setTimeout(refresh, 5000);
+      });
+  }
+  $("keyform").addEventListener("submit", function (e) {
+    e.preventDefault();
+    try { sessionStorage.setItem(KEY, $("key").value.trim()); } catch (err) { pageError(err); }
+    $("key").value = "";
+    refresh();
+  });
+  $("forget").addEventListener("click", function () {
+    try { sessionStorage.removeItem(KEY); } catch (err) { pageError(err); }
+    refresh();
+  });
+  $("filter").addEventListener("change", function () { if (last) renderRequests(last); });
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) refresh(); });
+  setInterval(tick, 1000);
+  refresh();
+})();
+</script>
+</body>
+</html>
+"""
 
 
 class ProxyServer(ThreadingHTTPServer):

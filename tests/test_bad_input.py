@@ -264,7 +264,7 @@ ANTHROPIC_CASES = [
 ROUTE_CASES = [
     Case("route-unknown-get", "/v1/nope", None, 404, "/v1/nope", method="GET"),
     Case("route-legacy-completions", "/v1/completions", {"prompt": "hi"}, 404, "/v1/completions"),
-    Case("route-root", "/", None, 404, "No route", method="GET"),
+    Case("route-root-post", "/", {"prompt": "hi"}, 405, "use GET"),   # GET / is the dashboard
     Case("route-messages-batches", MSGS + "/batches", {"requests": []}, 404, "batches"),
     Case("route-model-unknown", "/v1/models/gpt-4o", None, 404, "gpt-4o", method="GET"),
     Case("method-get-chat", CHAT, None, 405, "GET", method="GET"),
