@@ -375,9 +375,49 @@ class Message:
 
 @dataclass
 class ToolSpec:
-    name: str
+    name: str                    # as the model sees it: NAMESPACE.name inside a namespace tool
     description: str
-    parameters: dict
+    parameters: dict             # JSON schema of the call's arguments
+    kind: str = "function"       # "function" | "custom": free-form text input (CUSTOM_INPUT)
+    namespace: str = ""          # the Responses namespace tool it came in (returned on calls)
+
+    @property
+    def client_name(self):
+        """The name the client knows the tool by (without its namespace)."""
+        return self.name[len(self.namespace) + 1:] if self.namespace else self.name
+
+
+#: a custom tool's free-form input, carried as the one argument of the call the model makes
+CUSTOM_INPUT = "input"
+
+
+def custom_tool_spec(name, description, fmt, namespace=""):
+    """A custom tool (free-form text input, optionally a grammar) as a one-argument tool: the
+    model writes the raw input as a string, which is handed back as the call's input."""
+    hint = "The raw input for this tool, as free-form text."
+    if isinstance(fmt, dict) and fmt.get("type") == "grammar":
+        grammar = fmt.get("grammar") if isinstance(fmt.get("grammar"), dict) else fmt
+        hint = "The raw input for this tool. It must match this %s grammar:\n%s" % (
+            grammar.get("syntax") or "lark", grammar.get("definition") or "")
+    return ToolSpec(name, description, {"type": "object", "properties": {
+        CUSTOM_INPUT: {"type": "string", "description": hint}}, "required": [CUSTOM_INPUT]},
+        "custom", namespace)
+
+
+def tool_spec(req, name):
+    """The offered tool a call names, or None (a name the model made up)."""
+    return next((t for t in req.tools if t.name == name), None)
+
+
+def custom_input(arguments):
+    """A custom tool call's raw input from the call's JSON arguments."""
+    try:
+        args = json.loads(arguments or "{}")
+    except ValueError:
+        return arguments
+    if isinstance(args, dict) and isinstance(args.get(CUSTOM_INPUT), str):
+        return args[CUSTOM_INPUT]
+    return arguments
 
 
 @dataclass
@@ -662,7 +702,24 @@ def render_system(req):
     parts = [req.system] if req.system else []
     if req.tools and req.tool_choice != "none":
         parts.append(req.handler.tool_prompt(offered_tools(req), req.tool_choice))
+        if req.json_schema is not None:
+            parts.append(SCHEMA_RULE + json.dumps(req.json_schema, ensure_ascii=False))
     return "\n\n".join(p for p in parts if p)
+
+
+SCHEMA_RULE = ("When you give your final answer (a reply without tool calls), the whole reply "
+               "must be one JSON value matching this JSON schema, with no other text and no "
+               "code fence around it:\n")
+
+
+def cli_schema(req):
+    """The JSON schema for the CLI's structured-output mode (its StructuredOutput tool), or
+    None.  That mode asks again until the model calls StructuredOutput, so a model that first
+    has to call the client's tools could not: with tools offered, the schema is a rule in the
+    system prompt instead (render_system), and the final text answer is the JSON."""
+    if req.json_schema is None or (req.tools and req.tool_choice != "none"):
+        return None
+    return req.json_schema
 
 
 def offered_tools(req):
@@ -1111,8 +1168,8 @@ def launch_of(req):
 def init_request(req, bridge=None):
     """The initialize control request: the per-request settings that go first."""
     init = {"subtype": "initialize", "systemPrompt": render_system(req)}
-    if req.json_schema is not None:
-        init["jsonSchema"] = req.json_schema
+    if cli_schema(req) is not None:
+        init["jsonSchema"] = cli_schema(req)
     if bridge is not None:
         init["sdkMcpServers"] = [MCP_SERVER]
     return init
@@ -1779,9 +1836,6 @@ class Backend:
         reached the client or the upstream then, so the request goes once to a fresh process.
         With `keep`, a process whose turn ended whole is handed to it instead of being ended.
         """
-        if native_tools(req) and req.json_schema is not None:
-            raise BadRequest("Structured output (response_format / output_config.format) cannot "
-                             "be combined with native tool mode; use the generic handler.")
         launch = launch_of(req)
         proc = self.sessions.take(keep.prior) if keep is not None else None
         resumed = proc is not None
@@ -1802,7 +1856,7 @@ class Backend:
                     yield from send_history(proc, call, control_lines(req, messages, bridge,
                                                                       proc, turns),
                                             turns, last)
-                events = translate(proc, call, bridge, structured=req.json_schema is not None,
+                events = translate(proc, call, bridge, structured=cli_schema(req) is not None,
                                    streaming=req.stream)
                 if req.stop:
                     events = cut_at_stops(events, req.stop, proc.interrupt)
@@ -2359,40 +2413,143 @@ def _openai_parts(content, where):
     return blocks
 
 
-def _openai_tools(body):
-    tools, choice = [], body.get("tool_choice", "auto")
-    if body.get("functions") is not None and body.get("tools") is None:     # legacy API
-        _need(isinstance(body["functions"], list), "functions must be a list", "functions")
-        raw = [{"type": "function", "function": f} for f in body["functions"]]
-        fc = body.get("function_call", "auto")
-        choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
-    else:
-        raw = body.get("tools") or []
-        _need(isinstance(raw, list), "tools must be a list", "tools")
+#: OpenAI's hosted tools (run on OpenAI's servers), by type: None = not offered, the request
+#: goes on without it (the client works without it: web search a client marks optional, an
+#: image tool beside others); a string = a 400 with that advice (the client relies on what
+#: only OpenAI has: its vector stores, its containers, a remote MCP server, a screen).
+HOSTED_TOOLS = {
+    "web_search": None, "web_search_preview": None, "web_search_2025_08_26": None,
+    "web_search_preview_2025_03_11": None, "image_generation": None, "tool_search": None,
+    "programmatic_tool_calling": None,
+    "file_search": "file_search searches OpenAI vector stores, which this proxy cannot reach; "
+                   "offer a function tool that searches your documents instead.",
+    "code_interpreter": "code_interpreter runs code in an OpenAI container, which this proxy "
+                        "does not have; offer a function tool that runs code where you choose.",
+    "mcp": "remote MCP servers are called by OpenAI's servers; connect the MCP server in your "
+           "client and offer its tools as function tools instead.",
+    "computer_use_preview": "computer use needs OpenAI's computer-use model; offer your screen "
+                            "actions as function tools instead.",
+    "computer": "computer use needs OpenAI's computer-use model; offer your screen actions as "
+                "function tools instead.",
+    "local_shell": "local_shell belongs to OpenAI's codex-mini models; offer the shell as a "
+                   "function tool (current Codex CLI versions do).",
+    "shell": "the hosted shell tool belongs to OpenAI's GPT-5 models; offer the shell as a "
+             "function tool instead.",
+    "apply_patch": "the apply_patch tool type belongs to OpenAI's GPT-5 models; offer it as a "
+                   "custom or function tool instead.",
+}
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def parse_openai_tools(raw, flat):
+    """OpenAI tools -> [ToolSpec], for chat completions (`flat` False: {"type": "function",
+    "function": {...}}) and Responses (`flat`: the fields beside "type").  The one place that
+    knows OpenAI's tool types: function and custom tools are offered, a namespace offers the
+    tools inside it (their calls carry the namespace back), hosted tools follow HOSTED_TOOLS."""
+    _need(isinstance(raw, list), "tools must be a list", "tools")
+    tools = []
+
+    def add(t, at, namespace=""):
+        _need(isinstance(t, dict), "%s must be an object" % at, at)
+        kind = t.get("type", "function")
+        if kind in ("function", "custom"):
+            spec = t if flat or namespace else t.get(kind)
+            if flat and not namespace and kind == "function":
+                _need("function" not in t or "name" in t, "%s.name is required: Responses tools "
+                      "are flat ({\"type\": \"function\", \"name\": ..., \"parameters\": ...}), "
+                      "not nested under \"function\" as in chat completions" % at, at)
+            _need(isinstance(spec, dict), "%s must be {\"type\": \"%s\", \"%s\": {...}}"
+                  % (at, kind, kind), at)
+            name = spec.get("name")
+            _need(isinstance(name, str) and _TOOL_NAME.fullmatch(name),
+                  "%s.name must be 1-128 letters, digits, _ . : or -" % at, at)
+            full = "%s.%s" % (namespace, name) if namespace else name
+            desc = spec.get("description") or ""
+            if kind == "custom":
+                tools.append(custom_tool_spec(full, desc, spec.get("format"), namespace))
+                return
+            params = spec.get("parameters") or {"type": "object", "properties": {}}
+            _need(isinstance(params, dict), "%s.parameters must be an object" % at, at)
+            tools.append(ToolSpec(full, desc, params, "function", namespace))
+        elif kind == "namespace" and not namespace:
+            name, inner = t.get("name"), t.get("tools")
+            _need(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name),
+                  "%s.name must be 1-64 letters, digits, _ or -" % at, at)
+            _need(isinstance(inner, list), "%s.tools must be a list of function or custom tools"
+                  % at, at)
+            for j, sub in enumerate(inner):
+                _need(isinstance(sub, dict) and sub.get("type", "function") in ("function", "custom"),
+                      "%s.tools[%d] must be a function or custom tool" % (at, j), at)
+                add(sub, "%s.tools[%d]" % (at, j), name)
+        elif kind in HOSTED_TOOLS:
+            _need(HOSTED_TOOLS[kind] is None, "%s: %s" % (at, HOSTED_TOOLS[kind]), at)
+        else:
+            raise BadRequest("%s has unknown type %r (function, custom, namespace, or one of "
+                             "OpenAI's hosted tools)" % (at, kind), param=at)
+
     for i, t in enumerate(raw):
-        fn = t.get("function") if isinstance(t, dict) else None
-        _need(isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(fn, dict),
-              "tools[%d] must be {\"type\": \"function\", \"function\": {...}}" % i, "tools")
-        _need(isinstance(fn.get("name"), str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", fn["name"]),
-              "tools[%d].function.name must be 1-128 letters, digits, _ . : or -" % i, "tools")
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        _need(isinstance(params, dict), "tools[%d].function.parameters must be an object" % i, "tools")
-        tools.append(ToolSpec(fn["name"], fn.get("description") or "", params))
+        add(t, "tools[%d]" % i)
+    seen = set()
+    for t in tools:
+        _need(t.name not in seen, "tools: the name %r is offered twice" % t.name, "tools")
+        seen.add(t.name)
+    return tools
+
+
+def parse_openai_tool_choice(choice, tools, flat):
+    """tool_choice (chat or Responses shapes) -> (tools to offer, neutral choice)."""
     if choice is None:
-        choice = "auto"
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
-        _need(isinstance(name, str), "tool_choice must name a function: "
-              "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
-        _need(any(t.name == name for t in tools), "tool_choice names %r, which is not in tools" % name,
-              "tool_choice")
-        choice = {"name": name}
-    else:
-        _need(choice in ("auto", "none", "required"),
-              "tool_choice must be auto, none, required or a named function", "tool_choice")
+        return tools, "auto"
+    if isinstance(choice, str):
+        _need(choice in ("auto", "none", "required"), "tool_choice must be auto, none, "
+              "required or a named tool", "tool_choice")
         _need(choice != "required" or tools, "tool_choice is required but no tools were given",
               "tool_choice")
-    return tools, choice
+        return tools, choice
+    _need(isinstance(choice, dict), "tool_choice must be a string or an object", "tool_choice")
+    kind = choice.get("type", "function")
+    if kind == "allowed_tools":
+        spec = choice if flat else choice.get("allowed_tools") or {}
+        allowed = spec.get("tools")
+        _need(isinstance(allowed, list), "tool_choice.tools must be a list", "tool_choice")
+        names = set()
+        for a in allowed:
+            a = a if not isinstance(a, dict) or flat or a.get("type") not in ("function", "custom") \
+                else dict(a, **(a.get(a["type"]) or {}))
+            if isinstance(a, dict) and isinstance(a.get("name"), str):
+                names.add("%s.%s" % (a["namespace"], a["name"]) if a.get("namespace") else a["name"])
+        return parse_openai_tool_choice(
+            {"auto": "auto", "required": "required"}.get(spec.get("mode", "auto"), "auto"),
+            [t for t in tools if t.name in names], flat)
+    if kind in ("function", "custom"):
+        named = choice if flat else choice.get(kind) or {}
+        name = named.get("name") if isinstance(named, dict) else None
+        _need(isinstance(name, str), "tool_choice must name a tool: %s" % (
+            "{\"type\": \"function\", \"name\": ...}" if flat else
+            "{\"type\": \"function\", \"function\": {\"name\": ...}}"), "tool_choice")
+        if choice.get("namespace"):
+            name = "%s.%s" % (choice["namespace"], name)
+        _need(any(t.name == name for t in tools), "tool_choice names %r, which is not in tools"
+              % name, "tool_choice")
+        return tools, {"name": name}
+    if kind in HOSTED_TOOLS:
+        raise BadRequest("tool_choice requires the hosted tool %r, which this proxy cannot run%s"
+                         % (kind, ": " + HOSTED_TOOLS[kind] if HOSTED_TOOLS[kind] else "."),
+                         param="tool_choice")
+    raise BadRequest("tool_choice type %r is not one of function, custom, allowed_tools" % kind,
+                     param="tool_choice")
+
+
+def _openai_tools(body):
+    if body.get("functions") is not None and body.get("tools") is None:     # legacy API
+        _need(isinstance(body["functions"], list), "functions must be a list", "functions")
+        tools = parse_openai_tools([{"type": "function", "function": f} for f in body["functions"]],
+                                   False)
+        fc = body.get("function_call", "auto")
+        return parse_openai_tool_choice({"type": "function", "function": fc}
+                                        if isinstance(fc, dict) else fc, tools, False)
+    tools = parse_openai_tools(body.get("tools") or [], False)
+    return parse_openai_tool_choice(body.get("tool_choice"), tools, False)
 
 
 def parse_openai_messages(messages, names_by_id=None):
@@ -2415,14 +2572,18 @@ def parse_openai_messages(messages, names_by_id=None):
                 calls = calls + [{"id": "call_legacy_%d" % i, "function": m["function_call"]}]
             _need(isinstance(calls, list), "%s.tool_calls must be a list" % where, "messages")
             for j, c in enumerate(calls):
-                fn = c.get("function") if isinstance(c, dict) else None
+                custom = c.get("custom") if isinstance(c, dict) and c.get("type") == "custom" else None
+                fn = custom or (c.get("function") if isinstance(c, dict) else None)
                 _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
                       "%s.tool_calls[%d] needs function.name" % (where, j), "messages")
-                args = fn.get("arguments") or "{}"
-                try:
-                    args = json.loads(args) if isinstance(args, str) else args
-                except ValueError:
-                    args = {"_raw_arguments": args}
+                if custom is not None:
+                    args = {CUSTOM_INPUT: fn.get("input") if isinstance(fn.get("input"), str) else ""}
+                else:
+                    args = fn.get("arguments") or "{}"
+                    try:
+                        args = json.loads(args) if isinstance(args, str) else args
+                    except ValueError:
+                        args = {"_raw_arguments": args}
                 cid = c.get("id") or "call_%d_%d" % (i, j)
                 names_by_id[cid] = fn["name"]
                 blocks.append({"type": "tool_use", "id": cid, "name": fn["name"], "input": args})
@@ -2441,20 +2602,26 @@ def parse_openai_messages(messages, names_by_id=None):
     return "\n\n".join(s for s in system if s), merge_messages(out)
 
 
-def _openai_schema(fmt):
-    """response_format -> a JSON schema for the CLI's --json-schema, or None for text."""
+def _openai_schema(fmt, where="response_format", flat=False):
+    """Chat `response_format` (or, `flat`, Responses `text.format`, whose json_schema fields
+    sit beside "type") -> a JSON schema for structured output, or None for text."""
     if fmt is None:
         return None
     _need(isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object", "json_schema"),
-          "response_format.type must be text, json_object or json_schema", "response_format")
+          "%s.type must be text, json_object or json_schema" % where, where)
     if fmt["type"] == "text":
         return None
     if fmt["type"] == "json_object":
         return {"type": "object"}
-    spec = fmt.get("json_schema")
+    spec = fmt if flat else fmt.get("json_schema")
     _need(isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict),
-          "response_format.json_schema must be {\"name\": ..., \"schema\": {...}}", "response_format")
-    return spec.get("schema") or {"type": "object"}
+          "%s must be {%s\"name\": ..., \"schema\": {...}}"
+          % (where, "\"type\": \"json_schema\", " if flat else ""), where)
+    schema = dict(spec.get("schema") or {"type": "object"})
+    # the draft a schema names ($schema, as the AI SDK sends draft-07) is not the CLI's concern:
+    # the keywords are the same for what structured output uses
+    schema.pop("$schema", None)
+    return schema
 
 
 class OpenAIChat:
@@ -2517,13 +2684,21 @@ class OpenAIChat:
             msg["function_call"] = {"name": call.name, "arguments": call.arguments}
             finish = "function_call"
         elif c.tool_calls:
-            msg["tool_calls"] = [{"id": t.id, "type": "function",
-                                  "function": {"name": t.name, "arguments": t.arguments}}
-                                 for t in c.tool_calls]
+            msg["tool_calls"] = [self.tool_call(req, t) for t in c.tool_calls]
         return {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": None,
                 "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
                 "usage": self.usage(c.usage)}
+
+    @staticmethod
+    def tool_call(req, call):
+        """A message's tool call: a function's JSON arguments, or a custom tool's raw input."""
+        spec = tool_spec(req, call.name)
+        if spec is not None and spec.kind == "custom":
+            return {"id": call.id, "type": "custom",
+                    "custom": {"name": spec.name, "input": custom_input(call.arguments)}}
+        return {"id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
 
     def stream(self, req, events, sse, body):
         base = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk",
@@ -2538,14 +2713,22 @@ class OpenAIChat:
 
         chunk({"role": "assistant", "content": ""})
         calls = {}               # tool call id -> index
+        custom = {}              # custom tool call id -> its ToolCall, sent whole once complete
         try:
             for ev in events:
+                if custom and not isinstance(ev, (ToolCallDelta, Heartbeat)):
+                    for call in custom.values():
+                        chunk({"tool_calls": [dict(self.tool_call(req, call), index=calls[call.id])]})
+                    custom.clear()
                 if isinstance(ev, TextDelta):
                     if ev.text:
                         chunk({"content": ev.text})
                 elif isinstance(ev, ThinkingDelta):
                     if req.thinking and ev.text:
                         chunk({"reasoning_content": ev.text})
+                elif isinstance(ev, ToolCall) and getattr(tool_spec(req, ev.name), "kind", "") == "custom":
+                    calls[ev.id] = len(calls)
+                    custom[ev.id] = ToolCall(ev.id, ev.name, ev.arguments)
                 elif isinstance(ev, ToolCall):
                     calls[ev.id] = len(calls)
                     chunk({"tool_calls": [{"index": calls[ev.id], "id": ev.id, "type": "function",
@@ -2554,7 +2737,9 @@ class OpenAIChat:
                         chunk({"tool_calls": [{"index": calls[ev.id],
                                                "function": {"arguments": ev.arguments}}]})
                 elif isinstance(ev, ToolCallDelta):
-                    if ev.id in calls:
+                    if ev.id in custom:
+                        custom[ev.id].arguments += ev.arguments
+                    elif ev.id in calls:
                         chunk({"tool_calls": [{"index": calls[ev.id],
                                                "function": {"arguments": ev.arguments}}]})
                 elif isinstance(ev, Heartbeat):
@@ -2876,20 +3061,29 @@ def parse_responses_input(value):
             else:
                 raise BadRequest("%s.role %r is not one of user, assistant, system, developer"
                                  % (at, role), param=at)
-        elif kind == "function_call":
-            cid, name, args = item.get("call_id"), item.get("name"), item.get("arguments")
+        elif kind in ("function_call", "custom_tool_call"):
+            cid, name = item.get("call_id"), item.get("name")
             _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
             _need(isinstance(name, str) and name, "%s.name must be a non-empty string" % at, at)
-            _need(isinstance(args, str), "%s.arguments must be a JSON string" % at, at)
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                args = {"_raw_arguments": args}
+            if item.get("namespace"):
+                _need(isinstance(item["namespace"], str), "%s.namespace must be a string" % at, at)
+                name = "%s.%s" % (item["namespace"], name)      # as the tool is offered
+            if kind == "custom_tool_call":
+                _need(isinstance(item.get("input"), str), "%s.input must be a string" % at, at)
+                args = {CUSTOM_INPUT: item["input"]}
+            else:
+                args = item.get("arguments")
+                _need(isinstance(args, str), "%s.arguments must be a JSON string" % at, at)
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except ValueError:
+                    args = {"_raw_arguments": args}
+                if not isinstance(args, dict):
+                    args = {"_raw_arguments": item["arguments"]}
             names[cid] = name
             out.append(Message("assistant", [{"type": "tool_use", "id": cid, "name": name,
-                                              "input": args if isinstance(args, dict) else
-                                              {"_raw_arguments": item["arguments"]}}]))
-        elif kind == "function_call_output":
+                                              "input": args}]))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             cid = item.get("call_id")
             _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
             _need(item.get("output") is not None, "%s.output is required" % at, at)
@@ -2904,46 +3098,16 @@ def parse_responses_input(value):
                              "item itself." % at, param=at)
         else:
             raise BadRequest("%s has unsupported type %r (supported: message, function_call, "
-                             "function_call_output, reasoning)" % (at, kind), param=at)
+                             "function_call_output, custom_tool_call, custom_tool_call_output, "
+                             "reasoning)" % (at, kind), param=at)
     _need(out, "input must contain at least one user or assistant message", "input")
     return "\n\n".join(s for s in system if s), merge_messages(out)
 
 
 def _responses_tools(body):
-    """Flat Responses function tools and tool_choice -> ([ToolSpec], neutral choice)."""
-    raw = body.get("tools") or []
-    _need(isinstance(raw, list), "tools must be a list", "tools")
-    tools = []
-    for i, t in enumerate(raw):
-        at = "tools[%d]" % i
-        _need(isinstance(t, dict), "%s must be an object" % at, at)
-        _need(t.get("type") == "function", "%s: only function tools are available through the "
-              "claude CLI (got type %r)" % (at, t.get("type")), at)
-        _need("function" not in t or "name" in t, "%s.name is required: Responses tools are flat "
-              "({\"type\": \"function\", \"name\": ..., \"parameters\": ...}), not nested under "
-              "\"function\" as in chat completions" % at, at)
-        _need(isinstance(t.get("name"), str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", t["name"]),
-              "%s.name must be 1-128 letters, digits, _ . : or -" % at, at)
-        params = t.get("parameters") or {"type": "object", "properties": {}}
-        _need(isinstance(params, dict), "%s.parameters must be an object" % at, at)
-        tools.append(ToolSpec(t["name"], t.get("description") or "", params))
-    choice = body.get("tool_choice")
-    if choice is None:
-        choice = "auto"
-    if isinstance(choice, dict):
-        _need(choice.get("type") == "function" and isinstance(choice.get("name"), str),
-              "tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": ...}",
-              "tool_choice")
-        _need(any(t.name == choice["name"] for t in tools),
-              "tool_choice names %r, which is not in tools" % choice["name"], "tool_choice")
-        choice = {"name": choice["name"]}
-    else:
-        _need(choice in ("auto", "none", "required"),
-              "tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": ...}",
-              "tool_choice")
-        _need(choice != "required" or tools, "tool_choice is required but no tools were given",
-              "tool_choice")
-    return tools, choice
+    """Flat Responses tools and tool_choice -> ([ToolSpec], neutral choice)."""
+    tools = parse_openai_tools(body.get("tools") or [], True)
+    return parse_openai_tool_choice(body.get("tool_choice"), tools, True)
 
 
 class OpenAIResponses:
@@ -2997,9 +3161,7 @@ class OpenAIResponses:
               "reasoning.effort")
         text = body.get("text") or {}
         _need(isinstance(text, dict), "text must be an object", "text")
-        fmt = text.get("format")
-        _need(fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"),
-              "text.format other than text is not supported yet", "text.format")
+        schema = _openai_schema(text.get("format"), "text.format", flat=True)
         _need(not body.get("top_logprobs"), "logprobs are not available from the claude CLI",
               "top_logprobs")
         _need(isinstance(body.get("parallel_tool_calls", True), bool) or
@@ -3011,7 +3173,7 @@ class OpenAIResponses:
             stream=bool(body.get("stream")), tools=tools, tool_choice=choice,
             parallel_tool_calls=body.get("parallel_tool_calls") is not False,
             effort={"minimal": "low", "none": ""}.get(effort, effort or ""),
-            max_tokens=max_tokens or 0, disable_thinking=effort == "none")
+            max_tokens=max_tokens or 0, disable_thinking=effort == "none", json_schema=schema)
 
     # -- the response object ---------------------------------------------------------------
     @staticmethod
@@ -3034,9 +3196,21 @@ class OpenAIResponses:
                 "content": [self.text_part(text)] if text is not None else []}
 
     @staticmethod
-    def call_item(call, status):
-        return {"id": new_id("fc_"), "type": "function_call", "status": status,
-                "arguments": call.arguments, "call_id": call.id, "name": call.name}
+    def call_item(req, call, status):
+        """The output item of a tool call: a function_call (with its namespace, if it came in
+        one), or a custom_tool_call carrying the raw input."""
+        spec = tool_spec(req, call.name)
+        if spec is not None and spec.kind == "custom":
+            item = {"id": new_id("ctc_"), "type": "custom_tool_call", "status": status,
+                    "call_id": call.id, "name": spec.client_name,
+                    "input": custom_input(call.arguments)}
+        else:
+            item = {"id": new_id("fc_"), "type": "function_call", "status": status,
+                    "arguments": call.arguments, "call_id": call.id,
+                    "name": spec.client_name if spec is not None else call.name}
+        if spec is not None and spec.namespace:
+            item["namespace"] = spec.namespace
+        return item
 
     def envelope(self, req, body, rid, created, output, status, usage=None, stop_reason=None,
                  error=None):
@@ -3053,12 +3227,12 @@ class OpenAIResponses:
             "previous_response_id": None,
             "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
             "store": False, "temperature": body.get("temperature"),
-            "text": {"format": {"type": "text"}},
+            "text": dict((body.get("text") or {}),
+                         format=(body.get("text") or {}).get("format") or {"type": "text"}),
             "tool_choice": {"type": "function", "name": choice["name"]} if isinstance(choice, dict)
             else choice,
             # strict: arguments are parsed from the model's text, not constrained to the schema
-            "tools": [{"type": "function", "name": t.name, "description": t.description or None,
-                       "parameters": t.parameters, "strict": False} for t in req.tools],
+            "tools": body.get("tools") or [],
             "top_p": body.get("top_p"), "truncation": body.get("truncation") or "disabled",
             "usage": self.usage(usage) if usage is not None else None, "user": body.get("user")}
 
@@ -3068,7 +3242,7 @@ class OpenAIResponses:
     def render(self, req, c, body):
         status = self.status_of(c.stop_reason)
         output = [self.message_item(c.text, status)] if (c.text or not c.tool_calls) else []
-        output += [self.call_item(t, "completed") for t in c.tool_calls]
+        output += [self.call_item(req, t, "completed") for t in c.tool_calls]
         return self.envelope(req, body, new_id("resp_"), int(time.time()), output, status,
                              c.usage, c.stop_reason)
 
@@ -3101,10 +3275,19 @@ class OpenAIResponses:
             emit("response.output_item.done", output_index=index, item=item)
 
         def close_call():
-            # native tools stream arguments (ToolCallDelta): the item stays open until then
-            item, index = state.pop("call")
-            emit("response.function_call_arguments.done", item_id=item["id"],
-                 output_index=index, arguments=item["arguments"])
+            # native tools stream arguments (ToolCallDelta): the item stays open until then; a
+            # custom tool's raw input is inside its JSON arguments, so it is sent once complete
+            item, index, call = state.pop("call")
+            if item["type"] == "custom_tool_call":
+                item["input"] = custom_input(call.arguments)
+                if item["input"]:
+                    emit("response.custom_tool_call_input.delta", item_id=item["id"],
+                         output_index=index, delta=item["input"])
+                emit("response.custom_tool_call_input.done", item_id=item["id"],
+                     output_index=index, input=item["input"])
+            else:
+                emit("response.function_call_arguments.done", item_id=item["id"],
+                     output_index=index, arguments=item["arguments"])
             item["status"] = "completed"
             emit("response.output_item.done", output_index=index, item=item)
 
@@ -3115,10 +3298,12 @@ class OpenAIResponses:
                 if "call" in state and not isinstance(ev, (ToolCallDelta, Heartbeat)):
                     close_call()
                 if isinstance(ev, ToolCallDelta):
-                    item, index = state["call"]
-                    item["arguments"] += ev.arguments
-                    emit("response.function_call_arguments.delta", item_id=item["id"],
-                         output_index=index, delta=ev.arguments)
+                    item, index, call = state["call"]
+                    call.arguments += ev.arguments
+                    if item["type"] == "function_call":
+                        item["arguments"] += ev.arguments
+                        emit("response.function_call_arguments.delta", item_id=item["id"],
+                             output_index=index, delta=ev.arguments)
                 elif isinstance(ev, TextDelta):
                     if not ev.text:
                         continue
@@ -3131,15 +3316,19 @@ class OpenAIResponses:
                 elif isinstance(ev, ToolCall):
                     if state["message"] is not None:
                         close_message("completed")
-                    item = dict(self.call_item(ev, "in_progress"), arguments=ev.arguments)
+                    item = self.call_item(req, ev, "in_progress")
                     output.append(item)
                     index = len(output) - 1
-                    emit("response.output_item.added", output_index=index,
-                         item=dict(item, arguments=""))
-                    if ev.arguments:
-                        emit("response.function_call_arguments.delta", item_id=item["id"],
-                             output_index=index, delta=ev.arguments)
-                    state["call"] = (item, index)
+                    if item["type"] == "custom_tool_call":
+                        emit("response.output_item.added", output_index=index,
+                             item=dict(item, input=""))
+                    else:
+                        emit("response.output_item.added", output_index=index,
+                             item=dict(item, arguments=""))
+                        if ev.arguments:
+                            emit("response.function_call_arguments.delta", item_id=item["id"],
+                                 output_index=index, delta=ev.arguments)
+                    state["call"] = (item, index, ToolCall(ev.id, ev.name, ev.arguments))
                 elif isinstance(ev, Heartbeat):
                     sse.comment("keep-alive")
                 elif isinstance(ev, Done):
