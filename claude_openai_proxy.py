@@ -3523,10 +3523,21 @@ def model_events(app, req, call):
         app.backend.gate.release()
 
 
+def display_name(model_id):
+    """Anthropic's display name for a model id: claude-sonnet-4-6 -> Claude Sonnet 4.6."""
+    m = re.fullmatch(r"claude-([a-z]+)-([0-9]+(?:-[0-9]{1,2})?)(?:-[0-9]{8})?", model_id)
+    if not m:
+        return model_id.replace("-", " ").title()
+    return "Claude %s %s" % (m.group(1).title(), m.group(2).replace("-", "."))
+
+
 def models_payload(anthropic_shape, only=None):
-    ids = [only] if only else list(KNOWN_MODELS)
+    # Anthropic lists full ids only (its clients pick a model from that list); the aliases stay
+    # accepted in requests and in the OpenAI-shaped list, where clients expect short names too
+    ids = [only] if only else [m for m in KNOWN_MODELS
+                               if not anthropic_shape or m not in MODEL_FAMILIES]
     if anthropic_shape:
-        data = [{"type": "model", "id": m, "display_name": m.replace("-", " ").title(),
+        data = [{"type": "model", "id": m, "display_name": display_name(m),
                  "created_at": "2025-01-01T00:00:00Z"} for m in ids]
         if only:
             return data[0]
