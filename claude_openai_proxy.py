@@ -129,6 +129,8 @@ POLL_SECONDS = 0.25           # how often a waiting request checks deadline and 
 REFUSAL_HOLD_CHARS = 400      # streamed text held back while it may still be a false refusal
 MAX_JSON_DEPTH = 64
 HISTORY_MODES = ("flat", "structured")
+#: CLAUDE_PROXY_WEB_TOOLS -> the CLI tools a client's web search / web fetch may use
+WEB_TOOL_MODES = {"off": (), "search": ("WebSearch",), "all": ("WebSearch", "WebFetch")}
 
 
 # 2. Errors ######################################################################################
@@ -221,6 +223,7 @@ class Config:
     pool_max_idle: float = 300.0
     read_timeout: float = 60.0
     history: str = "structured"
+    web_tools: str = "search"
     sessions: int = 2
     session_idle: float = 300.0
     #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
@@ -269,6 +272,9 @@ OPTIONS = (
      "0 = off; each holds ~180 MB)"),
     ("--session-idle", "CLAUDE_PROXY_SESSION_IDLE", "session_idle", float,
      "seconds a kept conversation waits for its next turn before its process is ended"),
+    ("--web-tools", "CLAUDE_PROXY_WEB_TOOLS", "web_tools", str,
+     "web tools a client may ask for: search (the CLI's WebSearch, run by Anthropic), all "
+     "(also WebFetch, which fetches pages from this machine) or off"),
 )
 LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins")
 SECRET_OPTIONS = ("api_keys",)
@@ -335,6 +341,8 @@ def load_config(argv=None, environ=None):
         raise SystemExit("error: CLAUDE_PROXY_LOG_FORMAT must be text or json")
     if cfg.history not in HISTORY_MODES:
         raise SystemExit("error: CLAUDE_PROXY_HISTORY must be structured or flat")
+    if cfg.web_tools not in WEB_TOOL_MODES:
+        raise SystemExit("error: CLAUDE_PROXY_WEB_TOOLS must be search, all or off")
     if not cfg.api_keys and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
         raise SystemExit("error: refusing to listen on %s without CLAUDE_PROXY_API_KEYS: anyone who "
                          "reaches it would spend your subscription. Set keys, or pass "
@@ -404,6 +412,21 @@ def custom_tool_spec(name, description, fmt, namespace=""):
         "custom", namespace)
 
 
+def url_citations(text, searches):
+    """(start, end, url, title) for each place the text cites a source its searches found: a
+    markdown link [title](url) as a whole, or the bare url."""
+    out, sources = [], {}
+    for s in searches:
+        for src in s.sources:
+            sources.setdefault(src.get("url"), src.get("title") or "")
+    for url, title in sources.items():
+        if not url:
+            continue
+        for m in re.finditer(r"\[[^\]\n]*\]\(%s\)|%s" % (re.escape(url), re.escape(url)), text):
+            out.append((m.start(), m.end(), url, title))
+    return sorted(out)
+
+
 def tool_spec(req, name):
     """The offered tool a call names, or None (a name the model made up)."""
     return next((t for t in req.tools if t.name == name), None)
@@ -436,6 +459,7 @@ class Request:
     thinking: bool = False       # return thinking to the client
     disable_thinking: bool = False
     include_usage: bool = False
+    web_tools: tuple = ()        # the CLI's own WebSearch / WebFetch, when the client asks for them
     handler: object = None
     id_prefix: str = "call_"     # tool call ids: call_... (OpenAI) or toolu_... (Anthropic)
     json_schema: dict = None     # structured output: the answer must be JSON matching it
@@ -447,12 +471,14 @@ class Usage:
     output_tokens: int = 0
     cache_read: int = 0
     cache_write: int = 0
+    web_searches: int = 0
 
     def add(self, other):
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cache_read += other.cache_read
         self.cache_write += other.cache_write
+        self.web_searches += other.web_searches
 
     @property
     def prompt_tokens(self):
@@ -497,6 +523,15 @@ class ToolCallDelta:
 
 
 @dataclass
+class WebSearch:
+    """A web search the CLI ran for the model (its WebSearch tool): the query and the sources
+    found, [{"url": ..., "title": ...}]."""
+    id: str
+    query: str
+    sources: list
+
+
+@dataclass
 class Heartbeat:
     pass
 
@@ -521,6 +556,7 @@ class Completion:
     thinking: str = ""
     signature: str = ""
     tool_calls: list = field(default_factory=list)
+    searches: list = field(default_factory=list)
     stop_reason: str = "end_turn"
     stop_sequence: str = None
     usage: Usage = field(default_factory=Usage)
@@ -531,7 +567,9 @@ def collect(events):
     out, text, thought = Completion(), [], []
     for ev in events:
         if isinstance(ev, Reset):
-            text, thought, out.tool_calls = [], [], []
+            text, thought, out.tool_calls, out.searches = [], [], [], []
+        elif isinstance(ev, WebSearch):
+            out.searches.append(ev)
         elif isinstance(ev, TextDelta):
             text.append(ev.text)
         elif isinstance(ev, ThinkingDelta):
@@ -1158,11 +1196,13 @@ class Launch:
     effort: str = ""             # only "max"
     disable_thinking: bool = False
     max_tokens: int = 0
+    web_tools: tuple = ()        # the CLI's own tools it may run: WebSearch, WebFetch
 
 
 def launch_of(req):
     return Launch("" if req.cli_model in MODEL_FAMILIES else req.cli_model,
-                  "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens)
+                  "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens,
+                  tuple(req.web_tools))
 
 
 def init_request(req, bridge=None):
@@ -1274,9 +1314,11 @@ def cli_argv(cfg, launch):
     # so every process gets it and the pool serves both modes.
     argv = [cfg.claude_bin, "-p", "--input-format", "stream-json",
             "--output-format", "stream-json", "--verbose", "--include-partial-messages",
-            "--tools", "", "--no-session-persistence", "--setting-sources", "",
-            "--strict-mcp-config", "--permission-prompt-tool", "stdio",
+            "--tools", ",".join(launch.web_tools), "--no-session-persistence",
+            "--setting-sources", "", "--strict-mcp-config", "--permission-prompt-tool", "stdio",
             "--model", launch_model(cfg, launch)]
+    if launch.web_tools:         # run without asking (as root the CLI refuses to skip permissions)
+        argv += ["--allowedTools", ",".join(launch.web_tools)]
     if launch.effort:
         argv += ["--effort", launch.effort]
     return argv
@@ -1706,12 +1748,14 @@ class Sessions:
 
     def keep_for(self, req):
         """The request's Keep, or None when its turn is not kept: sessions off, flat history,
-        native tools, structured output, a prefill, and a first message (most of those are
+        native tools, structured output, web tools (the CLI's conversation holds its searches,
+        which the client's does not), a prefill, and a first message (most of those are
         one-shot requests; a CLI kept after its turn still works ~0.25 s of CPU, so a
         conversation is kept from its second turn on)."""
         messages = req.messages
         if self.size <= 0 or self.backend.cfg.history != "structured" or native_tools(req) \
-                or req.json_schema is not None or messages[-1].role != "user" or len(messages) < 2:
+                or req.json_schema is not None or req.web_tools or messages[-1].role != "user" \
+                or len(messages) < 2:
             return None
         return Keep(self, req)
 
@@ -1959,7 +2003,8 @@ class ToolBridge:
             self.usage = Usage.from_api((ev.get("message") or {}).get("usage"))
         elif et == "message_delta":
             self.usage.output_tokens = int((ev.get("usage") or {}).get("output_tokens") or 0)
-        elif et == "content_block_start" and (ev.get("content_block") or {}).get("type") == "tool_use":
+        elif et == "content_block_start" and (ev.get("content_block") or {}).get("type") == "tool_use" \
+                and ev["content_block"].get("name") not in CLI_WEB_TOOLS:    # those the CLI runs
             block = ev["content_block"]
             first = block.get("input") or {}
             ev_call = self._call(block.get("id"), block.get("name"),
@@ -1987,6 +2032,8 @@ class ToolBridge:
 
     def on_block(self, proc, block):
         """A whole tool_use block (the CLI's non-streaming fallback after a dropped stream)."""
+        if block.get("name") in CLI_WEB_TOOLS:
+            return
         ev_call = self._call(block.get("id"), block.get("name"),
                              json.dumps(block.get("input") or {}, ensure_ascii=False))
         if ev_call:
@@ -2067,6 +2114,21 @@ class ToolBridge:
         return {"jsonrpc": "2.0", "id": mid, "result": result}
 
 
+#: the CLI's own tools a request may let it run (Launch.web_tools); their calls are the CLI's
+CLI_WEB_TOOLS = ("WebSearch", "WebFetch")
+
+
+def web_search_event(result):
+    """A WebSearch event from the CLI's tool_use_result of its WebSearch tool:
+    {"query": Q, "results": [{"tool_use_id", "content": [{"title", "url"}]}, "summary text", ...]}."""
+    sources = []
+    for r in result.get("results") or []:
+        if isinstance(r, dict):
+            sources += [{"url": c.get("url"), "title": c.get("title") or ""}
+                        for c in r.get("content") or [] if isinstance(c, dict) and c.get("url")]
+    return WebSearch(new_id("srvtoolu_"), str(result.get("query") or ""), sources)
+
+
 def refuse(proc, request_id):
     proc.send({"type": "control_response", "response": {
         "subtype": "error", "request_id": request_id, "error": "not supported by claude-proxy"}})
@@ -2081,7 +2143,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
     With `structured`, the answer is the validated `structured_output` of the result line (the
     CLI's StructuredOutput tool), sent as one text delta; prose around it is dropped.
     """
-    started, last_retry, replay = False, None, Replay(streaming)
+    started, last_retry, replay, searches = False, None, Replay(streaming), 0
     live = False             # a streamed upstream message is open (its text comes as deltas)
     for item in proc.read(call):
         if isinstance(item, Heartbeat):
@@ -2145,6 +2207,10 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
             else:
                 # nothing is offered to the CLI in plain-model mode; refuse so it never waits
                 refuse(proc, item.get("request_id"))
+        elif kind == "user" and isinstance(item.get("tool_use_result"), dict) and \
+                "query" in item["tool_use_result"] and not proc.stopped:
+            searches += 1
+            yield web_search_event(item["tool_use_result"])      # the CLI ran a WebSearch
         elif kind == "user" and bridge is not None:
             bridge.on_user(proc, item)
         elif kind == "control_response":
@@ -2154,6 +2220,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                                  % (resp.get("request_id"), scrub(str(resp.get("error")))))
         elif kind == "result":
             usage = Usage.from_api(item.get("usage"))
+            usage.web_searches = searches
             if bridge is not None and bridge.calls and item.get("api_error_status") is None:
                 # the turn this proxy stopped reads as an error (aborted_tools): it is the answer
                 yield Done("tool_use", usage)
@@ -2496,6 +2563,21 @@ def parse_openai_tools(raw, flat):
     return tools
 
 
+WEB_SEARCH_TYPES = ("web_search", "web_search_preview", "web_search_2025_08_26",
+                    "web_search_preview_2025_03_11")
+
+
+def openai_web_tools(body):
+    """The CLI tools an OpenAI request's web search asks for: WebSearch for a web_search tool
+    (or chat's web_search_options), unless the client marks it cached-only
+    (external_web_access: false, as Codex does by default): that search is not live anyway."""
+    raw = body.get("tools") if isinstance(body.get("tools"), list) else []
+    wanted = isinstance(body.get("web_search_options"), dict) or any(
+        isinstance(t, dict) and t.get("type") in WEB_SEARCH_TYPES and
+        t.get("external_web_access") is not False for t in raw)
+    return ("WebSearch",) if wanted else ()
+
+
 def parse_openai_tool_choice(choice, tools, flat):
     """tool_choice (chat or Responses shapes) -> (tools to offer, neutral choice)."""
     if choice is None:
@@ -2532,6 +2614,8 @@ def parse_openai_tool_choice(choice, tools, flat):
         _need(any(t.name == name for t in tools), "tool_choice names %r, which is not in tools"
               % name, "tool_choice")
         return tools, {"name": name}
+    if kind in WEB_SEARCH_TYPES:
+        return tools, "auto"      # the model decides: the CLI cannot force its WebSearch
     if kind in HOSTED_TOOLS:
         raise BadRequest("tool_choice requires the hosted tool %r, which this proxy cannot run%s"
                          % (kind, ": " + HOSTED_TOOLS[kind] if HOSTED_TOOLS[kind] else "."),
@@ -2664,7 +2748,7 @@ class OpenAIChat:
             effort={"minimal": "low", "none": ""}.get(effort, effort or ""),
             max_tokens=max_tokens or 0, thinking=effort not in (None, "none"),
             disable_thinking=effort == "none", include_usage=bool(opts.get("include_usage")),
-            json_schema=schema)
+            web_tools=openai_web_tools(body), json_schema=schema)
 
     @staticmethod
     def usage(u):
@@ -2676,6 +2760,8 @@ class OpenAIChat:
     def render(self, req, c, body):
         msg = {"role": "assistant", "content": c.text if (c.text or not c.tool_calls) else None,
                "refusal": None}
+        if c.searches:
+            msg["annotations"] = self.annotations(c.text, c.searches)
         if req.thinking and c.thinking:
             msg["reasoning_content"] = c.thinking
         finish = self.FINISH.get(c.stop_reason, "stop")
@@ -2689,6 +2775,12 @@ class OpenAIChat:
                 "model": req.model, "system_fingerprint": None,
                 "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
                 "usage": self.usage(c.usage)}
+
+    @staticmethod
+    def annotations(text, searches):
+        return [{"type": "url_citation", "url_citation": {
+            "start_index": start, "end_index": end, "url": url, "title": title}}
+            for start, end, url, title in url_citations(text, searches)]
 
     @staticmethod
     def tool_call(req, call):
@@ -2714,6 +2806,7 @@ class OpenAIChat:
         chunk({"role": "assistant", "content": ""})
         calls = {}               # tool call id -> index
         custom = {}              # custom tool call id -> its ToolCall, sent whole once complete
+        text, searches = [], []  # for the url_citation annotations of a web search, at the end
         try:
             for ev in events:
                 if custom and not isinstance(ev, (ToolCallDelta, Heartbeat)):
@@ -2722,7 +2815,10 @@ class OpenAIChat:
                     custom.clear()
                 if isinstance(ev, TextDelta):
                     if ev.text:
+                        text.append(ev.text)
                         chunk({"content": ev.text})
+                elif isinstance(ev, WebSearch):
+                    searches.append(ev)
                 elif isinstance(ev, ThinkingDelta):
                     if req.thinking and ev.text:
                         chunk({"reasoning_content": ev.text})
@@ -2745,6 +2841,8 @@ class OpenAIChat:
                 elif isinstance(ev, Heartbeat):
                     sse.comment("keep-alive")
                 elif isinstance(ev, Done):
+                    if searches:
+                        chunk({"annotations": self.annotations("".join(text), searches)})
                     chunk({}, self.FINISH.get(ev.stop_reason, "stop"))
                     if req.include_usage:
                         sse.event(dict(base, choices=[], usage=self.usage(ev.usage)))
@@ -2847,9 +2945,14 @@ class AnthropicMessages:
         tools = []
         raw_tools = body.get("tools") or []
         _need(isinstance(raw_tools, list), "tools: Input should be a list")
+        web = []
         for i, t in enumerate(raw_tools):
             _need(isinstance(t, dict) and isinstance(t.get("name"), str),
                   "tools.%d.name: Field required" % i)
+            kind = str(t.get("type") or "")
+            if kind.startswith(("web_search_", "web_fetch_")):      # server tools: the CLI's own
+                web.append("WebSearch" if kind.startswith("web_search_") else "WebFetch")
+                continue
             _need(t.get("type") in (None, "custom"),
                   "tools.%d: server tool %r is not available through the claude CLI" % (i, t.get("type")))
             schema = t.get("input_schema")
@@ -2893,18 +2996,32 @@ class AnthropicMessages:
             parallel_tool_calls=not tc.get("disable_parallel_tool_use"), stop=stop, effort=effort,
             max_tokens=0 if count_only else body["max_tokens"],
             thinking=think["type"] in ("enabled", "adaptive"),
-            disable_thinking=think["type"] == "disabled",
+            disable_thinking=think["type"] == "disabled", web_tools=tuple(web),
             json_schema=fmt["schema"] if fmt else None)
 
     @staticmethod
     def usage(u):
-        return {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
-                "cache_creation_input_tokens": u.cache_write, "cache_read_input_tokens": u.cache_read}
+        out = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+               "cache_creation_input_tokens": u.cache_write, "cache_read_input_tokens": u.cache_read}
+        if u.web_searches:
+            out["server_tool_use"] = {"web_search_requests": u.web_searches}
+        return out
+
+    @staticmethod
+    def search_blocks(search):
+        """A web search as the API returns it: the server_tool_use block and its results."""
+        return [{"type": "server_tool_use", "id": search.id, "name": "web_search",
+                 "input": {"query": search.query}},
+                {"type": "web_search_tool_result", "tool_use_id": search.id, "content": [
+                    {"type": "web_search_result", "url": src["url"], "title": src["title"],
+                     "encrypted_content": "", "page_age": None} for src in search.sources]}]
 
     def render(self, req, c, body):
         content = []
         if req.thinking and (c.thinking or c.signature):
             content.append({"type": "thinking", "thinking": c.thinking, "signature": c.signature})
+        for search in c.searches:
+            content.extend(self.search_blocks(search))
         if c.text or not c.tool_calls:
             content.append({"type": "text", "text": c.text})
         for t in c.tool_calls:
@@ -2968,6 +3085,12 @@ class AnthropicMessages:
                 elif isinstance(ev, ToolCallDelta):
                     if state["open"] == "tool_use":
                         delta({"type": "input_json_delta", "partial_json": ev.arguments})
+                elif isinstance(ev, WebSearch):
+                    use, result = self.search_blocks(ev)
+                    open_block("tool_use", dict(use, input={}))
+                    delta({"type": "input_json_delta", "partial_json": json.dumps(use["input"])})
+                    open_block("tool_use", result)      # results arrive whole, as the API sends them
+                    close_block()
                 elif isinstance(ev, Heartbeat):
                     sse.event({"type": "ping"}, "ping")
                 elif isinstance(ev, Done):
@@ -3173,7 +3296,8 @@ class OpenAIResponses:
             stream=bool(body.get("stream")), tools=tools, tool_choice=choice,
             parallel_tool_calls=body.get("parallel_tool_calls") is not False,
             effort={"minimal": "low", "none": ""}.get(effort, effort or ""),
-            max_tokens=max_tokens or 0, disable_thinking=effort == "none", json_schema=schema)
+            max_tokens=max_tokens or 0, disable_thinking=effort == "none",
+            web_tools=openai_web_tools(body), json_schema=schema)
 
     # -- the response object ---------------------------------------------------------------
     @staticmethod
@@ -3190,6 +3314,19 @@ class OpenAIResponses:
     @staticmethod
     def text_part(text):
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    @staticmethod
+    def annotate(part, searches):
+        part["annotations"] = [{"type": "url_citation", "start_index": start, "end_index": end,
+                                "url": url, "title": title}
+                               for start, end, url, title in url_citations(part["text"], searches)]
+
+    @staticmethod
+    def search_item(search, status):
+        return {"id": "ws_" + search.id[len("srvtoolu_"):], "type": "web_search_call",
+                "status": status, "action": {"type": "search", "query": search.query,
+                                             "sources": [{"type": "url", "url": src["url"]}
+                                                         for src in search.sources]}}
 
     def message_item(self, text, status):
         return {"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant",
@@ -3241,7 +3378,10 @@ class OpenAIResponses:
 
     def render(self, req, c, body):
         status = self.status_of(c.stop_reason)
-        output = [self.message_item(c.text, status)] if (c.text or not c.tool_calls) else []
+        output = [self.search_item(s, "completed") for s in c.searches]
+        if c.text or not c.tool_calls:
+            output.append(self.message_item(c.text, status))
+            self.annotate(output[-1]["content"][0], c.searches)
         output += [self.call_item(req, t, "completed") for t in c.tool_calls]
         return self.envelope(req, body, new_id("resp_"), int(time.time()), output, status,
                              c.usage, c.stop_reason)
@@ -3251,6 +3391,7 @@ class OpenAIResponses:
         rid, created, seq = new_id("resp_"), int(time.time()), itertools.count()
         output = []                      # items so far, mutated as they finish
         state = {"message": None}        # the open message item, while text streams into it
+        searches = []                    # web searches so far, cited by the text after them
 
         def emit(kind, **fields):
             sse.event(dict(type=kind, sequence_number=next(seq), **fields), kind)
@@ -3267,6 +3408,7 @@ class OpenAIResponses:
         def close_message(status):
             item, index, part = state["message"]
             state["message"] = None
+            self.annotate(part, searches)
             emit("response.output_text.done", item_id=item["id"], output_index=index,
                  content_index=0, text=part["text"], logprobs=[])
             emit("response.content_part.done", item_id=item["id"], output_index=index,
@@ -3329,6 +3471,18 @@ class OpenAIResponses:
                             emit("response.function_call_arguments.delta", item_id=item["id"],
                                  output_index=index, delta=ev.arguments)
                     state["call"] = (item, index, ToolCall(ev.id, ev.name, ev.arguments))
+                elif isinstance(ev, WebSearch):
+                    if state["message"] is not None:
+                        close_message("completed")
+                    searches.append(ev)
+                    item, index = self.search_item(ev, "in_progress"), len(output)
+                    output.append(item)
+                    emit("response.output_item.added", output_index=index, item=dict(item))
+                    for phase in ("in_progress", "searching", "completed"):
+                        emit("response.web_search_call.%s" % phase, item_id=item["id"],
+                             output_index=index)
+                    item["status"] = "completed"
+                    emit("response.output_item.done", output_index=index, item=item)
                 elif isinstance(ev, Heartbeat):
                     sse.comment("keep-alive")
                 elif isinstance(ev, Done):
@@ -3852,6 +4006,8 @@ class Handler(BaseHTTPRequestHandler):
         req = dialect.parse(body, self.headers, self.app.cfg)
         req.handler = pick_handler(self.headers.get("X-Toolcall-Module"), self.app.cfg.toolcall_module)
         req.id_prefix = dialect.call_id_prefix
+        # what the client's web search asks for, as far as the operator allows it
+        req.web_tools = tuple(t for t in req.web_tools if t in WEB_TOOL_MODES[self.app.cfg.web_tools])
         self.model = req.model
         call = Call(self.connection, self.app.cfg.timeout)
         source = model_events(self.app, req, call)
