@@ -16,7 +16,7 @@ complies with Anthropic's terms for your plan.
 Endpoints
 ---------
     POST /v1/chat/completions        OpenAI chat completions (stream / non-stream, tools)
-    POST /v1/responses               OpenAI Responses (stream / non-stream, function tools);
+    POST /v1/responses               OpenAI Responses (stream / non-stream, tools, text.format);
                                      stateless: no previous_response_id, `store` keeps nothing
     POST /v1/messages                Anthropic Messages (stream / non-stream, tools, thinking)
     POST /v1/messages/count_tokens   Anthropic token count (an estimate: ~4 bytes a token)
@@ -48,6 +48,7 @@ Configuration (flags win over environment; read once at start-up)
     --history         CLAUDE_PROXY_HISTORY     structured  earlier turns: structured | flat
     --sessions        CLAUDE_PROXY_SESSIONS          2     conversations kept live for their next turn
     --session-idle    CLAUDE_PROXY_SESSION_IDLE      300   seconds a kept conversation waits
+    --web-tools       CLAUDE_PROXY_WEB_TOOLS       search  web tools clients may use: search | all | off
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
@@ -3119,9 +3120,10 @@ class AnthropicMessages:
 # say `previous_response_id`; this proxy stores nothing it could look up by id (a store of
 # conversations would be a second copy of every user's data to secure and expire; Sessions
 # only keeps a CLI process, in memory, for a request that resends the same conversation), so
-# clients send the whole conversation in `input`, as they do with `store: false`.  Only function
-# tools exist here (OpenAI's built-in tools run on OpenAI's servers), and the model's thinking is
-# not returned as reasoning items.
+# clients send the whole conversation in `input`, as they do with `store: false`.  Tools are
+# read by section 9's parse_openai_tools (function, custom, namespace; web search is the CLI's
+# own; the other hosted tools run on OpenAI's servers), and the model's thinking is not returned
+# as reasoning items.
 
 def _responses_parts(content, where):
     """Message content (a string or input_text / output_text / refusal / input_image parts)

@@ -128,6 +128,28 @@ def test_codex_output_schema(codex, upstream, tmp_path):
     assert '"answer"' in system_text(call)
 
 
+def test_codex_live_web_search(codex, upstream):
+    """Codex's web_search = "live" sends a web_search tool with external access: it runs as the
+    CLI's WebSearch, and Codex shows the web_search_call item."""
+    main = [fake_upstream.tool_use("WebSearch", {"query": "kiwi facts"}),
+            fake_upstream.text("Kiwis: [Kiwi facts](https://example.org/kiwi)")]
+
+    def responder(body):
+        if fake_upstream.offers_web_search(body):
+            return fake_upstream.web_search_answer(
+                "kiwi facts", [{"url": "https://example.org/kiwi", "title": "Kiwi facts"}],
+                "Kiwis cannot fly.")
+        return main.pop(0)
+    upstream.responder = responder
+    run, last = codex("Search the web for kiwi facts", "-c", 'web_search="live"')
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert last.strip() == "Kiwis: [Kiwi facts](https://example.org/kiwi)"
+    assert "web search: kiwi facts" in run.stderr
+    first, nested, _last = upstream.model_calls
+    assert "WebSearch" in [t["name"] for t in first["tools"]]
+    assert [t["type"] for t in nested["tools"]] == ["web_search_20250305"]
+
+
 # -- openai-agents ------------------------------------------------------------------------------
 
 @pytest.fixture
