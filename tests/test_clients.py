@@ -203,3 +203,40 @@ def test_openai_agents_output_type(agents, upstream):
                                          output_type=Weather, model=model), "Weather in Oslo?")
     assert result.final_output == Weather(city="Oslo", temp=-3)
     assert [t["name"] for t in upstream.model_calls[-1]["tools"]] == ["StructuredOutput"]
+
+
+# -- LangChain and pydantic-ai: typed output on their Responses models --------------------------
+
+class City(__import__("pydantic").BaseModel):
+    city: str
+    temp: float
+
+
+def test_langchain_responses_structured_output(proxy, upstream):
+    from langchain_openai import ChatOpenAI
+    upstream.push(fake_upstream.tool_use("StructuredOutput", {"city": "Lima", "temp": 19}))
+    llm = ChatOpenAI(model="claude-sonnet-4-6", base_url=proxy.url + "/v1", api_key="unused",
+                     use_responses_api=True, max_retries=0)
+    assert llm.with_structured_output(City).invoke("Weather in Lima?") == City(city="Lima", temp=19)
+    assert [t["name"] for t in upstream.model_calls[-1]["tools"]] == ["StructuredOutput"]
+
+
+def test_pydantic_ai_native_output_on_responses(proxy, upstream):
+    from pydantic_ai import Agent, NativeOutput
+    from pydantic_ai.models.openai import OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+    upstream.push(fake_upstream.tool_use("StructuredOutput", {"city": "Quito", "temp": 14}))
+    from openai import AsyncOpenAI
+
+    async def run():
+        client = AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+        try:
+            model = OpenAIResponsesModel("claude-sonnet-4-6",
+                                         provider=OpenAIProvider(openai_client=client))
+            return await Agent(model, output_type=NativeOutput(City)).run("Weather in Quito?")
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
+    assert result.output == City(city="Quito", temp=14)
+    assert [t["name"] for t in upstream.model_calls[-1]["tools"]] == ["StructuredOutput"]
