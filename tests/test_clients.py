@@ -240,3 +240,21 @@ def test_pydantic_ai_native_output_on_responses(proxy, upstream):
     result = asyncio.run(run())
     assert result.output == City(city="Quito", temp=14)
     assert [t["name"] for t in upstream.model_calls[-1]["tools"]] == ["StructuredOutput"]
+
+
+AI_SDK = ROOT / ".ai-sdk"
+
+
+def test_vercel_ai_sdk_output_object(proxy, upstream):
+    """The AI SDK's default OpenAI model is the Responses one; Output.object sends the flat
+    json_schema format with a draft-07 $schema key (left out on the way to the CLI)."""
+    if not (AI_SDK / "node_modules" / "ai").exists():
+        pytest.fail("the pinned AI SDK is missing at %s: run bash .ci/run" % AI_SDK)
+    upstream.push(fake_upstream.tool_use("StructuredOutput", {"city": "Lima", "temp": 19}))
+    run = subprocess.run(["node", str(ROOT / "tests" / "clients" / "ai_sdk.mjs")],
+                         env=dict(os.environ, AI_SDK_DIR=str(AI_SDK), BASE_URL=proxy.url + "/v1"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["output"] == {"city": "Lima", "temp": 19}
+    (offered,) = upstream.model_calls[-1]["tools"]
+    assert offered["name"] == "StructuredOutput" and "$schema" not in offered["input_schema"]
