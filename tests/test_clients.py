@@ -85,17 +85,21 @@ def test_codex_plain_answer(codex, upstream):
 
 
 def test_codex_shell_round_trip(codex, upstream):
-    """The model calls exec_command once (an emulated ```tool_call block), Codex runs it, the
-    output reaches the model in the next request, and the model's answer ends the run."""
+    """A two-step task: the model calls exec_command (an emulated ```tool_call block), Codex
+    runs it, the output reaches the model, which calls it again on what it learnt; then the
+    model's answer ends the run."""
     upstream.push(fake_upstream.text('```tool_call\n{"name": "exec_command", "arguments": '
                                      '{"cmd": "echo codex-marker-$((40+2))"}}\n```'),
+                  fake_upstream.text('```tool_call\n{"name": "exec_command", "arguments": '
+                                     '{"cmd": "echo %s | tr a-z A-Z"}}\n```' % MARKER),
                   fake_upstream.text("The command printed %s." % MARKER))
     run, last = codex("Run the echo")
     assert run.returncode == 0, run.stderr[-3000:]
     assert last.strip() == "The command printed %s." % MARKER
-    first, second = upstream.model_calls
+    first, second, third = upstream.model_calls
     assert MARKER not in upstream_text(first)
     assert MARKER in upstream_text(second)          # the command's output, as Codex ran it
+    assert MARKER.upper() in upstream_text(third)   # and the second command's
 
 
 def test_codex_native_tools_round_trip(codex, upstream):
