@@ -3216,15 +3216,17 @@ def parse_responses_input(value):
             out.append(Message("user", [{"type": "tool_result", "tool_use_id": cid,
                                          "name": names.get(cid) or item.get("name"),
                                          "content": text}] + images))
-        elif kind == "reasoning":
-            continue                       # not replayed, as Anthropic thinking blocks are not
+        elif kind in ("reasoning", "web_search_call"):
+            # not replayed, as Anthropic thinking blocks are not; a search's findings are in
+            # the answer that followed it
+            continue
         elif kind == "item_reference":
             raise BadRequest("%s refers to a stored item, but this proxy stores nothing: send the "
                              "item itself." % at, param=at)
         else:
             raise BadRequest("%s has unsupported type %r (supported: message, function_call, "
                              "function_call_output, custom_tool_call, custom_tool_call_output, "
-                             "reasoning)" % (at, kind), param=at)
+                             "reasoning, web_search_call)" % (at, kind), param=at)
     _need(out, "input must contain at least one user or assistant message", "input")
     return "\n\n".join(s for s in system if s), merge_messages(out)
 

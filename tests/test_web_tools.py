@@ -95,6 +95,16 @@ def test_responses_web_search_call_and_citation(proxy, web):
         "url_citation", URL, TITLE, CITED, len(ANSWER))
     assert_searched(web)
 
+    # the usual client loop sends the output back as input: the search item is accepted
+    web.responder = None
+    web.push(fake_upstream.text("You are welcome."))
+    again = client.responses.create(model="sonnet", tools=[{"type": "web_search"}], input=[
+        {"role": "user", "content": "Tell me about kiwis."},
+        *[item.model_dump(exclude_none=True) for item in resp.output],
+        {"role": "user", "content": "Thanks!"}])
+    assert again.output_text == "You are welcome."
+    assert "Kiwis are flightless" in json.dumps(web.model_calls[-1]["messages"])
+
 
 def test_responses_stream(proxy, web):
     status, _, text = proxy.post("/v1/responses", {
