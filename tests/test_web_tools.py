@@ -177,3 +177,17 @@ def test_bad_switch_value_stops_start_up(home, upstream):
                          capture_output=True, text=True, timeout=20)
     assert run.returncode != 0
     assert "CLAUDE_PROXY_WEB_TOOLS must be search, all or off" in run.stderr
+
+
+def test_web_fetch_is_offered_only_when_all_is_allowed(make_proxy, proxy, upstream):
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 100,
+            "tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}],
+            "messages": [{"role": "user", "content": "Read example.org"}]}
+    upstream.push(fake_upstream.text("Not fetched."))
+    status, _, out = proxy.post("/v1/messages", body)            # default: search only
+    assert status == 200, out
+    assert upstream.model_calls[-1]["tools"] == []
+    upstream.push(fake_upstream.text("Fetched."))
+    status, _, out = make_proxy(CLAUDE_PROXY_WEB_TOOLS="all").post("/v1/messages", body)
+    assert status == 200, out
+    assert [t["name"] for t in upstream.model_calls[-1]["tools"]] == ["WebFetch"]
