@@ -57,9 +57,10 @@ Data flow
 ---------
     HTTP body -> dialect.parse -> Request (neutral) -> prompt rendering -> CLI process
       -> stream-json lines -> events (Start, TextDelta, ThinkingDelta, ToolCall, ToolCallDelta,
-         Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
+         WebSearch, Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
     Native tools (X-Toolcall-Module: native) skip the engine: the client's tools reach the model
     as real tools through the CLI's MCP bridge, and its tool_use blocks come back as ToolCalls.
+    A client's web search runs as the CLI's own WebSearch tool; each search is a WebSearch event.
     The CLI process is a pre-started one from the pool when one is ready, and when a request
     continues a conversation whose last turn ended whole, the very process that answered it
     (Sessions): then only the new user message is sent.
