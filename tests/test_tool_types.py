@@ -122,18 +122,21 @@ def test_hosted_tools_the_client_needs_are_a_clear_400(client, upstream):
         assert tool["type"] in exc.value.body["message"] or words in exc.value.body["message"]
         assert words in exc.value.body["message"]
     with pytest.raises(openai.BadRequestError) as exc:       # required by tool_choice
-        client.responses.create(model="sonnet", input="hi", tools=[OPTIONAL_SEARCH],
-                                tool_choice={"type": "web_search_preview"})
+        client.responses.create(model="sonnet", input="hi", tools=[EXEC],
+                                tool_choice={"type": "file_search"})
     assert exc.value.body["param"] == "tool_choice"
+    assert "file_search" in exc.value.body["message"]
     assert upstream.model_calls == []
 
 
 def test_optional_hosted_tools_do_not_break_a_request(client, upstream):
     upstream.push(fake_upstream.text("Plain answer."))
     resp = client.responses.create(model="sonnet", input="hi", tools=[
-        OPTIONAL_SEARCH, {"type": "web_search_preview"}, {"type": "image_generation"}])
+        OPTIONAL_SEARCH, {"type": "image_generation"}, {"type": "tool_search"}],
+        tool_choice={"type": "web_search_preview"})   # the model decides: the CLI cannot force it
     assert resp.output_text == "Plain answer."
     assert "# Tools" not in system_text(upstream.model_calls[-1])
+    assert upstream.model_calls[-1]["tools"] == []      # cached-only search: nothing live
 
 
 # -- Responses, native tools --------------------------------------------------------------------
