@@ -82,6 +82,7 @@ def test_codex_plain_answer(codex, upstream):
     # Codex's stock tools: functions, the multi_agent_v1 namespace, web_search (left out)
     assert "exec_command" in offered and "multi_agent_v1." in offered
     assert "Say hello" in upstream_text(call)
+    assert "Model metadata for `claude-sonnet-4-6` not found" in run.stderr   # README says so
 
 
 def test_codex_shell_round_trip(codex, upstream):
