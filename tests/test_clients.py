@@ -10,7 +10,6 @@ real client once; the fake upstream scripts the model and records what reached i
 import asyncio
 import json
 import os
-import pathlib
 import subprocess
 
 import pytest
