@@ -119,17 +119,22 @@ def test_codex_native_tools_round_trip(codex, upstream):
 
 
 def test_codex_output_schema(codex, upstream, tmp_path):
+    """Codex sends its tools with the schema, so the schema is a system-prompt rule and the
+    final message is the JSON.  Run in native tool mode (the emulated mode's rule is covered by
+    test_responses.py's test_json_schema_with_tools_is_a_rule_the_final_answer_follows)."""
+    headers = {"X-Toolcall-Module": "native"}
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}},
               "required": ["answer"], "additionalProperties": False}
     path = tmp_path / "schema.json"
     path.write_text(json.dumps(schema))
     upstream.push(fake_upstream.text('{"answer": 42}'))
-    run, last = codex("What is six times seven?", "--output-schema", str(path))
+    run, last = codex("What is six times seven?", "--output-schema", str(path), headers=headers)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(last) == {"answer": 42}
     (call,) = upstream.model_calls
     assert "matching this JSON schema" in system_text(call)
     assert '"answer"' in system_text(call)
+    assert "StructuredOutput" not in [t["name"] for t in call["tools"]]
 
 
 def test_codex_live_web_search(codex, upstream):
