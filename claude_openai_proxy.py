@@ -16,7 +16,7 @@ complies with Anthropic's terms for your plan.
 Endpoints
 ---------
     POST /v1/chat/completions        OpenAI chat completions (stream / non-stream, tools)
-    POST /v1/responses               OpenAI Responses (stream / non-stream, function tools);
+    POST /v1/responses               OpenAI Responses (stream / non-stream, tools, text.format);
                                      stateless: no previous_response_id, `store` keeps nothing
     POST /v1/messages                Anthropic Messages (stream / non-stream, tools, thinking)
     POST /v1/messages/count_tokens   Anthropic token count (an estimate: ~4 bytes a token)
@@ -55,6 +55,7 @@ Configuration (flags win over environment; read once at start-up)
     --idle-max        CLAUDE_PROXY_IDLE_MAX          mem   idle CLI processes of every kind, LRU
     --reuse           CLAUDE_PROXY_REUSE             100   requests per CLI process (0 = one each)
     --recycle-rss     CLAUDE_PROXY_RECYCLE_RSS       400   MB above which a CLI is not reused
+    --web-tools       CLAUDE_PROXY_WEB_TOOLS       search  web tools clients may use: search | all | off
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
     --extra-usage     CLAUDE_PROXY_EXTRA_USAGE       deny  past the plan's limits: deny | allow
     --accounts        CLAUDE_PROXY_ACCOUNTS          ""    logins: NAME=CONFIG_DIR,NAME=token-file:PATH
@@ -65,11 +66,12 @@ Data flow
 ---------
     HTTP body -> dialect.parse -> Request (neutral) -> prompt rendering -> CLI process
       -> stream-json lines -> events (Start, TextDelta, ThinkingDelta, ToolCall, ToolCallDelta,
-         Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
+         WebSearch, Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
     Each request is served by one login (section 7, logins: by headroom, a conversation on its
     login, X-Claude-Account pins), whose CLI processes are its own.
     Native tools (X-Toolcall-Module: native) skip the engine: the client's tools reach the model
     as real tools through the CLI's MCP bridge, and its tool_use blocks come back as ToolCalls.
+    A client's web search runs as the CLI's own WebSearch tool; each search is a WebSearch event.
     The CLI process comes from one store of idle processes (Idle) when one fits: the very
     process that answered the conversation so far (then only the new user message is sent),
     else one that answered an earlier request with the same settings and was reset, else a
@@ -143,6 +145,8 @@ POLL_SECONDS = 0.25           # how often a waiting request checks deadline and 
 REFUSAL_HOLD_CHARS = 400      # streamed text held back while it may still be a false refusal
 MAX_JSON_DEPTH = 64
 HISTORY_MODES = ("flat", "structured")
+#: CLAUDE_PROXY_WEB_TOOLS -> the CLI tools a client's web search / web fetch may use
+WEB_TOOL_MODES = {"off": (), "search": ("WebSearch",), "all": ("WebSearch", "WebFetch")}
 
 
 # 2. Errors ######################################################################################
@@ -244,6 +248,7 @@ class Config:
     pool_max_idle: float = 300.0
     read_timeout: float = 60.0
     history: str = "structured"
+    web_tools: str = "search"
     sessions: int = None
     session_idle: float = 300.0
     idle_max: int = None
@@ -313,6 +318,9 @@ OPTIONS = (
     ("--accounts", "CLAUDE_PROXY_ACCOUNTS", "accounts", str,
      "comma-separated logins NAME=CONFIG_DIR (a dir `claude login` wrote) or "
      "NAME=token-file:PATH (a file holding a `claude setup-token` token); never a token itself"),
+    ("--web-tools", "CLAUDE_PROXY_WEB_TOOLS", "web_tools", str,
+     "web tools a client may ask for: search (the CLI's WebSearch, run by Anthropic), all "
+     "(also WebFetch, which fetches pages from this machine) or off"),
 )
 LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins", "accounts")
 SECRET_OPTIONS = ("api_keys",)
@@ -386,6 +394,8 @@ def load_config(argv=None, environ=None):
         raise SystemExit("error: CLAUDE_PROXY_EXTRA_USAGE must be deny or allow")
     if cfg.accounts:
         cfg = dataclasses.replace(cfg, accounts=parse_accounts(cfg.accounts))
+    if cfg.web_tools not in WEB_TOOL_MODES:
+        raise SystemExit("error: CLAUDE_PROXY_WEB_TOOLS must be search, all or off")
     if not cfg.api_keys and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
         raise SystemExit("error: refusing to listen on %s without CLAUDE_PROXY_API_KEYS: anyone who "
                          "reaches it would spend your subscription. Set keys, or pass "
@@ -517,9 +527,64 @@ class Message:
 
 @dataclass
 class ToolSpec:
-    name: str
+    name: str                    # as the model sees it: NAMESPACE.name inside a namespace tool
     description: str
-    parameters: dict
+    parameters: dict             # JSON schema of the call's arguments
+    kind: str = "function"       # "function" | "custom": free-form text input (CUSTOM_INPUT)
+    namespace: str = ""          # the Responses namespace tool it came in (returned on calls)
+
+    @property
+    def client_name(self):
+        """The name the client knows the tool by (without its namespace)."""
+        return self.name[len(self.namespace) + 1:] if self.namespace else self.name
+
+
+#: a custom tool's free-form input, carried as the one argument of the call the model makes
+CUSTOM_INPUT = "input"
+
+
+def custom_tool_spec(name, description, fmt, namespace=""):
+    """A custom tool (free-form text input, optionally a grammar) as a one-argument tool: the
+    model writes the raw input as a string, which is handed back as the call's input."""
+    hint = "The raw input for this tool, as free-form text."
+    if isinstance(fmt, dict) and fmt.get("type") == "grammar":
+        grammar = fmt.get("grammar") if isinstance(fmt.get("grammar"), dict) else fmt
+        hint = "The raw input for this tool. It must match this %s grammar:\n%s" % (
+            grammar.get("syntax") or "lark", grammar.get("definition") or "")
+    return ToolSpec(name, description, {"type": "object", "properties": {
+        CUSTOM_INPUT: {"type": "string", "description": hint}}, "required": [CUSTOM_INPUT]},
+        "custom", namespace)
+
+
+def url_citations(text, searches):
+    """(start, end, url, title) for each place the text cites a source its searches found: a
+    markdown link [title](url) as a whole, or the bare url."""
+    out, sources = [], {}
+    for s in searches:
+        for src in s.sources:
+            sources.setdefault(src.get("url"), src.get("title") or "")
+    for url, title in sources.items():
+        if not url:
+            continue
+        for m in re.finditer(r"\[[^\]\n]*\]\(%s\)|%s" % (re.escape(url), re.escape(url)), text):
+            out.append((m.start(), m.end(), url, title))
+    return sorted(out)
+
+
+def tool_spec(req, name):
+    """The offered tool a call names, or None (a name the model made up)."""
+    return next((t for t in req.tools if t.name == name), None)
+
+
+def custom_input(arguments):
+    """A custom tool call's raw input from the call's JSON arguments."""
+    try:
+        args = json.loads(arguments or "{}")
+    except ValueError:
+        return arguments
+    if isinstance(args, dict) and isinstance(args.get(CUSTOM_INPUT), str):
+        return args[CUSTOM_INPUT]
+    return arguments
 
 
 @dataclass
@@ -539,6 +604,7 @@ class Request:
     disable_thinking: bool = False
     include_usage: bool = False
     session: str = ""            # the client says a conversation follows (session_signal)
+    web_tools: tuple = ()        # the CLI's own WebSearch / WebFetch, when the client asks for them
     handler: object = None
     id_prefix: str = "call_"     # tool call ids: call_... (OpenAI) or toolu_... (Anthropic)
     json_schema: dict = None     # structured output: the answer must be JSON matching it
@@ -552,12 +618,14 @@ class Usage:
     output_tokens: int = 0
     cache_read: int = 0
     cache_write: int = 0
+    web_searches: int = 0
 
     def add(self, other):
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cache_read += other.cache_read
         self.cache_write += other.cache_write
+        self.web_searches += other.web_searches
 
     @property
     def prompt_tokens(self):
@@ -602,6 +670,15 @@ class ToolCallDelta:
 
 
 @dataclass
+class WebSearch:
+    """A web search the CLI ran for the model (its WebSearch tool): the query and the sources
+    found, [{"url": ..., "title": ...}]."""
+    id: str
+    query: str
+    sources: list
+
+
+@dataclass
 class Heartbeat:
     pass
 
@@ -626,6 +703,7 @@ class Completion:
     thinking: str = ""
     signature: str = ""
     tool_calls: list = field(default_factory=list)
+    searches: list = field(default_factory=list)
     stop_reason: str = "end_turn"
     stop_sequence: str = None
     usage: Usage = field(default_factory=Usage)
@@ -636,7 +714,9 @@ def collect(events):
     out, text, thought = Completion(), [], []
     for ev in events:
         if isinstance(ev, Reset):
-            text, thought, out.tool_calls = [], [], []
+            text, thought, out.tool_calls, out.searches = [], [], [], []
+        elif isinstance(ev, WebSearch):
+            out.searches.append(ev)
         elif isinstance(ev, TextDelta):
             text.append(ev.text)
         elif isinstance(ev, ThinkingDelta):
@@ -820,7 +900,24 @@ def render_system(req):
     parts = [req.system] if req.system else []
     if req.tools and req.tool_choice != "none":
         parts.append(req.handler.tool_prompt(offered_tools(req), req.tool_choice))
+        if req.json_schema is not None:
+            parts.append(SCHEMA_RULE + json.dumps(req.json_schema, ensure_ascii=False))
     return "\n\n".join(p for p in parts if p)
+
+
+SCHEMA_RULE = ("When you give your final answer (a reply without tool calls), the whole reply "
+               "must be one JSON value matching this JSON schema, with no other text and no "
+               "code fence around it:\n")
+
+
+def cli_schema(req):
+    """The JSON schema for the CLI's structured-output mode (its StructuredOutput tool), or
+    None.  That mode asks again until the model calls StructuredOutput, so a model that first
+    has to call the client's tools could not: with tools offered, the schema is a rule in the
+    system prompt instead (render_system), and the final text answer is the JSON."""
+    if req.json_schema is None or (req.tools and req.tool_choice != "none"):
+        return None
+    return req.json_schema
 
 
 def offered_tools(req):
@@ -1262,19 +1359,20 @@ class Launch:
     disable_thinking: bool = False
     max_tokens: int = 0
     account: str = ""            # the login (section 7, logins): its own processes
+    web_tools: tuple = ()        # the CLI's own tools it may run: WebSearch, WebFetch
 
 
 def launch_of(req):
     return Launch("" if req.cli_model in MODEL_FAMILIES else req.cli_model,
                   "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens,
-                  req.account)
+                  req.account, tuple(req.web_tools))
 
 
 def init_request(req, bridge=None):
     """The initialize control request: the per-request settings that go first."""
     init = {"subtype": "initialize", "systemPrompt": render_system(req)}
-    if req.json_schema is not None:
-        init["jsonSchema"] = req.json_schema
+    if cli_schema(req) is not None:
+        init["jsonSchema"] = cli_schema(req)
     if bridge is not None:
         init["sdkMcpServers"] = [MCP_SERVER]
     return init
@@ -1380,9 +1478,11 @@ def cli_argv(cfg, launch):
     # so every process gets it and an idle one serves both modes.
     argv = [cfg.claude_bin, "-p", "--input-format", "stream-json",
             "--output-format", "stream-json", "--verbose", "--include-partial-messages",
-            "--tools", "", "--no-session-persistence", "--setting-sources", "",
-            "--strict-mcp-config", "--permission-prompt-tool", "stdio",
+            "--tools", ",".join(launch.web_tools), "--no-session-persistence",
+            "--setting-sources", "", "--strict-mcp-config", "--permission-prompt-tool", "stdio",
             "--model", launch_model(cfg, launch)]
+    if launch.web_tools:         # run without asking (as root the CLI refuses to skip permissions)
+        argv += ["--allowedTools", ",".join(launch.web_tools)]
     if launch.effort:
         argv += ["--effort", launch.effort]
     return argv
@@ -1758,12 +1858,13 @@ class Idle:
 
     def keep_for(self, req):
         """The request's Keep (its answered turn stays on its process for the next one), or
-        None: sessions off, flat history, native tools, structured output, a prefill, and a
+        None: sessions off, flat history, native tools, structured output, web tools (the
+        CLI's conversation holds its searches, which the client's does not), a prefill, and a
         first message unless the client said a conversation follows (req.session; most first
         messages are one-shot requests, and a kept process is held from everyone else)."""
         messages = req.messages
         if self.sessions <= 0 or self.backend.cfg.history != "structured" or native_tools(req) \
-                or req.json_schema is not None or messages[-1].role != "user" \
+                or req.json_schema is not None or req.web_tools or messages[-1].role != "user" \
                 or (len(messages) < 2 and not req.session):
             return None
         return Keep(self, req)
@@ -2061,14 +2162,11 @@ class Backend:
         the request goes once to another process.  A turn that ends whole leaves its process
         `clean`; with `keep` it is handed to the Keep, else given back to the store.
         """
-        if native_tools(req) and req.json_schema is not None:
-            raise BadRequest("Structured output (response_format / output_config.format) cannot "
-                             "be combined with native tool mode; use the generic handler.")
         launch = launch_of(req)
         init = None if native_tools(req) else init_request(req)
         # what a reused process must have been given: no native tools (their MCP bridge) and
         # no structured output (its StructuredOutput tool); one initialize, model and effort
-        settings = None if init is None or req.json_schema is not None else \
+        settings = None if init is None or cli_schema(req) is not None else \
             json.dumps([init, req.cli_model, req.effort], sort_keys=True)
         proc, kind = self.idle.take(launch, settings, init,
                                     keep.prior if keep is not None else None)
@@ -2091,7 +2189,7 @@ class Backend:
                     proc.send(*lines)
                 else:
                     yield from send_history(proc, call, lines, turns, last)
-                events = translate(proc, call, bridge, structured=req.json_schema is not None,
+                events = translate(proc, call, bridge, structured=cli_schema(req) is not None,
                                    streaming=req.stream)
                 if req.stop:
                     events = cut_at_stops(events, req.stop, proc.interrupt)
@@ -2195,7 +2293,8 @@ class ToolBridge:
             self.usage = Usage.from_api((ev.get("message") or {}).get("usage"))
         elif et == "message_delta":
             self.usage.output_tokens = int((ev.get("usage") or {}).get("output_tokens") or 0)
-        elif et == "content_block_start" and (ev.get("content_block") or {}).get("type") == "tool_use":
+        elif et == "content_block_start" and (ev.get("content_block") or {}).get("type") == "tool_use" \
+                and ev["content_block"].get("name") not in CLI_WEB_TOOLS:    # those the CLI runs
             block = ev["content_block"]
             first = block.get("input") or {}
             ev_call = self._call(block.get("id"), block.get("name"),
@@ -2223,6 +2322,8 @@ class ToolBridge:
 
     def on_block(self, proc, block):
         """A whole tool_use block (the CLI's non-streaming fallback after a dropped stream)."""
+        if block.get("name") in CLI_WEB_TOOLS:
+            return
         ev_call = self._call(block.get("id"), block.get("name"),
                              json.dumps(block.get("input") or {}, ensure_ascii=False))
         if ev_call:
@@ -2303,6 +2404,21 @@ class ToolBridge:
         return {"jsonrpc": "2.0", "id": mid, "result": result}
 
 
+#: the CLI's own tools a request may let it run (Launch.web_tools); their calls are the CLI's
+CLI_WEB_TOOLS = ("WebSearch", "WebFetch")
+
+
+def web_search_event(result):
+    """A WebSearch event from the CLI's tool_use_result of its WebSearch tool:
+    {"query": Q, "results": [{"tool_use_id", "content": [{"title", "url"}]}, "summary text", ...]}."""
+    sources = []
+    for r in result.get("results") or []:
+        if isinstance(r, dict):
+            sources += [{"url": c.get("url"), "title": c.get("title") or ""}
+                        for c in r.get("content") or [] if isinstance(c, dict) and c.get("url")]
+    return WebSearch(new_id("srvtoolu_"), str(result.get("query") or ""), sources)
+
+
 def refuse(proc, request_id):
     proc.send({"type": "control_response", "response": {
         "subtype": "error", "request_id": request_id, "error": "not supported by claude-proxy"}})
@@ -2317,7 +2433,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
     With `structured`, the answer is the validated `structured_output` of the result line (the
     CLI's StructuredOutput tool), sent as one text delta; prose around it is dropped.
     """
-    started, last_retry, replay = False, None, Replay(streaming)
+    started, last_retry, replay, searches = False, None, Replay(streaming), 0
     live = False             # a streamed upstream message is open (its text comes as deltas)
     for item in proc.read(call):
         if isinstance(item, Heartbeat):
@@ -2381,6 +2497,10 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
             else:
                 # nothing is offered to the CLI in plain-model mode; refuse so it never waits
                 refuse(proc, item.get("request_id"))
+        elif kind == "user" and isinstance(item.get("tool_use_result"), dict) and \
+                "query" in item["tool_use_result"] and not proc.stopped:
+            searches += 1
+            yield web_search_event(item["tool_use_result"])      # the CLI ran a WebSearch
         elif kind == "user" and bridge is not None:
             bridge.on_user(proc, item)
         elif kind == "control_response":
@@ -2391,6 +2511,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
         elif kind == "result":
             proc.note(item)
             usage = Usage.from_api(item.get("usage"))
+            usage.web_searches = searches
             if bridge is not None and bridge.calls and item.get("api_error_status") is None:
                 # the turn this proxy stopped reads as an error (aborted_tools): it is the answer
                 yield Done("tool_use", usage)
@@ -2914,40 +3035,160 @@ def _openai_parts(content, where):
     return blocks
 
 
-def _openai_tools(body):
-    tools, choice = [], body.get("tool_choice", "auto")
-    if body.get("functions") is not None and body.get("tools") is None:     # legacy API
-        _need(isinstance(body["functions"], list), "functions must be a list", "functions")
-        raw = [{"type": "function", "function": f} for f in body["functions"]]
-        fc = body.get("function_call", "auto")
-        choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
-    else:
-        raw = body.get("tools") or []
-        _need(isinstance(raw, list), "tools must be a list", "tools")
+#: OpenAI's hosted tools (run on OpenAI's servers), by type: None = not offered, the request
+#: goes on without it (the client works without it: web search a client marks optional, an
+#: image tool beside others); a string = a 400 with that advice (the client relies on what
+#: only OpenAI has: its vector stores, its containers, a remote MCP server, a screen).
+HOSTED_TOOLS = {
+    "web_search": None, "web_search_preview": None, "web_search_2025_08_26": None,
+    "web_search_preview_2025_03_11": None, "image_generation": None, "tool_search": None,
+    "programmatic_tool_calling": None,
+    "file_search": "file_search searches OpenAI vector stores, which this proxy cannot reach; "
+                   "offer a function tool that searches your documents instead.",
+    "code_interpreter": "code_interpreter runs code in an OpenAI container, which this proxy "
+                        "does not have; offer a function tool that runs code where you choose.",
+    "mcp": "remote MCP servers are called by OpenAI's servers; connect the MCP server in your "
+           "client and offer its tools as function tools instead.",
+    "computer_use_preview": "computer use needs OpenAI's computer-use model; offer your screen "
+                            "actions as function tools instead.",
+    "computer": "computer use needs OpenAI's computer-use model; offer your screen actions as "
+                "function tools instead.",
+    "local_shell": "local_shell belongs to OpenAI's codex-mini models; offer the shell as a "
+                   "function tool (current Codex CLI versions do).",
+    "shell": "the hosted shell tool belongs to OpenAI's GPT-5 models; offer the shell as a "
+             "function tool instead.",
+    "apply_patch": "the apply_patch tool type belongs to OpenAI's GPT-5 models; offer it as a "
+                   "custom or function tool instead.",
+}
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def parse_openai_tools(raw, flat):
+    """OpenAI tools -> [ToolSpec], for chat completions (`flat` False: {"type": "function",
+    "function": {...}}) and Responses (`flat`: the fields beside "type").  The one place that
+    knows OpenAI's tool types: function and custom tools are offered, a namespace offers the
+    tools inside it (their calls carry the namespace back), hosted tools follow HOSTED_TOOLS."""
+    _need(isinstance(raw, list), "tools must be a list", "tools")
+    tools = []
+
+    def add(t, at, namespace=""):
+        _need(isinstance(t, dict), "%s must be an object" % at, at)
+        kind = t.get("type", "function")
+        if kind in ("function", "custom"):
+            spec = t if flat or namespace else t.get(kind)
+            if flat and not namespace and kind == "function":
+                _need("function" not in t or "name" in t, "%s.name is required: Responses tools "
+                      "are flat ({\"type\": \"function\", \"name\": ..., \"parameters\": ...}), "
+                      "not nested under \"function\" as in chat completions" % at, at)
+            _need(isinstance(spec, dict), "%s must be {\"type\": \"%s\", \"%s\": {...}}"
+                  % (at, kind, kind), at)
+            name = spec.get("name")
+            _need(isinstance(name, str) and _TOOL_NAME.fullmatch(name),
+                  "%s.name must be 1-128 letters, digits, _ . : or -" % at, at)
+            full = "%s.%s" % (namespace, name) if namespace else name
+            desc = spec.get("description") or ""
+            if kind == "custom":
+                tools.append(custom_tool_spec(full, desc, spec.get("format"), namespace))
+                return
+            params = spec.get("parameters") or {"type": "object", "properties": {}}
+            _need(isinstance(params, dict), "%s.parameters must be an object" % at, at)
+            tools.append(ToolSpec(full, desc, params, "function", namespace))
+        elif kind == "namespace" and not namespace:
+            name, inner = t.get("name"), t.get("tools")
+            _need(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name),
+                  "%s.name must be 1-64 letters, digits, _ or -" % at, at)
+            _need(isinstance(inner, list), "%s.tools must be a list of function or custom tools"
+                  % at, at)
+            for j, sub in enumerate(inner):
+                _need(isinstance(sub, dict) and sub.get("type", "function") in ("function", "custom"),
+                      "%s.tools[%d] must be a function or custom tool" % (at, j), at)
+                add(sub, "%s.tools[%d]" % (at, j), name)
+        elif kind in HOSTED_TOOLS:
+            _need(HOSTED_TOOLS[kind] is None, "%s: %s" % (at, HOSTED_TOOLS[kind]), at)
+        else:
+            raise BadRequest("%s has unknown type %r (function, custom, namespace, or one of "
+                             "OpenAI's hosted tools)" % (at, kind), param=at)
+
     for i, t in enumerate(raw):
-        fn = t.get("function") if isinstance(t, dict) else None
-        _need(isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(fn, dict),
-              "tools[%d] must be {\"type\": \"function\", \"function\": {...}}" % i, "tools")
-        _need(isinstance(fn.get("name"), str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", fn["name"]),
-              "tools[%d].function.name must be 1-128 letters, digits, _ . : or -" % i, "tools")
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        _need(isinstance(params, dict), "tools[%d].function.parameters must be an object" % i, "tools")
-        tools.append(ToolSpec(fn["name"], fn.get("description") or "", params))
+        add(t, "tools[%d]" % i)
+    seen = set()
+    for t in tools:
+        _need(t.name not in seen, "tools: the name %r is offered twice" % t.name, "tools")
+        seen.add(t.name)
+    return tools
+
+
+WEB_SEARCH_TYPES = ("web_search", "web_search_preview", "web_search_2025_08_26",
+                    "web_search_preview_2025_03_11")
+
+
+def openai_web_tools(body):
+    """The CLI tools an OpenAI request's web search asks for: WebSearch for a web_search tool
+    (or chat's web_search_options), unless the client marks it cached-only
+    (external_web_access: false, as Codex does by default): that search is not live anyway."""
+    raw = body.get("tools") if isinstance(body.get("tools"), list) else []
+    wanted = isinstance(body.get("web_search_options"), dict) or any(
+        isinstance(t, dict) and t.get("type") in WEB_SEARCH_TYPES and
+        t.get("external_web_access") is not False for t in raw)
+    return ("WebSearch",) if wanted else ()
+
+
+def parse_openai_tool_choice(choice, tools, flat):
+    """tool_choice (chat or Responses shapes) -> (tools to offer, neutral choice)."""
     if choice is None:
-        choice = "auto"
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
-        _need(isinstance(name, str), "tool_choice must name a function: "
-              "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
-        _need(any(t.name == name for t in tools), "tool_choice names %r, which is not in tools" % name,
-              "tool_choice")
-        choice = {"name": name}
-    else:
-        _need(choice in ("auto", "none", "required"),
-              "tool_choice must be auto, none, required or a named function", "tool_choice")
+        return tools, "auto"
+    if isinstance(choice, str):
+        _need(choice in ("auto", "none", "required"), "tool_choice must be auto, none, "
+              "required or a named tool", "tool_choice")
         _need(choice != "required" or tools, "tool_choice is required but no tools were given",
               "tool_choice")
-    return tools, choice
+        return tools, choice
+    _need(isinstance(choice, dict), "tool_choice must be a string or an object", "tool_choice")
+    kind = choice.get("type", "function")
+    if kind == "allowed_tools":
+        spec = choice if flat else choice.get("allowed_tools") or {}
+        allowed = spec.get("tools")
+        _need(isinstance(allowed, list), "tool_choice.tools must be a list", "tool_choice")
+        names = set()
+        for a in allowed:
+            a = a if not isinstance(a, dict) or flat or a.get("type") not in ("function", "custom") \
+                else dict(a, **(a.get(a["type"]) or {}))
+            if isinstance(a, dict) and isinstance(a.get("name"), str):
+                names.add("%s.%s" % (a["namespace"], a["name"]) if a.get("namespace") else a["name"])
+        return parse_openai_tool_choice(
+            {"auto": "auto", "required": "required"}.get(spec.get("mode", "auto"), "auto"),
+            [t for t in tools if t.name in names], flat)
+    if kind in ("function", "custom"):
+        named = choice if flat else choice.get(kind) or {}
+        name = named.get("name") if isinstance(named, dict) else None
+        _need(isinstance(name, str), "tool_choice must name a tool: %s" % (
+            "{\"type\": \"function\", \"name\": ...}" if flat else
+            "{\"type\": \"function\", \"function\": {\"name\": ...}}"), "tool_choice")
+        if choice.get("namespace"):
+            name = "%s.%s" % (choice["namespace"], name)
+        _need(any(t.name == name for t in tools), "tool_choice names %r, which is not in tools"
+              % name, "tool_choice")
+        return tools, {"name": name}
+    if kind in WEB_SEARCH_TYPES:
+        return tools, "auto"      # the model decides: the CLI cannot force its WebSearch
+    if kind in HOSTED_TOOLS:
+        raise BadRequest("tool_choice requires the hosted tool %r, which this proxy cannot run%s"
+                         % (kind, ": " + HOSTED_TOOLS[kind] if HOSTED_TOOLS[kind] else "."),
+                         param="tool_choice")
+    raise BadRequest("tool_choice type %r is not one of function, custom, allowed_tools" % kind,
+                     param="tool_choice")
+
+
+def _openai_tools(body):
+    if body.get("functions") is not None and body.get("tools") is None:     # legacy API
+        _need(isinstance(body["functions"], list), "functions must be a list", "functions")
+        tools = parse_openai_tools([{"type": "function", "function": f} for f in body["functions"]],
+                                   False)
+        fc = body.get("function_call", "auto")
+        return parse_openai_tool_choice({"type": "function", "function": fc}
+                                        if isinstance(fc, dict) else fc, tools, False)
+    tools = parse_openai_tools(body.get("tools") or [], False)
+    return parse_openai_tool_choice(body.get("tool_choice"), tools, False)
 
 
 def parse_openai_messages(messages, names_by_id=None):
@@ -2970,14 +3211,18 @@ def parse_openai_messages(messages, names_by_id=None):
                 calls = calls + [{"id": "call_legacy_%d" % i, "function": m["function_call"]}]
             _need(isinstance(calls, list), "%s.tool_calls must be a list" % where, "messages")
             for j, c in enumerate(calls):
-                fn = c.get("function") if isinstance(c, dict) else None
+                custom = c.get("custom") if isinstance(c, dict) and c.get("type") == "custom" else None
+                fn = custom or (c.get("function") if isinstance(c, dict) else None)
                 _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
                       "%s.tool_calls[%d] needs function.name" % (where, j), "messages")
-                args = fn.get("arguments") or "{}"
-                try:
-                    args = json.loads(args) if isinstance(args, str) else args
-                except ValueError:
-                    args = {"_raw_arguments": args}
+                if custom is not None:
+                    args = {CUSTOM_INPUT: fn.get("input") if isinstance(fn.get("input"), str) else ""}
+                else:
+                    args = fn.get("arguments") or "{}"
+                    try:
+                        args = json.loads(args) if isinstance(args, str) else args
+                    except ValueError:
+                        args = {"_raw_arguments": args}
                 cid = c.get("id") or "call_%d_%d" % (i, j)
                 names_by_id[cid] = fn["name"]
                 blocks.append({"type": "tool_use", "id": cid, "name": fn["name"], "input": args})
@@ -2996,20 +3241,26 @@ def parse_openai_messages(messages, names_by_id=None):
     return "\n\n".join(s for s in system if s), merge_messages(out)
 
 
-def _openai_schema(fmt):
-    """response_format -> a JSON schema for the CLI's --json-schema, or None for text."""
+def _openai_schema(fmt, where="response_format", flat=False):
+    """Chat `response_format` (or, `flat`, Responses `text.format`, whose json_schema fields
+    sit beside "type") -> a JSON schema for structured output, or None for text."""
     if fmt is None:
         return None
     _need(isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object", "json_schema"),
-          "response_format.type must be text, json_object or json_schema", "response_format")
+          "%s.type must be text, json_object or json_schema" % where, where)
     if fmt["type"] == "text":
         return None
     if fmt["type"] == "json_object":
         return {"type": "object"}
-    spec = fmt.get("json_schema")
+    spec = fmt if flat else fmt.get("json_schema")
     _need(isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict),
-          "response_format.json_schema must be {\"name\": ..., \"schema\": {...}}", "response_format")
-    return spec.get("schema") or {"type": "object"}
+          "%s must be {%s\"name\": ..., \"schema\": {...}}"
+          % (where, "\"type\": \"json_schema\", " if flat else ""), where)
+    schema = dict(spec.get("schema") or {"type": "object"})
+    # the draft a schema names ($schema, as the AI SDK sends draft-07) is not the CLI's concern:
+    # the keywords are the same for what structured output uses
+    schema.pop("$schema", None)
+    return schema
 
 
 class OpenAIChat:
@@ -3052,7 +3303,7 @@ class OpenAIChat:
             effort={"minimal": "low", "none": ""}.get(effort, effort or ""),
             max_tokens=max_tokens or 0, thinking=effort not in (None, "none"),
             disable_thinking=effort == "none", include_usage=bool(opts.get("include_usage")),
-            json_schema=schema)
+            web_tools=openai_web_tools(body), json_schema=schema)
 
     @staticmethod
     def usage(u):
@@ -3064,6 +3315,8 @@ class OpenAIChat:
     def render(self, req, c, body):
         msg = {"role": "assistant", "content": c.text if (c.text or not c.tool_calls) else None,
                "refusal": None}
+        if c.searches:
+            msg["annotations"] = self.annotations(c.text, c.searches)
         if req.thinking and c.thinking:
             msg["reasoning_content"] = c.thinking
         finish = self.FINISH.get(c.stop_reason, "stop")
@@ -3072,13 +3325,27 @@ class OpenAIChat:
             msg["function_call"] = {"name": call.name, "arguments": call.arguments}
             finish = "function_call"
         elif c.tool_calls:
-            msg["tool_calls"] = [{"id": t.id, "type": "function",
-                                  "function": {"name": t.name, "arguments": t.arguments}}
-                                 for t in c.tool_calls]
+            msg["tool_calls"] = [self.tool_call(req, t) for t in c.tool_calls]
         return {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
                 "model": req.model, "system_fingerprint": None,
                 "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
                 "usage": self.usage(c.usage)}
+
+    @staticmethod
+    def annotations(text, searches):
+        return [{"type": "url_citation", "url_citation": {
+            "start_index": start, "end_index": end, "url": url, "title": title}}
+            for start, end, url, title in url_citations(text, searches)]
+
+    @staticmethod
+    def tool_call(req, call):
+        """A message's tool call: a function's JSON arguments, or a custom tool's raw input."""
+        spec = tool_spec(req, call.name)
+        if spec is not None and spec.kind == "custom":
+            return {"id": call.id, "type": "custom",
+                    "custom": {"name": spec.name, "input": custom_input(call.arguments)}}
+        return {"id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
 
     def stream(self, req, events, sse, body):
         base = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk",
@@ -3093,14 +3360,26 @@ class OpenAIChat:
 
         chunk({"role": "assistant", "content": ""})
         calls = {}               # tool call id -> index
+        custom = {}              # custom tool call id -> its ToolCall, sent whole once complete
+        text, searches = [], []  # for the url_citation annotations of a web search, at the end
         try:
             for ev in events:
+                if custom and not isinstance(ev, (ToolCallDelta, Heartbeat)):
+                    for call in custom.values():
+                        chunk({"tool_calls": [dict(self.tool_call(req, call), index=calls[call.id])]})
+                    custom.clear()
                 if isinstance(ev, TextDelta):
                     if ev.text:
+                        text.append(ev.text)
                         chunk({"content": ev.text})
+                elif isinstance(ev, WebSearch):
+                    searches.append(ev)
                 elif isinstance(ev, ThinkingDelta):
                     if req.thinking and ev.text:
                         chunk({"reasoning_content": ev.text})
+                elif isinstance(ev, ToolCall) and getattr(tool_spec(req, ev.name), "kind", "") == "custom":
+                    calls[ev.id] = len(calls)
+                    custom[ev.id] = ToolCall(ev.id, ev.name, ev.arguments)
                 elif isinstance(ev, ToolCall):
                     calls[ev.id] = len(calls)
                     chunk({"tool_calls": [{"index": calls[ev.id], "id": ev.id, "type": "function",
@@ -3109,12 +3388,16 @@ class OpenAIChat:
                         chunk({"tool_calls": [{"index": calls[ev.id],
                                                "function": {"arguments": ev.arguments}}]})
                 elif isinstance(ev, ToolCallDelta):
-                    if ev.id in calls:
+                    if ev.id in custom:
+                        custom[ev.id].arguments += ev.arguments
+                    elif ev.id in calls:
                         chunk({"tool_calls": [{"index": calls[ev.id],
                                                "function": {"arguments": ev.arguments}}]})
                 elif isinstance(ev, Heartbeat):
                     sse.comment("keep-alive")
                 elif isinstance(ev, Done):
+                    if searches:
+                        chunk({"annotations": self.annotations("".join(text), searches)})
                     chunk({}, self.FINISH.get(ev.stop_reason, "stop"))
                     if req.include_usage:
                         sse.event(dict(base, choices=[], usage=self.usage(ev.usage)))
@@ -3218,9 +3501,14 @@ class AnthropicMessages:
         tools = []
         raw_tools = body.get("tools") or []
         _need(isinstance(raw_tools, list), "tools: Input should be a list")
+        web = []
         for i, t in enumerate(raw_tools):
             _need(isinstance(t, dict) and isinstance(t.get("name"), str),
                   "tools.%d.name: Field required" % i)
+            kind = str(t.get("type") or "")
+            if kind.startswith(("web_search_", "web_fetch_")):      # server tools: the CLI's own
+                web.append("WebSearch" if kind.startswith("web_search_") else "WebFetch")
+                continue
             _need(t.get("type") in (None, "custom"),
                   "tools.%d: server tool %r is not available through the claude CLI" % (i, t.get("type")))
             schema = t.get("input_schema")
@@ -3264,18 +3552,32 @@ class AnthropicMessages:
             parallel_tool_calls=not tc.get("disable_parallel_tool_use"), stop=stop, effort=effort,
             max_tokens=0 if count_only else body["max_tokens"],
             thinking=think["type"] in ("enabled", "adaptive"),
-            disable_thinking=think["type"] == "disabled",
+            disable_thinking=think["type"] == "disabled", web_tools=tuple(web),
             json_schema=fmt["schema"] if fmt else None)
 
     @staticmethod
     def usage(u):
-        return {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
-                "cache_creation_input_tokens": u.cache_write, "cache_read_input_tokens": u.cache_read}
+        out = {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+               "cache_creation_input_tokens": u.cache_write, "cache_read_input_tokens": u.cache_read}
+        if u.web_searches:
+            out["server_tool_use"] = {"web_search_requests": u.web_searches}
+        return out
+
+    @staticmethod
+    def search_blocks(search):
+        """A web search as the API returns it: the server_tool_use block and its results."""
+        return [{"type": "server_tool_use", "id": search.id, "name": "web_search",
+                 "input": {"query": search.query}},
+                {"type": "web_search_tool_result", "tool_use_id": search.id, "content": [
+                    {"type": "web_search_result", "url": src["url"], "title": src["title"],
+                     "encrypted_content": "", "page_age": None} for src in search.sources]}]
 
     def render(self, req, c, body):
         content = []
         if req.thinking and (c.thinking or c.signature):
             content.append({"type": "thinking", "thinking": c.thinking, "signature": c.signature})
+        for search in c.searches:
+            content.extend(self.search_blocks(search))
         if c.text or not c.tool_calls:
             content.append({"type": "text", "text": c.text})
         for t in c.tool_calls:
@@ -3339,6 +3641,12 @@ class AnthropicMessages:
                 elif isinstance(ev, ToolCallDelta):
                     if state["open"] == "tool_use":
                         delta({"type": "input_json_delta", "partial_json": ev.arguments})
+                elif isinstance(ev, WebSearch):
+                    use, result = self.search_blocks(ev)
+                    open_block("tool_use", dict(use, input={}))
+                    delta({"type": "input_json_delta", "partial_json": json.dumps(use["input"])})
+                    open_block("tool_use", result)      # results arrive whole, as the API sends them
+                    close_block()
                 elif isinstance(ev, Heartbeat):
                     sse.event({"type": "ping"}, "ping")
                 elif isinstance(ev, Done):
@@ -3367,9 +3675,10 @@ class AnthropicMessages:
 # say `previous_response_id`; this proxy stores nothing it could look up by id (a store of
 # conversations would be a second copy of every user's data to secure and expire; Idle
 # only keeps a CLI process, in memory, for a request that resends the same conversation), so
-# clients send the whole conversation in `input`, as they do with `store: false`.  Only function
-# tools exist here (OpenAI's built-in tools run on OpenAI's servers), and the model's thinking is
-# not returned as reasoning items.
+# clients send the whole conversation in `input`, as they do with `store: false`.  Tools are
+# read by section 9's parse_openai_tools (function, custom, namespace; web search is the CLI's
+# own; the other hosted tools run on OpenAI's servers), and the model's thinking is not returned
+# as reasoning items.
 
 def _responses_parts(content, where):
     """Message content (a string or input_text / output_text / refusal / input_image parts)
@@ -3432,20 +3741,29 @@ def parse_responses_input(value):
             else:
                 raise BadRequest("%s.role %r is not one of user, assistant, system, developer"
                                  % (at, role), param=at)
-        elif kind == "function_call":
-            cid, name, args = item.get("call_id"), item.get("name"), item.get("arguments")
+        elif kind in ("function_call", "custom_tool_call"):
+            cid, name = item.get("call_id"), item.get("name")
             _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
             _need(isinstance(name, str) and name, "%s.name must be a non-empty string" % at, at)
-            _need(isinstance(args, str), "%s.arguments must be a JSON string" % at, at)
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                args = {"_raw_arguments": args}
+            if item.get("namespace"):
+                _need(isinstance(item["namespace"], str), "%s.namespace must be a string" % at, at)
+                name = "%s.%s" % (item["namespace"], name)      # as the tool is offered
+            if kind == "custom_tool_call":
+                _need(isinstance(item.get("input"), str), "%s.input must be a string" % at, at)
+                args = {CUSTOM_INPUT: item["input"]}
+            else:
+                args = item.get("arguments")
+                _need(isinstance(args, str), "%s.arguments must be a JSON string" % at, at)
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except ValueError:
+                    args = {"_raw_arguments": args}
+                if not isinstance(args, dict):
+                    args = {"_raw_arguments": item["arguments"]}
             names[cid] = name
             out.append(Message("assistant", [{"type": "tool_use", "id": cid, "name": name,
-                                              "input": args if isinstance(args, dict) else
-                                              {"_raw_arguments": item["arguments"]}}]))
-        elif kind == "function_call_output":
+                                              "input": args}]))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             cid = item.get("call_id")
             _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
             _need(item.get("output") is not None, "%s.output is required" % at, at)
@@ -3453,53 +3771,25 @@ def parse_responses_input(value):
             out.append(Message("user", [{"type": "tool_result", "tool_use_id": cid,
                                          "name": names.get(cid) or item.get("name"),
                                          "content": text}] + images))
-        elif kind == "reasoning":
-            continue                       # not replayed, as Anthropic thinking blocks are not
+        elif kind in ("reasoning", "web_search_call"):
+            # not replayed, as Anthropic thinking blocks are not; a search's findings are in
+            # the answer that followed it
+            continue
         elif kind == "item_reference":
             raise BadRequest("%s refers to a stored item, but this proxy stores nothing: send the "
                              "item itself." % at, param=at)
         else:
             raise BadRequest("%s has unsupported type %r (supported: message, function_call, "
-                             "function_call_output, reasoning)" % (at, kind), param=at)
+                             "function_call_output, custom_tool_call, custom_tool_call_output, "
+                             "reasoning, web_search_call)" % (at, kind), param=at)
     _need(out, "input must contain at least one user or assistant message", "input")
     return "\n\n".join(s for s in system if s), merge_messages(out)
 
 
 def _responses_tools(body):
-    """Flat Responses function tools and tool_choice -> ([ToolSpec], neutral choice)."""
-    raw = body.get("tools") or []
-    _need(isinstance(raw, list), "tools must be a list", "tools")
-    tools = []
-    for i, t in enumerate(raw):
-        at = "tools[%d]" % i
-        _need(isinstance(t, dict), "%s must be an object" % at, at)
-        _need(t.get("type") == "function", "%s: only function tools are available through the "
-              "claude CLI (got type %r)" % (at, t.get("type")), at)
-        _need("function" not in t or "name" in t, "%s.name is required: Responses tools are flat "
-              "({\"type\": \"function\", \"name\": ..., \"parameters\": ...}), not nested under "
-              "\"function\" as in chat completions" % at, at)
-        _need(isinstance(t.get("name"), str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", t["name"]),
-              "%s.name must be 1-128 letters, digits, _ . : or -" % at, at)
-        params = t.get("parameters") or {"type": "object", "properties": {}}
-        _need(isinstance(params, dict), "%s.parameters must be an object" % at, at)
-        tools.append(ToolSpec(t["name"], t.get("description") or "", params))
-    choice = body.get("tool_choice")
-    if choice is None:
-        choice = "auto"
-    if isinstance(choice, dict):
-        _need(choice.get("type") == "function" and isinstance(choice.get("name"), str),
-              "tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": ...}",
-              "tool_choice")
-        _need(any(t.name == choice["name"] for t in tools),
-              "tool_choice names %r, which is not in tools" % choice["name"], "tool_choice")
-        choice = {"name": choice["name"]}
-    else:
-        _need(choice in ("auto", "none", "required"),
-              "tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": ...}",
-              "tool_choice")
-        _need(choice != "required" or tools, "tool_choice is required but no tools were given",
-              "tool_choice")
-    return tools, choice
+    """Flat Responses tools and tool_choice -> ([ToolSpec], neutral choice)."""
+    tools = parse_openai_tools(body.get("tools") or [], True)
+    return parse_openai_tool_choice(body.get("tool_choice"), tools, True)
 
 
 class OpenAIResponses:
@@ -3553,9 +3843,7 @@ class OpenAIResponses:
               "reasoning.effort")
         text = body.get("text") or {}
         _need(isinstance(text, dict), "text must be an object", "text")
-        fmt = text.get("format")
-        _need(fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"),
-              "text.format other than text is not supported yet", "text.format")
+        schema = _openai_schema(text.get("format"), "text.format", flat=True)
         _need(not body.get("top_logprobs"), "logprobs are not available from the claude CLI",
               "top_logprobs")
         _need(isinstance(body.get("parallel_tool_calls", True), bool) or
@@ -3567,7 +3855,8 @@ class OpenAIResponses:
             stream=bool(body.get("stream")), tools=tools, tool_choice=choice,
             parallel_tool_calls=body.get("parallel_tool_calls") is not False,
             effort={"minimal": "low", "none": ""}.get(effort, effort or ""),
-            max_tokens=max_tokens or 0, disable_thinking=effort == "none")
+            max_tokens=max_tokens or 0, disable_thinking=effort == "none",
+            web_tools=openai_web_tools(body), json_schema=schema)
 
     # -- the response object ---------------------------------------------------------------
     @staticmethod
@@ -3585,14 +3874,39 @@ class OpenAIResponses:
     def text_part(text):
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
+    @staticmethod
+    def annotate(part, searches):
+        part["annotations"] = [{"type": "url_citation", "start_index": start, "end_index": end,
+                                "url": url, "title": title}
+                               for start, end, url, title in url_citations(part["text"], searches)]
+
+    @staticmethod
+    def search_item(search, status):
+        return {"id": "ws_" + search.id[len("srvtoolu_"):], "type": "web_search_call",
+                "status": status, "action": {"type": "search", "query": search.query,
+                                             "sources": [{"type": "url", "url": src["url"]}
+                                                         for src in search.sources]}}
+
     def message_item(self, text, status):
         return {"id": new_id("msg_"), "type": "message", "status": status, "role": "assistant",
                 "content": [self.text_part(text)] if text is not None else []}
 
     @staticmethod
-    def call_item(call, status):
-        return {"id": new_id("fc_"), "type": "function_call", "status": status,
-                "arguments": call.arguments, "call_id": call.id, "name": call.name}
+    def call_item(req, call, status):
+        """The output item of a tool call: a function_call (with its namespace, if it came in
+        one), or a custom_tool_call carrying the raw input."""
+        spec = tool_spec(req, call.name)
+        if spec is not None and spec.kind == "custom":
+            item = {"id": new_id("ctc_"), "type": "custom_tool_call", "status": status,
+                    "call_id": call.id, "name": spec.client_name,
+                    "input": custom_input(call.arguments)}
+        else:
+            item = {"id": new_id("fc_"), "type": "function_call", "status": status,
+                    "arguments": call.arguments, "call_id": call.id,
+                    "name": spec.client_name if spec is not None else call.name}
+        if spec is not None and spec.namespace:
+            item["namespace"] = spec.namespace
+        return item
 
     def envelope(self, req, body, rid, created, output, status, usage=None, stop_reason=None,
                  error=None):
@@ -3609,12 +3923,12 @@ class OpenAIResponses:
             "previous_response_id": None,
             "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
             "store": False, "temperature": body.get("temperature"),
-            "text": {"format": {"type": "text"}},
+            "text": dict((body.get("text") or {}),
+                         format=(body.get("text") or {}).get("format") or {"type": "text"}),
             "tool_choice": {"type": "function", "name": choice["name"]} if isinstance(choice, dict)
             else choice,
             # strict: arguments are parsed from the model's text, not constrained to the schema
-            "tools": [{"type": "function", "name": t.name, "description": t.description or None,
-                       "parameters": t.parameters, "strict": False} for t in req.tools],
+            "tools": body.get("tools") or [],
             "top_p": body.get("top_p"), "truncation": body.get("truncation") or "disabled",
             "usage": self.usage(usage) if usage is not None else None, "user": body.get("user")}
 
@@ -3623,8 +3937,11 @@ class OpenAIResponses:
 
     def render(self, req, c, body):
         status = self.status_of(c.stop_reason)
-        output = [self.message_item(c.text, status)] if (c.text or not c.tool_calls) else []
-        output += [self.call_item(t, "completed") for t in c.tool_calls]
+        output = [self.search_item(s, "completed") for s in c.searches]
+        if c.text or not c.tool_calls:
+            output.append(self.message_item(c.text, status))
+            self.annotate(output[-1]["content"][0], c.searches)
+        output += [self.call_item(req, t, "completed") for t in c.tool_calls]
         return self.envelope(req, body, new_id("resp_"), int(time.time()), output, status,
                              c.usage, c.stop_reason)
 
@@ -3633,6 +3950,7 @@ class OpenAIResponses:
         rid, created, seq = new_id("resp_"), int(time.time()), itertools.count()
         output = []                      # items so far, mutated as they finish
         state = {"message": None}        # the open message item, while text streams into it
+        searches = []                    # web searches so far, cited by the text after them
 
         def emit(kind, **fields):
             sse.event(dict(type=kind, sequence_number=next(seq), **fields), kind)
@@ -3649,6 +3967,7 @@ class OpenAIResponses:
         def close_message(status):
             item, index, part = state["message"]
             state["message"] = None
+            self.annotate(part, searches)
             emit("response.output_text.done", item_id=item["id"], output_index=index,
                  content_index=0, text=part["text"], logprobs=[])
             emit("response.content_part.done", item_id=item["id"], output_index=index,
@@ -3657,10 +3976,19 @@ class OpenAIResponses:
             emit("response.output_item.done", output_index=index, item=item)
 
         def close_call():
-            # native tools stream arguments (ToolCallDelta): the item stays open until then
-            item, index = state.pop("call")
-            emit("response.function_call_arguments.done", item_id=item["id"],
-                 output_index=index, arguments=item["arguments"])
+            # native tools stream arguments (ToolCallDelta): the item stays open until then; a
+            # custom tool's raw input is inside its JSON arguments, so it is sent once complete
+            item, index, call = state.pop("call")
+            if item["type"] == "custom_tool_call":
+                item["input"] = custom_input(call.arguments)
+                if item["input"]:
+                    emit("response.custom_tool_call_input.delta", item_id=item["id"],
+                         output_index=index, delta=item["input"])
+                emit("response.custom_tool_call_input.done", item_id=item["id"],
+                     output_index=index, input=item["input"])
+            else:
+                emit("response.function_call_arguments.done", item_id=item["id"],
+                     output_index=index, arguments=item["arguments"])
             item["status"] = "completed"
             emit("response.output_item.done", output_index=index, item=item)
 
@@ -3671,10 +3999,12 @@ class OpenAIResponses:
                 if "call" in state and not isinstance(ev, (ToolCallDelta, Heartbeat)):
                     close_call()
                 if isinstance(ev, ToolCallDelta):
-                    item, index = state["call"]
-                    item["arguments"] += ev.arguments
-                    emit("response.function_call_arguments.delta", item_id=item["id"],
-                         output_index=index, delta=ev.arguments)
+                    item, index, call = state["call"]
+                    call.arguments += ev.arguments
+                    if item["type"] == "function_call":
+                        item["arguments"] += ev.arguments
+                        emit("response.function_call_arguments.delta", item_id=item["id"],
+                             output_index=index, delta=ev.arguments)
                 elif isinstance(ev, TextDelta):
                     if not ev.text:
                         continue
@@ -3687,15 +4017,31 @@ class OpenAIResponses:
                 elif isinstance(ev, ToolCall):
                     if state["message"] is not None:
                         close_message("completed")
-                    item = dict(self.call_item(ev, "in_progress"), arguments=ev.arguments)
+                    item = self.call_item(req, ev, "in_progress")
                     output.append(item)
                     index = len(output) - 1
-                    emit("response.output_item.added", output_index=index,
-                         item=dict(item, arguments=""))
-                    if ev.arguments:
-                        emit("response.function_call_arguments.delta", item_id=item["id"],
-                             output_index=index, delta=ev.arguments)
-                    state["call"] = (item, index)
+                    if item["type"] == "custom_tool_call":
+                        emit("response.output_item.added", output_index=index,
+                             item=dict(item, input=""))
+                    else:
+                        emit("response.output_item.added", output_index=index,
+                             item=dict(item, arguments=""))
+                        if ev.arguments:
+                            emit("response.function_call_arguments.delta", item_id=item["id"],
+                                 output_index=index, delta=ev.arguments)
+                    state["call"] = (item, index, ToolCall(ev.id, ev.name, ev.arguments))
+                elif isinstance(ev, WebSearch):
+                    if state["message"] is not None:
+                        close_message("completed")
+                    searches.append(ev)
+                    item, index = self.search_item(ev, "in_progress"), len(output)
+                    output.append(item)
+                    emit("response.output_item.added", output_index=index, item=dict(item))
+                    for phase in ("in_progress", "searching", "completed"):
+                        emit("response.web_search_call.%s" % phase, item_id=item["id"],
+                             output_index=index)
+                    item["status"] = "completed"
+                    emit("response.output_item.done", output_index=index, item=item)
                 elif isinstance(ev, Heartbeat):
                     sse.comment("keep-alive")
                 elif isinstance(ev, Done):
@@ -4079,10 +4425,21 @@ def login_events(app, req, call):
             keep.drop()
 
 
+def display_name(model_id):
+    """Anthropic's display name for a model id: claude-sonnet-4-6 -> Claude Sonnet 4.6."""
+    m = re.fullmatch(r"claude-([a-z]+)-([0-9]+(?:-[0-9]{1,2})?)(?:-[0-9]{8})?", model_id)
+    if not m:
+        return model_id.replace("-", " ").title()
+    return "Claude %s %s" % (m.group(1).title(), m.group(2).replace("-", "."))
+
+
 def models_payload(anthropic_shape, only=None):
-    ids = [only] if only else list(KNOWN_MODELS)
+    # Anthropic lists full ids only (its clients pick a model from that list); the aliases stay
+    # accepted in requests and in the OpenAI-shaped list, where clients expect short names too
+    ids = [only] if only else [m for m in KNOWN_MODELS
+                               if not anthropic_shape or m not in MODEL_FAMILIES]
     if anthropic_shape:
-        data = [{"type": "model", "id": m, "display_name": m.replace("-", " ").title(),
+        data = [{"type": "model", "id": m, "display_name": display_name(m),
                  "created_at": "2025-01-01T00:00:00Z"} for m in ids]
         if only:
             return data[0]
@@ -4427,6 +4784,8 @@ class Handler(BaseHTTPRequestHandler):
         req.handler = pick_handler(self.headers.get("X-Toolcall-Module"), self.app.cfg.toolcall_module)
         req.id_prefix = dialect.call_id_prefix
         req.session = session_signal(body, self.headers)
+        # what the client's web search asks for, as far as the operator allows it
+        req.web_tools = tuple(t for t in req.web_tools if t in WEB_TOOL_MODES[self.app.cfg.web_tools])
         self.model = req.model
         self.model, self.req = req.model, req
         call = Call(self.connection, self.app.cfg.timeout)

@@ -115,6 +115,25 @@ def tool_use(name, input, id="toolu_fake01", before="", **kw):
     return Reply(blocks=blocks, stop_reason="tool_use", **kw)
 
 
+def web_search_answer(query, results, answer, srv_id="srvtoolu_fake01"):
+    """What Anthropic's server-side web search returns to a request offering web_search_2025...:
+    the search the model ran, its results ({"url", "title"}), and the model's text."""
+    return Reply(blocks=[
+        {"type": "server_tool_use", "id": srv_id, "name": "web_search", "input": {"query": query}},
+        {"type": "web_search_tool_result", "tool_use_id": srv_id, "content": [
+            dict({"type": "web_search_result", "encrypted_content": "enc", "page_age": None}, **r)
+            for r in results]},
+        {"type": "text", "text": answer}],
+        usage={"input_tokens": 9, "output_tokens": 5, "server_tool_use": {"web_search_requests": 1}})
+
+
+def offers_web_search(body):
+    """True for the CLI's nested request that runs a WebSearch (it offers Anthropic's server
+    tool web_search_20250305)."""
+    return isinstance(body, dict) and any(str(t.get("type", "")).startswith("web_search")
+                                          for t in body.get("tools") or [])
+
+
 def error(status, error_type, message="scripted failure", headers=None):
     return Reply(status=status, error_type=error_type, message=message, headers=headers or {})
 
@@ -297,12 +316,15 @@ class FakeUpstream:
                                                   "delta": {"type": "thinking_delta", "thinking": piece}}
                 yield "content_block_delta", {"type": "content_block_delta", "index": i,
                                               "delta": {"type": "signature_delta", "signature": block["signature"]}}
-            elif kind == "tool_use":
+            elif kind in ("tool_use", "server_tool_use"):
                 yield "content_block_start", {"type": "content_block_start", "index": i, "content_block": {
-                    "type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}}
+                    "type": kind, "id": block["id"], "name": block["name"], "input": {}}}
                 for piece in _split(json.dumps(block["input"]), reply.chunks):
                     yield "content_block_delta", {"type": "content_block_delta", "index": i,
                                                   "delta": {"type": "input_json_delta", "partial_json": piece}}
+            elif kind.endswith("_tool_result"):      # server tool results arrive whole
+                yield "content_block_start", {"type": "content_block_start", "index": i,
+                                              "content_block": block}
             yield "content_block_stop", {"type": "content_block_stop", "index": i}
         yield "message_delta", {"type": "message_delta", "delta": {"stop_reason": reply.stop_reason,
                                                                    "stop_sequence": None},

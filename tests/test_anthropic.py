@@ -382,8 +382,24 @@ def test_models_without_anthropic_headers_is_openai_shaped(proxy):
     assert body["object"] == "list"
     assert body["data"] and all(m["object"] == "model" for m in body["data"])
     assert "has_more" not in body and "type" not in body["data"][0]
+    assert {"opus", "sonnet", "haiku"} <= {m["id"] for m in body["data"]}   # aliases: OpenAI list
     status, _, body = proxy.request("GET", "/v1/models", headers=ANTHROPIC_HEADERS)
     assert status == 200 and body["data"][0]["type"] == "model" and "has_more" in body
+
+
+def test_anthropic_model_list_has_full_ids_only(proxy):
+    """As Anthropic lists them: full claude-... ids with display_name and created_at."""
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="unused", max_retries=0)
+    models = list(client.models.list())
+    assert models and all(m.id.startswith("claude-") and m.type == "model" for m in models)
+    assert not {"opus", "sonnet", "haiku"} & {m.id for m in models}
+    names = {m.id: m.display_name for m in models}
+    assert names["claude-sonnet-4-6"] == "Claude Sonnet 4.6"
+    assert all(m.created_at.year >= 2025 for m in models)
+    assert client.models.retrieve("claude-haiku-4-5").display_name == "Claude Haiku 4.5"
+    status, _, body = proxy.post("/v1/messages", {"model": "haiku", "max_tokens": 5,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200, body                      # aliases are still accepted in requests
 
 
 # -- errors -------------------------------------------------------------------------------------

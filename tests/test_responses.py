@@ -163,8 +163,9 @@ def test_bad_requests_are_400_in_openai_shape(client, upstream):
     assert exc.value.body["param"] == "background"
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.create(model="sonnet", input="hi",
-                                tools=[{"type": "web_search"}])
-    assert "only function tools" in exc.value.body["message"]
+                                tools=[{"type": "file_search", "vector_store_ids": ["vs_1"]}])
+    assert exc.value.body["param"] == "tools[0]"
+    assert "vector stores" in exc.value.body["message"]
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.create(model="sonnet", input="hi", tools=[WEATHER],
                                 tool_choice={"type": "function", "name": "nope"})
@@ -314,3 +315,80 @@ def test_failure_after_stream_began_is_response_failed(client, upstream):
     failed = events[-1].response
     assert failed.status == "failed" and failed.id == events[0].response.id
     assert failed.error.code == "server_error" and "upstream broke" in failed.error.message
+
+
+# -- structured output (text.format) ----------------------------------------------------------
+
+CITY = {"type": "object", "properties": {"city": {"type": "string"}, "temp": {"type": "number"}},
+        "required": ["city", "temp"], "additionalProperties": False}
+
+
+def test_json_schema_format_gives_the_json_and_echoes_the_format(client, upstream):
+    """The flat text.format shape (as the AI SDK sends it, with a $schema key) goes the CLI's
+    structured-output way: its StructuredOutput tool's answer is the output text."""
+    upstream.push(fake_upstream.tool_use("StructuredOutput", {"city": "Paris", "temp": 21.5},
+                                         before="Here you go:"))
+    fmt = {"type": "json_schema", "name": "weather", "strict": True,
+           "schema": dict(CITY, **{"$schema": "http://json-schema.org/draft-07/schema#"})}
+    raw = client.responses.with_raw_response.create(model="sonnet", input="weather as json",
+                                                    text={"format": fmt})
+    body = json.loads(raw.text)
+    resp = Response.model_validate(body)
+    assert json.loads(resp.output_text) == {"city": "Paris", "temp": 21.5}
+    assert body["output"][0]["content"][0]["text"] == resp.output_text
+    assert body["text"]["format"] == fmt                      # name, strict and all, echoed
+    offered = upstream.model_calls[-1]["tools"]
+    assert [t["name"] for t in offered] == ["StructuredOutput"]
+    assert offered[0]["input_schema"] == CITY                 # $schema left out
+
+
+def test_parse_and_stream_with_a_pydantic_model(client, upstream):
+    class Weather(pydantic.BaseModel):
+        city: str
+        temp: float
+
+    upstream.push(fake_upstream.tool_use("StructuredOutput", {"city": "Oslo", "temp": -3}))
+    parsed = client.responses.parse(model="sonnet", input="weather", text_format=Weather)
+    assert parsed.output_parsed == Weather(city="Oslo", temp=-3)
+    assert parsed.text.format.type == "json_schema" and parsed.text.format.name == "Weather"
+
+    upstream.push(fake_upstream.tool_use("StructuredOutput", {"city": "Lima", "temp": 19}))
+    with client.responses.stream(model="sonnet", input="weather", text_format=Weather) as stream:
+        deltas = [ev.delta for ev in stream if ev.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert json.loads("".join(deltas)) == {"city": "Lima", "temp": 19}
+    assert final.output_parsed == Weather(city="Lima", temp=19)
+
+
+def test_json_object_format(client, upstream):
+    upstream.push(fake_upstream.tool_use("StructuredOutput", {"ok": True}))
+    resp = client.responses.create(model="sonnet", input="json please",
+                                   text={"format": {"type": "json_object"}})
+    assert json.loads(resp.output_text) == {"ok": True}
+    assert resp.text.format.type == "json_object"
+    assert upstream.model_calls[-1]["tools"][0]["input_schema"] == {"type": "object"}
+
+
+def test_json_schema_with_tools_is_a_rule_the_final_answer_follows(client, upstream):
+    """With tools offered the model must be free to call them first (the CLI's structured mode
+    would insist on StructuredOutput): the schema becomes a system-prompt rule instead."""
+    upstream.push(fake_upstream.text('{"city": "Paris", "temp": 21}'))
+    resp = client.responses.create(
+        model="sonnet", input="weather", tools=[WEATHER],
+        text={"format": {"type": "json_schema", "name": "weather", "schema": CITY}})
+    assert json.loads(resp.output_text) == {"city": "Paris", "temp": 21}
+    call = upstream.model_calls[-1]
+    assert call["tools"] == []                                # no StructuredOutput tool
+    assert "matching this JSON schema" in system_text(call)
+    assert json.dumps(CITY) in system_text(call)
+
+
+def test_bad_text_format_is_a_400(client, upstream):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(model="sonnet", input="hi", text={"format": {"type": "yaml"}})
+    assert exc.value.body["param"] == "text.format"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(model="sonnet", input="hi",
+                                text={"format": {"type": "json_schema", "name": "x", "schema": 3}})
+    assert exc.value.body["param"] == "text.format"
+    assert upstream.model_calls == []
