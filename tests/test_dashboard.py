@@ -143,11 +143,11 @@ def test_data_shape_and_a_row_per_request(fake_proxy):
     assert status == 200
     r = row_for(fake_proxy, rid)
     assert r["route"] == "/v1/chat/completions" and r["method"] == "POST"
-    assert r["status"] == 200 and r["model"] == "sonnet" and r["account"] == ""
+    assert r["status"] == 200 and r["model"] == "sonnet" and r["account"] == "default"
     assert r["client"] == "row-agent/2.0 (x)?"               # printable, truncated (below)
     assert r["in"] == 3 and r["out"] == 2 and r["cache_read"] == 0 and r["cache_write"] == 0
     assert isinstance(r["ttft_ms"], float) and 0 < r["ttft_ms"] <= r["ms"]
-    assert r["stream"] is False and "served_by" in r
+    assert r["stream"] is False and r["served_by"] in ("spawned", "reused")
     assert set(r) == {"t", "id", "method", "route", "client", "model", "account", "status",
                       "stream", "ttft_ms", "ms", "in", "out", "cache_read", "cache_write",
                       "served_by"}
