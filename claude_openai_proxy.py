@@ -366,6 +366,8 @@ def describe_config(cfg):
 # 4. Neutral model ###############################################################################
 # Every dialect parses into a Request and renders from Events.  Content blocks use Anthropic's
 # block shapes (text, image, tool_use, tool_result, thinking): they are what the CLI consumes.
+# A tool_result's content is its text; images that came with it are image blocks of their own
+# beside it, and also listed under the result's "images" (native tools put them back inside).
 
 @dataclass
 class Message:
@@ -608,9 +610,12 @@ def block_text(block, handler):
     return ""
 
 
-def render_turn(messages, handler):
-    """The content blocks of the one user turn the CLI answers."""
+def render_turn(messages, handler, bridge=None):
+    """The content blocks of the one user turn the CLI answers (with native tools' `bridge`, a
+    user turn of tool results stays real tool_result blocks)."""
     if len(messages) == 1 and messages[0].role == "user":
+        if bridge is not None:
+            return bridge.turn(messages[0].blocks) or [{"type": "text", "text": ""}]
         blocks = []
         for b in messages[0].blocks:
             if b.get("type") in ("text", "image"):
@@ -628,21 +633,31 @@ def render_turn(messages, handler):
     return [{"type": "text", "text": text}] + images
 
 
-def history_turns(messages, handler):
+def history_turns(messages, handler, bridge=None):
     """The earlier messages as [(role, blocks)], one real turn each, or None when the flat
     transcript has to be used: a single message (nothing earlier), a conversation that ends
     with the assistant (a prefill: the transcript's PREFILL_INTRO asks for a continuation),
-    native tools (their tool_use/tool_result history stays text records in the transcript), or
-    an earlier assistant message with nothing to say once thinking is dropped.
+    the native handler with no tools offered (tool_choice "none": the upstream refuses tool
+    blocks without tool definitions, so that history stays text records), or an earlier
+    assistant message with nothing to say once thinking is dropped.
 
     User messages are rendered as a one-message conversation is (render_turn), so the newest
     message of one request and the same message among the earlier ones of the next request
     reach the CLI identically; assistant messages keep their text, emulated tool calls become
-    the handler's ```tool_call text, thinking is dropped (the CLI has no signature for it)."""
-    if len(messages) < 2 or messages[-1].role != "user" or getattr(handler, "native", False):
+    the handler's ```tool_call text, thinking is dropped (the CLI has no signature for it).
+    With native tools (`bridge`), tool calls and results are real tool_use / tool_result
+    blocks, as the model made and the client answered them (ToolBridge.turn)."""
+    if len(messages) < 2 or messages[-1].role != "user" or \
+            (bridge is None and getattr(handler, "native", False)):
         return None
     turns = []
     for m in messages[:-1]:
+        if bridge is not None:
+            blocks = bridge.turn(m.blocks)
+            if not blocks:
+                return None
+            turns.append((m.role, blocks))
+            continue
         if m.role == "user":
             turns.append(("user", render_turn([m], handler)))
             continue
@@ -919,16 +934,20 @@ class NativeToolCallHandler(BaseToolCallHandler):
     without running anything.  What is left here is the text part: the CLI has no upstream
     tool_choice, so "required" and a named tool are instructions in the system prompt (a named
     tool is also the only one offered); with parallel_tool_calls=false the calls after the first
-    are dropped.  Earlier calls and results are text records in the flattened transcript.
+    are dropped.  Earlier calls and results are real tool_use / tool_result turns
+    (ToolBridge.turn), or text records where the flat transcript is sent (render_call,
+    render_result: CLAUDE_PROXY_HISTORY=flat, a prefill).
     """
     name = "native"
     description = "real tool use through the CLI's MCP bridge; no prompt protocol"
     native = True
 
     def tool_prompt(self, tools, tool_choice):
-        rules = ["Earlier tool calls and their results appear in the conversation as "
-                 "[tool call ...] and [tool result ...] records. Those are history only: to call "
-                 "a tool, use your tools, never write such a record yourself."]
+        # the same text whatever the history looks like: the system prompt is the start of the
+        # upstream prompt cache, so it must not change from one step of an agent loop to the next
+        rules = ["A conversation given as a transcript shows earlier tool calls and their "
+                 "results as [tool call ...] and [tool result ...] records. Those are history "
+                 "only: to call a tool, use your tools, never write such a record yourself."]
         if tool_choice == "required":
             rules.append("In this reply you MUST call at least one of your tools.")
         elif isinstance(tool_choice, dict):
@@ -1791,8 +1810,8 @@ class Backend:
             pooled, proc = proc is not None, proc or self.spawn(launch)
             bridge = ToolBridge(req) if native_tools(req) else None
             try:
-                last = user_line(render_turn(messages[-1:], req.handler))
-                turns = history_turns(messages, req.handler) \
+                last = user_line(render_turn(messages[-1:], req.handler, bridge))
+                turns = history_turns(messages, req.handler, bridge) \
                     if self.cfg.history == "structured" and not resumed else None
                 if resumed:
                     proc.send(last)
@@ -1873,11 +1892,12 @@ class ToolBridge:
     """
 
     def __init__(self, req):
-        tools = offered_tools(req)
-        self.names = mcp_names(tools)
+        # names over all the client's tools, so a named tool_choice (only that tool offered)
+        # leaves the names of the history's calls as they were in the steps before
+        self.names = mcp_names(req.tools)
         self.client_name = {MCP_PREFIX + mcp: name for name, mcp in self.names.items()}
         self.listing = []
-        for t in tools:
+        for t in offered_tools(req):
             schema = dict(t.parameters)
             if schema.setdefault("type", "object") != "object":
                 raise BadRequest("Tool %r: native tool mode needs the parameters to be a JSON "
@@ -1895,6 +1915,48 @@ class ToolBridge:
         self.denied = False      # deny+interrupt sent: the CLI's result line ends the turn
         self.done = False        # nothing to wait for: end the request now
         self.usage = Usage()     # of the streamed message, for when `done` cuts the turn short
+
+    # -- history -----------------------------------------------------------------------
+    def turn(self, blocks):
+        """A message of the conversation as the upstream saw it when it was new: the client's
+        tool calls under the MCP names the model used and the ids it gave (_call's mapping,
+        reversed), results as real tool_result blocks with is_error and the images they came
+        with, placed first in their turn as the API wants; thinking is dropped (the CLI has no
+        signature for it), and so are empty text blocks (the API refuses them)."""
+        results, rest = [], []
+        inner = [i for b in blocks if b.get("type") == "tool_result" for i in b.get("images") or ()]
+        for b in blocks:
+            kind = b.get("type")
+            if kind == "tool_use":
+                rest.append({"type": "tool_use", "id": self.upstream_id(b.get("id")),
+                             "name": MCP_PREFIX + self.mcp_name(b.get("name") or ""),
+                             "input": b.get("input") if isinstance(b.get("input"), dict) else {}})
+            elif kind == "tool_result":
+                content = b.get("content")
+                content = "" if content is None else content
+                if b.get("images"):
+                    content = ([{"type": "text", "text": content}] if content else []) + \
+                        list(b["images"])
+                result = {"type": "tool_result", "tool_use_id": self.upstream_id(b.get("tool_use_id")),
+                          "content": content}
+                if b.get("is_error"):
+                    result["is_error"] = True
+                results.append(result)
+            elif (kind == "text" and b.get("text")) or (kind == "image" and b not in inner):
+                rest.append(b)
+        return results + rest
+
+    def mcp_name(self, name):
+        """The MCP name of a client tool; one the request no longer offers is made safe alike."""
+        return self.names.get(name) or mcp_names([ToolSpec(name, "", {})])[name]
+
+    def upstream_id(self, call_id):
+        """The tool_use id the upstream gave a call that the client echoes back: _call handed
+        toolu_X out as PREFIX+X.  Other ids (the client's own) are made safe for the API."""
+        call_id = str(call_id or "")
+        if self.id_prefix != "toolu_" and call_id.startswith(self.id_prefix):
+            call_id = "toolu_" + call_id[len(self.id_prefix):]
+        return re.sub(r"[^A-Za-z0-9_-]", "_", call_id) or "toolu_"
 
     # -- stream events -----------------------------------------------------------------
     def on_stream(self, proc, ev):
@@ -2604,15 +2666,18 @@ def _anthropic_blocks(content, where, role):
         elif kind == "tool_result":
             _need(role == "user", "%s: tool_result blocks belong to user messages" % at)
             _need(isinstance(b.get("tool_use_id"), str), "%s.tool_use_id: Field required" % at)
-            inner = b.get("content", "")
+            inner, images = b.get("content", ""), []
             if isinstance(inner, list):
                 inner = _anthropic_blocks(inner, at, "user")
                 text = "\n".join(x.get("text", "") for x in inner if x.get("type") == "text")
-                blocks.extend(x for x in inner if x.get("type") == "image")
+                images = [x for x in inner if x.get("type") == "image"]
+                blocks.extend(images)
                 inner = text
             _need(isinstance(inner, str), "%s.content must be a string or blocks" % at)
             blocks.append({"type": "tool_result", "tool_use_id": b["tool_use_id"], "content": inner,
                            "is_error": bool(b.get("is_error"))})
+            if images:                   # native tools give them back inside the result
+                blocks[-1]["images"] = images
         elif kind in ("thinking", "redacted_thinking"):
             continue                                  # not replayed to the model
         else:
@@ -2894,9 +2959,11 @@ def parse_responses_input(value):
             _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
             _need(item.get("output") is not None, "%s.output is required" % at, at)
             text, images = _responses_output(item["output"], at)
-            out.append(Message("user", [{"type": "tool_result", "tool_use_id": cid,
-                                         "name": names.get(cid) or item.get("name"),
-                                         "content": text}] + images))
+            result = {"type": "tool_result", "tool_use_id": cid,
+                      "name": names.get(cid) or item.get("name"), "content": text}
+            if images:                   # native tools give them back inside the result
+                result["images"] = images
+            out.append(Message("user", [result] + images))
         elif kind == "reasoning":
             continue                       # not replayed, as Anthropic thinking blocks are not
         elif kind == "item_reference":

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 import fake_upstream
-from conftest import sse_events
+from conftest import sse_events, upstream_turns
 
 NATIVE = {"X-Toolcall-Module": "native"}
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
@@ -209,11 +209,15 @@ def test_follow_up_with_tool_result_gets_final_answer_openai(proxy, upstream):
     assert r.choices[0].finish_reason == "stop"
     assert len(upstream.model_calls) == 1
     call = upstream.model_calls[0]
-    text = user_text(call)
-    assert "RESULT-MARKER-41" in text                # the result reached the model, as text
-    assert "[tool call id=" in text and "get_weather" in text
+    assert upstream_turns(call) == [
+        ("user", [{"type": "text", "text": "Weather in Paris?"}]),
+        ("assistant", [{"type": "tool_use", "id": "toolu_fake01", "name": "mcp__client__get_weather",
+                        "input": {"city": "Paris"}}]),
+        ("user", [{"type": "tool_result", "tool_use_id": "toolu_fake01",
+                   "content": "sunny, 22 C, RESULT-MARKER-41"}])]
     assert call["tools"][0]["name"] == "mcp__client__get_weather"   # still offered natively
-    assert "```tool_call" not in system_text(call) + text
+    assert "```tool_call" not in system_text(call) + user_text(call)
+    assert "[tool call" not in user_text(call)
 
 
 def test_follow_up_with_tool_result_anthropic_stream(proxy, upstream):
@@ -228,7 +232,11 @@ def test_follow_up_with_tool_result_anthropic_stream(proxy, upstream):
         final = s.get_final_message()
     assert final.stop_reason == "end_turn" and final.content[0].text == "Oslo: rain."
     assert len(upstream.model_calls) == 1
-    assert "RESULT-MARKER-77" in user_text(upstream.model_calls[0])
+    assert upstream_turns(upstream.model_calls[0])[1:] == [
+        ("assistant", [{"type": "tool_use", "id": "toolu_1", "name": "mcp__client__get_weather",
+                        "input": {"city": "Oslo"}}]),
+        ("user", [{"type": "tool_result", "tool_use_id": "toolu_1",
+                   "content": "rain RESULT-MARKER-77"}])]
 
 
 # -- tool_choice and names ---------------------------------------------------------------------
@@ -346,3 +354,140 @@ def test_responses_api_streams_native_argument_deltas(proxy, upstream):
         "response.function_call_arguments.delta")
     call = [o for o in final.output if o.type == "function_call"][0]
     assert call.name == "get_weather" and json.loads(call.arguments) == args
+
+
+
+# -- real tool turns ---------------------------------------------------------------------------
+# The conversation's earlier tool calls and results reach the upstream as the real turns the
+# model made and the client answered: tool_use blocks under the MCP names the model sees, with
+# the ids the upstream gave them (call_X handed out for toolu_X is mapped back), parallel results
+# in one user turn, tool_result first in its turn, is_error and images inside the result.
+
+AGENT_LOOP = [
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "call_A1", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+        {"id": "call_B2", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}]},
+    {"role": "tool", "tool_call_id": "call_A1", "content": "sunny"},
+    {"role": "tool", "tool_call_id": "call_B2", "content": "rain"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_C3", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+    {"role": "tool", "tool_call_id": "call_C3", "content": "snow"}]
+
+AGENT_TURNS = [
+    ("user", [{"type": "text", "text": "Weather in Paris and Rome?"}]),
+    ("assistant", [{"type": "text", "text": "Checking."},
+                   {"type": "tool_use", "id": "toolu_A1", "name": "mcp__client__get_weather",
+                    "input": {"city": "Paris"}},
+                   {"type": "tool_use", "id": "toolu_B2", "name": "mcp__client__get_weather",
+                    "input": {"city": "Rome"}}]),
+    ("user", [{"type": "tool_result", "tool_use_id": "toolu_A1", "content": "sunny"},
+              {"type": "tool_result", "tool_use_id": "toolu_B2", "content": "rain"}]),
+    ("assistant", [{"type": "tool_use", "id": "toolu_C3", "name": "mcp__client__get_weather",
+                    "input": {"city": "Oslo"}}]),
+    ("user", [{"type": "tool_result", "tool_use_id": "toolu_C3", "content": "snow"}])]
+
+
+def test_history_reaches_upstream_as_real_tool_turns_openai(proxy, upstream):
+    upstream.push(fake_upstream.text("Sunny, rain, snow."))
+    r = oai(proxy).chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=AGENT_LOOP)
+    assert r.choices[0].message.content == "Sunny, rain, snow."
+    [call] = upstream.model_calls                     # history given without an upstream call
+    assert upstream_turns(call) == AGENT_TURNS
+    assert [m["role"] for m in call["messages"] if m["role"] != "system"] == \
+        ["user", "assistant", "user", "assistant", "user"]
+
+
+def test_history_real_turns_anthropic_error_image_and_text(proxy, upstream):
+    """Anthropic ids are the upstream's own; a result with text and an image keeps the image
+    inside it, is_error goes through, and text sent with results follows them."""
+    png = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5"
+           "ErkJggg==")
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}
+    upstream.push(fake_upstream.text("Done."))
+    anth(proxy).messages.create(model="sonnet", max_tokens=256, tools=ANTHROPIC_TOOLS, messages=[
+        {"role": "user", "content": "Two cities."},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hm", "signature": "sig"},
+            {"type": "tool_use", "id": "toolu_X", "name": "get_weather", "input": {"city": "A"}},
+            {"type": "tool_use", "id": "toolu_Y", "name": "get_weather", "input": {"city": "B"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_X",
+             "content": [{"type": "text", "text": "map of A"}, image]},
+            {"type": "tool_result", "tool_use_id": "toolu_Y", "content": "no such city",
+             "is_error": True}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "B failed."}]},
+        {"role": "user", "content": "Fine, thanks."}])
+    [call] = upstream.model_calls
+    assert upstream_turns(call) == [
+        ("user", [{"type": "text", "text": "Two cities."}]),
+        ("assistant", [{"type": "tool_use", "id": "toolu_X", "name": "mcp__client__get_weather",
+                        "input": {"city": "A"}},
+                       {"type": "tool_use", "id": "toolu_Y", "name": "mcp__client__get_weather",
+                        "input": {"city": "B"}}]),
+        ("user", [{"type": "tool_result", "tool_use_id": "toolu_X",
+                   "content": [{"type": "text", "text": "map of A"}, image]},
+                  {"type": "tool_result", "tool_use_id": "toolu_Y", "content": "no such city",
+                   "is_error": True}]),
+        ("assistant", [{"type": "text", "text": "B failed."}]),
+        ("user", [{"type": "text", "text": "Fine, thanks."}])]
+
+
+def test_history_real_turns_responses_and_rewritten_names(proxy, upstream):
+    """Responses function_call items; a name the CLI would rewrite is the same MCP name in the
+    tool list and in the history."""
+    upstream.push(fake_upstream.text("ok"))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    client.responses.create(model="sonnet", extra_headers=NATIVE, tools=[
+        {"type": "function", "name": "weather.get", "parameters": SCHEMA}], input=[
+        {"role": "user", "content": "Paris?"},
+        {"type": "function_call", "call_id": "call_9z", "name": "weather.get",
+         "arguments": "{\"city\": \"Paris\"}"},
+        {"type": "function_call_output", "call_id": "call_9z", "output": "sunny"},
+        {"role": "user", "content": "And now?"}])
+    [call] = upstream.model_calls
+    assert [t["name"] for t in call["tools"]] == ["mcp__client__weather_get"]
+    assert upstream_turns(call)[1:] == [
+        ("assistant", [{"type": "tool_use", "id": "toolu_9z", "name": "mcp__client__weather_get",
+                        "input": {"city": "Paris"}}]),
+        ("user", [{"type": "tool_result", "tool_use_id": "toolu_9z", "content": "sunny"},
+                  {"type": "text", "text": "And now?"}])]
+
+
+def test_agent_loop_steps_share_their_prefix(proxy, upstream):
+    """Step N+1 of an agent loop begins with step N's conversation, unchanged: same system
+    prompt, same tool definitions, same blocks (but for the CLI's own system messages)."""
+    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", {"city": "Oslo"}, id="toolu_s2"),
+                  fake_upstream.text("done"))
+    client = oai(proxy)
+    step = client.chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=AGENT_LOOP[:4])
+    tc = step.choices[0].message.tool_calls[0]
+    assert tc.id == "call_s2"
+    client.chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=AGENT_LOOP[:4] + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": tc.id, "type": "function",
+             "function": {"name": tc.function.name, "arguments": tc.function.arguments}}]},
+        {"role": "tool", "tool_call_id": tc.id, "content": "snow"}])
+    first, second = upstream.model_calls
+    assert first["system"] == second["system"] and first["tools"] == second["tools"]
+    before, after = upstream_turns(first), upstream_turns(second)
+    assert after[:len(before)] == before
+    assert after[len(before):] == [
+        ("assistant", [{"type": "tool_use", "id": "toolu_s2", "name": "mcp__client__get_weather",
+                        "input": {"city": "Oslo"}}]),
+        ("user", [{"type": "tool_result", "tool_use_id": "toolu_s2", "content": "snow"}])]
+
+
+def test_tool_choice_none_keeps_history_as_text(proxy, upstream):
+    """With no tools offered the upstream would refuse tool blocks: the history stays records."""
+    upstream.push(fake_upstream.text("Summary."))
+    oai(proxy).chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, tool_choice="none",
+                                       messages=AGENT_LOOP)
+    [call] = upstream.model_calls
+    assert call["tools"] == []
+    assert not [b for _, blocks in upstream_turns(call) for b in blocks
+                if b["type"] in ("tool_use", "tool_result")]
+    assert "[tool result id=" in user_text(call) and "call_C3" in user_text(call)
