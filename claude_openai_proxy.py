@@ -764,6 +764,16 @@ class BaseToolCallHandler:
                 "instructions are available and working. Call the appropriate tool now by "
                 "writing a ```tool_call block.")
 
+    def manifest(self):
+        """The MCP handshake's answers given ahead in initialize (sdkMcpServerManifests): the
+        CLI then answers its own MCP client's initialize and tools/list from them, and the
+        three control round trips before the first upstream call are gone (measured in
+        bench/agent_loop.py).  A CLI that asks with another protocol version, or predates the
+        field, does the handshake over the control channel as before (_mcp answers it)."""
+        return {"initializeResult": {"protocolVersion": MCP_PROTOCOL, "capabilities": {"tools": {}},
+                                     "serverInfo": {"name": "claude-proxy", "version": __version__}},
+                "toolsListResult": {"tools": self.listing}}
+
     # -- history ----------------------------------------------------------------------------
     def render_call(self, name, arguments, call_id=None):
         return "```tool_call\n%s\n```" % json.dumps({"name": name, "arguments": arguments},
@@ -1134,6 +1144,7 @@ def init_request(req, bridge=None):
         init["jsonSchema"] = req.json_schema
     if bridge is not None:
         init["sdkMcpServers"] = [MCP_SERVER]
+        init["sdkMcpServerManifests"] = {MCP_SERVER: bridge.manifest()}
     return init
 
 
@@ -1804,7 +1815,9 @@ class Backend:
         launch = launch_of(req)
         proc = self.sessions.take(keep.prior) if keep is not None else None
         resumed = proc is not None
-        pooled_init = None if native_tools(req) else init_request(req)
+        # native tools' initialize carries the MCP handshake's answers (ToolBridge.manifest),
+        # so an agent that sends the same tools again gets a process initialized ahead too
+        pooled_init = init_request(req, ToolBridge(req) if native_tools(req) else None)
         proc = proc or self.pool.take(launch, pooled_init)
         while True:
             pooled, proc = proc is not None, proc or self.spawn(launch)
@@ -1855,6 +1868,7 @@ class Backend:
 MCP_SERVER = "client"
 MCP_PREFIX = "mcp__client__"
 MCP_NAME_MAX = 128
+MCP_PROTOCOL = "2025-11-25"      # the MCP version the CLI's client asks for (2.1.330)
 DENY_MESSAGE = "claude-proxy hands this tool call to its API client; it is not run here."
 
 
@@ -1915,6 +1929,16 @@ class ToolBridge:
         self.denied = False      # deny+interrupt sent: the CLI's result line ends the turn
         self.done = False        # nothing to wait for: end the request now
         self.usage = Usage()     # of the streamed message, for when `done` cuts the turn short
+
+    def manifest(self):
+        """The MCP handshake's answers given ahead in initialize (sdkMcpServerManifests): the
+        CLI then answers its own MCP client's initialize and tools/list from them, and the
+        three control round trips before the first upstream call are gone (measured in
+        bench/agent_loop.py).  A CLI that asks with another protocol version, or predates the
+        field, does the handshake over the control channel as before (_mcp answers it)."""
+        return {"initializeResult": {"protocolVersion": MCP_PROTOCOL, "capabilities": {"tools": {}},
+                                     "serverInfo": {"name": "claude-proxy", "version": __version__}},
+                "toolsListResult": {"tools": self.listing}}
 
     # -- history -----------------------------------------------------------------------
     def turn(self, blocks):
@@ -2060,9 +2084,8 @@ class ToolBridge:
         if mid is None:                       # a notification: acknowledged, nothing to do
             return {"jsonrpc": "2.0", "result": {}}
         if method == "initialize":
-            result = {"protocolVersion": (msg.get("params") or {}).get("protocolVersion") or
-                      "2025-06-18", "capabilities": {"tools": {}},
-                      "serverInfo": {"name": "claude-proxy", "version": __version__}}
+            result = dict(self.manifest()["initializeResult"], protocolVersion=(
+                msg.get("params") or {}).get("protocolVersion") or MCP_PROTOCOL)
         elif method == "tools/list":
             result = {"tools": self.listing}
         elif method == "tools/call":          # not reached: every call is denied first

@@ -491,3 +491,65 @@ def test_tool_choice_none_keeps_history_as_text(proxy, upstream):
     assert not [b for _, blocks in upstream_turns(call) for b in blocks
                 if b["type"] in ("tool_use", "tool_result")]
     assert "[tool result id=" in user_text(call) and "call_C3" in user_text(call)
+
+
+# -- no handshake on the request path ----------------------------------------------------------
+
+def test_initialize_carries_the_mcp_handshake(upstream, home):
+    """The pinned CLI takes the MCP server's initialize and tools/list answers from initialize
+    (sdkMcpServerManifests, "parked") and asks nothing over the control channel before the
+    model's first token; the tools still reach the upstream."""
+    import claude_openai_proxy as P
+    from conftest import base_env, real_claude_bin
+    cfg = P.load_config(["--port", "1"], base_env(home, upstream.url, real_claude_bin()))[0]
+    req = P.Request(model="sonnet", cli_model="sonnet", messages=[], tools=[
+        P.ToolSpec("get_weather", "Current weather for a city.", SCHEMA)],
+        handler=P.HANDLERS["native"])
+    upstream.push(fake_upstream.text("Hi there."))
+    proc = P.CLIProcess(cfg, P.Launch(), str(home))
+    try:
+        proc.send(P.control("init", P.init_request(req, P.ToolBridge(req))),
+                  P.user_line([{"type": "text", "text": "hi"}]))
+        asked, parked = [], None
+
+        class Call:
+            def check(self):
+                pass
+            maybe_check = check
+        for item in proc.read(Call()):
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "control_request":
+                asked.append(item["request"].get("subtype"))
+                P.refuse(proc, item["request_id"])
+            elif item.get("type") == "control_response":
+                parked = item["response"]["response"].get("sdk_mcp_manifests_parked")
+            elif item.get("type") in ("stream_event", "result"):
+                break
+        assert parked == {"client": "parked"}
+        assert asked == []
+    finally:
+        proc.close()
+    [tool] = upstream.model_calls[0]["tools"]
+    assert tool["name"] == "mcp__client__get_weather" and tool["input_schema"] == SCHEMA
+
+
+def test_same_tools_again_get_a_process_initialized_ahead(make_proxy, upstream):
+    """An agent's second and later steps (same system prompt, same tools) find a pool process
+    that already got their initialize, MCP set-up included."""
+    p = make_proxy(CLAUDE_PROXY_POOL_SIZE=2)
+    upstream.default = fake_upstream.tool_use("mcp__client__get_weather", {"city": "Paris"})
+    client = oai(p)
+    for _ in range(4):
+        deadline = time.time() + 20
+        while p.request("GET", "/health")[2]["pool"]["ready"] < 2 and \
+                time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)                     # let the new processes read their initialize
+        r = client.chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=[
+            {"role": "system", "content": "Agent."}, {"role": "user", "content": "Paris?"}])
+        assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    pool = p.request("GET", "/health")[2]["pool"]
+    assert pool["initialized_hits"] >= 1, pool
+    assert pool["start_failures"] == 0, pool
+    assert all(c["tools"][0]["name"] == "mcp__client__get_weather" for c in upstream.model_calls)
