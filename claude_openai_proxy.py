@@ -681,7 +681,9 @@ def render_system(req):
 
 
 def offered_tools(req):
-    if isinstance(req.tool_choice, dict):
+    """The tools the model sees: a named tool_choice offers only that tool, unless the
+    upstream request forces it (forced_choice): then all stay, as in the steps before."""
+    if isinstance(req.tool_choice, dict) and forced_choice(req) is None:
         return [t for t in req.tools if t.name == req.tool_choice.get("name")]
     return req.tools
 
@@ -1130,11 +1132,35 @@ class Launch:
     effort: str = ""             # only "max"
     disable_thinking: bool = False
     max_tokens: int = 0
+    tool_choice: str = ""        # native tools: the upstream tool_choice as JSON (forced_choice)
 
 
 def launch_of(req):
+    forced = forced_choice(req)
     return Launch("" if req.cli_model in MODEL_FAMILIES else req.cli_model,
-                  "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens)
+                  "max" if req.effort == "max" else "", req.disable_thinking or bool(forced),
+                  req.max_tokens, json.dumps(forced, sort_keys=True) if forced else "")
+
+
+def forced_choice(req):
+    """The upstream tool_choice of a native request that must call a tool ("required" or a
+    named tool), or None.  The CLI has no per-request tool_choice, but it merges
+    CLAUDE_CODE_EXTRA_BODY into every upstream request body, so it is a launch setting (the
+    pool keys processes on it).  The API refuses a forced tool_choice while thinking is on,
+    so such a process runs with thinking off; a request that asks to see thinking keeps it,
+    and the choice stays an instruction (NativeToolCallHandler.tool_prompt)."""
+    if not native_tools(req) or req.thinking or req.tool_choice == "auto":
+        return None
+    if req.tool_choice == "required":
+        choice = {"type": "any"}
+    elif isinstance(req.tool_choice, dict) and req.tool_choice.get("name") in \
+            {t.name for t in req.tools}:
+        choice = {"type": "tool", "name": MCP_PREFIX + mcp_names(req.tools)[req.tool_choice["name"]]}
+    else:
+        return None
+    if not req.parallel_tool_calls:
+        choice["disable_parallel_tool_use"] = True
+    return choice
 
 
 def init_request(req, bridge=None):
@@ -1273,6 +1299,14 @@ def cli_env(cfg, launch, tmpdir):
         env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
     if launch.max_tokens:
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(launch.max_tokens)
+    if launch.tool_choice:
+        try:           # the operator's own CLAUDE_CODE_EXTRA_BODY (CLAUDE_PROXY_PASS_ENV) stays
+            extra = json.loads(env.get("CLAUDE_CODE_EXTRA_BODY") or "{}")
+        except ValueError:
+            extra = None
+        extra = extra if isinstance(extra, dict) else {}
+        env["CLAUDE_CODE_EXTRA_BODY"] = json.dumps(dict(extra, tool_choice=json.loads(
+            launch.tool_choice)))
     return env
 
 

@@ -251,7 +251,7 @@ def test_tool_choice_none_offers_nothing(proxy, upstream):
     assert not [w for w in FENCE_WORDS if w in system_text(call)]
 
 
-def test_named_tool_choice_offers_only_that_tool_and_asks_for_it(proxy, upstream):
+def test_named_tool_choice_is_forced_upstream_with_every_tool_offered(proxy, upstream):
     other = {"type": "function", "function": {"name": "get_time", "description": "Time.",
                                               "parameters": {"type": "object", "properties": {}}}}
     upstream.push(fake_upstream.tool_use("mcp__client__get_time", {}))
@@ -260,19 +260,48 @@ def test_named_tool_choice_offers_only_that_tool_and_asks_for_it(proxy, upstream
         tool_choice={"type": "function", "function": {"name": "get_time"}},
         messages=[{"role": "user", "content": "hi"}])
     call = upstream.model_calls[-1]
-    assert [t["name"] for t in call["tools"]] == ["mcp__client__get_time"]
+    # forced upstream, so every tool stays offered (the same definitions as the other steps);
+    # the CLI sends them sorted by name, whatever the client's order
+    assert [t["name"] for t in call["tools"]] == ["mcp__client__get_time", "mcp__client__get_weather"]
+    assert call["tool_choice"] == {"type": "tool", "name": "mcp__client__get_time"}
+    assert "thinking" not in call                    # the API refuses a forced choice with it
     assert "MUST call the tool \"mcp__client__get_time\"" in system_text(call)
     [tc] = r.choices[0].message.tool_calls
     assert tc.function.name == "get_time" and tc.function.arguments == "{}"
 
 
-def test_required_tool_choice_is_an_instruction(proxy, upstream):
-    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", {"city": "Rome"}))
+def test_required_tool_choice_is_forced_upstream(proxy, upstream):
+    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", {"city": "Rome"}),
+                  fake_upstream.tool_use("mcp__client__get_weather", {"city": "Rome"}),
+                  fake_upstream.text("auto again"))
     anth(proxy).messages.create(model="sonnet", max_tokens=256, tools=ANTHROPIC_TOOLS,
                                 tool_choice={"type": "any"},
                                 messages=[{"role": "user", "content": "hi"}])
     call = upstream.model_calls[-1]
-    assert "tool_choice" not in call                 # the CLI has no way to force it upstream
+    assert call["tool_choice"] == {"type": "any"}
+    assert "thinking" not in call
+    assert "MUST call at least one" in system_text(call)
+    oai(proxy).chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, tool_choice="required",
+                                       parallel_tool_calls=False,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert upstream.model_calls[-1]["tool_choice"] == {"type": "any",
+                                                      "disable_parallel_tool_use": True}
+    oai(proxy).chat.completions.create(model="sonnet", tools=OPENAI_TOOLS,
+                                       messages=[{"role": "user", "content": "hi"}])
+    call = upstream.model_calls[-1]
+    assert "tool_choice" not in call and call["thinking"]    # auto: nothing forced, thinking on
+
+
+def test_required_with_thinking_shown_stays_an_instruction(proxy, upstream):
+    """The API refuses a forced tool_choice with thinking on: a client that wants to see the
+    thinking gets the instruction instead, and every tool stays offered only when forced."""
+    upstream.push(fake_upstream.tool_use("mcp__client__get_weather", {"city": "Rome"}))
+    anth(proxy).messages.create(model="sonnet", max_tokens=2048, tools=ANTHROPIC_TOOLS,
+                                tool_choice={"type": "any"},
+                                thinking={"type": "enabled", "budget_tokens": 1024},
+                                messages=[{"role": "user", "content": "hi"}])
+    call = upstream.model_calls[-1]
+    assert "tool_choice" not in call and call["thinking"]
     assert "MUST call at least one" in system_text(call)
 
 
