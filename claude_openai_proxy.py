@@ -1344,6 +1344,7 @@ class CLIProcess:
         self.garbage = []
         self.stopped = None
         self.rate_limit = None       # the last rate_limit_info the CLI reported
+        self.bridge = None           # native tools: the ToolBridge of a turn held open (kept)
         self.seen = 0                # stdout lines read so far
         self._closed = False
         threading.Thread(target=self._read_stdout, daemon=True).start()
@@ -1677,8 +1678,12 @@ def conversation_hash(req, messages, h=None):
     and its tool calls (ids, thinking and block boundaries are dropped or reshaped by clients);
     a user message counts whole.  With `h` (the hash of earlier messages) it goes on from there."""
     if h is None:
+        # native tools are definitions, not system prompt text: they count on their own
+        tools = [[t.name, t.description, t.parameters] for t in offered_tools(req)] \
+            if native_tools(req) else []
         h = hashlib.sha256(json.dumps([repr(launch_of(req)), req.cli_model, req.effort,
-                                       render_system(req), req.handler.name]).encode())
+                                       render_system(req), req.handler.name, tools],
+                                      sort_keys=True).encode())
     for m in messages:
         if m.role == "assistant":
             text = "".join(b.get("text", "") for b in m.blocks if b.get("type") == "text")
@@ -1713,11 +1718,12 @@ class Sessions:
 
     def keep_for(self, req):
         """The request's Keep, or None when its turn is not kept: sessions off, flat history,
-        native tools, structured output, a prefill, and a first message (most of those are
-        one-shot requests; a CLI kept after its turn still works ~0.25 s of CPU, so a
-        conversation is kept from its second turn on)."""
+        structured output, a prefill, and a first message (most of those are one-shot
+        requests; a CLI kept after its turn still works ~0.25 s of CPU, so a conversation is
+        kept from its second turn on).  A native turn that ends in tool calls is kept with
+        its first call held open (ToolBridge)."""
         messages = req.messages
-        if self.size <= 0 or self.backend.cfg.history != "structured" or native_tools(req) \
+        if self.size <= 0 or self.backend.cfg.history != "structured" \
                 or req.json_schema is not None or messages[-1].role != "user" or len(messages) < 2:
             return None
         return Keep(self, req)
@@ -1848,6 +1854,12 @@ class Backend:
                              "be combined with native tool mode; use the generic handler.")
         launch = launch_of(req)
         proc = self.sessions.take(keep.prior) if keep is not None else None
+        held = proc.bridge if proc is not None else None
+        results = held.answers(messages[-1]) if held is not None else None
+        if held is not None and results is None:     # not the held calls' results: start anew
+            self.discard(proc)
+            self.sessions.note_stillborn()             # taken, but of no use: not a hit
+            proc = None
         resumed = proc is not None
         # native tools' initialize carries the MCP handshake's answers (ToolBridge.manifest),
         # so an agent that sends the same tools again gets a process initialized ahead too
@@ -1855,12 +1867,15 @@ class Backend:
         proc = proc or self.pool.take(launch, pooled_init)
         while True:
             pooled, proc = proc is not None, proc or self.spawn(launch)
-            bridge = ToolBridge(req) if native_tools(req) else None
+            bridge = ToolBridge(req, hold=keep is not None) if native_tools(req) else None
             try:
                 last = user_line(render_turn(messages[-1:], req.handler, bridge))
                 turns = history_turns(messages, req.handler, bridge) \
                     if self.cfg.history == "structured" and not resumed else None
-                if resumed:
+                if resumed and held is not None:
+                    bridge.continue_turn(proc, held, results)
+                    proc.bridge = None
+                elif resumed:
                     proc.send(last)
                 elif turns is None:
                     proc.send(*control_lines(req, messages, bridge, proc))
@@ -1874,6 +1889,7 @@ class Backend:
                     events = cut_at_stops(events, req.stop, proc.interrupt)
                 for ev in events:
                     if isinstance(ev, Done) and keep is not None and not proc.stopped:
+                        proc.bridge = bridge if bridge is not None and bridge.waiting else None
                         keep.proc, proc = proc, None     # whole: Keep parks or ends it
                     yield ev
                 return
@@ -1885,7 +1901,7 @@ class Backend:
                 if proc is not None:
                     self.discard(proc)
             proc = self.pool.take(launch, pooled_init) if resumed else None
-            resumed = False
+            resumed, held = False, None
 
     def close_all(self):
         self.pool.close()
@@ -1937,9 +1953,16 @@ class ToolBridge:
     by itself (a name it does not know) gets no can_use_tool, and the CLI goes straight on to a
     second upstream call that an interrupt request does not stop; then `done` is set at once and
     the request ends with the usage seen in the stream (the process is killed after it).
+
+    A turn that Sessions keeps (`hold`) is not stopped: its calls are allowed, and the CLI's
+    tools/call for the first one (it runs them one at a time) is held open while the process
+    waits for the conversation's next request.  When that request brings the client's results
+    for exactly these calls, the held call is answered with its result, then each further call
+    as the CLI asks for it (continue_turn), and the model goes on in the same turn: the
+    upstream history is exactly what the model made, plus the client's results.
     """
 
-    def __init__(self, req):
+    def __init__(self, req, hold=False):
         # names over all the client's tools, so a named tool_choice (only that tool offered)
         # leaves the names of the history's calls as they were in the steps before
         self.names = mcp_names(req.tools)
@@ -1963,6 +1986,11 @@ class ToolBridge:
         self.denied = False      # deny+interrupt sent: the CLI's result line ends the turn
         self.done = False        # nothing to wait for: end the request now
         self.usage = Usage()     # of the streamed message, for when `done` cuts the turn short
+        self.hold = hold         # a kept turn: allow the calls, hold the first tools/call open
+        self.waiting = {}        # tool_use id -> (control request id, JSON-RPC id) held open
+        self.exact = False       # held with every call handed over: the process may be kept
+        self.allowed = False     # a call was allowed (hold): its tools/call is on the way
+        self.results = {}        # tool_use id -> the client's tool_result, in a continued turn
 
     def manifest(self):
         """The MCP handshake's answers given ahead in initialize (sdkMcpServerManifests): the
@@ -1990,11 +2018,14 @@ class ToolBridge:
                              "name": MCP_PREFIX + self.mcp_name(b.get("name") or ""),
                              "input": b.get("input") if isinstance(b.get("input"), dict) else {}})
             elif kind == "tool_result":
+                # the form the CLI gives a result of a held call (_answer) to the upstream: a
+                # list of blocks, or for an error its text, so a conversation reads the same
+                # whether it was continued on its process or given to a new one
                 content = b.get("content")
                 content = "" if content is None else content
-                if b.get("images"):
+                if not b.get("is_error"):
                     content = ([{"type": "text", "text": content}] if content else []) + \
-                        list(b["images"])
+                        list(b.get("images") or ())
                 result = {"type": "tool_result", "tool_use_id": self.upstream_id(b.get("tool_use_id")),
                           "content": content}
                 if b.get("is_error"):
@@ -2062,6 +2093,7 @@ class ToolBridge:
 
     def _call(self, tool_use_id, name, arguments):
         if not self.parallel and self.calls:
+            self.hold = False         # the CLI has a call the client never gets: not kept
             return None
         self.calls.append(tool_use_id)
         if isinstance(tool_use_id, str) and tool_use_id.startswith("toolu_"):
@@ -2079,12 +2111,24 @@ class ToolBridge:
         rid, request = item.get("request_id"), item.get("request") or {}
         sub = request.get("subtype")
         if sub == "mcp_message" and request.get("server_name") == MCP_SERVER:
-            reply = self._mcp(request.get("message") or {})
+            msg = request.get("message") or {}
+            tid = ((msg.get("params") or {}).get("_meta") or {}).get("claudecode/toolUseId") \
+                if msg.get("method") == "tools/call" else None
+            if tid in self.results:
+                return self._answer(proc, rid, msg.get("id"), self.results.pop(tid))
+            if tid is not None and self.hold and tid in self.calls:
+                self.waiting[tid] = (rid, msg.get("id"))    # answered by the next request
+                self.exact = self.done = True
+                return
+            reply = self._mcp(msg)
             proc.send({"type": "control_response", "response": {
                 "subtype": "success", "request_id": rid, "response": {"mcp_response": reply}}})
         elif sub == "can_use_tool":
-            self.settled.add(request.get("tool_use_id"))
-            self.held.append(rid)
+            tid = request.get("tool_use_id")
+            if tid in self.results:              # a call of the held turn: its result is here
+                return self._allow(proc, rid, request.get("input"))
+            self.settled.add(tid)
+            self.held.append((rid, request.get("input")))
             if not self.in_message:
                 self._settle(proc)
         else:
@@ -2103,14 +2147,61 @@ class ToolBridge:
         in which the CLI rejected every call itself."""
         if self.in_message:
             return
-        for rid in self.held:
+        for rid, tool_input in self.held:
+            if self.hold:
+                self._allow(proc, rid, tool_input)
+                self.allowed = True
+                continue
             proc.send({"type": "control_response", "response": {
                 "subtype": "success", "request_id": rid,
                 "response": {"behavior": "deny", "message": DENY_MESSAGE, "interrupt": True}}})
             self.denied = True
         self.held = []
-        if self.ended and not self.denied and all(c in self.settled for c in self.calls):
+        if self.ended and not self.denied and not self.allowed and \
+                all(c in self.settled for c in self.calls):
             self.done = True
+
+    @staticmethod
+    def _allow(proc, rid, tool_input):
+        proc.send({"type": "control_response", "response": {
+            "subtype": "success", "request_id": rid,
+            "response": {"behavior": "allow", "updatedInput": tool_input or {}}}})
+
+    def _answer(self, proc, rid, mid, block):
+        """Answer a tools/call with the client's tool_result (MCP content: text, images)."""
+        content = block.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) and content else []
+        items += [{"type": "image", "data": i["source"]["data"], "mimeType": i["source"]["media_type"]}
+                  for i in block.get("images") or ()]
+        result = {"content": items or [{"type": "text", "text": ""}],
+                  "isError": bool(block.get("is_error"))}
+        proc.send({"type": "control_response", "response": {
+            "subtype": "success", "request_id": rid,
+            "response": {"mcp_response": {"jsonrpc": "2.0", "id": mid, "result": result}}}})
+
+    # -- a held turn, continued --------------------------------------------------------
+    def answers(self, message):
+        """The client's results in `message` for the calls this held turn made, by upstream
+        id, or None when the message is not exactly those results (then the conversation goes
+        to a new process, given as history)."""
+        if not self.waiting or message.role != "user":
+            return None
+        results, images = {}, []
+        for b in message.blocks:
+            if b.get("type") == "tool_result":
+                results[self.upstream_id(b.get("tool_use_id"))] = b
+                images += b.get("images") or []
+        if set(results) != set(self.calls) or \
+                any(b.get("type") != "tool_result" and b not in images for b in message.blocks):
+            return None
+        return results
+
+    def continue_turn(self, proc, held, results):
+        """Go on with the turn that `held` (the bridge of the request before) left open."""
+        self.results = dict(results)
+        for tid, (rid, mid) in held.waiting.items():
+            self._answer(proc, rid, mid, self.results.pop(tid))
+        held.waiting = {}
 
     def _mcp(self, msg):
         """The JSON-RPC answer of the MCP server 'client' to one message."""
@@ -2221,7 +2312,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
             usage = Usage.from_api(item.get("usage"))
             if bridge is not None and bridge.calls and item.get("api_error_status") is None:
                 # the turn this proxy stopped reads as an error (aborted_tools): it is the answer
-                yield Done("tool_use", usage)
+                yield Done("tool_use", usage, whole=not bridge.hold)
                 return
             if proc.stopped:
                 yield Done(proc.stopped, usage)
@@ -2240,7 +2331,8 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                        whole=not any(replay.skip.values()))
             return
         if bridge is not None and bridge.done:
-            yield Done("tool_use", bridge.usage)
+            # held open (bridge.exact): the process may wait for the results; else it is ended
+            yield Done("tool_use", bridge.usage, whole=bridge.exact or not bridge.hold)
             return
     raise cli_ended(proc)
 
@@ -3443,14 +3535,17 @@ def model_events(app, req, call):
                 if isinstance(ev, TextDelta):
                     text.append(ev.text)
                 elif isinstance(ev, ToolCall):
-                    calls.append({"type": "tool_use", "name": ev.name,
-                                  "input": json.loads(ev.arguments)})
+                    calls.append([ev.id, ev.name, ev.arguments])
+                elif isinstance(ev, ToolCallDelta):      # native arguments stream in parts
+                    for c in calls:
+                        c[2] += ev.arguments if c[0] == ev.id else ""
                 elif isinstance(ev, Reset):
                     text, calls = [], []
                 elif isinstance(ev, Done) and len(runs) == 1 and ev.whole and \
                         ev.stop_reason in ("end_turn", "tool_use"):
-                    keep.finish(Message(
-                        "assistant", [{"type": "text", "text": "".join(text)}] + calls))
+                    keep.finish(Message("assistant", [{"type": "text", "text": "".join(text)}] + [
+                        {"type": "tool_use", "name": name, "input": json.loads(args or "{}")}
+                        for _, name, args in calls]))
             yield ev
     finally:
         if keep is not None:

@@ -8,6 +8,7 @@ message ends keeps parallel calls whole; the CLI rewrites names to [A-Za-z0-9_-]
 """
 import json
 import os
+import signal
 import time
 
 import anthropic
@@ -214,7 +215,7 @@ def test_follow_up_with_tool_result_gets_final_answer_openai(proxy, upstream):
         ("assistant", [{"type": "tool_use", "id": "toolu_fake01", "name": "mcp__client__get_weather",
                         "input": {"city": "Paris"}}]),
         ("user", [{"type": "tool_result", "tool_use_id": "toolu_fake01",
-                   "content": "sunny, 22 C, RESULT-MARKER-41"}])]
+                   "content": [{"type": "text", "text": "sunny, 22 C, RESULT-MARKER-41"}]}])]
     assert call["tools"][0]["name"] == "mcp__client__get_weather"   # still offered natively
     assert "```tool_call" not in system_text(call) + user_text(call)
     assert "[tool call" not in user_text(call)
@@ -236,7 +237,7 @@ def test_follow_up_with_tool_result_anthropic_stream(proxy, upstream):
         ("assistant", [{"type": "tool_use", "id": "toolu_1", "name": "mcp__client__get_weather",
                         "input": {"city": "Oslo"}}]),
         ("user", [{"type": "tool_result", "tool_use_id": "toolu_1",
-                   "content": "rain RESULT-MARKER-77"}])]
+                   "content": [{"type": "text", "text": "rain RESULT-MARKER-77"}]}])]
 
 
 # -- tool_choice and names ---------------------------------------------------------------------
@@ -392,6 +393,10 @@ def test_responses_api_streams_native_argument_deltas(proxy, upstream):
 # the ids the upstream gave them (call_X handed out for toolu_X is mapped back), parallel results
 # in one user turn, tool_result first in its turn, is_error and images inside the result.
 
+def TEXT(text):
+    return {"type": "text", "text": text}
+
+
 AGENT_LOOP = [
     {"role": "user", "content": "Weather in Paris and Rome?"},
     {"role": "assistant", "content": "Checking.", "tool_calls": [
@@ -413,11 +418,11 @@ AGENT_TURNS = [
                     "input": {"city": "Paris"}},
                    {"type": "tool_use", "id": "toolu_B2", "name": "mcp__client__get_weather",
                     "input": {"city": "Rome"}}]),
-    ("user", [{"type": "tool_result", "tool_use_id": "toolu_A1", "content": "sunny"},
-              {"type": "tool_result", "tool_use_id": "toolu_B2", "content": "rain"}]),
+    ("user", [{"type": "tool_result", "tool_use_id": "toolu_A1", "content": [TEXT("sunny")]},
+              {"type": "tool_result", "tool_use_id": "toolu_B2", "content": [TEXT("rain")]}]),
     ("assistant", [{"type": "tool_use", "id": "toolu_C3", "name": "mcp__client__get_weather",
                     "input": {"city": "Oslo"}}]),
-    ("user", [{"type": "tool_result", "tool_use_id": "toolu_C3", "content": "snow"}])]
+    ("user", [{"type": "tool_result", "tool_use_id": "toolu_C3", "content": [TEXT("snow")]}])]
 
 
 def test_history_reaches_upstream_as_real_tool_turns_openai(proxy, upstream):
@@ -482,7 +487,7 @@ def test_history_real_turns_responses_and_rewritten_names(proxy, upstream):
     assert upstream_turns(call)[1:] == [
         ("assistant", [{"type": "tool_use", "id": "toolu_9z", "name": "mcp__client__weather_get",
                         "input": {"city": "Paris"}}]),
-        ("user", [{"type": "tool_result", "tool_use_id": "toolu_9z", "content": "sunny"},
+        ("user", [{"type": "tool_result", "tool_use_id": "toolu_9z", "content": [TEXT("sunny")]},
                   {"type": "text", "text": "And now?"}])]
 
 
@@ -507,7 +512,7 @@ def test_agent_loop_steps_share_their_prefix(proxy, upstream):
     assert after[len(before):] == [
         ("assistant", [{"type": "tool_use", "id": "toolu_s2", "name": "mcp__client__get_weather",
                         "input": {"city": "Oslo"}}]),
-        ("user", [{"type": "tool_result", "tool_use_id": "toolu_s2", "content": "snow"}])]
+        ("user", [{"type": "tool_result", "tool_use_id": "toolu_s2", "content": [TEXT("snow")]}])]
 
 
 def test_tool_choice_none_keeps_history_as_text(proxy, upstream):
@@ -582,3 +587,158 @@ def test_same_tools_again_get_a_process_initialized_ahead(make_proxy, upstream):
     assert pool["initialized_hits"] >= 1, pool
     assert pool["start_failures"] == 0, pool
     assert all(c["tools"][0]["name"] == "mcp__client__get_weather" for c in upstream.model_calls)
+
+
+# -- kept native conversations: the first call held open ---------------------------------------
+# A native turn that ends in tool calls (from a conversation's second request on) keeps its
+# process with the CLI's tools/call for the first call unanswered; the next request, bringing
+# exactly the results of those calls, answers it there and the model goes on in the same turn.
+
+from test_pool import alive, health, poll, wait_gone  # noqa: E402
+from test_sessions import without_cache_marks  # noqa: E402
+
+
+@pytest.fixture
+def kept_proxy(make_proxy):
+    p = make_proxy(CLAUDE_PROXY_TOOLCALL_MODULE="native", CLAUDE_PROXY_POOL_SIZE=0,
+                   CLAUDE_PROXY_SESSION_IDLE=5)
+    yield p
+    p.stop()
+
+
+SEED_TURNS = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi!"},
+              {"role": "user", "content": "Weather in Paris and Rome?"}]
+
+
+def two_calls(upstream):
+    upstream.push(fake_upstream.Reply(blocks=[
+        {"type": "text", "text": "Checking both."},
+        {"type": "tool_use", "id": "toolu_P1", "name": "mcp__client__get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "toolu_R2", "name": "mcp__client__get_weather", "input": {"city": "Rome"}}],
+        stop_reason="tool_use"))
+
+
+def answered(r, results, errors=()):
+    """The conversation after the answer `r`, plus one tool message per call."""
+    msg = r.choices[0].message
+    out = SEED_TURNS + [{"role": "assistant", "content": msg.content, "tool_calls": [
+        {"id": c.id, "type": "function",
+         "function": {"name": c.function.name, "arguments": c.function.arguments}}
+        for c in msg.tool_calls]}]
+    return out + [{"role": "tool", "tool_call_id": c.id, "content": res}
+                  for c, res in zip(msg.tool_calls, results)]
+
+
+def test_held_turn_continues_with_parallel_results(kept_proxy, upstream):
+    p = kept_proxy
+    two_calls(upstream)
+    client = oai(p)
+    r = client.chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=SEED_TURNS)
+    assert [c.id for c in r.choices[0].message.tool_calls] == ["call_P1", "call_R2"]
+    poll(lambda: health(p)["sessions"]["kept"] == 1, "the held turn to be kept")
+    (pid,) = children(p.proc.pid)
+    upstream.push(fake_upstream.text("Paris sunny, Rome rain."))
+    r2 = client.chat.completions.create(model="sonnet", tools=OPENAI_TOOLS,
+                                        messages=answered(r, ["sunny", "rain"]))
+    assert r2.choices[0].message.content == "Paris sunny, Rome rain."
+    h = health(p)
+    assert h["sessions"]["hits"] == 1 and h["cli_processes_started"] == 1
+    assert children(p.proc.pid) == [pid]                  # the same process, kept again
+    first, second = upstream.model_calls
+    # the next request is the previous one, unchanged, plus the model's calls and the results
+    before = without_cache_marks(first["messages"])
+    after = without_cache_marks(second["messages"])
+    assert after[:len(before)] == before
+    assert [m for m in after[len(before):] if m["role"] != "system"] == [
+        {"role": "assistant", "content": [
+            TEXT("Checking both."),
+            {"type": "tool_use", "id": "toolu_P1", "name": "mcp__client__get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "toolu_R2", "name": "mcp__client__get_weather", "input": {"city": "Rome"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_P1", "content": [TEXT("sunny")]},
+            {"type": "tool_result", "tool_use_id": "toolu_R2", "content": [TEXT("rain")]}]}]
+    assert first["tools"] == second["tools"] and first["system"] == second["system"]
+
+
+def test_held_and_new_process_send_the_same_turns(kept_proxy, make_proxy, upstream):
+    """An error result and an image: the kept process (answered tools/call) and a new process
+    given the same conversation as history send the same turns upstream."""
+    png = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5"
+           "ErkJggg==")
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}
+    tools = [{"name": "get_weather", "description": "Current weather for a city.", "input_schema": SCHEMA}]
+    seed = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi!"},
+            {"role": "user", "content": "Paris and Rome?"}]
+    two_calls(upstream)
+    m = anth(kept_proxy).messages.create(model="sonnet", max_tokens=256, tools=tools, messages=seed)
+    conversation = seed + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_P1",
+             "content": [{"type": "text", "text": "map"}, image]},
+            {"type": "tool_result", "tool_use_id": "toolu_R2", "content": "no such city",
+             "is_error": True}]}]
+    upstream.push(fake_upstream.text("done"))
+    anth(kept_proxy).messages.create(model="sonnet", max_tokens=256, tools=tools, messages=conversation)
+    assert health(kept_proxy)["sessions"]["hits"] == 1
+    fresh = make_proxy(CLAUDE_PROXY_TOOLCALL_MODULE="native", CLAUDE_PROXY_SESSIONS=0)
+    upstream.push(fake_upstream.text("done"))
+    anth(fresh).messages.create(model="sonnet", max_tokens=256, tools=tools, messages=conversation)
+    kept, new = upstream.model_calls[1], upstream.model_calls[2]
+    assert upstream_turns(kept) == upstream_turns(new)
+    assert upstream_turns(kept)[-1] == ("user", [
+        {"type": "tool_result", "tool_use_id": "toolu_P1", "content": [TEXT("map"), image]},
+        {"type": "tool_result", "tool_use_id": "toolu_R2", "content": "no such city", "is_error": True}])
+
+
+@pytest.mark.parametrize("edit", ["earlier message", "one result missing", "text with the results"])
+def test_held_turn_with_another_history_is_a_new_conversation(kept_proxy, upstream, edit):
+    p = kept_proxy
+    two_calls(upstream)
+    client = oai(p)
+    r = client.chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=SEED_TURNS)
+    poll(lambda: health(p)["sessions"]["kept"] == 1, "the held turn to be kept")
+    (held,) = children(p.proc.pid)
+    messages = answered(r, ["sunny", "rain"])
+    if edit == "earlier message":
+        messages[0] = {"role": "user", "content": "Hello, edited."}
+    elif edit == "one result missing":
+        messages = messages[:-1]
+    else:
+        messages.append({"role": "user", "content": "Be brief."})
+    upstream.push(fake_upstream.text("fresh answer"))
+    r2 = client.chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=messages)
+    assert r2.choices[0].message.content == "fresh answer"
+    h = health(p)
+    assert h["sessions"]["hits"] == 0 and h["cli_processes_started"] == 2
+    turns = upstream_turns(upstream.model_calls[-1])
+    assert turns[0][1] == [TEXT(messages[0]["content"])]
+    assert turns[3][0] == "assistant" and len([b for b in turns[3][1] if b["type"] == "tool_use"]) == 2
+    if edit != "earlier message":
+        wait_gone([held])           # its results came: the held process is no use any more
+    if edit == "text with the results":
+        assert turns[4][1][-1] == TEXT("Be brief.")
+
+
+def test_client_never_comes_back_held_process_ends(kept_proxy, upstream):
+    """CLAUDE_PROXY_SESSION_IDLE is the deadline of a held call: the process is ended, its slot
+    was freed when the answer went out, and nothing is left."""
+    p = kept_proxy
+    two_calls(upstream)
+    oai(p).chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=SEED_TURNS)
+    assert health(p)["concurrency"]["running"] == 0
+    pids = children(p.proc.pid)
+    assert len(pids) == 1
+    wait_gone(pids, timeout=20)
+    poll(lambda: health(p)["sessions"]["kept"] == 0, "the held session to be forgotten")
+
+
+def test_shutdown_while_a_call_is_held(make_proxy, upstream):
+    p = make_proxy(CLAUDE_PROXY_TOOLCALL_MODULE="native", CLAUDE_PROXY_POOL_SIZE=0)
+    two_calls(upstream)
+    oai(p).chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=SEED_TURNS)
+    pids = children(p.proc.pid)
+    assert len(pids) == 1 and all(alive(x) for x in pids)
+    p.proc.send_signal(signal.SIGTERM)
+    p.proc.wait(timeout=30)
+    wait_gone(pids)
