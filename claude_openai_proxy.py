@@ -943,10 +943,10 @@ class NativeToolCallHandler(BaseToolCallHandler):
 
     The model sees them as `mcp__client__NAME` with the client's JSON schemas and calls them as
     trained, in tool_use blocks; section 7 hands those calls to the client and stops the turn
-    without running anything.  What is left here is the text part: the CLI has no upstream
-    tool_choice, so "required" and a named tool are instructions in the system prompt (a named
-    tool is also the only one offered); with parallel_tool_calls=false the calls after the first
-    are dropped.  Earlier calls and results are real tool_use / tool_result turns
+    without running anything.  What is left here is the text part: "required" and a named tool
+    are also instructions in the system prompt (forced upstream too, section 7's
+    forced_choice, unless thinking is shown: then a named tool is the only one offered); with
+    parallel_tool_calls=false the calls after the first are dropped.  Earlier calls and results are real tool_use / tool_result turns
     (ToolBridge.turn), or text records where the flat transcript is sent (render_call,
     render_result: CLAUDE_PROXY_HISTORY=flat, a prefill).
     """
