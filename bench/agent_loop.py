@@ -151,6 +151,7 @@ def loop(proxy, steps, native):
         if native:
             UP.default = fake_upstream.tool_use("mcp__client__read_file", {"path": path},
                                                 id="toolu_step%02d" % i)
+            UP.default.id = "msg_step%02d" % i      # the real API's ids are unique
         else:
             UP.default = fake_upstream.text(
                 F + 'tool_call\n{"name": "read_file", "arguments": {"path": "%s"}}\n' % path + F)

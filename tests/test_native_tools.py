@@ -742,3 +742,30 @@ def test_shutdown_while_a_call_is_held(make_proxy, upstream):
     p.proc.send_signal(signal.SIGTERM)
     p.proc.wait(timeout=30)
     wait_gone(pids)
+
+
+def test_kept_agent_loop_each_request_extends_the_one_before(kept_proxy, upstream):
+    """Steps 2, 3, 4 of an agent loop on the held process: each upstream request is the one
+    before it, unchanged (cache marks aside), plus one call and its result."""
+    client, messages = oai(kept_proxy), list(SEED_TURNS)
+    for i in range(4):
+        reply = fake_upstream.tool_use("mcp__client__get_weather", {"city": "C%d" % i},
+                                       id="toolu_loop%d" % i)
+        reply.id = "msg_loop%d" % i                 # one CLI turn: its messages' ids differ
+        upstream.push(reply)
+        r = client.chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=messages)
+        [tc] = r.choices[0].message.tool_calls
+        messages += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": tc.id, "type": "function",
+             "function": {"name": tc.function.name, "arguments": tc.function.arguments}}]},
+            {"role": "tool", "tool_call_id": tc.id, "content": "result %d" % i}]
+    assert health(kept_proxy)["sessions"]["hits"] == 3
+    calls = [without_cache_marks(c["messages"]) for c in upstream.model_calls]
+    for i, (before, after) in enumerate(zip(calls, calls[1:])):
+        assert after[:len(before)] == before, i
+        assert after[len(before):] == [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_loop%d" % i,
+                                               "name": "mcp__client__get_weather",
+                                               "input": {"city": "C%d" % i}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_loop%d" % i,
+                                          "content": [TEXT("result %d" % i)]}]}]
