@@ -24,6 +24,8 @@ Printed per mode:
   counts as not shared), weighed by the blocks' JSON size; cache_control marks are ignored
   and a string content counts as one text block (bench/history.py does the same);
 - time to first token per step (the first content or tool-call delta), and its median;
+- first, the MCP set-up alone on a pre-started bare CLI (handshake()): no tools, the
+  handshake over the control channel, and the handshake given in initialize;
 - upstream input not a cache prefix, summed over the loop: for every request, the JSON size
   of the blocks after the prefix shared with the request before (all of the first one),
   divided by 4 as a token estimate (the fake upstream has no tokenizer and no cache).
@@ -170,6 +172,52 @@ def loop(proxy, steps, native):
     return ttft, calls
 
 
+def handshake(rounds=7):
+    """What the MCP set-up costs a pre-started bare CLI: ms from writing initialize + the user
+    line to the first text delta, with the handshake over the control channel (initialize
+    without sdkMcpServerManifests, each mcp_message answered at once) and with it given in
+    initialize (what the proxy sends), and with no tools at all; medians of `rounds`."""
+    sys.path.insert(0, str(ROOT))
+    import claude_openai_proxy as cp
+    cfg, _ = cp.load_config(["--claude-bin", CLAUDE], env_for(CLAUDE))
+    tools = [cp.ToolSpec("read_file", "Read a file of the project.",
+                         TOOLS[0]["function"]["parameters"])]
+    modes = ("no tools", "handshake over the control channel", "manifest in initialize")
+    times = {mode: [] for mode in modes}
+    for _ in range(rounds):             # the modes interleaved: a busy machine's drift hits all
+        for mode in modes:
+            req = cp.Request(model="sonnet", cli_model="sonnet", messages=[],
+                             tools=[] if mode == "no tools" else tools, handler=cp.HANDLERS["native"])
+            bridge = cp.ToolBridge(req) if req.tools else None
+            init = cp.init_request(req, bridge)
+            if mode.startswith("handshake"):
+                del init["sdkMcpServerManifests"]
+            UP.default = fake_upstream.text("Hello there.")
+            proc = cp.CLIProcess(cfg, cp.Launch(), tempfile.mkdtemp())
+            try:
+                time.sleep(2.0)
+                t0 = time.perf_counter()
+                proc.send(cp.control("init", init), cp.user_line([{"type": "text", "text": "hi"}]))
+
+                class Call:
+                    def check(self):
+                        pass
+                    maybe_check = check
+                for ev in cp.translate(proc, Call(), bridge):
+                    if isinstance(ev, cp.TextDelta):
+                        times[mode].append(time.perf_counter() - t0)
+                        break
+            finally:
+                proc.close()
+    out = {mode: statistics.median(times[mode]) for mode in modes}
+    for mode in modes:
+        print("  handshake: %-36s first delta %4.0f ms (median of %d)"
+              % (mode, 1000 * out[mode], rounds), flush=True)
+    print("  handshake: manifest saves %.0f ms; tools still cost %.0f ms over none"
+          % (1000 * (out["handshake over the control channel"] - out["manifest in initialize"]),
+             1000 * (out["manifest in initialize"] - out["no tools"])), flush=True)
+
+
 def before_script():
     rev = os.environ.get("BEFORE")
     try:
@@ -194,6 +242,7 @@ def main(steps):
         modes.append(("native before (%s)" % rev, old, True, {}))
     print("agent loop: %d steps, one tool call each, ~%d-byte results; real CLI, fake upstream"
           % (steps, len(RESULT)), flush=True)
+    handshake()
     rows = {}
     for name, path, native, env in modes:
         p = Proxy(path, **env)
