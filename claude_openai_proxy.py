@@ -2093,7 +2093,7 @@ class ToolBridge:
 
     def _call(self, tool_use_id, name, arguments):
         if not self.parallel and self.calls:
-            self.hold = False         # the CLI has a call the client never gets: not kept
+            self.hold = False         # the CLI has a call the client never gets: deny, not kept
             return None
         self.calls.append(tool_use_id)
         if isinstance(tool_use_id, str) and tool_use_id.startswith("toolu_"):
@@ -2139,6 +2139,8 @@ class ToolBridge:
         for b in (item.get("message") or {}).get("content") or []:
             if isinstance(b, dict) and b.get("type") == "tool_result":
                 self.settled.add(b.get("tool_use_id"))
+                if b.get("tool_use_id") in self.calls:
+                    self.hold = False     # its history has a result the client never sent
         if self.ended:
             self._settle(proc)
 
@@ -2311,8 +2313,9 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
         elif kind == "result":
             usage = Usage.from_api(item.get("usage"))
             if bridge is not None and bridge.calls and item.get("api_error_status") is None:
-                # the turn this proxy stopped reads as an error (aborted_tools): it is the answer
-                yield Done("tool_use", usage, whole=not bridge.hold)
+                # the turn this proxy stopped reads as an error (aborted_tools): it is the answer,
+                # but the process heard denials the client never saw (Sessions must not keep it)
+                yield Done("tool_use", usage, whole=False)
                 return
             if proc.stopped:
                 yield Done(proc.stopped, usage)
@@ -2332,7 +2335,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
             return
         if bridge is not None and bridge.done:
             # held open (bridge.exact): the process may wait for the results; else it is ended
-            yield Done("tool_use", bridge.usage, whole=bridge.exact or not bridge.hold)
+            yield Done("tool_use", bridge.usage, whole=bridge.exact)
             return
     raise cli_ended(proc)
 

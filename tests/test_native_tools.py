@@ -769,3 +769,20 @@ def test_kept_agent_loop_each_request_extends_the_one_before(kept_proxy, upstrea
                                                "input": {"city": "C%d" % i}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_loop%d" % i,
                                           "content": [TEXT("result %d" % i)]}]}]
+
+
+@pytest.mark.parametrize("case", ["parallel_tool_calls false", "unknown tool"])
+def test_a_turn_the_proxy_had_to_stop_is_not_kept(kept_proxy, upstream, case):
+    """A call dropped (parallel_tool_calls: false) or rejected by the CLI itself leaves the
+    process with history the client does not have: denied and ended, never kept."""
+    p, extra = kept_proxy, {}
+    if case == "unknown tool":
+        upstream.push(fake_upstream.tool_use("mcp__client__nope", {"x": 1}), fake_upstream.text("2nd"))
+    else:
+        two_calls(upstream)
+        extra = {"parallel_tool_calls": False}
+    r = oai(p).chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=SEED_TURNS,
+                                       **extra)
+    assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1
+    wait_gone(children(p.proc.pid))
+    assert health(p)["sessions"]["kept"] == 0
