@@ -182,6 +182,7 @@ def handshake(rounds=7):
     cfg, _ = cp.load_config(["--claude-bin", CLAUDE], env_for(CLAUDE))
     tools = [cp.ToolSpec("read_file", "Read a file of the project.",
                          TOOLS[0]["function"]["parameters"])]
+    work = tempfile.mkdtemp(prefix="claude-proxy-bench-cwd-")
     modes = ("no tools", "handshake over the control channel", "manifest in initialize")
     times = {mode: [] for mode in modes}
     for _ in range(rounds):             # the modes interleaved: a busy machine's drift hits all
@@ -193,7 +194,7 @@ def handshake(rounds=7):
             if mode.startswith("handshake"):
                 del init["sdkMcpServerManifests"]
             UP.default = fake_upstream.text("Hello there.")
-            proc = cp.CLIProcess(cfg, cp.Launch(), tempfile.mkdtemp())
+            proc = cp.CLIProcess(cfg, cp.Launch(), work)
             try:
                 time.sleep(2.0)
                 t0 = time.perf_counter()
