@@ -518,6 +518,8 @@ def describe_config(cfg):
 # 4. Neutral model ###############################################################################
 # Every dialect parses into a Request and renders from Events.  Content blocks use Anthropic's
 # block shapes (text, image, tool_use, tool_result, thinking): they are what the CLI consumes.
+# A tool_result's content is its text; images that came with it are image blocks of their own
+# beside it, and also listed under the result's "images" (native tools put them back inside).
 
 @dataclass
 class Message:
@@ -846,9 +848,12 @@ def block_text(block, handler):
     return ""
 
 
-def render_turn(messages, handler):
-    """The content blocks of the one user turn the CLI answers."""
+def render_turn(messages, handler, bridge=None):
+    """The content blocks of the one user turn the CLI answers (with native tools' `bridge`, a
+    user turn of tool results stays real tool_result blocks)."""
     if len(messages) == 1 and messages[0].role == "user":
+        if bridge is not None:
+            return bridge.turn(messages[0].blocks) or [{"type": "text", "text": ""}]
         blocks = []
         for b in messages[0].blocks:
             if b.get("type") in ("text", "image"):
@@ -866,21 +871,31 @@ def render_turn(messages, handler):
     return [{"type": "text", "text": text}] + images
 
 
-def history_turns(messages, handler):
+def history_turns(messages, handler, bridge=None):
     """The earlier messages as [(role, blocks)], one real turn each, or None when the flat
     transcript has to be used: a single message (nothing earlier), a conversation that ends
     with the assistant (a prefill: the transcript's PREFILL_INTRO asks for a continuation),
-    native tools (their tool_use/tool_result history stays text records in the transcript), or
-    an earlier assistant message with nothing to say once thinking is dropped.
+    the native handler with no tools offered (tool_choice "none": the upstream refuses tool
+    blocks without tool definitions, so that history stays text records), or an earlier
+    assistant message with nothing to say once thinking is dropped.
 
     User messages are rendered as a one-message conversation is (render_turn), so the newest
     message of one request and the same message among the earlier ones of the next request
     reach the CLI identically; assistant messages keep their text, emulated tool calls become
-    the handler's ```tool_call text, thinking is dropped (the CLI has no signature for it)."""
-    if len(messages) < 2 or messages[-1].role != "user" or getattr(handler, "native", False):
+    the handler's ```tool_call text, thinking is dropped (the CLI has no signature for it).
+    With native tools (`bridge`), tool calls and results are real tool_use / tool_result
+    blocks, as the model made and the client answered them (ToolBridge.turn)."""
+    if len(messages) < 2 or messages[-1].role != "user" or \
+            (bridge is None and getattr(handler, "native", False)):
         return None
     turns = []
     for m in messages[:-1]:
+        if bridge is not None:
+            blocks = bridge.turn(m.blocks)
+            if not blocks:
+                return None
+            turns.append((m.role, blocks))
+            continue
         if m.role == "user":
             turns.append(("user", render_turn([m], handler)))
             continue
@@ -921,7 +936,9 @@ def cli_schema(req):
 
 
 def offered_tools(req):
-    if isinstance(req.tool_choice, dict):
+    """The tools the model sees: a named tool_choice offers only that tool, unless the
+    upstream request forces it (forced_choice): then all stay, as in the steps before."""
+    if isinstance(req.tool_choice, dict) and forced_choice(req) is None:
         return [t for t in req.tools if t.name == req.tool_choice.get("name")]
     return req.tools
 
@@ -1003,6 +1020,16 @@ class BaseToolCallHandler:
         return ("Your previous reply did not call a tool. The tools described in your "
                 "instructions are available and working. Call the appropriate tool now by "
                 "writing a ```tool_call block.")
+
+    def manifest(self):
+        """The MCP handshake's answers given ahead in initialize (sdkMcpServerManifests): the
+        CLI then answers its own MCP client's initialize and tools/list from them, and the
+        three control round trips before the first upstream call are gone (measured in
+        bench/agent_loop.py).  A CLI that asks with another protocol version, or predates the
+        field, does the handshake over the control channel as before (_mcp answers it)."""
+        return {"initializeResult": {"protocolVersion": MCP_PROTOCOL, "capabilities": {"tools": {}},
+                                     "serverInfo": {"name": "claude-proxy", "version": __version__}},
+                "toolsListResult": {"tools": self.listing}}
 
     # -- history ----------------------------------------------------------------------------
     def render_call(self, name, arguments, call_id=None):
@@ -1171,19 +1198,23 @@ class NativeToolCallHandler(BaseToolCallHandler):
 
     The model sees them as `mcp__client__NAME` with the client's JSON schemas and calls them as
     trained, in tool_use blocks; section 7 hands those calls to the client and stops the turn
-    without running anything.  What is left here is the text part: the CLI has no upstream
-    tool_choice, so "required" and a named tool are instructions in the system prompt (a named
-    tool is also the only one offered); with parallel_tool_calls=false the calls after the first
-    are dropped.  Earlier calls and results are text records in the flattened transcript.
+    without running anything.  What is left here is the text part: "required" and a named tool
+    are also instructions in the system prompt (forced upstream too, section 7's
+    forced_choice, unless thinking is shown: then a named tool is the only one offered); with
+    parallel_tool_calls=false the calls after the first are dropped.  Earlier calls and results are real tool_use / tool_result turns
+    (ToolBridge.turn), or text records where the flat transcript is sent (render_call,
+    render_result: CLAUDE_PROXY_HISTORY=flat, a prefill).
     """
     name = "native"
     description = "real tool use through the CLI's MCP bridge; no prompt protocol"
     native = True
 
     def tool_prompt(self, tools, tool_choice):
-        rules = ["Earlier tool calls and their results appear in the conversation as "
-                 "[tool call ...] and [tool result ...] records. Those are history only: to call "
-                 "a tool, use your tools, never write such a record yourself."]
+        # the same text whatever the history looks like: the system prompt is the start of the
+        # upstream prompt cache, so it must not change from one step of an agent loop to the next
+        rules = ["A conversation given as a transcript shows earlier tool calls and their "
+                 "results as [tool call ...] and [tool result ...] records. Those are history "
+                 "only: to call a tool, use your tools, never write such a record yourself."]
         if tool_choice == "required":
             rules.append("In this reply you MUST call at least one of your tools.")
         elif isinstance(tool_choice, dict):
@@ -1360,12 +1391,36 @@ class Launch:
     max_tokens: int = 0
     account: str = ""            # the login (section 7, logins): its own processes
     web_tools: tuple = ()        # the CLI's own tools it may run: WebSearch, WebFetch
+    tool_choice: str = ""        # native tools: the upstream tool_choice as JSON (forced_choice)
 
 
 def launch_of(req):
+    forced = forced_choice(req)
     return Launch("" if req.cli_model in MODEL_FAMILIES else req.cli_model,
-                  "max" if req.effort == "max" else "", req.disable_thinking, req.max_tokens,
-                  req.account, tuple(req.web_tools))
+                  "max" if req.effort == "max" else "", req.disable_thinking or bool(forced),
+                  req.max_tokens, req.account, tuple(req.web_tools),
+                  json.dumps(forced, sort_keys=True) if forced else "")
+
+
+def forced_choice(req):
+    """The upstream tool_choice of a native request that must call a tool ("required" or a
+    named tool), or None.  The CLI has no per-request tool_choice, but it merges
+    CLAUDE_CODE_EXTRA_BODY into every upstream request body, so it is a launch setting (the
+    pool keys processes on it).  The API refuses a forced tool_choice while thinking is on,
+    so such a process runs with thinking off; a request that asks to see thinking keeps it,
+    and the choice stays an instruction (NativeToolCallHandler.tool_prompt)."""
+    if not native_tools(req) or req.thinking or req.tool_choice == "auto":
+        return None
+    if req.tool_choice == "required":
+        choice = {"type": "any"}
+    elif isinstance(req.tool_choice, dict) and req.tool_choice.get("name") in \
+            {t.name for t in req.tools}:
+        choice = {"type": "tool", "name": MCP_PREFIX + mcp_names(req.tools)[req.tool_choice["name"]]}
+    else:
+        return None
+    if not req.parallel_tool_calls:
+        choice["disable_parallel_tool_use"] = True
+    return choice
 
 
 def init_request(req, bridge=None):
@@ -1375,6 +1430,7 @@ def init_request(req, bridge=None):
         init["jsonSchema"] = cli_schema(req)
     if bridge is not None:
         init["sdkMcpServers"] = [MCP_SERVER]
+        init["sdkMcpServerManifests"] = {MCP_SERVER: bridge.manifest()}
     return init
 
 
@@ -1515,6 +1571,14 @@ def cli_env(cfg, launch, tmpdir):
             env["CLAUDE_CONFIG_DIR"] = path
         else:
             env["CLAUDE_CODE_OAUTH_TOKEN"] = read_token(name, path)
+    if launch.tool_choice:
+        try:           # the operator's own CLAUDE_CODE_EXTRA_BODY (CLAUDE_PROXY_PASS_ENV) stays
+            extra = json.loads(env.get("CLAUDE_CODE_EXTRA_BODY") or "{}")
+        except ValueError:
+            extra = None
+        extra = extra if isinstance(extra, dict) else {}
+        env["CLAUDE_CODE_EXTRA_BODY"] = json.dumps(dict(extra, tool_choice=json.loads(
+            launch.tool_choice)))
     return env
 
 
@@ -1567,6 +1631,7 @@ class CLIProcess:
         self.rate_limit = None       # the last rate_limit_info the CLI reported
         self.account = None          # its login's Account (set by Backend.spawn)
         self.model_usage = {}        # the last result's modelUsage (totals since start)
+        self.bridge = None           # native tools: the ToolBridge of a turn held open (kept)
         self.seen = 0                # stdout lines read so far
         self.kind = "spawned"        # how it last served, or how it waits (see Idle)
         self.settings = None         # the settings lines a reused process was given (see Idle)
@@ -1858,12 +1923,14 @@ class Idle:
 
     def keep_for(self, req):
         """The request's Keep (its answered turn stays on its process for the next one), or
-        None: sessions off, flat history, native tools, structured output, web tools (the
-        CLI's conversation holds its searches, which the client's does not), a prefill, and a
-        first message unless the client said a conversation follows (req.session; most first
-        messages are one-shot requests, and a kept process is held from everyone else)."""
+        None: sessions off, flat history, structured output, web tools (the CLI's
+        conversation holds its searches, which the client's does not), a prefill, and a first
+        message unless the client said a conversation follows (req.session; most first
+        messages are one-shot requests, and a kept process is held from everyone else).  A
+        native turn that ends in tool calls is kept with its first call held open
+        (ToolBridge)."""
         messages = req.messages
-        if self.sessions <= 0 or self.backend.cfg.history != "structured" or native_tools(req) \
+        if self.sessions <= 0 or self.backend.cfg.history != "structured" \
                 or req.json_schema is not None or req.web_tools or messages[-1].role != "user" \
                 or (len(messages) < 2 and not req.session):
             return None
@@ -2085,8 +2152,12 @@ def conversation_hash(req, messages, h=None):
     and its tool calls (ids, thinking and block boundaries are dropped or reshaped by clients);
     a user message counts whole.  With `h` (the hash of earlier messages) it goes on from there."""
     if h is None:
+        # native tools are definitions, not system prompt text: they count on their own
+        tools = [[t.name, t.description, t.parameters] for t in offered_tools(req)] \
+            if native_tools(req) else []
         h = hashlib.sha256(json.dumps([repr(launch_of(req)), req.cli_model, req.effort,
-                                       render_system(req), req.handler.name]).encode())
+                                       render_system(req), req.handler.name, tools],
+                                      sort_keys=True).encode())
     for m in messages:
         if m.role == "assistant":
             text = "".join(b.get("text", "") for b in m.blocks if b.get("type") == "text")
@@ -2163,27 +2234,40 @@ class Backend:
         `clean`; with `keep` it is handed to the Keep, else given back to the store.
         """
         launch = launch_of(req)
-        init = None if native_tools(req) else init_request(req)
+        # native tools' initialize carries the MCP handshake's answers (ToolBridge.manifest),
+        # so an agent that sends the same tools again gets a process initialized ahead too
+        init = init_request(req, ToolBridge(req) if native_tools(req) else None)
         # what a reused process must have been given: no native tools (their MCP bridge) and
         # no structured output (its StructuredOutput tool); one initialize, model and effort
-        settings = None if init is None or cli_schema(req) is not None else \
+        settings = None if native_tools(req) or cli_schema(req) is not None else \
             json.dumps([init, req.cli_model, req.effort], sort_keys=True)
         proc, kind = self.idle.take(launch, settings, init,
                                     keep.prior if keep is not None else None)
+        # a kept native turn waits in a tools/call held open: only the results of exactly its
+        # calls continue it; anything else is a new conversation on another process
+        held = proc.bridge if kind == "kept" else None
+        results = held.answers(messages[-1]) if held is not None else None
+        if held is not None and results is None:
+            self.idle.note_stillborn(kind)             # taken, but of no use: not a hit
+            self.discard(proc)
+            (proc, kind), held = self.idle.take(launch, settings, init), None
         while True:
             if proc is None:
                 proc, kind = self.spawn(launch), "spawned"
             req.served_by = kind
-            bridge = ToolBridge(req) if native_tools(req) else None
+            bridge = ToolBridge(req, hold=keep is not None) if native_tools(req) else None
             try:
-                last = user_line(render_turn(messages[-1:], req.handler))
-                turns = history_turns(messages, req.handler) \
+                last = user_line(render_turn(messages[-1:], req.handler, bridge))
+                turns = history_turns(messages, req.handler, bridge) \
                     if self.cfg.history == "structured" and kind != "kept" else None
                 lines = [] if kind == "kept" else control_lines(req, messages, bridge, proc, turns)
                 if kind == "reused":
                     lines = [line for line in lines if line["type"] == "user"]
                 proc.settings, proc.clean = settings, False
-                if kind == "kept":
+                if held is not None:
+                    bridge.continue_turn(proc, held, results)
+                    proc.bridge = None
+                elif kind == "kept":
                     proc.send(last)
                 elif turns is None:
                     proc.send(*lines)
@@ -2196,8 +2280,9 @@ class Backend:
                 for ev in events:
                     if isinstance(ev, Done):
                         proc.served += 1
-                        proc.clean = not proc.stopped and bridge is None
+                        proc.clean = not proc.stopped
                         if keep is not None and proc.clean:
+                            proc.bridge = bridge if bridge is not None and bridge.waiting else None
                             keep.proc, proc = proc, None     # Keep keeps it or gives it back
                     yield ev
                 return
@@ -2209,6 +2294,7 @@ class Backend:
                 if proc is not None:
                     self.idle.give_back(proc)
             proc, kind = self.idle.take(launch, settings, init) if kind == "kept" else (None, "")
+            held = None
 
     def close_all(self):
         self.idle.close()
@@ -2224,6 +2310,7 @@ class Backend:
 MCP_SERVER = "client"
 MCP_PREFIX = "mcp__client__"
 MCP_NAME_MAX = 128
+MCP_PROTOCOL = "2025-11-25"      # the MCP version the CLI's client asks for (2.1.330)
 DENY_MESSAGE = "claude-proxy hands this tool call to its API client; it is not run here."
 
 
@@ -2258,14 +2345,22 @@ class ToolBridge:
     by itself (a name it does not know) gets no can_use_tool, and the CLI goes straight on to a
     second upstream call that an interrupt request does not stop; then `done` is set at once and
     the request ends with the usage seen in the stream (the process is killed after it).
+
+    A turn that is kept (`hold`, Idle.keep_for) is not stopped: its calls are allowed, and the CLI's
+    tools/call for the first one (it runs them one at a time) is held open while the process
+    waits for the conversation's next request.  When that request brings the client's results
+    for exactly these calls, the held call is answered with its result, then each further call
+    as the CLI asks for it (continue_turn), and the model goes on in the same turn: the
+    upstream history is exactly what the model made, plus the client's results.
     """
 
-    def __init__(self, req):
-        tools = offered_tools(req)
-        self.names = mcp_names(tools)
+    def __init__(self, req, hold=False):
+        # names over all the client's tools, so a named tool_choice (only that tool offered)
+        # leaves the names of the history's calls as they were in the steps before
+        self.names = mcp_names(req.tools)
         self.client_name = {MCP_PREFIX + mcp: name for name, mcp in self.names.items()}
         self.listing = []
-        for t in tools:
+        for t in offered_tools(req):
             schema = dict(t.parameters)
             if schema.setdefault("type", "object") != "object":
                 raise BadRequest("Tool %r: native tool mode needs the parameters to be a JSON "
@@ -2283,6 +2378,66 @@ class ToolBridge:
         self.denied = False      # deny+interrupt sent: the CLI's result line ends the turn
         self.done = False        # nothing to wait for: end the request now
         self.usage = Usage()     # of the streamed message, for when `done` cuts the turn short
+        self.hold = hold         # a kept turn: allow the calls, hold the first tools/call open
+        self.waiting = {}        # tool_use id -> (control request id, JSON-RPC id) held open
+        self.exact = False       # held with every call handed over: the process may be kept
+        self.allowed = False     # a call was allowed (hold): its tools/call is on the way
+        self.results = {}        # tool_use id -> the client's tool_result, in a continued turn
+
+    def manifest(self):
+        """The MCP handshake's answers given ahead in initialize (sdkMcpServerManifests): the
+        CLI then answers its own MCP client's initialize and tools/list from them, and the
+        three control round trips before the first upstream call are gone (measured in
+        bench/agent_loop.py).  A CLI that asks with another protocol version, or predates the
+        field, does the handshake over the control channel as before (_mcp answers it)."""
+        return {"initializeResult": {"protocolVersion": MCP_PROTOCOL, "capabilities": {"tools": {}},
+                                     "serverInfo": {"name": "claude-proxy", "version": __version__}},
+                "toolsListResult": {"tools": self.listing}}
+
+    # -- history -----------------------------------------------------------------------
+    def turn(self, blocks):
+        """A message of the conversation as the upstream saw it when it was new: the client's
+        tool calls under the MCP names the model used and the ids it gave (_call's mapping,
+        reversed), results as real tool_result blocks with is_error and the images they came
+        with, placed first in their turn as the API wants; thinking is dropped (the CLI has no
+        signature for it), and so are empty text blocks (the API refuses them)."""
+        results, rest = [], []
+        inner = [i for b in blocks if b.get("type") == "tool_result" for i in b.get("images") or ()]
+        for b in blocks:
+            kind = b.get("type")
+            if kind == "tool_use":
+                rest.append({"type": "tool_use", "id": self.upstream_id(b.get("id")),
+                             "name": MCP_PREFIX + self.mcp_name(b.get("name") or ""),
+                             "input": b.get("input") if isinstance(b.get("input"), dict) else {}})
+            elif kind == "tool_result":
+                # the form the CLI gives a result of a held call (_answer) to the upstream: a
+                # list of blocks, or for an error its text, so a conversation reads the same
+                # whether it was continued on its process or given to a new one
+                content = b.get("content")
+                content = "" if content is None else content
+                if not b.get("is_error"):
+                    content = ([{"type": "text", "text": content}] if content else []) + \
+                        list(b.get("images") or ())
+                result = {"type": "tool_result", "tool_use_id": self.upstream_id(b.get("tool_use_id")),
+                          "content": content}
+                if b.get("is_error"):
+                    result["is_error"] = True
+                results.append(result)
+            elif (kind == "text" and b.get("text")) or (kind == "image" and b not in inner):
+                rest.append(b)
+        return results + rest
+
+    def mcp_name(self, name):
+        """The MCP name of a client tool; one the request no longer offers is made safe alike."""
+        return self.names.get(name) or mcp_names([ToolSpec(name, "", {})])[name]
+
+    def upstream_id(self, call_id):
+        """The tool_use id the upstream gave a call that the client echoes back: _call handed
+        toolu_X out as PREFIX+X.  Other ids (the client's own) are made safe for the API."""
+        call_id = str(call_id or "")
+        if self.id_prefix != "toolu_" and call_id.startswith(self.id_prefix):
+            call_id = "toolu_" + call_id[len(self.id_prefix):]
+        return re.sub(r"[^A-Za-z0-9_-]", "_", call_id) or "toolu_"
 
     # -- stream events -----------------------------------------------------------------
     def on_stream(self, proc, ev):
@@ -2333,6 +2488,7 @@ class ToolBridge:
 
     def _call(self, tool_use_id, name, arguments):
         if not self.parallel and self.calls:
+            self.hold = False         # the CLI has a call the client never gets: deny, not kept
             return None
         self.calls.append(tool_use_id)
         if isinstance(tool_use_id, str) and tool_use_id.startswith("toolu_"):
@@ -2350,12 +2506,24 @@ class ToolBridge:
         rid, request = item.get("request_id"), item.get("request") or {}
         sub = request.get("subtype")
         if sub == "mcp_message" and request.get("server_name") == MCP_SERVER:
-            reply = self._mcp(request.get("message") or {})
+            msg = request.get("message") or {}
+            tid = ((msg.get("params") or {}).get("_meta") or {}).get("claudecode/toolUseId") \
+                if msg.get("method") == "tools/call" else None
+            if tid in self.results:
+                return self._answer(proc, rid, msg.get("id"), self.results.pop(tid))
+            if tid is not None and self.hold and tid in self.calls:
+                self.waiting[tid] = (rid, msg.get("id"))    # answered by the next request
+                self.exact = self.done = True
+                return
+            reply = self._mcp(msg)
             proc.send({"type": "control_response", "response": {
                 "subtype": "success", "request_id": rid, "response": {"mcp_response": reply}}})
         elif sub == "can_use_tool":
-            self.settled.add(request.get("tool_use_id"))
-            self.held.append(rid)
+            tid = request.get("tool_use_id")
+            if tid in self.results:              # a call of the held turn: its result is here
+                return self._allow(proc, rid, request.get("input"))
+            self.settled.add(tid)
+            self.held.append((rid, request.get("input")))
             if not self.in_message:
                 self._settle(proc)
         else:
@@ -2366,6 +2534,8 @@ class ToolBridge:
         for b in (item.get("message") or {}).get("content") or []:
             if isinstance(b, dict) and b.get("type") == "tool_result":
                 self.settled.add(b.get("tool_use_id"))
+                if b.get("tool_use_id") in self.calls:
+                    self.hold = False     # its history has a result the client never sent
         if self.ended:
             self._settle(proc)
 
@@ -2374,14 +2544,61 @@ class ToolBridge:
         in which the CLI rejected every call itself."""
         if self.in_message:
             return
-        for rid in self.held:
+        for rid, tool_input in self.held:
+            if self.hold:
+                self._allow(proc, rid, tool_input)
+                self.allowed = True
+                continue
             proc.send({"type": "control_response", "response": {
                 "subtype": "success", "request_id": rid,
                 "response": {"behavior": "deny", "message": DENY_MESSAGE, "interrupt": True}}})
             self.denied = True
         self.held = []
-        if self.ended and not self.denied and all(c in self.settled for c in self.calls):
+        if self.ended and not self.denied and not self.allowed and \
+                all(c in self.settled for c in self.calls):
             self.done = True
+
+    @staticmethod
+    def _allow(proc, rid, tool_input):
+        proc.send({"type": "control_response", "response": {
+            "subtype": "success", "request_id": rid,
+            "response": {"behavior": "allow", "updatedInput": tool_input or {}}}})
+
+    def _answer(self, proc, rid, mid, block):
+        """Answer a tools/call with the client's tool_result (MCP content: text, images)."""
+        content = block.get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) and content else []
+        items += [{"type": "image", "data": i["source"]["data"], "mimeType": i["source"]["media_type"]}
+                  for i in block.get("images") or ()]
+        result = {"content": items or [{"type": "text", "text": ""}],
+                  "isError": bool(block.get("is_error"))}
+        proc.send({"type": "control_response", "response": {
+            "subtype": "success", "request_id": rid,
+            "response": {"mcp_response": {"jsonrpc": "2.0", "id": mid, "result": result}}}})
+
+    # -- a held turn, continued --------------------------------------------------------
+    def answers(self, message):
+        """The client's results in `message` for the calls this held turn made, by upstream
+        id, or None when the message is not exactly those results (then the conversation goes
+        to a new process, given as history)."""
+        if not self.waiting or message.role != "user":
+            return None
+        results, images = {}, []
+        for b in message.blocks:
+            if b.get("type") == "tool_result":
+                results[self.upstream_id(b.get("tool_use_id"))] = b
+                images += b.get("images") or []
+        if set(results) != set(self.calls) or \
+                any(b.get("type") != "tool_result" and b not in images for b in message.blocks):
+            return None
+        return results
+
+    def continue_turn(self, proc, held, results):
+        """Go on with the turn that `held` (the bridge of the request before) left open."""
+        self.results = dict(results)
+        for tid, (rid, mid) in held.waiting.items():
+            self._answer(proc, rid, mid, self.results.pop(tid))
+        held.waiting = {}
 
     def _mcp(self, msg):
         """The JSON-RPC answer of the MCP server 'client' to one message."""
@@ -2389,9 +2606,8 @@ class ToolBridge:
         if mid is None:                       # a notification: acknowledged, nothing to do
             return {"jsonrpc": "2.0", "result": {}}
         if method == "initialize":
-            result = {"protocolVersion": (msg.get("params") or {}).get("protocolVersion") or
-                      "2025-06-18", "capabilities": {"tools": {}},
-                      "serverInfo": {"name": "claude-proxy", "version": __version__}}
+            result = dict(self.manifest()["initializeResult"], protocolVersion=(
+                msg.get("params") or {}).get("protocolVersion") or MCP_PROTOCOL)
         elif method == "tools/list":
             result = {"tools": self.listing}
         elif method == "tools/call":          # not reached: every call is denied first
@@ -2513,8 +2729,9 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
             usage = Usage.from_api(item.get("usage"))
             usage.web_searches = searches
             if bridge is not None and bridge.calls and item.get("api_error_status") is None:
-                # the turn this proxy stopped reads as an error (aborted_tools): it is the answer
-                yield Done("tool_use", usage)
+                # the turn this proxy stopped reads as an error (aborted_tools): it is the answer,
+                # but the process heard denials the client never saw (it must not be kept)
+                yield Done("tool_use", usage, whole=False)
                 return
             if proc.stopped:
                 yield Done(proc.stopped, usage)
@@ -2533,7 +2750,8 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                        whole=not any(replay.skip.values()))
             return
         if bridge is not None and bridge.done:
-            yield Done("tool_use", bridge.usage)
+            # held open (bridge.exact): the process may wait for the results; else it is ended
+            yield Done("tool_use", bridge.usage, whole=bridge.exact)
             return
     raise cli_ended(proc)
 
@@ -3443,15 +3661,18 @@ def _anthropic_blocks(content, where, role):
         elif kind == "tool_result":
             _need(role == "user", "%s: tool_result blocks belong to user messages" % at)
             _need(isinstance(b.get("tool_use_id"), str), "%s.tool_use_id: Field required" % at)
-            inner = b.get("content", "")
+            inner, images = b.get("content", ""), []
             if isinstance(inner, list):
                 inner = _anthropic_blocks(inner, at, "user")
                 text = "\n".join(x.get("text", "") for x in inner if x.get("type") == "text")
-                blocks.extend(x for x in inner if x.get("type") == "image")
+                images = [x for x in inner if x.get("type") == "image"]
+                blocks.extend(images)
                 inner = text
             _need(isinstance(inner, str), "%s.content must be a string or blocks" % at)
             blocks.append({"type": "tool_result", "tool_use_id": b["tool_use_id"], "content": inner,
                            "is_error": bool(b.get("is_error"))})
+            if images:                   # native tools give them back inside the result
+                blocks[-1]["images"] = images
         elif kind in ("thinking", "redacted_thinking"):
             continue                                  # not replayed to the model
         else:
@@ -3768,9 +3989,11 @@ def parse_responses_input(value):
             _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
             _need(item.get("output") is not None, "%s.output is required" % at, at)
             text, images = _responses_output(item["output"], at)
-            out.append(Message("user", [{"type": "tool_result", "tool_use_id": cid,
-                                         "name": names.get(cid) or item.get("name"),
-                                         "content": text}] + images))
+            result = {"type": "tool_result", "tool_use_id": cid,
+                      "name": names.get(cid) or item.get("name"), "content": text}
+            if images:                   # native tools give them back inside the result
+                result["images"] = images
+            out.append(Message("user", [result] + images))
         elif kind in ("reasoning", "web_search_call"):
             # not replayed, as Anthropic thinking blocks are not; a search's findings are in
             # the answer that followed it
@@ -4411,14 +4634,17 @@ def login_events(app, req, call):
                 if isinstance(ev, TextDelta):
                     text.append(ev.text)
                 elif isinstance(ev, ToolCall):
-                    calls.append({"type": "tool_use", "name": ev.name,
-                                  "input": json.loads(ev.arguments)})
+                    calls.append([ev.id, ev.name, ev.arguments])
+                elif isinstance(ev, ToolCallDelta):      # native arguments stream in parts
+                    for c in calls:
+                        c[2] += ev.arguments if c[0] == ev.id else ""
                 elif isinstance(ev, Reset):
                     text, calls = [], []
                 elif isinstance(ev, Done) and len(runs) == 1 and ev.whole and \
                         ev.stop_reason in ("end_turn", "tool_use"):
-                    keep.finish(Message(
-                        "assistant", [{"type": "text", "text": "".join(text)}] + calls))
+                    keep.finish(Message("assistant", [{"type": "text", "text": "".join(text)}] + [
+                        {"type": "tool_use", "name": name, "input": json.loads(args or "{}")}
+                        for _, name, args in calls]))
             yield ev
     finally:
         if keep is not None:

@@ -28,6 +28,9 @@ class Reply:
     status/error_type/headers: an HTTP error instead of an answer.
     drop_after: close the connection after this many streamed events (a reset).
     stall: seconds to sleep after message_start (a stalled stream).
+    id: the message id.  The CLI joins the assistant lines of one message by it, so the steps
+    of one CLI turn (tool calls answered inside the turn) need ids of their own, as the real
+    API gives.
     """
     blocks: list = field(default_factory=list)
     stop_reason: str = "end_turn"
@@ -41,6 +44,7 @@ class Reply:
     drop_after: int = -1
     stall: float = 0.0
     details: dict = None        # an error's `details` (e.g. {"error_code": "credits_required"})
+    id: str = "msg_fake"
 
 
 @dataclass
@@ -287,7 +291,7 @@ class FakeUpstream:
     # -- rendering -------------------------------------------------------------------------
     @staticmethod
     def message(body, reply):
-        return {"id": "msg_fake", "type": "message", "role": "assistant",
+        return {"id": reply.id, "type": "message", "role": "assistant",
                 "model": body.get("model", "claude-fake") if isinstance(body, dict) else "claude-fake",
                 "content": reply.blocks, "stop_reason": reply.stop_reason, "stop_sequence": None,
                 "usage": reply.usage}
@@ -298,7 +302,7 @@ class FakeUpstream:
         start_usage = {k: v for k, v in usage.items() if k != "output_tokens"}
         start_usage["output_tokens"] = 1
         yield "message_start", {"type": "message_start", "message": {
-            "id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model"),
+            "id": reply.id, "type": "message", "role": "assistant", "model": body.get("model"),
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}}
         for i, block in enumerate(reply.blocks):
             kind = block["type"]
