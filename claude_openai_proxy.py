@@ -5182,7 +5182,6 @@ tr.err td { background: #fde8ef; color: #8a1538; }
           border-radius: 8px; }
 #config td { white-space: normal; overflow-wrap: anywhere; font-size: 12px; padding: 1px 6px; }
 #config td:first-child { color: var(--dim); white-space: nowrap; }
-.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 0 14px; }
 #keyform { margin: 16px 0; }
 #keyform .card { max-width: 520px; }
 input, select, button { font: inherit; }
@@ -5382,28 +5381,29 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     fill.style.width = (100 * c.running / Math.max(1, c.capacity)).toFixed(1) + "%";
     add(box, defs([["CLI processes started", h.cli_processes_started],
                    ["history", h.history]]));
-    // every group of figures /health reports (pool, sessions, ...), whatever fields they carry
-    var TITLES = {pool: "idle processes (pool)", sessions: "kept conversations"};
-    var pair = put(box, el("div", "pair"));
-    Object.keys(h).forEach(function (group) {
-      var v = h[group];
-      if (!v || typeof v !== "object" || Array.isArray(v) ||
-          group === "concurrency" || group === "module_errors") return;
-      var col = put(pair, el("div"));
-      add(col, el("h3", "", TITLES[group] || group.replace(/_/g, " ")));
-      add(col, defs(flatten(v, "")));
+    // the idle store (Idle): what waits now and what served, by kind; then its limits
+    var idle = h.idle || {}, held = idle.idle || {}, hits = idle.hits || {};
+    var KINDS = [["kept", "holding a conversation"], ["reused", "reset after a request"],
+                 ["initialized", "pre-started, initialized ahead"], ["pool", "pre-started"]];
+    add(box, el("h3", "", "idle CLI processes"));
+    var t = put(box, el("table", "idle"));
+    add(t, add(el("tr"), el("th", "", "kind"), el("th", "num", "waiting"),
+               el("th", "num", "requests served")));
+    KINDS.forEach(function (k) {
+      var tr = put(t, el("tr"));
+      tr.dataset.kind = k[0];
+      add(tr, el("td", "", k[0] + " (" + k[1] + ")"), el("td", "num", num(held[k[0]] || 0)),
+          el("td", "num", num(hits[k[0]] || 0)));
     });
+    var spawned = put(t, el("tr"));
+    spawned.dataset.kind = "spawned";
+    add(spawned, el("td", "", "spawned (none fitted)"), el("td", "num", "-"),
+        el("td", "num", num(idle.misses || 0)));
+    add(box, defs([["mode", idle.mode], ["budget", idle.budget], ["pool size", idle.pool_size],
+                   ["kept at most", idle.sessions], ["requests per process", idle.reuse],
+                   ["recycled", idle.recycled], ["evicted", idle.evicted],
+                   ["start failures", idle.start_failures], ["sized", idle.sized]]));
   }
-  function flatten(obj, prefix) {   // {"hits": {"pool": 3}} -> [["hits pool", 3]]
-    var out = [];
-    Object.keys(obj).forEach(function (k) {
-      var v = obj[k], name = prefix + k.replace(/_/g, " ");
-      if (v && typeof v === "object" && !Array.isArray(v)) out = out.concat(flatten(v, name + " "));
-      else out.push([name, Array.isArray(v) ? v.join(", ") : v]);
-    });
-    return out;
-  }
-
   function renderCli(d) {
     var box = $("cli"), cli = d.cli;
     box.textContent = "";

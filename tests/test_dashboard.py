@@ -434,7 +434,10 @@ def test_page_renders_in_chromium(served, tmp_path):
         assert re.search(r"<(rect|path|circle) ", svg), name
     assert "CLI and logins" in dom and "logged in" in dom
     assert "slots: 0 of 2 running, 0 queued" in dom
-    assert "idle processes (pool)" in dom and "kept conversations" in dom and "<dt>hits</dt>" in dom
+    # the idle store by kind: waiting now and requests served (the fixture's pool of one)
+    idle_rows = {a["data-kind"] for a in tags.find("tr") if "data-kind" in a}
+    assert idle_rows == {"kept", "reused", "initialized", "pool", "spawned"}, idle_rows
+    assert "idle CLI processes" in dom and "requests served" in dom and "<dt>budget</dt>" in dom
     assert not [a for _, a in tags.tags if a.get("id") == "injected"], "a User-Agent became markup"
     assert "&lt;b id=\"injected\"&gt;x&lt;/b&gt;" in dom
     assert "key(s), masked" not in dom and "API_KEYS" in dom    # the config card, no keys
