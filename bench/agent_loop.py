@@ -76,7 +76,7 @@ class Proxy:
     def wait_ready(self, n=2, timeout=30):
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self.health()["pool"]["ready"] >= n:
+            if self.health()["idle"]["ready"] >= n:
                 time.sleep(1.5)          # ready = spawned; let it finish booting
                 return
             time.sleep(0.05)
