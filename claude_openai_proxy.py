@@ -1936,12 +1936,13 @@ class Idle:
             return None
         return Keep(self, req)
 
-    def take(self, launch, settings=None, init=None, conversation=None):
+    def take(self, launch, settings=None, init=None, conversation=None, note=True):
         """(process, kind) for a request: the best idle one that fits, or (None, "spawned").
         `settings` is what a reused process must have been given (None: no reuse), `init` the
-        request's initialize, `conversation` the one it continues."""
+        request's initialize, `conversation` the one it continues; `note`: count the request
+        among those asked (not when the same request asks again)."""
         with self.cond:
-            if self.pool_size > 0:
+            if self.pool_size > 0 and note:
                 self.recent[launch] = None
                 self.recent.move_to_end(launch)
                 while len(self.recent) > self.pool_size:
@@ -2054,17 +2055,26 @@ class Idle:
             threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
 
     def note_stillborn(self, kind):
-        """A process handed out as `kind` died before it printed anything (see Backend.run):
-        a pre-started one counts as a death, a kept or reused one as no hit."""
+        """A process handed out as `kind` died before it printed anything, or turned out to
+        be of no use (see Backend.run): not a hit, and a pre-started one counts as a death.
+        What serves the request instead is counted when it is taken (or spawned: a miss)."""
         with self.cond:
+            self.hits[kind] -= 1
             if kind in ("initialized", "pool"):
                 self._note_death()
-            else:
-                self.hits[kind] -= 1
+
+    def note_spawn(self):
+        """A request's retry starts a process of its own: a miss."""
+        with self.cond:
+            self.misses += 1
 
     def _targets(self):
-        keys = list(reversed(self.recent))
-        return collections.Counter(keys[i % len(keys)] for i in range(self.pool_size))
+        """launch -> how many ready processes it should have: the pool spread over the launch
+        keys most recently asked for, but for logins that failed to authenticate."""
+        logins = self.backend.logins
+        keys = [k for k in reversed(self.recent) if logins.get(k.account).healthy] or \
+            [Launch(account=a.name) for a in logins.accounts if a.healthy][:1]
+        return collections.Counter(keys[i % len(keys)] for i in range(self.pool_size if keys else 0))
 
     def _maintain(self):
         while True:
@@ -2105,6 +2115,11 @@ class Idle:
                     init = None
             try:
                 proc = self.backend.spawn(short[0])
+            except LoginFailed as exc:     # that login's fault, not the CLI's: the others go on
+                self.backend.logins.get(short[0].account).mark_unhealthy(exc.message)
+                with self.cond:
+                    self.recent.pop(short[0], None)
+                continue
             except ProxyError:
                 with self.cond:
                     self._note_death()
@@ -2250,7 +2265,7 @@ class Backend:
         if held is not None and results is None:
             self.idle.note_stillborn(kind)             # taken, but of no use: not a hit
             self.discard(proc)
-            (proc, kind), held = self.idle.take(launch, settings, init), None
+            (proc, kind), held = self.idle.take(launch, settings, init, note=False), None
         while True:
             if proc is None:
                 proc, kind = self.spawn(launch), "spawned"
@@ -2293,7 +2308,11 @@ class Backend:
             finally:
                 if proc is not None:
                     self.idle.give_back(proc)
-            proc, kind = self.idle.take(launch, settings, init) if kind == "kept" else (None, "")
+            if kind == "kept":        # the same request asks again: not a second repeat
+                proc, kind = self.idle.take(launch, settings, init, note=False)
+            else:
+                self.idle.note_spawn()
+                proc, kind = None, ""
             held = None
 
     def close_all(self):
@@ -2383,6 +2402,9 @@ class ToolBridge:
         self.exact = False       # held with every call handed over: the process may be kept
         self.allowed = False     # a call was allowed (hold): its tools/call is on the way
         self.results = {}        # tool_use id -> the client's tool_result, in a continued turn
+        #: continues a turn held open: the result line's usage adds up every step of that turn,
+        #: of which the earlier steps were reported by their own requests
+        self.continued = False
 
     def manifest(self):
         """The MCP handshake's answers given ahead in initialize (sdkMcpServerManifests): the
@@ -2595,7 +2617,7 @@ class ToolBridge:
 
     def continue_turn(self, proc, held, results):
         """Go on with the turn that `held` (the bridge of the request before) left open."""
-        self.results = dict(results)
+        self.results, self.continued = dict(results), True
         for tid, (rid, mid) in held.waiting.items():
             self._answer(proc, rid, mid, self.results.pop(tid))
         held.waiting = {}
@@ -2726,7 +2748,9 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
                                  % (resp.get("request_id"), scrub(str(resp.get("error")))))
         elif kind == "result":
             proc.note(item)
-            usage = Usage.from_api(item.get("usage"))
+            # a continued held turn: only its last message is this request's (bridge.usage)
+            usage = bridge.usage if bridge is not None and bridge.continued else \
+                Usage.from_api(item.get("usage"))
             usage.web_searches = searches
             if bridge is not None and bridge.calls and item.get("api_error_status") is None:
                 # the turn this proxy stopped reads as an error (aborted_tools): it is the answer,
@@ -4474,6 +4498,7 @@ class App:
         self.metrics = Metrics()
         self.requests = RequestLog()
         self._cli_version = (None, 0.0)      # (text, monotonic time it was read)
+        self._cli_version_lock = threading.Lock()   # one `claude --version` at a time
         self.keys = tuple(key_digest(k) for k in cfg.api_keys)
         self.started_at = time.time()
         self.in_flight = 0
@@ -4546,8 +4571,14 @@ class App:
     def cli_version(self):
         """`claude --version`, read at most every 10 minutes (an upgrade shows up)."""
         text, at = self._cli_version
-        if at and time.monotonic() - at < 600:
-            return text
+        if (at and time.monotonic() - at < 600) or not self._cli_version_lock.acquire(False):
+            return text                  # fresh enough, or being read by another poll
+        try:
+            return self._read_cli_version()
+        finally:
+            self._cli_version_lock.release()
+
+    def _read_cli_version(self):
         found = shutil.which(self.cfg.claude_bin)
         text = None
         if found:
@@ -4594,7 +4625,7 @@ def model_events(app, req, call, pinned=None):
             sent = False
             try:
                 for ev in login_events(app, req, call):
-                    sent = True
+                    sent = sent or not isinstance(ev, Heartbeat)    # a keep-alive is no content
                     yield ev
                 logins.remember(req, account)
                 return

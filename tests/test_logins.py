@@ -470,6 +470,30 @@ def test_no_failover_once_the_answer_began_and_each_login_gets_its_own_environme
     assert token not in p.log and token[12:] not in p.log
 
 
+def test_a_login_whose_cli_cannot_start_leaves_the_pool_to_the_others(make_proxy, tmp_path):
+    """On the fake CLI: login a's token file is empty, so its CLI can't be started.  That is
+    the login's fault: it is marked unhealthy with its hint, and the pool is not put into cold
+    fallback for every login; b's processes are pre-started as usual."""
+    (tmp_path / "a.token").write_text("")
+    (tmp_path / "bdir").mkdir()
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=2, CLAUDE_PROXY_SESSIONS=0,
+                   CLAUDE_PROXY_ACCOUNTS="a=token-file:%s,b=%s" % (tmp_path / "a.token",
+                                                                   tmp_path / "bdir"))
+    deadline = time.time() + 20
+    while True:
+        h = p.request("GET", "/health")[2]
+        a = [x for x in h["logins"]["accounts"] if x["name"] == "a"][0]
+        if not a["healthy"] and h["idle"]["ready"] >= 1 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert not a["healthy"] and "a.token" in a["hint"], h
+    assert h["idle"]["ready"] >= 1 and h["idle"]["mode"] == "warm", h
+    assert h["idle"]["start_failures"] == 0, h
+    assert [r for r in h["reasons"] if r.startswith("login a failed to authenticate")], h
+    status, hdrs, got = chat(p, "hello")
+    assert status == 200 and lower(hdrs)["x-claude-account"] == "b", got
+
+
 # -- 5. beyond one machine: a LiteLLM Router in front of two instances ----------------------------
 
 ROUTER_SCRIPT = r'''

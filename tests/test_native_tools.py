@@ -786,3 +786,28 @@ def test_a_turn_the_proxy_had_to_stop_is_not_kept(kept_proxy, upstream, case):
     assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1
     wait_gone(children(p.proc.pid))
     assert health(p)["idle"]["idle"]["kept"] == 0
+
+
+def test_each_step_of_a_held_turn_reports_its_own_usage(kept_proxy, upstream):
+    """The steps of a held turn are one CLI turn, whose result line adds up all of them; each
+    request reports only its own upstream message (else the last step would count the whole
+    loop again, and clients that size their context from input_tokens would think it full)."""
+    client, messages = oai(kept_proxy), list(SEED_TURNS)
+    for i, tokens in enumerate((100, 200, 300)):
+        if i < 2:
+            reply = fake_upstream.tool_use("mcp__client__get_weather", {"city": "U%d" % i},
+                                           id="toolu_use%d" % i)
+        else:
+            reply = fake_upstream.text("All done.")
+        reply.id, reply.usage = "msg_use%d" % i, {"input_tokens": tokens, "output_tokens": 5 + i}
+        upstream.push(reply)
+        r = client.chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=messages)
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (tokens, 5 + i), (i, r.usage)
+        if i < 2:
+            [tc] = r.choices[0].message.tool_calls
+            messages += [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": tc.id, "type": "function",
+                 "function": {"name": tc.function.name, "arguments": tc.function.arguments}}]},
+                {"role": "tool", "tool_call_id": tc.id, "content": "result %d" % i}]
+    assert r.choices[0].message.content == "All done."
+    assert health(kept_proxy)["idle"]["hits"]["kept"] == 2, "steps 2 and 3 continued the turn"
