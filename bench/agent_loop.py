@@ -15,7 +15,8 @@ its pool is ready, as in an agent that spends time running the tool.  Modes:
   history as real turns);
 - emulated: the default handler (```tool_call fences, kept conversations);
 - native before: native mode of the proxy at git revision BEFORE (default: the merge base
-  with main), read with `git show`, when that revision is available.
+  with main; on main itself, name it: BEFORE=8b60662 is the last commit before native mode sent
+  real tool turns), read with `git show`, when that revision is available.
 
 Printed per mode:
 - shared prefix between consecutive steps' upstream requests: how much of step N's request
@@ -76,7 +77,8 @@ class Proxy:
     def wait_ready(self, n=2, timeout=30):
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self.health()["idle"]["ready"] >= n:
+            h = self.health()           # the idle store, or an older proxy's pool
+            if (h.get("idle") or h.get("pool"))["ready"] >= n:
                 time.sleep(1.5)          # ready = spawned; let it finish booting
                 return
             time.sleep(0.05)
@@ -249,7 +251,8 @@ def main(steps):
         p = Proxy(path, **env)
         try:
             ttft, calls = loop(p, steps, native)
-            kept = p.health().get("sessions", {})
+            h = p.health()       # the store of today, or the old proxy's sessions
+            kept = h.get("sessions") or {"kept hits": h.get("idle", {}).get("hits", {}).get("kept")}
         finally:
             p.stop()
         pairs = [shared(a, b) for a, b in zip(calls, calls[1:])]
