@@ -1367,10 +1367,12 @@ def _tool_attempt(req, run, messages, hold_all, total):
 
 # 7. CLI backend #################################################################################
 # A CLI process serves request after request (reset in between; or holds a conversation, see
-# Idle), run as a plain model: no built-in tools, no CLAUDE.md, no settings, no session files, its own TMPDIR, an
-# empty working directory, an allow-listed environment.  Prompts travel on stdin (stream-json),
-# never on argv.  Native tools are the only tools it ever sees: the client's, through
-# ToolBridge, and never run.
+# Idle), run as a plain model: no built-in tools, no CLAUDE.md, no settings, no session files,
+# its own TMPDIR, an empty working directory, an allow-listed environment.  Prompts travel on
+# stdin (stream-json), never on argv.  Native tools are the only tools it ever sees: the
+# client's, through ToolBridge, and never run (the CLI's own WebSearch only when asked for).
+# Sub-sections: process and protocol; the supply of processes; the native tool bridge; stream
+# translation; logins.
 
 #: efforts a running process accepts per request (apply_flag_settings effortLevel); "max" is
 #: session-only in the CLI, so it has to be a launch flag.
@@ -1378,6 +1380,8 @@ RUNTIME_EFFORTS = ("low", "medium", "high", "xhigh")
 #: seconds a finished process may take to rewind its conversation before it is ended instead
 RESET_SECONDS = 5.0
 
+
+# -- process and protocol: launch settings, stdin lines, one CLI process --------------------------
 
 @dataclass(frozen=True)
 class Launch:
@@ -1819,6 +1823,8 @@ class CLIProcess:
             pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+
+# -- the supply of processes: the slots, the idle store, kept conversations, the backend ----------
 
 class Gate:
     """Caps running CLI processes with a BoundedSemaphore; waiters are served in arrival order
@@ -2323,6 +2329,8 @@ class Backend:
             self.discard(proc)
 
 
+# -- the native tool bridge -----------------------------------------------------------------------
+
 #: the SDK MCP server that carries the client's tools in native mode; the model sees each tool
 #: as MCP_PREFIX + name.  The CLI keeps only [A-Za-z0-9_-] in a name and silently drops a tool
 #: whose full name is longer than MCP_NAME_MAX, so mcp_names() makes names it keeps as they are.
@@ -2641,6 +2649,8 @@ class ToolBridge:
                     "error": {"code": -32601, "message": "Method not found: %s" % method}}
         return {"jsonrpc": "2.0", "id": mid, "result": result}
 
+
+# -- stream translation: stream-json lines -> events; the CLI's errors ----------------------------
 
 #: the CLI's own tools a request may let it run (Launch.web_tools); their calls are the CLI's
 CLI_WEB_TOOLS = ("WebSearch", "WebFetch")
