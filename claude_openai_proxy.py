@@ -59,8 +59,14 @@ Configuration (flags win over environment; read once at start-up)
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
     --extra-usage     CLAUDE_PROXY_EXTRA_USAGE       deny  past the plan's limits: deny | allow
     --accounts        CLAUDE_PROXY_ACCOUNTS          ""    logins: NAME=CONFIG_DIR,NAME=token-file:PATH
+    --state-dir       CLAUDE_PROXY_STATE_DIR   (below)   where the state store's file lives
+    --store           CLAUDE_PROXY_STORE             on    stored responses, conversations: on | off
+    --store-days      CLAUDE_PROXY_STORE_DAYS        30    days stored state is kept
+    --store-max-mb    CLAUDE_PROXY_STORE_MAX_MB      1024  MB held at most; the oldest goes first
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
+  The state directory defaults to $XDG_STATE_HOME/claude-proxy, else ~/.local/state/claude-proxy
+  (made 0700; the file claude-proxy.db in it 0600).
 
 Data flow
 ---------
@@ -82,8 +88,9 @@ Contents
     1. constants          5. prompt rendering        9. OpenAI chat completions
     2. errors             6. tool calling            10. Anthropic messages
     3. config             7. CLI backend             11. OpenAI responses
-    4. neutral model      8. SSE                     12. routes, handler, server
-                                                     13. main
+    4. neutral model      8. SSE                     12. state store
+                                                     13. routes, handler, server
+                                                     14. main
 """
 
 from __future__ import annotations
@@ -108,6 +115,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -261,6 +269,12 @@ class Config:
     accounts: tuple = ()
     #: an empty directory every CLI runs in (stable name: the CLI quotes it to the model)
     workdir: str = ""
+    #: the state store (section 12): its directory ("" = default_state_dir), on | off,
+    #: retention in days, size cap in MB
+    state_dir: str = ""
+    store: str = "on"
+    store_days: float = 30.0
+    store_max_mb: int = 1024
     #: snapshot of os.environ taken at start-up; nothing reads os.environ later
     environ: dict = field(default_factory=dict, repr=False)
 
@@ -321,6 +335,16 @@ OPTIONS = (
     ("--web-tools", "CLAUDE_PROXY_WEB_TOOLS", "web_tools", str,
      "web tools a client may ask for: search (the CLI's WebSearch, run by Anthropic), all "
      "(also WebFetch, which fetches pages from this machine) or off"),
+    ("--state-dir", "CLAUDE_PROXY_STATE_DIR", "state_dir", str,
+     "directory of the state store (stored responses, conversations); default "
+     "$XDG_STATE_HOME/claude-proxy or ~/.local/state/claude-proxy"),
+    ("--store", "CLAUDE_PROXY_STORE", "store", str,
+     "on, or off: nothing is stored (no file is made; stored responses, previous_response_id, "
+     "conversations and background runs answer an error saying so)"),
+    ("--store-days", "CLAUDE_PROXY_STORE_DAYS", "store_days", float,
+     "days stored responses and conversations are kept (a conversation: since its last use)"),
+    ("--store-max-mb", "CLAUDE_PROXY_STORE_MAX_MB", "store_max_mb", int,
+     "MB of stored responses and conversations held at most; the oldest are removed first"),
 )
 LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins", "accounts")
 SECRET_OPTIONS = ("api_keys",)
@@ -396,6 +420,13 @@ def load_config(argv=None, environ=None):
         cfg = dataclasses.replace(cfg, accounts=parse_accounts(cfg.accounts))
     if cfg.web_tools not in WEB_TOOL_MODES:
         raise SystemExit("error: CLAUDE_PROXY_WEB_TOOLS must be search, all or off")
+    if cfg.store not in ("on", "off"):
+        raise SystemExit("error: CLAUDE_PROXY_STORE must be on or off")
+    if cfg.store_days <= 0 or cfg.store_max_mb <= 0:
+        raise SystemExit("error: CLAUDE_PROXY_STORE_DAYS and CLAUDE_PROXY_STORE_MAX_MB must be "
+                         "more than 0 (CLAUDE_PROXY_STORE=off keeps nothing)")
+    if not cfg.state_dir:
+        cfg = dataclasses.replace(cfg, state_dir=default_state_dir(environ))
     if not cfg.api_keys and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
         raise SystemExit("error: refusing to listen on %s without CLAUDE_PROXY_API_KEYS: anyone who "
                          "reaches it would spend your subscription. Set keys, or pass "
@@ -4326,7 +4357,221 @@ DIALECTS = {"openai": OpenAIChat(), "anthropic": AnthropicMessages(),
             "responses": OpenAIResponses()}
 
 
-# 12. Auth, metrics, routes, handler, server ####################################################
+# 12. State store ################################################################################
+# The one place state outlives a request: one SQLite file (stdlib sqlite3) in the state
+# directory.  Stored responses and conversations (section 11) live here; the schema grows by
+# appending to MIGRATIONS.  A store that cannot be opened costs the stateful features only: the
+# proxy still serves, and those routes answer 503 with the reason.
+
+#: schema scripts, applied in order at open inside one transaction each; PRAGMA user_version is
+#: how many have been applied.  Append only: a released script never changes (a file it wrote
+#: would no longer match), a change is a new script.
+MIGRATIONS = [
+    # 1: stored responses and conversations (the Responses API, issue 23).  `owner` is the
+    # digest of the key that made the row ("" when the proxy has no keys); `bytes` is what the
+    # size cap counts; times are Unix seconds.
+    """
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        status TEXT NOT NULL,
+        background INTEGER NOT NULL DEFAULT 0,
+        previous_response_id TEXT,
+        conversation_id TEXT,
+        input TEXT NOT NULL,            -- JSON list: the input items this request added
+        body TEXT NOT NULL,             -- JSON: the response object as GET returns it
+        request TEXT NOT NULL,          -- JSON: what a continuation needs (model, tools, ...)
+        events TEXT,                    -- JSON list: a background stream's events, for replay
+        bytes INTEGER NOT NULL
+    );
+    CREATE INDEX responses_created ON responses(created_at);
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        used_at REAL NOT NULL,
+        metadata TEXT NOT NULL,
+        bytes INTEGER NOT NULL
+    );
+    CREATE INDEX conversations_used ON conversations(used_at);
+    CREATE TABLE conversation_items (
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        item_id TEXT NOT NULL,
+        item TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        PRIMARY KEY (conversation_id, seq)
+    );
+    CREATE UNIQUE INDEX conversation_items_id ON conversation_items(conversation_id, item_id);
+    """,
+]
+
+STORE_FILE = "claude-proxy.db"
+SWEEP_SECONDS = 600.0             # retention and the size cap are enforced this often,
+SWEEP_WRITES = 200                # and after this many writes
+
+
+class StoreUnavailable(ProxyError):
+    """The state store is off or could not be opened: stateful routes cannot answer."""
+    status, kind = 503, "api_error"
+
+
+def default_state_dir(environ):
+    """$XDG_STATE_HOME/claude-proxy, else ~/.local/state/claude-proxy (the XDG base dirs)."""
+    base = environ.get("XDG_STATE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "claude-proxy")
+
+
+class StateStore:
+    """One SQLite file, WAL mode, one connection behind a lock.  Every write is one
+    transaction, so a crash at any point leaves each row whole or absent.  `error` says why
+    the store is unusable (None when open); `lost` counts writes that failed after opening."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.dir = cfg.state_dir or default_state_dir(cfg.environ)
+        self.path = None if cfg.store == "off" else os.path.join(self.dir, STORE_FILE)
+        self.db = None
+        self.error = "the state store is off (CLAUDE_PROXY_STORE=off)" if self.path is None else None
+        self.lost = 0
+        self.lock = threading.Lock()
+        self._next_sweep, self._writes = 0.0, 0
+        if self.path is not None:
+            try:
+                self.db = self._open()
+            except (OSError, sqlite3.Error) as exc:
+                self.error = "the state store %s cannot be opened: %s" % (self.path, exc)
+                log_line(self.error + "; stored responses and conversations are unavailable, "
+                         "everything else is served")
+            else:
+                self.sweep()
+
+    def _open(self):
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))   # 0600 before sqlite sees it
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise sqlite3.DatabaseError("it was written by a newer claude-proxy (schema %d, "
+                                            "this one knows %d)" % (version, len(MIGRATIONS)))
+            for n in range(version, len(MIGRATIONS)):
+                try:        # one transaction: a failed migration leaves the previous schema
+                    db.executescript("BEGIN IMMEDIATE;\n%s;\nPRAGMA user_version = %d;\nCOMMIT;"
+                                     % (MIGRATIONS[n], n + 1))
+                except sqlite3.Error:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            db.execute("PRAGMA quick_check").fetchone()
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
+
+    @property
+    def enabled(self):
+        return self.db is not None
+
+    def require(self):
+        """Raise StoreUnavailable unless the store is open."""
+        if self.db is None:
+            raise StoreUnavailable("Stored responses and conversations are unavailable: %s."
+                                   % self.error)
+
+    def read(self, sql, args=()):
+        """All rows of one query (a list of tuples)."""
+        self.require()
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def _transaction(self, steps):
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                result = steps(self.db)
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:       # some errors (disk full) roll back themselves
+                    self.db.execute("ROLLBACK")
+                raise
+            return result
+
+    def write(self, steps):
+        """Run `steps(db)` as one transaction; its result, or StoreUnavailable (counted in
+        `lost`) when the write fails.  Sweeps when one is due."""
+        self.require()
+        try:
+            result = self._transaction(steps)
+        except sqlite3.Error as exc:
+            self.lost += 1
+            log_line("state store write failed: %s" % exc)
+            raise StoreUnavailable("The state store could not save this: %s." % exc)
+        self._writes += 1
+        if self._writes % SWEEP_WRITES == 0 or time.monotonic() >= self._next_sweep:
+            self.sweep()
+        return result
+
+    def size(self):
+        """Bytes held, as the size cap counts them."""
+        return sum(self.read("SELECT COALESCE(SUM(bytes), 0) FROM %s" % t)[0][0]
+                   for t in ("responses", "conversations", "conversation_items"))
+
+    def sweep(self, now=None):
+        """Retention, then the size cap: rows older than CLAUDE_PROXY_STORE_DAYS go; while more
+        than CLAUDE_PROXY_STORE_MAX_MB is held, the least recently made or used go first."""
+        if self.db is None:
+            return
+        now = time.time() if now is None else now
+        self._next_sweep = time.monotonic() + SWEEP_SECONDS
+        cutoff, cap = now - self.cfg.store_days * 86400, self.cfg.store_max_mb * 2 ** 20
+
+        def steps(db):
+            db.execute("DELETE FROM responses WHERE created_at < ? AND status NOT IN "
+                       "('queued', 'in_progress')", (cutoff,))
+            db.execute("DELETE FROM conversations WHERE used_at < ?", (cutoff,))
+            held = sum(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM %s" % t).fetchone()[0]
+                       for t in ("responses", "conversations", "conversation_items"))
+            while held > cap:
+                oldest = db.execute(
+                    "SELECT 'responses', id, bytes, created_at FROM responses "
+                    "WHERE status NOT IN ('queued', 'in_progress') "
+                    "UNION ALL SELECT 'conversations', c.id, c.bytes + COALESCE((SELECT "
+                    "SUM(bytes) FROM conversation_items i WHERE i.conversation_id = c.id), 0), "
+                    "c.used_at FROM conversations c ORDER BY 4 LIMIT 64").fetchall()
+                if not oldest:
+                    break
+                for table, id_, size, _at in oldest:
+                    db.execute("DELETE FROM %s WHERE id = ?" % table, (id_,))
+                    held -= size
+                    if held <= cap:
+                        break
+
+        try:
+            self._transaction(steps)
+        except sqlite3.Error as exc:
+            self.lost += 1
+            log_line("state store housekeeping failed: %s" % exc)
+
+    def report(self):
+        """/health's view: where, open or why not, failed writes (no contents)."""
+        return {"enabled": self.enabled, "path": self.path, "error": self.error,
+                "lost_writes": self.lost}
+
+    def close(self):
+        with self.lock:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
+                self.error = "the state store is closed"
+
+
+# 13. Auth, metrics, routes, handler, server ####################################################
 
 def key_digest(key):
     return hashlib.sha256(key.encode()).digest()
@@ -4510,6 +4755,7 @@ class App:
         self._cli_version = (None, 0.0)      # (text, monotonic time it was read)
         self._cli_version_lock = threading.Lock()   # one `claude --version` at a time
         self.keys = tuple(key_digest(k) for k in cfg.api_keys)
+        self.store = StateStore(cfg)
         self.started_at = time.time()
         self.in_flight = 0
         self.lock = threading.Lock()
@@ -4575,7 +4821,7 @@ class App:
             "claude_bin": cfg.claude_bin, "claude_found": bool(found),
             "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
             "cli_processes_started": backend.started, "history": cfg.history,
-            "idle": idle, "logins": logins,
+            "idle": idle, "logins": logins, "store": self.store.report(),
             "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)}
 
     def cli_version(self):
@@ -4615,6 +4861,7 @@ class App:
 
     def close(self):
         self.backend.close_all()
+        self.store.close()
         try:
             os.chmod(self.workdir, 0o700)
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -5677,7 +5924,7 @@ class ProxyServer(ThreadingHTTPServer):
             raise
 
 
-# 13. main #######################################################################################
+# 14. main #######################################################################################
 
 def check(cfg):
     """--check: is the CLI there, which version, is it logged in (one tiny request)?"""
@@ -5697,6 +5944,8 @@ def check(cfg):
         print("CLI version: failed (%s)" % exc)
         ok = False
     app = App(cfg)
+    print("State store: %s" % (app.store.path + " (open)" if app.store.enabled else app.store.error))
+    ok &= app.store.enabled or cfg.store == "off"
     try:
         class NoClient:
             deadline = time.monotonic() + 120
