@@ -158,7 +158,7 @@ def connect_refused(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
         return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):   # reset: queued when the listener closed
         return True
 
 
