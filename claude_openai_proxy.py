@@ -121,8 +121,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __all__ = ["BaseToolCallHandler", "register", "ProxyError", "Config", "main"]
@@ -4963,14 +4965,31 @@ def models_payload(anthropic_shape, only=None):
 
 
 class Call:
-    """Per-request state: the deadline and a cheap check whether the client hung up."""
+    """One request, as its route sees it (bottle's request and response in one small object):
+    method, path and path parameters, headers, the parsed body, the dialect errors are
+    rendered in, and the figures the access log reports.  The backend sees the deadline and a
+    cheap check whether the client hung up."""
 
-    def __init__(self, sock, deadline_seconds):
-        self.sock = sock
-        self.deadline = time.monotonic() + deadline_seconds
-        self.timeout = deadline_seconds
+    def __init__(self, handler):
+        self.handler, self.app, self.sock = handler, handler.server.app, handler.connection
+        self.method, self.headers = handler.command, handler.headers
+        self.path = handler.path.split("?", 1)[0]
+        self.params = {}             #: path parameters of the matched route: {"id": ...}
+        self.body = None             #: the parsed JSON body; None for a request without one
+        self.request_id = re.sub(r"[^A-Za-z0-9._:-]", "", self.headers.get("X-Request-Id") or "")[:128] \
+            or new_id("req_", 16)
+        anthropic = self.path.startswith(("/v1/messages", "/messages")) or \
+            self.headers.get("anthropic-version") or self.headers.get("x-api-key")
+        self.dialect = DIALECTS["anthropic" if anthropic else "openai"]    #: errors are in it
+        self.route = None            #: the matched Route (None: no route, or not looked up yet)
+        self.status, self.model, self.usage, self.req, self.ttft = 0, "-", None, None, None
+        self.streaming = False       #: a stream has started: an error can only end it
+        self.started = time.monotonic()
+        self.timeout = self.app.cfg.timeout
+        self.deadline = self.started + self.timeout
         self._next = 0.0
 
+    # -- the backend's view: deadline and liveness ------------------------------------------
     def maybe_check(self):
         now = time.monotonic()
         if now >= self._next:
@@ -4994,30 +5013,352 @@ class Call:
         except (OSError, ValueError):
             return True
 
+    # -- answering --------------------------------------------------------------------------
+    def send(self, status, data, content_type, headers=()):
+        """A whole response: status, headers (X-Request-Id; Connection: close when the
+        connection ends with it) and `data` (bytes; none for HEAD)."""
+        h = self.handler
+        self.status = status
+        h.send_response(status)
+        h.send_header("Content-Type", content_type)
+        h.send_header("Content-Length", str(len(data)))
+        h.send_header("X-Request-Id", self.request_id)
+        if h.close_connection:
+            h.send_header("Connection", "close")
+        for k, v in headers:
+            h.send_header(k, v)
+        h.end_headers()
+        if self.method != "HEAD":
+            h.wfile.write(data)
 
-#: (method, path without /v1) -> Handler method; every route also answers with a /v1 prefix
-ROUTES = {
-    ("POST", "/chat/completions"): "chat",
-    ("POST", "/responses"): "openai_responses",
-    ("POST", "/messages"): "messages",
-    ("POST", "/messages/count_tokens"): "count_tokens",
-    ("GET", "/models"): "models",
-    ("GET", "/usage"): "plan_usage",
-    ("GET", "/health"): "health",
-    ("GET", "/metrics"): "metrics",
-    ("GET", "/"): "dashboard",
-    ("GET", "/dashboard"): "dashboard",
-    ("GET", "/dashboard/data"): "dashboard_data",
-}
-UNVERSIONED = ("/health", "/metrics", "/", "/dashboard", "/dashboard/data")
+    def send_json(self, status, obj, headers=()):
+        self.send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json", headers)
+
+    def send_error(self, err):
+        """A ProxyError in the request's dialect; a started stream is ended instead (the
+        dialect's stream encoder has already sent its error event)."""
+        if self.streaming:
+            self.handler.close_connection = True
+            return
+        status, body = self.dialect.error(err)
+        try:
+            self.send_json(status, body, list(err.headers.items()))
+        except OSError:
+            self.handler.close_connection = True
+
+
+# -- routes: plain functions of the Call ---------------------------------------------------------
+
+def chat_completions(call):
+    generate(call, DIALECTS["openai"])
+
+
+def create_response(call):
+    generate(call, DIALECTS["responses"])
+
+
+def create_message(call):
+    generate(call, DIALECTS["anthropic"])
+
+
+def generate(call, dialect):
+    """A model request in `dialect`: parsed, served by model_events, answered as one JSON
+    document or as a stream."""
+    app, body, headers = call.app, call.body, call.headers
+    call.dialect = dialect
+    req = dialect.parse(body, headers, app.cfg)
+    req.handler = pick_handler(headers.get("X-Toolcall-Module"), app.cfg.toolcall_module)
+    req.id_prefix = dialect.call_id_prefix
+    req.session = session_signal(body, headers)
+    # what the client's web search asks for, as far as the operator allows it
+    req.web_tools = tuple(t for t in req.web_tools if t in WEB_TOOL_MODES[app.cfg.web_tools])
+    call.model, call.req = req.model, req
+    source = model_events(app, req, call, headers.get("X-Claude-Account"))
+    events = observe(call, source)
+    try:
+        if not req.stream:
+            c = collect(events)
+            return call.send_json(200, dialect.render(req, c, body),
+                                  [("X-Claude-Account", req.account)])
+        events_ahead = first_then(events)
+        sse = SSE(call.handler)
+        sse.start([("X-Request-Id", call.request_id), ("X-Claude-Account", req.account)])
+        call.status, call.streaming = 200, True
+        dialect.stream(req, events_ahead, sse, body)
+        sse.end()
+    finally:
+        events.close()
+        source.close()
+
+
+def observe(call, events):
+    """Pass events through, noting time to first content, duration and usage."""
+    metrics, started, first = call.app.metrics, time.monotonic(), True
+    for ev in events:
+        if first and isinstance(ev, (TextDelta, ThinkingDelta, ToolCall)):
+            first = False
+            call.ttft = time.monotonic() - started
+            metrics.observe("ttft", call.ttft)
+        elif isinstance(ev, Done):
+            call.usage = ev.usage
+            metrics.observe("duration", time.monotonic() - started)
+        yield ev
+
+
+def count_tokens(call):
+    d = call.dialect = DIALECTS["anthropic"]
+    req = d.parse(call.body, call.headers, call.app.cfg, count_only=True)
+    call.model = req.model
+    call.send_json(200, d.count_tokens(req, call.body))
+
+
+def list_models(call):
+    call.send_json(200, models_payload(call.dialect.name == "anthropic"))
+
+
+def get_model(call):
+    model_id = call.params["id"]
+    try:
+        resolve_model(model_id, None)
+    except BadRequest:
+        raise NotFound("Model %r not found." % model_id)
+    call.send_json(200, models_payload(call.dialect.name == "anthropic", model_id))
+
+
+def plan_usage(call):
+    call.send_json(200, call.app.usage_report())
+
+
+def health(call):
+    # 200 for "degraded" too: the process is up and answers, and a restart (what a 503
+    # makes Docker or a load balancer do) fixes neither a login nor a missing CLI; alert
+    # on the body's status
+    call.send_json(200, call.app.health_report())
+
+
+def metrics(call):
+    call.send(200, call.app.metrics.render(call.app).encode(), "text/plain; version=0.0.4")
+
+
+def dashboard(call):
+    """The page: a static shell (no data in it), its script and style allowed by a nonce."""
+    nonce = base64.b64encode(os.urandom(18)).decode()
+    call.send(200, DASHBOARD_HTML.replace("__NONCE__", nonce).encode(), "text/html; charset=utf-8",
+              (("Content-Security-Policy", DASHBOARD_CSP % {"nonce": nonce}),
+               ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+               ("X-Frame-Options", "DENY"), ("Cache-Control", "no-store")))
+
+
+def dashboard_data(call):
+    call.send_json(200, call.app.dashboard_data(), [("Cache-Control", "no-store")])
+
+
+@dataclass(frozen=True)
+class Route:
+    """One line of the route table.  `path` may hold parameters (`{id}`: one path segment,
+    given to the function as call.params["id"]); a /v1/... path also answers without /v1,
+    and every path with it.  `access`: "anyone" needs no key; "client" needs one of
+    CLAUDE_PROXY_API_KEYS when keys are set."""
+    method: str
+    path: str
+    func: object
+    access: str = "client"
+
+    def match(self, path):
+        """{name: value} of the path parameters when `path` is this route's, else None."""
+        mine, theirs = unversioned(self.path).split("/"), unversioned(path).split("/")
+        if len(mine) != len(theirs):
+            return None
+        params = {}
+        for want, got in zip(mine, theirs):
+            if want[:1] == "{" and want[-1:] == "}" and got:
+                params[want[1:-1]] = urllib.parse.unquote(got)
+            elif want != got:
+                return None
+        return params
+
+
+def unversioned(path):
+    return path[3:] if path.startswith("/v1/") else path
+
+
+#: the route table: one line a route
+ROUTES = (
+    Route("POST", "/v1/chat/completions", chat_completions),
+    Route("POST", "/v1/responses", create_response),
+    Route("POST", "/v1/messages", create_message),
+    Route("POST", "/v1/messages/count_tokens", count_tokens),
+    Route("GET", "/v1/models", list_models),
+    Route("GET", "/v1/models/{id}", get_model),
+    Route("GET", "/v1/usage", plan_usage),
+    Route("GET", "/health", health, access="anyone"),
+    Route("GET", "/metrics", metrics),
+    Route("GET", "/", dashboard, access="anyone"),          # the shell holds no data
+    Route("GET", "/dashboard", dashboard, access="anyone"),
+    Route("GET", "/dashboard/data", dashboard_data),
+)
+
+
+def find_route(method, path):
+    """(route, params, methods): the route for `method` and `path` (None if there is none)
+    and every method the path answers (for a 405's Allow header)."""
+    found, methods = (None, {}), []
+    for route in ROUTES:
+        params = route.match(path)
+        if params is not None:
+            methods.append(route.method)
+            if route.method == method and found[0] is None:
+                found = (route, params)
+    return found + (sorted(set(methods)),)
+
+
+def no_route(call, methods):
+    """The 405 (the path exists with other methods) or 404 for a request no route takes."""
+    if methods:
+        return MethodNotAllowed("Method %s is not allowed on %s; use %s."
+                                % (call.method, call.path, " or ".join(methods)),
+                                headers={"Allow": ", ".join(methods)})
+    return NotFound("No route %s %s. Routes: %s." % (
+        call.method, call.path, ", ".join("%s %s" % (r.method, r.path) for r in ROUTES)))
+
+
+# -- the request path ---------------------------------------------------------------------------
+
+def cors_origin(cfg, headers):
+    """The request's Origin when CLAUDE_PROXY_CORS_ORIGINS allows it, else None."""
+    origin, allowed = headers.get("Origin"), cfg.cors_origins
+    if not origin or not allowed:
+        return None
+    return origin if ("*" in allowed or origin in allowed) else None
+
+
+def preflight(call):
+    call.status = 204
+    h = call.handler
+    h.send_response(204)
+    h.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+    h.send_header("Access-Control-Allow-Headers",
+                  call.headers.get("Access-Control-Request-Headers") or
+                  "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta")
+    h.send_header("Access-Control-Max-Age", "600")
+    h.send_header("Content-Length", "0")
+    h.end_headers()
+
+
+def read_body(call):
+    """The request's JSON body (None for methods without one), or a 4xx."""
+    h, headers, max_body = call.handler, call.headers, call.app.cfg.max_body
+    length = headers.get("Content-Length")
+    chunked = "chunked" in (headers.get("Transfer-Encoding") or "").lower()
+    if call.method not in ("POST", "PUT", "PATCH"):
+        if length and length.isdigit() and int(length) <= max_body:
+            h.rfile.read(int(length))
+        elif length or chunked:
+            h.close_connection = True
+        return None
+    try:
+        raw = read_chunked(h, max_body) if chunked else read_sized(h, length, max_body)
+    except TimeoutError:
+        h.close_connection = True
+        raise ProxyError("The request body did not arrive within %gs "
+                         "(CLAUDE_PROXY_READ_TIMEOUT)." % call.app.cfg.read_timeout,
+                         status=408, kind="invalid_request_error")
+    if not raw.strip():
+        raise BadRequest("The request body is empty; send a JSON object.")
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not valid UTF-8.")
+    except ValueError as exc:
+        raise BadRequest("The request body is not valid JSON: %s" % exc)
+    except RecursionError:
+        raise BadRequest("The request body nests too deeply.")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise BadRequest("The request body nests deeper than %d levels." % MAX_JSON_DEPTH)
+    return body
+
+
+def read_sized(h, length, max_body):
+    if length is None:
+        h.close_connection = True
+        raise ProxyError("A Content-Length header is required.", status=411,
+                         kind="invalid_request_error")
+    if not length.isdigit():
+        h.close_connection = True
+        raise BadRequest("Content-Length must be a non-negative integer, got %r." % length[:40])
+    if int(length) > max_body:
+        h.close_connection = True          # the body is not read, so the stream is lost
+        raise TooLarge("The request body is %s bytes; the limit is %d (CLAUDE_PROXY_MAX_BODY)."
+                       % (length, max_body))
+    raw = h.rfile.read(int(length))
+    if len(raw) < int(length):
+        h.close_connection = True
+        raise BadRequest("The request body ended before Content-Length bytes arrived.")
+    return raw
+
+
+def read_chunked(h, max_body):
+    parts, total = [], 0
+    while True:
+        line = h.rfile.readline(66)
+        try:
+            size = int(line.split(b";")[0].strip(), 16)
+        except ValueError:
+            h.close_connection = True
+            raise BadRequest("Malformed chunked request body.")
+        total += size
+        if total > max_body:
+            h.close_connection = True
+            raise TooLarge("The request body exceeds %d bytes (CLAUDE_PROXY_MAX_BODY)." % max_body)
+        if size == 0:
+            while h.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(parts)
+        parts.append(h.rfile.read(size))
+        h.rfile.readline(3)
+
+
+def record(call):
+    """The request's figures (no text of it) into the dashboard's RequestLog."""
+    req, u = call.req, call.usage
+    label = call.route.path if call.route else "other"
+    if label in RequestLog.QUIET or call.method == "OPTIONS":
+        return
+    agent = re.sub(r"[^\x20-\x7e]", "?", call.headers.get("User-Agent") or "")
+    call.app.requests.add({
+        "t": round(time.time(), 3), "id": call.request_id, "method": call.method,
+        "route": label, "client": agent[:120], "model": call.model,
+        "account": req.account if req else "", "status": call.status,
+        "stream": bool(req and req.stream),
+        "ttft_ms": None if call.ttft is None else round(call.ttft * 1000, 1),
+        "ms": round((time.monotonic() - call.started) * 1000, 1),
+        "in": u.input_tokens if u else 0, "out": u.output_tokens if u else 0,
+        "cache_read": u.cache_read if u else 0, "cache_write": u.cache_write if u else 0,
+        "served_by": req.served_by if req else ""}, u)
+
+
+def log_access(call):
+    u = call.usage
+    fields = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S"), "id": call.request_id,
+              "method": call.method, "path": call.path, "status": call.status,
+              "ms": round((time.monotonic() - call.started) * 1000, 1), "model": call.model,
+              "tokens_in": u.prompt_tokens if u else 0, "tokens_out": u.output_tokens if u else 0}
+    if call.app.cfg.log_format == "json":
+        line = json.dumps(fields)
+    else:
+        line = "%(ts)s %(id)s %(method)s %(path)s %(status)s %(ms).0fms model=%(model)s " \
+               "in=%(tokens_in)s out=%(tokens_out)s" % fields
+    sys.stderr.write(line + "\n")
 
 
 class Handler(BaseHTTPRequestHandler):
+    """http.server's handler: every do_<METHOD> runs `serve`, the one request path."""
     protocol_version = "HTTP/1.1"
     server_version = "claude-proxy/" + __version__
 
     def version_string(self):
         return self.server_version
+
     def setup(self):
         # seconds to wait for a request line, header or body bytes (slow clients, idle
         # keep-alive); StreamRequestHandler applies it to the socket
@@ -5028,100 +5369,69 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    @property
-    def app(self):
-        return self.server.app
-
-    def log_message(self, fmt, *args):   # the access log below replaces http.server's
+    def log_message(self, fmt, *args):   # log_access replaces http.server's log
         pass
 
-    def do_GET(self):
-        self.dispatch()
-
-    def __getattr__(self, name):
-        # any other method (PROPFIND, FOO, ...) gets a 405/404 in JSON instead of http.server's 501
-        if name.startswith("do_"):
-            return self.dispatch
-        raise AttributeError(name)
-
-    # -- dispatch ---------------------------------------------------------------------------
-    def dispatch(self):
-        started = time.monotonic()
-        self.status, self.model, self.usage, self.dialect = 0, "-", None, DIALECTS["openai"]
-        self._streaming = False
-        self.req = self.error = self.ttft = None
-        self.request_id = re.sub(r"[^A-Za-z0-9._:-]", "", self.headers.get("X-Request-Id") or "")[:128] \
-            or new_id("req_", 16)
-        path = self.path.split("?", 1)[0]
-        if path.startswith(("/v1/messages", "/messages")) or self.headers.get("anthropic-version") or \
-                self.headers.get("x-api-key"):
-            self.dialect = DIALECTS["anthropic"]
-        self.app.enter()
+    def serve(self):
+        """One request, start to end: a route runs, every error is answered in the caller's
+        dialect, and the request is counted and logged."""
+        app, call = self.server.app, Call(self)
+        app.enter()
         try:
-            if self.command == "OPTIONS" and self.cors_origin():
-                return self.preflight()
-            body = self.read_body()          # first, so an error response leaves keep-alive in sync
-            route = self.route(self.command, path)
-            # the page's shell holds no data (its data endpoint needs the key)
-            if route not in (self.health, self.dashboard) and \
-                    not authorized(self.app.keys, self.headers):
+            if self.command == "OPTIONS" and cors_origin(app.cfg, self.headers):
+                return preflight(call)
+            call.body = read_body(call)      # first, so an error response leaves keep-alive in sync
+            call.route, call.params, methods = find_route(self.command, call.path)
+            if call.route is None:
+                raise no_route(call, methods)
+            if call.route.access != "anyone" and not authorized(app.keys, self.headers):
                 raise Unauthorized("Invalid or missing API key: send one of CLAUDE_PROXY_API_KEYS "
                                    "as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
-            route(body)
+            call.route.func(call)
         except ProxyError as err:
-            self.error = err
-            self.send_error_body(err)
+            call.send_error(err)
         except ClientGone:
             self.close_connection = True
-            self.status = self.status or 499
+            call.status = call.status or 499
         except Exception as exc:  # noqa: BLE001 - the server never dies, the client gets a 500
             self.log_error("internal error: %s: %s", type(exc).__name__, exc)
             import traceback
             traceback.print_exc(file=sys.stderr)
-            self.send_error_body(ProxyError("Internal proxy error; see the proxy's log."))
+            call.send_error(ProxyError("Internal proxy error; see the proxy's log."))
         finally:
-            self.app.leave()
-            label = self.route_label(path)
-            self.app.metrics.request(label, self.status, self.usage)
-            self.record(label, started)
-            self.access_log(path, started)
+            app.leave()
+            label = call.route.path if call.route else "other"
+            app.metrics.request(label, call.status, call.usage)
+            record(call)
+            log_access(call)
 
-    def record(self, label, started):
-        """The request's figures (no text of it) into the dashboard's RequestLog, and what it
-        says about its login into /health."""
-        req, u = self.req, self.usage
-        account = req.account if req else ""
-        if label in RequestLog.QUIET or self.command == "OPTIONS":
-            return
-        agent = re.sub(r"[^\x20-\x7e]", "?", self.headers.get("User-Agent") or "")
-        self.app.requests.add({
-            "t": round(time.time(), 3), "id": self.request_id, "method": self.command,
-            "route": label, "client": agent[:120], "model": self.model, "account": account,
-            "status": self.status, "stream": bool(req and req.stream),
-            "ttft_ms": None if self.ttft is None else round(self.ttft * 1000, 1),
-            "ms": round((time.monotonic() - started) * 1000, 1),
-            "in": u.input_tokens if u else 0, "out": u.output_tokens if u else 0,
-            "cache_read": u.cache_read if u else 0, "cache_write": u.cache_write if u else 0,
-            "served_by": req.served_by if req else ""}, u)
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = serve
 
-    def route_label(self, path):
-        bare = path[3:] if path.startswith("/v1/") else path
-        if bare.startswith("/models/"):
-            return "/v1/models/{id}"
-        for _method, known in ROUTES:
-            if bare == known:
-                return known if known in UNVERSIONED else "/v1" + known
-        return "other"
-
-    # -- CORS -------------------------------------------------------------------------------
-    def cors_origin(self):
-        origin, allowed = self.headers.get("Origin"), self.app.cfg.cors_origins
-        if not origin or not allowed:
-            return None
-        return origin if ("*" in allowed or origin in allowed) else None
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, header too large) as JSON, not HTML;
+        a method with no do_<METHOD> (PROPFIND, FOO) is routed: 405 or 404, not a 501."""
+        if code == HTTPStatus.NOT_IMPLEMENTED and getattr(self, "headers", None) is not None:
+            return self.serve()
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":      # unparseable request line: answer in 1.1
+            self.request_version = "HTTP/1.1"
+        _status, body = DIALECTS["openai"].error(ProxyError(message or "Bad request", status=code,
+                                                             kind="invalid_request_error"))
+        data = json.dumps(body).encode()
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Request-Id", new_id("req_", 16))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass
 
     def end_headers(self):
-        origin = self.cors_origin() if hasattr(self, "headers") and self.headers else None
+        origin = cors_origin(self.server.app.cfg, self.headers) \
+            if getattr(self, "headers", None) else None
         if origin:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
@@ -5132,260 +5442,6 @@ class Handler(BaseHTTPRequestHandler):
                              "anthropic-ratelimit-unified-reset, anthropic-ratelimit-unified-type, "
                              "anthropic-ratelimit-unified-utilization")
         super().end_headers()
-
-    def preflight(self):
-        self.status = 204
-        self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers",
-                         self.headers.get("Access-Control-Request-Headers") or
-                         "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta")
-        self.send_header("Access-Control-Max-Age", "600")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, unknown method) as JSON, not HTML."""
-        self.request_id = getattr(self, "request_id", None) or new_id("req_", 16)
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":      # unparseable request line: answer in 1.1
-            self.request_version = "HTTP/1.1"
-        try:
-            self.send_json(code, DIALECTS["openai"].error(ProxyError(message or "Bad request", status=code,
-                                                                    kind="invalid_request_error"))[1])
-        except OSError:
-            pass
-
-    def route(self, method, path):
-        if path.startswith("/v1/"):
-            path = path[3:]
-        if (method, path) in ROUTES:
-            return getattr(self, ROUTES[(method, path)])
-        if method == "GET" and path.startswith("/models/") and len(path) > 8:
-            return lambda body: self.model_info(path[8:])
-        allowed = sorted(m for m, p in ROUTES if p == path)
-        if allowed:
-            raise MethodNotAllowed("Method %s is not allowed on %s; use %s."
-                                   % (method, self.path.split("?")[0], " or ".join(allowed)),
-                                   headers={"Allow": ", ".join(allowed)})
-        raise NotFound("No route %s %s. Routes: %s." % (
-            method, self.path.split("?")[0],
-            ", ".join("%s %s" % (m, p if p in UNVERSIONED else "/v1" + p) for m, p in ROUTES)))
-
-    def read_body(self):
-        """The request's JSON body (None for methods without one), or a 4xx."""
-        length = self.headers.get("Content-Length")
-        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
-        if self.command not in ("POST", "PUT", "PATCH"):
-            if length and length.isdigit() and int(length) <= self.app.cfg.max_body:
-                self.rfile.read(int(length))
-            elif length or chunked:
-                self.close_connection = True
-            return None
-        try:
-            raw = self.read_chunked() if chunked else self._read_sized(length)
-        except TimeoutError:
-            self.close_connection = True
-            raise ProxyError("The request body did not arrive within %gs "
-                             "(CLAUDE_PROXY_READ_TIMEOUT)." % self.app.cfg.read_timeout,
-                             status=408, kind="invalid_request_error")
-        if not raw.strip():
-            raise BadRequest("The request body is empty; send a JSON object.")
-        try:
-            body = json.loads(raw)
-        except UnicodeDecodeError:
-            raise BadRequest("The request body is not valid UTF-8.")
-        except ValueError as exc:
-            raise BadRequest("The request body is not valid JSON: %s" % exc)
-        except RecursionError:
-            raise BadRequest("The request body nests too deeply.")
-        if json_depth(body) > MAX_JSON_DEPTH:
-            raise BadRequest("The request body nests deeper than %d levels." % MAX_JSON_DEPTH)
-        return body
-
-    def _read_sized(self, length):
-        if length is None:
-            self.close_connection = True
-            raise ProxyError("A Content-Length header is required.", status=411,
-                             kind="invalid_request_error")
-        if not length.isdigit():
-            self.close_connection = True
-            raise BadRequest("Content-Length must be a non-negative integer, got %r." % length[:40])
-        if int(length) > self.app.cfg.max_body:
-            self.close_connection = True          # the body is not read, so the stream is lost
-            raise TooLarge("The request body is %s bytes; the limit is %d (CLAUDE_PROXY_MAX_BODY)."
-                           % (length, self.app.cfg.max_body))
-        raw = self.rfile.read(int(length))
-        if len(raw) < int(length):
-            self.close_connection = True
-            raise BadRequest("The request body ended before Content-Length bytes arrived.")
-        return raw
-
-    def read_chunked(self):
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(66)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise BadRequest("Malformed chunked request body.")
-            total += size
-            if total > self.app.cfg.max_body:
-                self.close_connection = True
-                raise TooLarge("The request body exceeds %d bytes (CLAUDE_PROXY_MAX_BODY)."
-                               % self.app.cfg.max_body)
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(parts)
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(3)
-
-    # -- responses --------------------------------------------------------------------------
-    def send_json(self, status, obj, headers=()):
-        data = json.dumps(obj, ensure_ascii=False).encode()
-        self.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Request-Id", self.request_id)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def send_error_body(self, err):
-        if getattr(self, "_streaming", False):
-            self.close_connection = True
-            return
-        status, body = self.dialect.error(err)
-        try:
-            self.send_json(status, body, list(err.headers.items()))
-        except OSError:
-            self.close_connection = True
-
-    def access_log(self, path, started):
-        ms = (time.monotonic() - started) * 1000
-        u = self.usage
-        fields = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S"), "id": self.request_id,
-                  "method": self.command, "path": path, "status": self.status,
-                  "ms": round(ms, 1), "model": self.model,
-                  "tokens_in": u.prompt_tokens if u else 0, "tokens_out": u.output_tokens if u else 0}
-        if self.app.cfg.log_format == "json":
-            line = json.dumps(fields)
-        else:
-            line = "%(ts)s %(id)s %(method)s %(path)s %(status)s %(ms).0fms model=%(model)s " \
-                   "in=%(tokens_in)s out=%(tokens_out)s" % fields
-        sys.stderr.write(line + "\n")
-
-    # -- routes -----------------------------------------------------------------------------
-    def chat(self, body):
-        self.generate(DIALECTS["openai"], body)
-
-    def openai_responses(self, body):    # not `responses`: BaseHTTPRequestHandler's status table
-        self.generate(DIALECTS["responses"], body)
-
-    def messages(self, body):
-        self.generate(DIALECTS["anthropic"], body)
-
-    def generate(self, dialect, body):
-        self.dialect = dialect
-        req = dialect.parse(body, self.headers, self.app.cfg)
-        req.handler = pick_handler(self.headers.get("X-Toolcall-Module"), self.app.cfg.toolcall_module)
-        req.id_prefix = dialect.call_id_prefix
-        req.session = session_signal(body, self.headers)
-        # what the client's web search asks for, as far as the operator allows it
-        req.web_tools = tuple(t for t in req.web_tools if t in WEB_TOOL_MODES[self.app.cfg.web_tools])
-        self.model = req.model
-        self.model, self.req = req.model, req
-        call = Call(self.connection, self.app.cfg.timeout)
-        source = model_events(self.app, req, call, self.headers.get("X-Claude-Account"))
-        events = self._observe(source)
-        try:
-            if not req.stream:
-                c = collect(events)
-                return self.send_json(200, dialect.render(req, c, body),
-                                      [("X-Claude-Account", req.account)])
-            events_ahead = first_then(events)
-            sse = SSE(self)
-            sse.start([("X-Request-Id", self.request_id), ("X-Claude-Account", req.account)])
-            self.status, self._streaming = 200, True
-            dialect.stream(req, events_ahead, sse, body)
-            sse.end()
-        finally:
-            events.close()
-            source.close()
-
-    def _observe(self, events):
-        """Pass events through, noting time to first content, duration and usage."""
-        started, first = time.monotonic(), True
-        for ev in events:
-            if first and isinstance(ev, (TextDelta, ThinkingDelta, ToolCall)):
-                first = False
-                self.ttft = time.monotonic() - started
-                self.app.metrics.observe("ttft", self.ttft)
-            elif isinstance(ev, Done):
-                self.usage = ev.usage
-                self.app.metrics.observe("duration", time.monotonic() - started)
-            yield ev
-
-    def count_tokens(self, body):
-        d = DIALECTS["anthropic"]
-        self.dialect = d
-        req = d.parse(body, self.headers, self.app.cfg, count_only=True)
-        self.model = req.model
-        self.send_json(200, d.count_tokens(req, body))
-
-    def metrics(self, body):
-        data = self.app.metrics.render(self.app).encode()
-        self.status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def models(self, body):
-        self.send_json(200, models_payload(self.dialect.name == "anthropic"))
-
-    def model_info(self, model_id):
-        try:
-            resolve_model(model_id, None)
-        except BadRequest:
-            raise NotFound("Model %r not found." % model_id)
-        self.send_json(200, models_payload(self.dialect.name == "anthropic", model_id))
-
-    def plan_usage(self, body):          # not `usage`: that is the request's token usage
-        self.send_json(200, self.app.usage_report())
-
-    def health(self, body):
-        # 200 for "degraded" too: the process is up and answers, and a restart (what a 503
-        # makes Docker or a load balancer do) fixes neither a login nor a missing CLI; alert
-        # on the body's status
-        self.send_json(200, self.app.health_report())
-
-    def dashboard(self, body):
-        """The page: a static shell (no data in it), its script and style allowed by a nonce."""
-        nonce = base64.b64encode(os.urandom(18)).decode()
-        data = DASHBOARD_HTML.replace("__NONCE__", nonce).encode()
-        self.status = 200
-        self.send_response(200)
-        for k, v in (("Content-Type", "text/html; charset=utf-8"),
-                     ("Content-Length", str(len(data))),
-                     ("Content-Security-Policy", DASHBOARD_CSP % {"nonce": nonce}),
-                     ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
-                     ("X-Frame-Options", "DENY"), ("Cache-Control", "no-store"),
-                     ("X-Request-Id", self.request_id)):
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def dashboard_data(self, body):
-        self.send_json(200, self.app.dashboard_data(), [("Cache-Control", "no-store")])
 
 
 # -- the dashboard page (GET / and /dashboard) --------------------------------------------------
