@@ -54,7 +54,10 @@ Configuration (flags win over environment; read once at start-up)
     --session-idle    CLAUDE_PROXY_SESSION_IDLE      300   seconds a kept conversation waits
     --idle-max        CLAUDE_PROXY_IDLE_MAX          mem   idle CLI processes of every kind, LRU
     --reuse           CLAUDE_PROXY_REUSE             100   requests per CLI process (0 = one each)
-    --recycle-rss     CLAUDE_PROXY_RECYCLE_RSS       400   MB above which a CLI is not reused
+    --recycle-rss     CLAUDE_PROXY_RECYCLE_RSS       400   MB of a CLI's private memory above which
+                                                           it is not reused (smaps_rollup Anonymous)
+    --memory          CLAUDE_PROXY_MEMORY            ""    memory to size for (1G, 512M); default:
+                                                           the least of cgroup limit, MemAvailable
     --web-tools       CLAUDE_PROXY_WEB_TOOLS       search  web tools clients may use: search | all | off
     --log-format      CLAUDE_PROXY_LOG_FORMAT        text  (text | json)
     --extra-usage     CLAUDE_PROXY_EXTRA_USAGE       deny  past the plan's limits: deny | allow
@@ -264,8 +267,14 @@ class Config:
     idle_max: int = None
     reuse: int = 100
     recycle_rss: int = 400
-    #: how pool_size, sessions and idle_max were chosen (start-up log, /health)
+    #: how pool_size, sessions and idle_max were chosen (start-up log, /health), and which
+    #: of them the operator left to size_idle
     sizing: str = ""
+    sized: tuple = ()
+    #: CLAUDE_PROXY_MEMORY: the bytes the proxy may fill, when the machine cannot tell
+    memory: int = None
+    #: (bytes, where from) the sizes were chosen from (available_memory), read once
+    memory_source: tuple = ()
     extra_usage: str = "deny"
     #: the logins: ((name, "config_dir" | "token_file", path), ...); () = the CLI's own login
     accounts: tuple = ()
@@ -279,6 +288,21 @@ class Config:
     store_max_mb: int = 1024
     #: snapshot of os.environ taken at start-up; nothing reads os.environ later
     environ: dict = field(default_factory=dict, repr=False)
+
+
+def parse_size(text):
+    """"1G", "512M", "1.5GiB", "800000000" -> bytes (binary units); ValueError otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.I)
+    if not m:
+        raise ValueError(text)
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_"))
+
+
+parse_size.what = "a size such as 1G or 512M"
+
+
+def gib(n):
+    return "%.1f GiB" % (n / 2 ** 30)
 
 
 #: (flag, env var, Config field, type, help)
@@ -327,7 +351,12 @@ OPTIONS = (
     ("--reuse", "CLAUDE_PROXY_REUSE", "reuse", int,
      "requests one CLI process serves, reset in between, before it is replaced (0 = one each)"),
     ("--recycle-rss", "CLAUDE_PROXY_RECYCLE_RSS", "recycle_rss", int,
-     "MB of resident memory above which a CLI process is replaced instead of reused (0 = no limit)"),
+     "MB of private memory (anonymous, from /proc/PID/smaps_rollup; RSS where that is absent) "
+     "above which a CLI process is replaced instead of reused (0 = no limit)"),
+    ("--memory", "CLAUDE_PROXY_MEMORY", "memory", parse_size,
+     "memory the proxy and its CLIs may fill, e.g. 1G or 512M, when the machine cannot tell "
+     "(a container that shows the host's); default: the least of its cgroup's limit and "
+     "MemAvailable"),
     ("--extra-usage", "CLAUDE_PROXY_EXTRA_USAGE", "extra_usage", str,
      "once a login's plan limits are used up: deny (429 until the reset) or allow (the CLI goes "
      "on, billed as extra usage where the plan has it)"),
@@ -365,8 +394,9 @@ def build_parser():
             continue
         default = getattr(defaults, name)
         p.add_argument(flag, dest=name, default=None,
-                       help="%s (env %s, default %s)" % (help_, env, "from memory" if default is None
-                                                          else repr(default)))
+                       help="%s (env %s%s)" % (help_, env, "" if name == "memory" else
+                                               ", default from memory" if default is None
+                                               else ", default %r" % (default,)))
     p.epilog = "environment only:\n" + "\n".join(env_only) + "\n\n" + p.epilog
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="allow a non-loopback --host without CLAUDE_PROXY_API_KEYS")
@@ -396,7 +426,8 @@ def load_config(argv=None, environ=None):
         try:
             values[name] = type_(raw)
         except ValueError:
-            raise SystemExit("error: %s must be %s, got %r" % (env, type_.__name__, raw))
+            raise SystemExit("error: %s must be %s, got %r"
+                             % (env, getattr(type_, "what", type_.__name__), raw))
     for name in LIST_OPTIONS:
         if name in values:
             values[name] = tuple(v.strip() for v in values[name].split(",") if v.strip())
@@ -436,54 +467,160 @@ def load_config(argv=None, environ=None):
     return cfg, args
 
 
-#: what one CLI process may come to hold (180-300 MB measured; README: Performance)
-CLI_MEMORY = 300 * 2 ** 20
+#: what one more CLI process costs before one has been measured: its private memory (see
+#: process_memory), 108-123 MB measured on CLIs that each answered a request (2.1.330), a bit
+#: more as it serves more.  Not its RSS (~190 MB): ~80 MB of that is the mapped binary, shared by
+#: every CLI and held once.  The store re-sizes from what its own CLIs measure (Backend.measured).
+CLI_MEMORY = 130 * 2 ** 20
+#: a cgroup v1 "no limit" is a page-rounded 2**63; anything above this is no limit
+NO_LIMIT = 2 ** 60
 
 
-def available_memory():
-    """(bytes, where from): /proc/meminfo MemAvailable, or what a cgroup limit (v2 or v1)
-    leaves if that is less; (None, "") where neither can be read."""
-    avail, source = None, ""
+def process_memory(pid, root="/"):
+    """{"rss", "pss", "private"} bytes of one process, and "measure": how `private` was read.
+    `private` is what the process alone holds: its anonymous memory (heap, JIT code, stacks) from
+    /proc/PID/smaps_rollup.  Not Private_Clean: a CLI alone on the machine counts its binary's
+    pages as private, though a second CLI shares them.  Where smaps_rollup is absent (kernels
+    before 4.14, some sandboxes) all three are VmRSS.  None when the process is gone."""
+    proc = os.path.join(root, "proc", str(pid))
+    fields = {}
     try:
-        with open("/proc/meminfo") as f:
+        with open(os.path.join(proc, "smaps_rollup"), "rb") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail, source = int(line.split()[1]) * 1024, "MemAvailable"
+                key, _, rest = line.partition(b":")
+                if key in (b"Rss", b"Pss", b"Anonymous"):
+                    fields[key.decode()] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        fields = {}
+    if len(fields) == 3:
+        return {"rss": fields["Rss"], "pss": fields["Pss"], "private": fields["Anonymous"],
+                "measure": "smaps_rollup"}
+    try:
+        with open(os.path.join(proc, "status"), "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                    return {"rss": rss, "pss": rss, "private": rss, "measure": "rss"}
     except (OSError, ValueError, IndexError):
         pass
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            with open(limit) as f, open(usage) as g:
-                room = int(f.read().strip()) - int(g.read().strip())
-        except (OSError, ValueError):
-            continue                                    # absent, or "max": no limit
-        if room < 2 ** 60 and (avail is None or room < avail):
-            avail, source = max(0, room), "the cgroup limit"
+    return None
+
+
+def _read_int(path, key=None):
+    """An integer file (memory.max: "max" is None), or one `key value` line of a stat file."""
+    try:
+        with open(path) as f:
+            if key is None:
+                text = f.read().strip()
+                return None if text == "max" else int(text)
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cgroup_memory(root="/"):
+    """(room, text) under the tightest memory limit of the proxy's own cgroup and its ancestors,
+    or None where none is set or none can be read.  The cgroup comes from /proc/self/cgroup (v2:
+    the `0::` line, mounted at /sys/fs/cgroup or /sys/fs/cgroup/unified; v1: the memory line, at
+    /sys/fs/cgroup/memory); a directory that is not there is skipped (a container sees its own
+    cgroup at the mount point).  Room is the limit minus what the cgroup holds, reclaimable page
+    cache (inactive_file) not counted, as `docker stats` and the kubelet count it."""
+    try:
+        with open(os.path.join(root, "proc/self/cgroup")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    fs = os.path.join(root, "sys/fs/cgroup")
+    tries = []
+    for line in lines:
+        hid, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hid == "0" and controllers == "":
+            for mount in (fs, os.path.join(fs, "unified")):
+                if os.path.exists(os.path.join(mount, "cgroup.controllers")):
+                    tries.append(("v2", mount, path, "memory.max", "memory.current",
+                                  "inactive_file"))
+                    break
+        elif "memory" in controllers.split(","):
+            tries.append(("v1", os.path.join(fs, "memory"), path, "memory.limit_in_bytes",
+                          "memory.usage_in_bytes", "total_inactive_file"))
+    best = None
+    for version, mount, path, limit_file, usage_file, cache_key in tries:
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            rel = "/" + "/".join(parts[:depth])
+            where = os.path.join(mount, *parts[:depth])
+            limit = _read_int(os.path.join(where, limit_file))
+            usage = _read_int(os.path.join(where, usage_file))
+            if limit is None or limit >= NO_LIMIT or usage is None:
+                continue
+            usage -= _read_int(os.path.join(where, "memory.stat"), cache_key) or 0
+            room = max(0, limit - max(0, usage))
+            if best is None or room < best[0]:
+                best = (room, "cgroup %s %s %s %s (%s free)"
+                        % (version, rel, limit_file, gib(limit), gib(room)))
+    return best
+
+
+def available_memory(root="/", override=None):
+    """(bytes, where from) the proxy may fill: CLAUDE_PROXY_MEMORY when the operator set it, else
+    the least of /proc/meminfo MemAvailable and the room under its cgroup's limit (cgroup_memory);
+    (None, "") where nothing can be read."""
+    if override is not None:
+        return override, "CLAUDE_PROXY_MEMORY %s" % gib(override)
+    avail, source = None, ""
+    try:
+        with open(os.path.join(root, "proc/meminfo")) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    source = "MemAvailable %s" % gib(avail)
+    except (OSError, ValueError, IndexError):
+        pass
+    limited = cgroup_memory(root)
+    if limited is not None and (avail is None or limited[0] < avail):
+        avail, source = limited
     return avail, source
 
 
-def size_idle(cfg, memory=None):
-    """cfg with the idle-process sizes the operator left unset chosen from memory: what 80 %
-    of the available memory holds in CLI_MEMORY units, after room for max_concurrency running
-    CLIs; at most the historical defaults (pool 2, sessions 2), and the budget large enough
-    for every running CLI to come back idle.  A 1 GB machine gets none: no swap, no OOM kill."""
-    unset = [n for n in ("pool_size", "sessions", "idle_max") if getattr(cfg, n) is None]
-    avail, source = memory or available_memory()
-    fit = 4 + cfg.max_concurrency if avail is None else \
-        max(0, int((avail * 0.8 - cfg.max_concurrency * CLI_MEMORY) // CLI_MEMORY))
-    pool = min(2, fit) if cfg.pool_size is None else cfg.pool_size
-    sessions = min(2, max(0, fit - pool)) if cfg.sessions is None else cfg.sessions
-    budget = max(pool + sessions, min(fit, cfg.max_concurrency)) if cfg.idle_max is None \
-        else cfg.idle_max
+#: the idle-process sizes the operator may leave to size_idle
+SIZED = ("pool_size", "sessions", "idle_max")
+
+
+def size_idle(cfg, memory=None, cli_memory=None):
+    """cfg with the idle-process sizes the operator left unset chosen from memory.
+
+    The `max_concurrency` running CLIs are the operator's choice, so their memory is taken as
+    given; a process that finished in one of those slots and waits idle holds no more than it
+    did while it ran, so the budget of idle processes is never below max_concurrency (reuse on
+    the smallest machine).  Beyond the slots, `extra` more processes fit in 80 % of the
+    available memory at `cli_memory` each (measured, else CLI_MEMORY): the pool is at most 2
+    of them, kept conversations at most 2 (within the slots or beyond), and the budget is the
+    slots plus the extra (at most 4: more idle processes than that mostly wait to be ended)."""
+    unset = tuple(n for n in SIZED if getattr(cfg, n) is None)
+    avail, source = memory or cfg.memory_source or available_memory(override=cfg.memory)
+    per = cli_memory or CLI_MEMORY
+    slots = cfg.max_concurrency
+    extra = 2 if avail is None else min(4, max(0, int((avail * 0.8 - slots * per) // per)))
+    pool = min(2, extra) if cfg.pool_size is None else cfg.pool_size
+    sessions = min(2, slots + extra - pool) if cfg.sessions is None else cfg.sessions
+    budget = max(slots + extra, pool + sessions) if cfg.idle_max is None else cfg.idle_max
     if not unset:
-        how = "set by the operator"
+        how = "set by the operator (memory: %s)" % (source or "unknown")
+    elif avail is None:
+        how = "%s from defaults (memory unknown)" % ", ".join(unset)
     else:
-        how = "%s from %s" % (", ".join(n for n in unset), "%s %.1f GiB (%d MB a CLI, %d running)"
-                               % (source, avail / 2 ** 30, CLI_MEMORY // 2 ** 20,
-                                  cfg.max_concurrency) if avail is not None else "defaults (memory unknown)")
-    return dataclasses.replace(cfg, pool_size=pool, sessions=sessions, idle_max=budget, sizing=how)
+        how = "%s from %s, %d MB a CLI (%s), %d running" % (
+            ", ".join(unset), source, per // 2 ** 20, "measured" if cli_memory else "default",
+            slots)
+    return dataclasses.replace(cfg, pool_size=pool, sessions=sessions, idle_max=budget, sizing=how,
+                               sized=unset, memory_source=(avail, source))
+
+
 TOKEN_NOT_HERE = ("A token never goes into the configuration (the environment and argv are "
                   "readable by others): write it to a file (chmod 600) and give token-file:PATH.")
 
@@ -539,6 +676,8 @@ def config_items(cfg):
                              for n, k, p in value)
         elif isinstance(value, tuple):
             value = ",".join(value)
+        elif name == "memory":
+            value = "not set" if value is None else gib(value)
         items.append((env, str(value)))
     return items
 
@@ -1676,6 +1815,8 @@ class CLIProcess:
         self.served = 0              # turns answered
         self.clean = False           # its last turn ended whole, not interrupted nor failed
         self.used = self.born        # when it last served or came back idle
+        self.memory = None           # its last process_memory() (measure), and when
+        self.measured_at = 0.0
         self._users = []             # uuids of the user lines in its conversation (reset)
         self._closed = False
         threading.Thread(target=self._read_stdout, daemon=True).start()
@@ -1815,16 +1956,13 @@ class CLIProcess:
                     self._users = [] if ok else self._users
                     return ok and self.resume()
 
-    def rss(self):
-        """Resident memory in bytes (0 where /proc cannot tell)."""
-        try:
-            with open("/proc/%d/status" % self.proc.pid, "rb") as f:
-                for line in f:
-                    if line.startswith(b"VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        return 0
+    def measure(self, max_age=0.0):
+        """Its memory (process_memory, None once it is gone), kept in `memory`; read again when
+        the last figure is older than `max_age` seconds (reading smaps_rollup walks the page
+        tables: ~2 ms for a CLI)."""
+        if self.memory is None or time.monotonic() - self.measured_at > max_age:
+            self.memory, self.measured_at = process_memory(self.proc.pid), time.monotonic()
+        return self.memory
 
     def exit_status(self, wait=2.0):
         """The exit status once the process has ended (None if it hasn't within `wait`), with
@@ -1947,6 +2085,7 @@ class Idle:
         self.sessions, self.session_idle = cfg.sessions, cfg.session_idle
         self.budget, self.reuse = cfg.idle_max, cfg.reuse
         self.recycle_rss = cfg.recycle_rss * 2 ** 20
+        self.cli_memory, self.cli_figure = CLI_MEMORY, "default"   # what sized it (resize)
         self.procs = []               # least recently used first
         self.resetting = 0            # processes being reset: counted in the budget
         # most recent last; until a request comes, the first login's default settings
@@ -1959,6 +2098,13 @@ class Idle:
         #: launch -> (the initialize it was last asked with, how many times in a row)
         self.inits = {}
         threading.Thread(target=self._maintain, name="idle", daemon=True).start()
+
+    def resize(self, cfg, cli_memory):
+        """Take the sizes size_idle chose from a measured figure; what no longer fits is ended
+        as processes come back (_hold) and by the pre-starter."""
+        with self.cond:
+            self.pool_size, self.sessions, self.budget = cfg.pool_size, cfg.sessions, cfg.idle_max
+            self.sizing, self.cli_memory, self.cli_figure = cfg.sizing, cli_memory, "measured"
 
     def keep_for(self, req):
         """The request's Keep (its answered turn stays on its process for the next one), or
@@ -2020,8 +2166,9 @@ class Idle:
         """A process whose request is over: kept for `conversation`, reset for reuse, or
         ended.  Not on the request's thread when it is kept or reset: the answer may still be
         on its way to the client."""
+        memory = self.backend.measured(proc)
         fit = proc.clean and not self.closed and self.budget > 0 and \
-            not (self.recycle_rss and proc.rss() > self.recycle_rss)
+            not (self.recycle_rss and memory and memory["private"] > self.recycle_rss)
         if fit and conversation is not None and self.sessions > 0:
             proc.kind, proc.conversation = "kept", conversation
             with self.cond:
@@ -2181,7 +2328,8 @@ class Idle:
             held = collections.Counter(p.kind for p in self.procs)
             return {"budget": self.budget, "pool_size": self.pool_size, "sessions": self.sessions,
                     "reuse": self.reuse, "recycle_rss_mb": self.recycle_rss // 2 ** 20,
-                    "sized": self.sizing,
+                    "sized": self.sizing, "cli_mb": self.cli_memory // 2 ** 20,
+                    "cli_figure": self.cli_figure,
                     "idle": {k: held[k] for k in self.KINDS},
                     "ready": sum(p.kind != "kept" and p.fresh() for p in self.procs),
                     "hits": {k: self.hits[k] for k in self.KINDS}, "misses": self.misses,
@@ -2252,6 +2400,8 @@ class Backend:
     gives them back to the idle store (or ends them)."""
 
     def __init__(self, cfg, workdir):
+        if None in (cfg.pool_size, cfg.sessions, cfg.idle_max):    # a Config not from load_config
+            cfg = size_idle(cfg)
         self.cfg, self.workdir = cfg, workdir
         self.gate = Gate(cfg.max_concurrency, cfg.queue_timeout)
         self.live = set()
@@ -2275,6 +2425,47 @@ class Backend:
 
     def idle_status(self):
         return self.idle.status()
+
+    def measured(self, proc):
+        """Measure a process whose turn is over; when the idle sizes come from memory, size
+        them again from what this proxy's CLIs that served hold on average (they grow as they
+        serve; one only pre-started holds less)."""
+        memory = proc.measure()
+        if memory is None or not self.cfg.sized:
+            return memory
+        with self.lock:
+            figures = [p.memory["private"] for p in self.live if p.memory and p.served]
+        if figures:
+            per = sum(figures) // len(figures)
+            self.idle.resize(size_idle(dataclasses.replace(self.cfg, **dict.fromkeys(self.cfg.sized)),
+                                       cli_memory=per), per)
+        return memory
+
+    def memory_report(self):
+        """/health's `memory`: what the idle sizes were chosen from, and what the proxy and each
+        of its CLIs hold now (process_memory, in MB; `total_mb` adds up their PSS, which
+        counts shared pages once)."""
+        def mb(n):
+            return round(n / 2 ** 20, 1)
+        with self.lock:
+            procs = list(self.live)
+        with self.idle.cond:
+            waiting = {id(p): p.kind for p in self.idle.procs}
+        avail, source = self.cfg.memory_source or (None, "")
+        own = process_memory(os.getpid()) or {"rss": 0, "pss": 0, "private": 0, "measure": "none"}
+        clis, total = [], own["pss"]
+        for proc in procs:            # /health is polled: a figure up to a second old will do
+            m = proc.measure(max_age=1.0)
+            if m is not None:
+                total += m["pss"]
+                clis.append({"pid": proc.proc.pid, "state": waiting.get(id(proc), "busy"),
+                             "rss_mb": mb(m["rss"]), "pss_mb": mb(m["pss"]),
+                             "private_mb": mb(m["private"])})
+        return {"available_mb": mb(avail) if avail is not None else None, "from": source,
+                "measure": own["measure"],
+                "proxy": {"rss_mb": mb(own["rss"]), "pss_mb": mb(own["pss"]),
+                          "private_mb": mb(own["private"])},
+                "clis": clis, "total_mb": mb(total)}
 
     def run(self, req, messages, call, keep=None):
         """One CLI turn for `messages`: yields events, ends with Done or raises ProxyError.
@@ -4823,7 +5014,8 @@ class App:
             "claude_bin": cfg.claude_bin, "claude_found": bool(found),
             "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
             "cli_processes_started": backend.started, "history": cfg.history,
-            "idle": idle, "logins": logins, "store": self.store.report(),
+            "idle": idle, "memory": backend.memory_report(), "logins": logins,
+            "store": self.store.report(),
             "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)}
 
     def cli_version(self):
@@ -6027,6 +6219,12 @@ def check(cfg):
             except ProxyError as err:
                 print("Logged in%s: NO: %s" % (label, err.message))
                 ok = False
+        idle = app.backend.idle_status()
+        if idle["cli_figure"] == "measured":
+            print("a CLI measured %d MB private memory after one request; idle CLI sizes now: "
+                  "pool %d, sessions %d, budget %d (%s)" % (
+                      idle["cli_mb"], idle["pool_size"], idle["sessions"], idle["budget"],
+                      idle["sized"]))
     finally:
         app.close()
     for name, err in sorted(MODULE_ERRORS.items()):

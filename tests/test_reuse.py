@@ -262,49 +262,7 @@ def test_served_by_names_the_kind_that_answered(home, upstream):
 
 # -- memory-aware sizes ---------------------------------------------------------------------------
 
-GiB = 2 ** 30
-
-
-@pytest.mark.parametrize("gib, concurrency, want", [
-    (0.7, 2, (0, 0, 0)),          # a 1 GB VPS: no idle CLI at all (each holds up to 300 MB)
-    (1.6, 2, (2, 0, 2)),
-    (3.5, 2, (2, 2, 4)),
-    (24, 2, (2, 2, 4)),           # never more than the historical defaults ...
-    (24, 8, (2, 2, 8)),           # ... but room for every running CLI to come back idle
-])
-def test_sizes_follow_available_memory(gib, concurrency, want):
-    cfg = P.size_idle(P.Config(max_concurrency=concurrency), (int(gib * GiB), "MemAvailable"))
-    assert (cfg.pool_size, cfg.sessions, cfg.idle_max) == want
-    assert "MemAvailable %.1f GiB" % gib in cfg.sizing
-    # whatever is chosen fits: the idle budget plus the running CLIs in 80 % of it
-    assert (cfg.idle_max + concurrency) * P.CLI_MEMORY <= max(0.8 * gib * GiB, concurrency * P.CLI_MEMORY)
-
-
-def test_operator_sizes_win():
-    cfg = P.size_idle(P.Config(pool_size=5, sessions=0, idle_max=7), (int(0.5 * GiB), "MemAvailable"))
-    assert (cfg.pool_size, cfg.sessions, cfg.idle_max) == (5, 0, 7)
-    assert cfg.sizing == "set by the operator"
-
-
-def test_a_cgroup_limit_below_memavailable_wins(monkeypatch, tmp_path):
-    files = {"/proc/meminfo": "MemTotal: 99 kB\nMemAvailable: 8388608 kB\n",     # 8 GiB
-             "/sys/fs/cgroup/memory.max": "%d\n" % (2 * GiB),
-             "/sys/fs/cgroup/memory.current": "%d\n" % (GiB // 2)}
-    real_open = open
-
-    def fake_open(path, *a, **kw):
-        if path in files:
-            f = tmp_path / path.replace("/", "_")
-            f.write_text(files[path])
-            return real_open(f, *a, **kw)
-        if str(path).startswith("/sys/fs/cgroup"):
-            raise FileNotFoundError(path)
-        return real_open(path, *a, **kw)
-    monkeypatch.setattr("builtins.open", fake_open)
-    assert P.available_memory() == (int(1.5 * GiB), "the cgroup limit")
-    files["/sys/fs/cgroup/memory.max"] = "max\n"
-    assert P.available_memory() == (8 * GiB, "MemAvailable")
-
+# (the sizing rules themselves: tests/test_memory.py)
 
 def test_health_and_the_start_up_log_say_what_was_chosen(start):
     p = start(CLAUDE_PROXY_POOL_SIZE=1)           # sessions and the budget from memory
