@@ -247,3 +247,19 @@ def test_a_1g_proxy_reuses_and_reports_measured_memory(make_proxy, upstream):
     assert reused["private_mb"] > 50          # a CLI that answered holds ~100 MB of its own
     parts = memory["proxy"]["pss_mb"] + sum(c["pss_mb"] for c in memory["clis"])
     assert abs(memory["total_mb"] - parts) <= 0.05 * 3 + 1e-9
+
+
+def test_check_says_what_memory_applied_and_measures_a_cli(home, upstream):
+    import re
+    from conftest import base_env, real_claude_bin
+    from test_operations import run_check
+    env = base_env(home, upstream.url, real_claude_bin(), CLAUDE_PROXY_MEMORY="1G")
+    rc, out = run_check(env)
+    assert rc == 0, out
+    assert re.search(r"^  CLAUDE_PROXY_MEMORY\s+1\.0 GiB$", out, re.M), out
+    assert "idle CLI sizes: pool 2, sessions 2, budget 6 (pool_size, sessions, idle_max from " \
+        "CLAUDE_PROXY_MEMORY 1.0 GiB, 130 MB a CLI (default), 2 running)" in out
+    m = re.search(r"^a CLI measured (\d+) MB private memory after one request; idle CLI sizes "
+                  r"now: pool 2, sessions 2, budget 6 \(pool_size, sessions, idle_max from "
+                  r"CLAUDE_PROXY_MEMORY 1\.0 GiB, (\d+) MB a CLI \(measured\), 2 running\)$", out, re.M)
+    assert m and m.group(1) == m.group(2) and 50 <= int(m.group(1)) <= 300, out
