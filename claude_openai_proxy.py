@@ -108,6 +108,7 @@ import dataclasses
 import hashlib
 import hmac
 import importlib
+import ipaddress
 import itertools
 import json
 import os
@@ -1131,6 +1132,9 @@ _XML_CLOSE = re.compile(r"</(?:antml:)?function_calls>")
 _XML_INVOKE = re.compile(r"<(?:antml:)?invoke\s+name=\"([^\"]+)\"\s*>(.*?)</(?:antml:)?invoke>", re.S)
 _XML_PARAM = re.compile(r"<(?:antml:)?parameter\s+name=\"([^\"]+)\"\s*>(.*?)</(?:antml:)?parameter>", re.S)
 _MARKERS = (_FENCE, "<function_calls>", "<" + "antml:function_calls>")
+_XML_TAIL = len("</" + "antml:function_calls>")
+#: the positions among a parse hint's entries (moved when the text before them is dropped)
+_HINT_POSITIONS = ("search", "last", "quotes")
 
 
 class BaseToolCallHandler:
@@ -1225,14 +1229,19 @@ class BaseToolCallHandler:
             self._refusal = re.compile("|".join("(?:%s)" % p for p in pats), re.I)
         return bool(self._refusal.search((text or "").replace("\u2019", "'")))
 
-    def parse(self, text, final=True, names=None):
+    def parse(self, text, final=True, names=None, resume=None):
         """Split text into [("text", s) | ("call", (name, args_dict))] segments.
 
         Returns (segments, consumed): when final is False, text after `consumed` is still
         undecided (it may be the start of a tool block) and should be offered again with more.
-        `names`, when given, are the tool names a ```json fence may call.
+        `names`, when given, are the tool names a ```json fence may call.  `resume` (a dict the
+        caller keeps, see ToolTextParser) carries where the search for the end of the undecided
+        block stopped, so the next call with the same text and more goes on from there.
         """
         segs, pos, n = [], 0, len(text)
+        prior = dict(resume or {})
+        if resume is not None:
+            resume.clear()
         while pos < n:
             start, marker = self._next_marker(text, pos)
             if start < 0:
@@ -1243,11 +1252,17 @@ class BaseToolCallHandler:
             if start > pos:
                 segs.append(("text", text[pos:start]))
                 pos = start
+            # the block left undecided last time starts the text (the caller dropped what was
+            # consumed before it): its search goes on where it stopped
+            hint = dict(prior) if start == 0 else {}
             if marker == _FENCE:
-                result = self._parse_fence(text, start, final, names)
+                result = self._parse_fence(text, start, final, names, hint)
             else:
-                result = self._parse_xml(text, start, final)
+                result = self._parse_xml(text, start, final, hint)
             if result is None:           # undecided: wait for more text
+                if resume is not None:
+                    resume.update({k: v - start if k in _HINT_POSITIONS else v
+                                   for k, v in hint.items()})
                 break
             calls, end = result
             if calls:
@@ -1283,7 +1298,12 @@ class BaseToolCallHandler:
                     break
         return longest
 
-    def _parse_fence(self, text, start, final, names):
+    def _parse_fence(self, text, start, final, names, hint):
+        """(calls, end) for the fence at `start`, or None while undecided.  Every closing fence
+        that did not end the block is looked at once: `hint["search"]` is where the next call
+        goes on (a closing fence at the very end of the text is tried again with what follows).
+        JSON is tried only where it can end: not inside one of its strings (_in_json_string),
+        and not after a fence outside its strings has been tried (backticks are not JSON)."""
         nl = text.find("\n", start + 3)
         if nl < 0:
             return None if not final else ([], len(text))
@@ -1291,25 +1311,53 @@ class BaseToolCallHandler:
         if info not in TOOL_FENCES:
             return [], nl + 1              # an ordinary code fence: plain text
         body_start = nl + 1
-        search = body_start
+        search = max(body_start, hint.get("search", 0))
         while True:
             close = text.find(_FENCE, search)
             if close < 0:
-                return None if not final else ([], len(text))
-            calls = self._calls_from_json(text[body_start:close], info, names)
+                hint["search"] = max(search, len(text) - 2)   # "``" may become a fence
+                if not final:
+                    return None
+                # JSON that never parses stays text up to the last closing fence after it
+                return [], hint["last"] + 3 if "last" in hint else len(text)
+            calls = None if hint.get("dead") or self._in_json_string(text, body_start, close, hint) \
+                else self._calls_from_json(text[body_start:close], info, names)
             if calls is not None:
                 end = close + 3
                 return calls, end
-            search = close + 3
+            if not hint.get("instring"):
+                hint["dead"] = True      # its backticks are outside any string from now on
+            search, hint["last"] = close + 3, close
             if close == 0 or text[close - 1] == "\n":
                 rest = text[close + 3:].lstrip(" \t")
                 if rest.startswith("\n") or (final and not rest):
                     return [], close + 3       # a fence alone on its line ends a broken block
                 if not rest and not final:
+                    hint["search"] = close
                     return None
             # JSON that never parses stays text once a closing fence follows it
             if text.find(_FENCE, search) < 0 and (final or not text[body_start:close].strip()):
                 return [], close + 3
+
+    @staticmethod
+    def _in_json_string(text, body_start, close, hint):
+        """True when `close` lies inside a JSON string of the body: an odd number of unescaped
+        quotes before it.  Valid JSON cannot end there; the quotes are counted once, from
+        where the count stopped (hint "quotes", "instring")."""
+        pos = max(body_start, hint.get("quotes", body_start))
+        inside = hint.get("instring", False)
+        while True:
+            q = text.find('"', pos, close)
+            if q < 0:
+                break
+            slashes = q
+            while slashes > body_start and text[slashes - 1] == "\\":
+                slashes -= 1
+            if (q - slashes) % 2 == 0:
+                inside = not inside
+            pos = q + 1
+        hint["quotes"], hint["instring"] = close, inside
+        return inside
 
     def _calls_from_json(self, raw, info, names):
         try:
@@ -1347,9 +1395,11 @@ class BaseToolCallHandler:
         return name, args
 
     @staticmethod
-    def _parse_xml(text, start, final):
-        m = _XML_CLOSE.search(text, start)
+    def _parse_xml(text, start, final, hint):
+        # a closing tag may have begun at the end of the text searched last time
+        m = _XML_CLOSE.search(text, max(start, (hint.get("search") or 0) - _XML_TAIL))
         if not m:
+            hint["search"] = len(text)
             return None if not final else ([], len(text))
         inner = text[start:m.start()]
         calls = []
@@ -1445,6 +1495,36 @@ def pick_handler(name, default):
     return HANDLERS[name]
 
 
+class ToolTextParser:
+    """One streamed answer through a handler's parse(), delta by delta, in time linear in its
+    size: what parse() consumed is dropped, and the search for the end of an undecided tool
+    block goes on where it stopped (parse's `resume`), so a long block with many inner ```
+    fences is not read again from its start at every delta (bench/tool_parser.py)."""
+
+    def __init__(self, handler, names):
+        self.handler, self.names = handler, names
+        self.pending, self.resume = "", {}
+        # a module's own parse() may not know `resume`: it is then called as before
+        self.resumable = type(handler).parse is BaseToolCallHandler.parse
+
+    def _parse(self, final):
+        kw = {"resume": self.resume} if self.resumable else {}
+        segs, used = self.handler.parse(self.pending, final=final, names=self.names, **kw)
+        self.pending = self.pending[used:]
+        return segs
+
+    def feed(self, text):
+        """The segments decided once `text` is added."""
+        self.pending += text
+        return self._parse(False)
+
+    def finish(self):
+        """The segments of what is left, at the end of the answer."""
+        segs = self._parse(True)
+        self.pending, self.resume = "", {}
+        return segs
+
+
 @dataclass
 class Attempt:
     held: list = field(default_factory=list)     # events not yet sent to the client
@@ -1490,7 +1570,7 @@ def emulated_tool_events(req, run):
 
 def _tool_attempt(req, run, messages, hold_all, total):
     handler, names, a = req.handler, {t.name for t in offered_tools(req)}, Attempt()
-    pending, answer = "", []
+    parser, answer = ToolTextParser(req.handler, names), []
 
     def convert(segs):
         for kind, val in segs:
@@ -1505,19 +1585,16 @@ def _tool_attempt(req, run, messages, hold_all, total):
 
     for ev in run(messages):
         if isinstance(ev, TextDelta):
-            pending += ev.text
-            segs, used = handler.parse(pending, final=False, names=names)
-            pending = pending[used:]
-            out = list(convert(segs))
+            out = list(convert(parser.feed(ev.text)))
         elif isinstance(ev, Done):
-            out = list(convert(handler.parse(pending, final=True, names=names)[0]))
+            out = list(convert(parser.finish()))
             total.add(ev.usage)
             a.done = ev
         elif isinstance(ev, (Heartbeat, Start)):
             yield ev
             continue
         elif isinstance(ev, Reset):
-            pending, a.calls, a.dropped = "", 0, 0
+            parser, a.calls, a.dropped = ToolTextParser(req.handler, names), 0, 0
             answer.clear()
             a.held = []
             out = [ev]
@@ -1636,10 +1713,32 @@ def user_line(blocks, query=True):
     """A user turn; with query=False it is only appended to the conversation (the CLI answers
     with a `result` line of num_turns 0 and no upstream call)."""
     line = {"type": "user", "session_id": "default", "parent_tool_use_id": None,
-            "message": {"role": "user", "content": blocks}}
+            "message": {"role": "user", "content": not_a_command(blocks)}}
     if not query:
         line["shouldQuery"] = False
     return line
+
+
+def not_a_command(blocks):
+    """The blocks of a user line, so that the CLI sends them to the model as they are.
+
+    The CLI takes a user line whose last block is text starting with "/" (spaces first
+    included) for one of its commands and runs it instead of asking the model: `/model opus`
+    switches the process's model, `/clear` empties it, `/init` sends its own prompt, and the
+    shouldQuery:false lines of history too.  `--disable-slash-commands` only makes its
+    built-in commands answer "isn't available" locally.  So such a text is sent as two text
+    blocks: up to its first character that is neither "/" nor a space, and the rest; the
+    upstream gets the same characters in the same order (tests/test_prompt_safety.py)."""
+    last = blocks[-1] if blocks else None
+    if not (isinstance(last, dict) and last.get("type") == "text" and
+            isinstance(last.get("text"), str) and last["text"].lstrip().startswith("/")):
+        return blocks
+    word = re.search(r"[^\s/]", last["text"])
+    if word is None:              # only slashes and spaces: no command name, the model gets it
+        return blocks
+    i = word.start()
+    # anything else on the block (a cache mark) stays on its end
+    return blocks[:-1] + [{"type": "text", "text": last["text"][:i]}, dict(last, text=last["text"][i:])]
 
 
 def assistant_line(blocks):
@@ -1712,9 +1811,9 @@ def cli_argv(cfg, launch):
             "--output-format", "stream-json", "--verbose", "--include-partial-messages",
             "--tools", ",".join(launch.web_tools), "--no-session-persistence",
             "--setting-sources", "", "--strict-mcp-config", "--permission-prompt-tool", "stdio",
-            "--model", launch_model(cfg, launch)]
-    if launch.web_tools:         # run without asking (as root the CLI refuses to skip permissions)
-        argv += ["--allowedTools", ",".join(launch.web_tools)]
+            "--disable-slash-commands", "--model", launch_model(cfg, launch)]
+    if "WebSearch" in launch.web_tools:     # runs without asking; WebFetch asks (web_fetch_refusal)
+        argv += ["--allowedTools", "WebSearch"]
     if launch.effort:
         argv += ["--effort", launch.effort]
     return argv
@@ -1733,6 +1832,8 @@ def cli_env(cfg, launch, tmpdir):
             env[name] = cfg.environ[name]
     env.update(TMPDIR=tmpdir, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
                CLAUDE_CODE_DISABLE_CLAUDE_MDS="1", ENABLE_TOOL_SEARCH="false",
+               # "@/path" in client text would otherwise attach that file of this server
+               CLAUDE_CODE_DISABLE_FILE_MENTIONS="1",
                DISABLE_AUTOUPDATER="1", CLAUDE_CODE_MAX_RETRIES=str(max(0, cfg.cli_retries)))
     if launch.disable_thinking:
         env["CLAUDE_CODE_DISABLE_THINKING"] = "1"
@@ -2618,6 +2719,8 @@ class ToolBridge:
                                  "schema of type object." % t.name, param="tools")
             self.listing.append({"name": self.names[t.name], "description": t.description,
                                  "inputSchema": schema})
+        #: the only tools whose permission requests are ever allowed in this turn
+        self.offered = {MCP_PREFIX + t["name"] for t in self.listing}
         self.parallel, self.id_prefix = req.parallel_tool_calls, req.id_prefix
         self.blocks = {}         # stream block index -> call id, or None for a dropped call
         self.has_args = set()    # call ids that received argument text
@@ -2774,6 +2877,10 @@ class ToolBridge:
                 "subtype": "success", "request_id": rid, "response": {"mcp_response": reply}}})
         elif sub == "can_use_tool":
             tid = request.get("tool_use_id")
+            if request.get("tool_name") not in self.offered:
+                # not one of the client's tools: nothing is allowed, the turn is stopped
+                self.hold = False
+                self.results.pop(tid, None)
             if tid in self.results:              # a call of the held turn: its result is here
                 return self._allow(proc, rid, request.get("input"))
             self.settled.add(tid)
@@ -2891,6 +2998,83 @@ def web_search_event(result):
     return WebSearch(new_id("srvtoolu_"), str(result.get("query") or ""), sources)
 
 
+#: names of cloud metadata services (their addresses are link-local or unique-local anyway)
+METADATA_HOSTS = ("metadata.google.internal", "metadata.goog", "metadata", "instance-data",
+                  "instance-data.ec2.internal")
+
+
+def address_refusal(address):
+    """Why a WebFetch must not reach this IP address, or None.  Only global unicast addresses
+    pass: loopback, private (RFC 1918), link-local (169.254.169.254 metadata too), CGNAT
+    (100.64.0.0/10), unique-local v6 (fd00:ec2::254 metadata too), unspecified, multicast,
+    documentation and reserved ranges are refused; an IPv4 address inside IPv6 (mapped,
+    NAT64) is judged as IPv4."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return "unreadable (%s)" % address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    elif ip.version == 6 and ip in ipaddress.ip_network("64:ff9b::/96"):
+        ip = ipaddress.ip_address(int(ip) & 0xFFFFFFFF)
+    for test, what in ((ip.is_loopback, "loopback"), (ip.is_link_local, "link-local"),
+                       (ip.is_unspecified, "unspecified"), (ip.is_multicast, "multicast"),
+                       (ip in ipaddress.ip_network("100.64.0.0/10"), "CGNAT"),
+                       (ip.version == 6 and ip in ipaddress.ip_network("fc00::/7"), "unique-local"),
+                       (ip.is_private, "private"), (not ip.is_global, "not public")):
+        if test:
+            return "%s (%s)" % (what, ip)
+    return None
+
+
+def web_fetch_refusal(url, resolve=socket.getaddrinfo):
+    """Why the CLI's WebFetch must not fetch `url` from this machine, or None.  The host is
+    resolved here and every address it has must be public; a host that resolves nowhere is let
+    through (the CLI, asking the same resolver, finds nothing either).  Not covered: a name
+    whose address changes between this check and the CLI's own fetch (DNS rebinding), and
+    redirects the CLI follows by itself (README, Security)."""
+    try:
+        parts = urllib.parse.urlsplit(str(url).strip())
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "a URL that cannot be read"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "the scheme %r (only http and https)" % parts.scheme
+    if not host:
+        return "a URL without a host"
+    if host.rstrip(".").lower() in METADATA_HOSTS:
+        return "a cloud metadata host (%s)" % host
+    try:
+        infos = resolve(host, port or (443 if parts.scheme.lower() == "https" else 80),
+                        type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError):
+        return None
+    for info in infos:
+        why = address_refusal(str(info[4][0]))
+        if why is not None:
+            return "the address of %s is %s" % (host, why)
+    return None
+
+
+def web_tool_permission(proc, item):
+    """Answer the CLI's can_use_tool for its own WebSearch / WebFetch: only a tool the request
+    was launched with (the operator's CLAUDE_PROXY_WEB_TOOLS allows it), and a WebFetch only of
+    a public address.  A denial is a tool error the model reads; the turn goes on."""
+    request = item.get("request") or {}
+    name, tool_input = request.get("tool_name"), request.get("input") or {}
+    if name not in proc.launch.web_tools:
+        why = "%s is not enabled on this claude-proxy" % name
+    elif name == "WebFetch":
+        why = web_fetch_refusal(tool_input.get("url"))
+        why = why and "claude-proxy does not fetch %s" % why
+    else:
+        why = None
+    answer = {"behavior": "allow", "updatedInput": tool_input} if why is None else \
+        {"behavior": "deny", "message": why}
+    proc.send({"type": "control_response", "response": {
+        "subtype": "success", "request_id": item.get("request_id"), "response": answer}})
+
+
 def refuse(proc, request_id):
     proc.send({"type": "control_response", "response": {
         "subtype": "error", "request_id": request_id, "error": "not supported by claude-proxy"}})
@@ -2963,6 +3147,9 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
             last_retry = item
             yield from replay.restart()      # the CLI asks again, from the start
             live = False
+        elif kind == "control_request" and (item.get("request") or {}).get("tool_name") in \
+                CLI_WEB_TOOLS and (item.get("request") or {}).get("subtype") == "can_use_tool":
+            web_tool_permission(proc, item)
         elif kind == "control_request":
             if bridge is not None:
                 bridge.on_control(proc, item)

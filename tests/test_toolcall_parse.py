@@ -216,17 +216,15 @@ def merged(segs):
 
 
 def streamed(handler, answer, step, names=NAMES):
-    """The streaming loop of `_tool_attempt`: offer the undecided tail again with each piece,
-    then parse what is left with final=True.  Returns (segments, segments released per step)."""
-    pending, segs, released = "", [], []
+    """The streaming loop of `_tool_attempt` (its ToolTextParser): each piece fed in turn, then
+    what is left parsed with final=True.  Returns (segments, segments released per step)."""
+    parser, segs, released = cop.ToolTextParser(handler, names), [], []
     for i in range(0, len(answer), step):
-        pending += answer[i:i + step]
-        got, used = handler.parse(pending, final=False, names=names)
-        assert 0 <= used <= len(pending)
+        got = parser.feed(answer[i:i + step])
+        assert len(parser.pending) <= i + step
         segs += got
         released.append(got)
-        pending = pending[used:]
-    segs += handler.parse(pending, final=True, names=names)[0]
+    segs += parser.finish()
     return merged(segs), released
 
 
@@ -455,3 +453,64 @@ def test_unknown_handler_is_a_400_listing_the_handlers(evonic):
     assert "evonic" in err.value.message and "generic" in err.value.message
     assert cop.pick_handler(None, "evonic") is evonic
     assert cop.pick_handler("generic", "evonic") is cop.HANDLERS["generic"]
+
+
+# -- linear time: a long tool call with many inner fences ----------------------------------------
+
+def readme_call(fences):
+    """A ```tool_call whose argument is markdown with `fences` inline code fences (an agent
+    writing a README), about 33 bytes a fence."""
+    doc = "".join("Run %s%d%s then go on.\n" % (F, i, F) for i in range(fences))
+    return block(json.dumps({"name": "run_code", "arguments": {"code": doc}})), doc
+
+
+class Counting(cop.BaseToolCallHandler):
+    name = "counting"
+
+    def __init__(self):
+        super().__init__()
+        self.attempts = 0
+
+    def _calls_from_json(self, raw, info, names):
+        self.attempts += 1
+        return super()._calls_from_json(raw, info, names)
+
+
+@pytest.mark.parametrize("fences", [50, 300])
+def test_many_inner_fences_give_the_one_call_trying_each_fence_once(fences):
+    """Each closing-fence candidate is tried once however the call is cut into deltas (it
+    was tried again at every delta: the cost grew with deltas x fences)."""
+    answer, doc = readme_call(fences)
+    answer = "Here it is.\n" + answer + "\nDone."
+    handler = Counting()
+    segs, _ = streamed(handler, answer, 8)
+    assert segs == [text("Here it is.\n"), call("run_code", code=doc), text("\nDone.")]
+    # the inner fences lie inside a JSON string, where JSON cannot end: only the closing fence
+    # is tried (it was tried again at every delta, and so was every inner one)
+    assert handler.attempts == 1
+
+
+def test_fences_in_an_array_of_strings_and_outside_strings():
+    """Strings opened and closed between fences, escaped quotes, and a fence outside any
+    string (after which nothing in the block can be JSON: it stays text)."""
+    snippets = ["%sbash\nls \\\"%d\\\" %s" % (F, i, F) for i in range(40)]
+    good = block(json.dumps({"name": "run_code", "arguments": {"code": "x", "steps": snippets}}))
+    handler = Counting()
+    segs, _ = streamed(handler, good, 5)
+    assert segs == [call("run_code", code="x", steps=snippets)]
+    assert handler.attempts == 1
+    bad = F + 'tool_call\n{"name": "run_code", ' + F + ' "arguments": {"code": "' + F + '"}}\n' + F
+    handler = Counting()
+    assert streamed(handler, bad, 3)[0] == [text(bad)] == cop.HANDLERS["generic"].parse(
+        bad, final=True, names=NAMES)[0]
+    assert handler.attempts == 1
+
+
+def test_a_block_that_never_parses_stays_text_when_streamed(generic):
+    """The resumed search keeps parse's rule: JSON that never parses is text up to the last
+    closing fence, and what follows is parsed on."""
+    answer = F + "tool_call\n{not json " + F + "x" + F + " more" + F + "y\n" + \
+        block('{"name": "search", "arguments": {"q": "z"}}')
+    whole = generic.parse(answer, final=True, names=NAMES)[0]
+    for step in (1, 3, 8):
+        assert streamed(generic, answer, step)[0] == merged(whole)
