@@ -226,6 +226,10 @@ class LoginFailed(UpstreamError):
     client's key, so another login may serve the request."""
 
 
+class CLIStalled(UpstreamError):
+    """A CLI stopped reading its input: it was ended, and the request fails."""
+
+
 class CLIUnavailable(ProxyError):
     status, kind = 503, "api_error"
 
@@ -1628,6 +1632,9 @@ def _tool_attempt(req, run, messages, hold_all, total):
 RUNTIME_EFFORTS = ("low", "medium", "high", "xhigh")
 #: seconds a finished process may take to rewind its conversation before it is ended instead
 RESET_SECONDS = 5.0
+#: seconds one write to a CLI's stdin may wait for it to read (at most the request timeout):
+#: a CLI that stops reading is ended, not waited on for ever
+SEND_SECONDS = 30.0
 
 
 # -- process and protocol: launch settings, stdin lines, one CLI process --------------------------
@@ -1898,6 +1905,8 @@ class CLIProcess:
                                  "set CLAUDE_BIN to its path." % (cfg.claude_bin, exc.strerror or exc))
         self.launch = launch
         self.model = launch_model(cfg, launch)
+        self.send_seconds = min(SEND_SECONDS, cfg.timeout or SEND_SECONDS)
+        os.set_blocking(self.proc.stdin.fileno(), False)     # writes are bounded (send)
         self.preinit = None          # the initialize request it was given ahead of time (Idle)
         self.refused = False         # ... and the CLI refused it
         self.born = time.monotonic()
@@ -1965,9 +1974,27 @@ class CLIProcess:
             if o.get("type") == "user":
                 o.setdefault("uuid", str(uuid.uuid4()))
                 self._users.append(o["uuid"])
-        try:           # one write for all lines: each is a wake-up of the CLI's reader
-            self.proc.stdin.write("".join(json.dumps(o) + "\n" for o in objs).encode())
-            self.proc.stdin.flush()
+        # one write for all lines (each is a wake-up of the CLI's reader), waiting at most
+        # send_seconds for the CLI to take it: a CLI that stops reading is ended (CLIStalled)
+        data = memoryview("".join(json.dumps(o) + "\n" for o in objs).encode())
+        deadline = time.monotonic() + self.send_seconds
+        try:
+            fd = self.proc.stdin.fileno()
+            waiter = select.poll()
+            waiter.register(fd, select.POLLOUT)
+            while data:
+                try:
+                    data = data[os.write(fd, data):]
+                    continue
+                except BlockingIOError:
+                    pass
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.close()
+                    raise CLIStalled("The claude CLI stopped reading its input (%d bytes not "
+                                     "taken in %gs); it was ended. Retry the request."
+                                     % (len(data), self.send_seconds))
+                waiter.poll(min(left, POLL_SECONDS) * 1000)
         except (OSError, ValueError):
             pass        # the process died; its stdout EOF reports that
 
@@ -2038,9 +2065,12 @@ class CLIProcess:
         user line (`last_seen_user_message_uuid`), else it refuses with stale_target."""
         if not self._users or not self.resume():
             return False
-        self.send(control("rewind", {"subtype": "rewind_conversation",
-                                     "target_message_uuid": self._users[0],
-                                     "last_seen_user_message_uuid": self._users[-1]}))
+        try:
+            self.send(control("rewind", {"subtype": "rewind_conversation",
+                                         "target_message_uuid": self._users[0],
+                                         "last_seen_user_message_uuid": self._users[-1]}))
+        except CLIStalled:
+            return False
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -2413,7 +2443,12 @@ class Idle:
                 continue
             proc.kind = "pool"
             if init is not None:      # read while it boots; its answer is taken by fresh()
-                proc.send(control("init", init))
+                try:
+                    proc.send(control("init", init))
+                except CLIStalled:
+                    with self.cond:
+                        self._note_death(proc)
+                    continue
                 proc.preinit, proc.kind = init, "initialized"
             with self.cond:
                 if self.closed:

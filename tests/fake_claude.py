@@ -14,6 +14,8 @@ on a directive in the user's text:
     [[limited-late]] a text delta, then a rejected rate_limit_event and a 429 result (a limit
                     that arrives after the answer began; the real CLI never shows one on demand)
     [[stamps:N]]    N text deltas, each "<time.time()>;" when printed, 2 ms apart (benchmarks)
+    [[deaf]]        acknowledge that user line with a result line, then never read stdin again
+                    (a CLI that stops reading: the proxy's next large write cannot complete)
     anything else   answer "fake answer" with a result line
 Each run records its pid in $FAKE_CLAUDE_PIDS (a directory) when that is passed to it, and
 refuses every initialize request when $FAKE_CLAUDE_REFUSE_INIT is set.
@@ -66,6 +68,11 @@ def main():
     m = re.search(r"\[\[([a-z-]+)(?::(\d+))?\]\]", text)
     mode, arg = (m.group(1), int(m.group(2) or 0)) if m else ("", 0)
     out({"type": "system", "subtype": "init", "model": "fake"})
+    if mode == "deaf":
+        out({"type": "result", "subtype": "success", "is_error": False, "result": "",
+             "num_turns": 0, "usage": {"input_tokens": 0, "output_tokens": 0}})
+        time.sleep(3600)
+        return 0
     if mode == "silent-exit":
         return 0
     if mode == "hang":

@@ -288,3 +288,23 @@ def test_a_prompt_cannot_make_the_server_fetch_a_local_url(make_proxy, upstream,
         assert hits == []
     finally:
         p.stop()
+
+
+# -- a CLI that stops reading ---------------------------------------------------------------------
+
+def test_a_cli_that_stops_reading_fails_the_request_and_is_ended(fake_proxy):
+    """The second write (the rest of the history, 2 MB) finds a full pipe: the request fails
+    within the request timeout (the fixture's 4 s) with a clear 502, the CLI is killed, and the
+    proxy answers the next request."""
+    from conftest import no_leftover_cli
+    with no_leftover_cli(fake_proxy.pids):
+        status, _, body = fake_proxy.post(CHAT, {"model": "sonnet", "messages": [
+            {"role": "user", "content": "[[deaf]] first"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "x" * 2_000_000}]}, timeout=30)
+    assert status == 502, body
+    assert "stopped reading its input" in body["error"]["message"]
+    assert "Traceback" not in fake_proxy.log
+    status, _, body = fake_proxy.post(CHAT, {"model": "sonnet",
+                                             "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and body["choices"][0]["message"]["content"] == "fake answer"
