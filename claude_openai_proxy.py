@@ -205,6 +205,11 @@ class TooLarge(ProxyError):
     status, kind = 413, "request_too_large"
 
 
+class Forbidden(ProxyError):
+    """The key is known but may not do this (its role, or its models and logins lists)."""
+    status, kind = 403, "permission_error"
+
+
 class RateLimited(ProxyError):
     status, kind = 429, "rate_limit_error"
 
@@ -291,6 +296,12 @@ class Config:
     store: str = "on"
     store_days: float = 30.0
     store_max_mb: int = 1024
+    #: the named keys (JSON: names, roles, budgets, model and login lists; section 12, keys)
+    keys_file: str = ""
+    #: days of per-request usage history kept in the state store
+    history_days: int = 90
+    #: the operator's price table (JSON), replacing PRICES entries by model
+    prices_file: str = ""
     #: snapshot of os.environ taken at start-up; nothing reads os.environ later
     environ: dict = field(default_factory=dict, repr=False)
 
@@ -332,6 +343,14 @@ OPTIONS = (
     # keys have no flag: argv is readable by every user of the machine (ps)
     (None, "CLAUDE_PROXY_API_KEYS", "api_keys", str,
      "comma-separated keys clients must send (Authorization: Bearer or x-api-key)"),
+    ("--keys-file", "CLAUDE_PROXY_KEYS_FILE", "keys_file", str,
+     "named keys with roles, budgets and allowed models/logins (JSON, chmod 600); reloaded on "
+     "SIGHUP and when it changes"),
+    ("--history-days", "CLAUDE_PROXY_HISTORY_DAYS", "history_days", int,
+     "days of per-request usage figures kept in the state store (0 = keep no history)"),
+    ("--prices", "CLAUDE_PROXY_PRICES", "prices_file", str,
+     "a JSON price table (USD per million tokens by model) replacing the built-in one for the "
+     "API-equivalent value estimate"),
     ("--max-body", "CLAUDE_PROXY_MAX_BODY", "max_body", int, "largest request body in bytes (413)"),
     ("--cors-origins", "CLAUDE_PROXY_CORS_ORIGINS", "cors_origins", str,
      "comma-separated browser origins allowed by CORS, or *"),
@@ -465,8 +484,16 @@ def load_config(argv=None, environ=None):
                          "more than 0 (CLAUDE_PROXY_STORE=off keeps nothing)")
     if not cfg.state_dir:
         cfg = dataclasses.replace(cfg, state_dir=default_state_dir(environ))
-    if not cfg.api_keys and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
-        raise SystemExit("error: refusing to listen on %s without CLAUDE_PROXY_API_KEYS: anyone who "
+    if cfg.history_days < 0:
+        raise SystemExit("error: CLAUDE_PROXY_HISTORY_DAYS must be 0 or more")
+    try:
+        KeyRing(cfg)
+    except ValueError as exc:
+        raise SystemExit("error: CLAUDE_PROXY_KEYS_FILE: %s" % exc)
+    if not cfg.api_keys and not cfg.keys_file and not cfg.allow_unauthenticated and \
+            not is_loopback(cfg.host):
+        raise SystemExit("error: refusing to listen on %s without keys (CLAUDE_PROXY_KEYS_FILE or "
+                         "CLAUDE_PROXY_API_KEYS): anyone who "
                          "reaches it would spend your subscription. Set keys, or pass "
                          "--allow-unauthenticated if something in front checks them." % cfg.host)
     return cfg, args
@@ -2130,29 +2157,37 @@ class CLIProcess:
 
 class Gate:
     """Caps running CLI processes with a BoundedSemaphore; waiters are served in arrival order
-    and give up after `timeout` seconds with a 429."""
+    and give up after `timeout` seconds with a 429.  A waiter whose owner (a key's name)
+    already holds its `share` of the slots lets the waiters behind it pass: one key cannot
+    hold every slot while others wait."""
 
     def __init__(self, capacity, timeout):
         self.capacity, self.timeout = capacity, timeout
         self._sem = threading.BoundedSemaphore(capacity)
         self._cond = threading.Condition()
-        self._queue = collections.deque()
+        self._queue = collections.deque()         # (ticket, owner, share)
         self.running = 0
+        self.held = collections.Counter()         # owner -> slots held
 
     @property
     def queued(self):
         return len(self._queue)
 
-    def acquire(self, call=None):
-        ticket = object()
+    def _next(self):
+        """The first waiter whose owner is under its share, or None."""
+        return next((w for w in self._queue if w[1] is None or self.held[w[1]] < w[2]), None)
+
+    def acquire(self, call=None, owner=None, share=None):
+        me = (object(), owner, share or self.capacity)
         deadline = time.monotonic() + self.timeout
         with self._cond:
-            self._queue.append(ticket)
+            self._queue.append(me)
             try:
                 while True:
-                    if self._queue[0] is ticket and self._sem.acquire(blocking=False):
-                        self._queue.popleft()
+                    if self._next() is me and self._sem.acquire(blocking=False):
+                        self._queue.remove(me)
                         self.running += 1
+                        self.held[owner] += 1
                         self._cond.notify_all()
                         return
                     left = deadline - time.monotonic()
@@ -2165,14 +2200,17 @@ class Gate:
                     if call is not None:
                         call.check()
             except BaseException:
-                if ticket in self._queue:
-                    self._queue.remove(ticket)
+                if me in self._queue:
+                    self._queue.remove(me)
                     self._cond.notify_all()
                 raise
 
-    def release(self):
+    def release(self, owner=None):
         with self._cond:
             self.running -= 1
+            self.held[owner] -= 1
+            if self.held[owner] <= 0:
+                del self.held[owner]
             self._sem.release()
             self._cond.notify_all()
 
@@ -3584,8 +3622,14 @@ class Logins:
         return hashlib.sha256(json.dumps([req.system, first.blocks if first else None],
                                          sort_keys=True).encode()).hexdigest()
 
-    def choose(self, req, pinned=None, tried=()):
-        """The login for `req`; raises the 429 of a limited login when none can serve it."""
+    def choose(self, req, pinned=None, tried=(), allowed=()):
+        """The login for `req` among `allowed` (a key's list; () = all); raises the 429 of a
+        limited login when none can serve it."""
+        if allowed and (pinned or not set(allowed) & set(self.by_name)):
+            if pinned not in allowed:
+                raise Forbidden("This key may use the login(s) %s only%s." % (
+                    ", ".join(allowed), "" if pinned else "; this proxy has %s"
+                    % ", ".join(self.by_name)), param="X-Claude-Account")
         if pinned:
             account = self.by_name.get(pinned)
             if account is None:
@@ -3598,7 +3642,7 @@ class Logins:
         now, limits = time.time(), []
         usable = []
         for a in self.accounts:
-            if a.name in tried:
+            if a.name in tried or (allowed and a.name not in allowed):
                 continue
             err = a.limited(now)
             if err is not None:
@@ -3607,7 +3651,7 @@ class Logins:
                 usable.append(a)
         if not usable:         # only logins that failed to authenticate: one of them may be back
             usable = [a for a in self.accounts if a.name not in tried and not a.healthy
-                      and a.limited(now) is None]
+                      and (not allowed or a.name in allowed) and a.limited(now) is None]
             usable.sort(key=lambda a: a.failed_at)
             usable = usable[:1]
         if not usable:
@@ -4988,20 +5032,334 @@ class StateStore:
 
 # 13. Auth, metrics, routes, handler, server ####################################################
 
+# -- keys: principals, roles and budgets ---------------------------------------------------------
+# A request's key names a Principal: who it is (the name history and budgets are kept under),
+# its role (admin reads the operator's pages and everyone's usage; client uses the models), its
+# budgets and the models and logins it may use.  Keys come from CLAUDE_PROXY_KEYS_FILE (named)
+# and CLAUDE_PROXY_API_KEYS (unnamed: "key-1", ...); with neither, the loopback operator is the
+# admin and everyone else an anonymous client.
+
+ROLES = ("admin", "client")
+#: budget name -> (seconds of its rolling window, what it counts); "concurrent" has no window
+BUDGETS = {"tokens_5h": (5 * 3600, "tokens"), "tokens_day": (86400, "tokens"),
+           "tokens_week": (7 * 86400, "tokens"), "requests_per_minute": (60, "requests"),
+           "concurrent": (0, "requests")}
+KEY_FIELDS = ("name", "key", "sha256", "role", "budgets", "models", "logins")
+KEYS_CHECK_SECONDS = 1.0     # how often a request looks whether the keys file changed
+
+
 def key_digest(key):
     return hashlib.sha256(key.encode()).digest()
 
 
-def authorized(keys, headers):
-    """Constant time: every key is compared (as equal-length digests), no early exit."""
-    if not keys:
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str = "client"
+    digest: bytes = field(default=b"", repr=False)
+    budgets: tuple = ()          #: ((budget name, limit), ...)
+    models: tuple = ()           #: allowed models (names or families); () = every model
+    logins: tuple = ()           #: allowed logins; () = every login
+
+    @property
+    def admin(self):
+        return self.role == "admin"
+
+    def allows_model(self, req):
+        """A model is allowed when the list names what the client asked, the CLI model it
+        resolves to, or its family (opus, sonnet, haiku)."""
+        if not self.models:
+            return True
+        names = {req.model.lower(), req.cli_model.lower()}
+        names |= {f for f in MODEL_FAMILIES if re.search(r"(^|-)%s(-|$)" % f, req.cli_model)}
+        return bool(names & {m.lower() for m in self.models})
+
+
+#: no keys at all: the operator on loopback, and anyone else (an --allow-unauthenticated bind)
+OPERATOR = Principal("operator", "admin")
+ANONYMOUS = Principal("anonymous", "client")
+
+
+def parse_keys(text, where, env_keys=()):
+    """The keys file's JSON (a list of keys, or {"keys": [...]}) plus CLAUDE_PROXY_API_KEYS ->
+    (Principal, ...); ValueError naming the entry and field that is wrong, never a key."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError("%s is not valid JSON: %s" % (where, exc))
+    if isinstance(data, dict) and set(data) <= {"keys", "comment"}:
+        data = data.get("keys")
+    if not isinstance(data, list):
+        raise ValueError('%s must be a JSON list of keys or {"keys": [...]}' % where)
+    out, names, digests = [], set(), set()
+    for i, entry in enumerate(data, 1):
+        def bad(msg):
+            return ValueError("%s key %d%s: %s" % (where, i, " (%s)" % entry.get("name")
+                                                    if isinstance(entry, dict) and
+                                                    isinstance(entry.get("name"), str) else "", msg))
+        if not isinstance(entry, dict):
+            raise bad("must be an object with name, key or sha256, role")
+        unknown = sorted(set(entry) - set(KEY_FIELDS) - {"comment"})
+        if unknown:
+            raise bad("unknown field(s) %s; fields: %s" % (", ".join(unknown), ", ".join(KEY_FIELDS)))
+        name = entry.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise bad("name must be 1-64 letters, digits, _ . -")
+        if name in names or name in (OPERATOR.name, ANONYMOUS.name):
+            raise bad("the name %r is taken" % name)
+        key, hexdigest = entry.get("key"), entry.get("sha256")
+        if (key is None) == (hexdigest is None):
+            raise bad("give exactly one of key (the key itself) or sha256 (its SHA-256, hex)")
+        if key is not None:
+            if not isinstance(key, str) or len(key) < 16 or any(c.isspace() for c in key):
+                raise bad("key must be a string of 16 or more characters without spaces")
+            digest = key_digest(key)
+        else:
+            if not isinstance(hexdigest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigest):
+                raise bad("sha256 must be 64 hex digits (sha256sum of the key, no newline)")
+            digest = bytes.fromhex(hexdigest)
+        if digest in digests:
+            raise bad("the same key is listed twice")
+        role = entry.get("role", "client")
+        if role not in ROLES:
+            raise bad("role must be admin or client")
+        budgets = entry.get("budgets") or {}
+        if not isinstance(budgets, dict):
+            raise bad("budgets must be an object such as {\"tokens_day\": 2000000}")
+        for b, n in budgets.items():
+            if b not in BUDGETS:
+                raise bad("unknown budget %r; budgets: %s" % (b, ", ".join(BUDGETS)))
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise bad("budget %s must be a whole number of at least 1" % b)
+        lists = {}
+        for list_name in ("models", "logins"):
+            items = entry.get(list_name) or []
+            if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+                raise bad("%s must be a list of names" % list_name)
+            lists[list_name] = tuple(items)
+        for m in lists["models"]:
+            try:
+                resolve_model(m, None)
+            except ProxyError:
+                raise bad("models: %r is not a model name this proxy accepts" % m)
+        names.add(name)
+        digests.add(digest)
+        out.append(Principal(name, role, digest, tuple(sorted(budgets.items())),
+                             lists["models"], lists["logins"]))
+    for i, k in enumerate(env_keys, 1):
+        d = key_digest(k)
+        if d not in digests:
+            digests.add(d)
+            # the file says who is admin; with no file, these keys are all there is
+            out.append(Principal("key-%d" % i, "client" if where != "-" else "admin", d))
+    return tuple(out)
+
+
+class KeyRing:
+    """The principals, reloaded when the keys file changes (looked at once a second by the
+    next request) or on SIGHUP.  A request keeps the Principal it started with, so a reload
+    drops nothing in flight; budgets are kept by name and survive it."""
+
+    def __init__(self, cfg):
+        self.path, self.env_keys = cfg.keys_file, cfg.api_keys
+        self.lock = threading.Lock()
+        self.principals, self._seen, self._looked = (), None, 0.0
+        self.error = None            #: why the last reload was refused (the old keys stay)
+        self.reload(strict=True)
+
+    def _read(self):
+        """(principals, stat) from the file as it is now; ValueError if it is not usable."""
+        if not self.path:
+            return parse_keys("[]", "-", self.env_keys), None
+        st = os.stat(self.path)
+        if st.st_mode & 0o077:
+            raise ValueError("%s is readable by others (mode %o): chmod 600 %s"
+                             % (self.path, st.st_mode & 0o777, self.path))
+        with open(self.path, encoding="utf-8") as f:
+            return parse_keys(f.read(), self.path, self.env_keys), st
+
+    def reload(self, strict=False):
+        """Read the file again; a broken file keeps the keys in force (logged) unless `strict`
+        (start-up, --check), where it is an error."""
+        try:
+            principals, st = self._read()
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            why = str(exc) if isinstance(exc, ValueError) else "%s cannot be read: %s" % (
+                self.path, getattr(exc, "strerror", None) or type(exc).__name__)
+            if strict:
+                raise ValueError(why)
+            with self.lock:
+                if why != self.error:
+                    log_line("keys file not reloaded, the keys in force stay: " + why)
+                self.error = why
+                self._seen = self._stamp()
+            return False
+        with self.lock:
+            changed = self.principals and principals != self.principals
+            self.principals, self.error = principals, None
+            self._seen = self._stamp(st)
+        if changed:
+            log_line("keys reloaded: %d key(s) (%s)" % (
+                len(principals), ", ".join("%s:%s" % (p.name, p.role) for p in principals)))
         return True
-    auth = headers.get("Authorization") or ""
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else (headers.get("x-api-key") or "")
-    digest, ok = key_digest(given), False
-    for k in keys:
-        ok |= hmac.compare_digest(digest, k)
-    return ok and bool(given)
+
+    def _stamp(self, st=None):
+        if st is None:
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def maybe_reload(self):
+        if not self.path:
+            return
+        now = time.monotonic()
+        if now - self._looked < KEYS_CHECK_SECONDS:
+            return
+        self._looked = now
+        if self._stamp() != self._seen:
+            self.reload()
+
+    @property
+    def empty(self):
+        return not self.principals
+
+    def authenticate(self, headers, peer):
+        """The Principal the request's key names, None for a wrong or missing key.  Constant
+        time: every key is compared (as equal-length digests), no early exit."""
+        self.maybe_reload()
+        principals = self.principals
+        if not principals:
+            return OPERATOR if is_loopback(peer) else ANONYMOUS
+        auth = headers.get("Authorization") or ""
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else (headers.get("x-api-key") or "")
+        digest, found = key_digest(given), None
+        for p in principals:
+            if hmac.compare_digest(digest, p.digest):
+                found = p
+        return found if given else None
+
+    def get(self, name):
+        return next((p for p in self.principals if p.name == name), None)
+
+
+class Spend:
+    """One principal's recent use: token figures and request starts inside each rolling
+    window (a deque and running sum per window), and requests running now."""
+
+    def __init__(self):
+        self.windows = {b: [collections.deque(), 0] for b, (w, _) in BUDGETS.items() if w}
+        self.running = 0
+
+    def add(self, t, tokens=0, request=False):
+        for b, pair in self.windows.items():
+            if BUDGETS[b][1] == ("requests" if request else "tokens"):
+                n = 1 if request else tokens
+                if n:
+                    pair[0].append((t, n))
+                    pair[1] += n
+
+    def used(self, budget, now):
+        pair = self.windows[budget]
+        events, horizon = pair[0], now - BUDGETS[budget][0]
+        while events and events[0][0] <= horizon:
+            pair[1] -= events.popleft()[1]
+        return pair[1]
+
+    def frees_in(self, budget, limit, now):
+        """Seconds until the window holds less than `limit` again (events fall out of it)."""
+        pair = self.windows[budget]
+        total = pair[1]
+        for t, n in pair[0]:
+            total -= n
+            if total < limit:
+                return max(1, int(t + BUDGETS[budget][0] - now) + 1)
+        return 1
+
+    def resets_at(self, budget, now):
+        """When the oldest figure in the window falls out of it (None: the window is empty)."""
+        events = self.windows[budget][0]
+        return round(events[0][0] + BUDGETS[budget][0], 1) if events else None
+
+
+class Budgets:
+    """Every principal's Spend, by name, and the admission check run before a request takes a
+    CLI slot: over a budget -> 429 naming it, with Retry-After when the window frees up."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.spend = collections.defaultdict(Spend)
+
+    def admit(self, p, now=None):
+        """Count one request of `p` as started (the caller calls done() after it), or raise."""
+        now = time.time() if now is None else now
+        with self.lock:
+            s = self.spend[p.name]
+            for budget, limit in p.budgets:
+                if budget == "concurrent":
+                    if s.running >= limit:
+                        raise RateLimited(
+                            "Key %r is over its budget concurrent=%d: %d of its requests are "
+                            "running. Retry when one has finished." % (p.name, limit, s.running),
+                            headers={"Retry-After": "1"}, code="rate_limit_exceeded")
+                    continue
+                used = s.used(budget, now)
+                if used >= limit:
+                    wait = s.frees_in(budget, limit, now)
+                    raise RateLimited(
+                        "Key %r is over its budget %s=%d (%d %s used in the last %s); it frees "
+                        "up in %ds." % (p.name, budget, limit, used, BUDGETS[budget][1],
+                                        span_text(BUDGETS[budget][0]), wait),
+                        headers={"Retry-After": str(wait)}, code="rate_limit_exceeded")
+            s.add(now, request=True)
+            s.running += 1
+
+    def done(self, p, tokens, now=None):
+        """A request of `p` that admit() let in has ended, having used `tokens`."""
+        with self.lock:
+            s = self.spend[p.name]
+            s.running = max(0, s.running - 1)
+            s.add(time.time() if now is None else now, tokens)
+
+    def seed(self, rows):
+        """Figures of earlier runs (the usage history): (time, name, tokens) rows."""
+        with self.lock:
+            for t, name, tokens in sorted(rows):       # the windows are kept in time order
+                self.spend[name].add(t, tokens)
+
+    def report(self, p, now=None):
+        """`p`'s budgets: limit, used, fill (0-1) and when the window's oldest use falls out."""
+        now = time.time() if now is None else now
+        out = {}
+        with self.lock:
+            s = self.spend[p.name]
+            for budget in BUDGETS:
+                limit = dict(p.budgets).get(budget)
+                used = s.running if budget == "concurrent" else s.used(budget, now)
+                out[budget] = {"limit": limit, "used": used,
+                               "fill": round(used / limit, 4) if limit else None,
+                               "window_s": BUDGETS[budget][0] or None,
+                               "frees_at": None if budget == "concurrent" else
+                               s.resets_at(budget, now)}
+        return out
+
+
+def budget_tokens(usage):
+    """What a token budget counts of a request: input, cache writes and output.  Cache reads
+    are left out: a long conversation re-reads its whole context every turn at a tenth of the
+    price, and counting it would make a budget a limit on context length."""
+    if not usage:
+        return 0
+    return usage.input_tokens + usage.cache_write + usage.output_tokens
+
+
+def span_text(seconds):
+    for unit, n in (("week", 7 * 86400), ("day", 86400), ("hours", 3600), ("minute", 60)):
+        if seconds % n == 0:
+            k = seconds // n
+            return "%d %s" % (k, unit) if k != 1 else unit
+    return "%ds" % seconds
 
 
 class Metrics:
@@ -5169,7 +5527,8 @@ class App:
         self.requests = RequestLog()
         self._cli_version = (None, 0.0)      # (text, monotonic time it was read)
         self._cli_version_lock = threading.Lock()   # one `claude --version` at a time
-        self.keys = tuple(key_digest(k) for k in cfg.api_keys)
+        self.keys = KeyRing(cfg)
+        self.budgets = Budgets()
         self.store = StateStore(cfg)
         self.started_at = time.time()
         self.in_flight = 0
@@ -5198,6 +5557,20 @@ class App:
         per model since start-up; and the extra-usage guard.  No secrets: names and paths only
         appear as the operator configured them, tokens never."""
         return self.backend.logins.report()
+
+    def key_report(self, p):
+        """One key as /v1/usage and the dashboard show it: role, lists, budgets (no key)."""
+        return {"name": p.name, "role": p.role, "models": list(p.models),
+                "logins": list(p.logins), "budgets": self.budgets.report(p)}
+
+    def usage_for(self, p):
+        """GET /v1/usage for principal `p`: an admin sees every login and every key; a client
+        key its own budgets and use only."""
+        if not p.admin:
+            return {"key": self.key_report(p)}
+        keys = self.keys.principals or (OPERATOR, ANONYMOUS)
+        return dict(self.usage_report(), keys=[self.key_report(k) for k in keys],
+                    keys_file={"path": self.cfg.keys_file or None, "error": self.keys.error})
 
     def logins_summary(self):
         """/health's view of usage_report: per login, healthy or not and its binding window;
@@ -5285,13 +5658,16 @@ class App:
             pass
 
 
-def model_events(app, req, call, pinned=None):
+def model_events(app, req, call, pinned=None, principal=ANONYMOUS):
     """The whole pipeline for one request: a login, a slot, then one CLI turn (or the tool
     engine).  A request its login refuses for limits or authentication before anything went to
-    the client is asked once more on the next login that can take it (not when pinned)."""
-    logins, tried = app.backend.logins, []
-    account = logins.choose(req, pinned)         # the guard's refusal needs no slot
-    app.backend.gate.acquire(call)
+    the client is asked once more on the next login that can take it (not when pinned).
+    `principal` (the key) limits the logins, and its share of the slots while others wait."""
+    logins, tried, allowed = app.backend.logins, [], principal.logins
+    account = logins.choose(req, pinned, allowed=allowed)   # the guard's refusal needs no slot
+    gate = app.backend.gate
+    share = gate.capacity - 1 if gate.capacity > 1 and len(app.keys.principals) > 1 else None
+    gate.acquire(call, principal.name, share)
     try:
         while True:
             req.account = account.name
@@ -5309,13 +5685,13 @@ def model_events(app, req, call, pinned=None):
                 if sent or pinned or len(tried) > 1:      # one other login, no more
                     raise
                 try:
-                    account = logins.choose(req, None, tried)
+                    account = logins.choose(req, None, tried, allowed)
                 except ProxyError:
                     raise exc from None           # the first refusal is the answer
                 log_line("login %s refused a request (%s %s); asking login %s"
                          % (tried[-1], exc.status, exc.code or exc.kind, account.name))
     finally:
-        app.backend.gate.release()
+        gate.release(principal.name)
 
 
 def login_events(app, req, call):
@@ -5397,6 +5773,7 @@ class Call:
         self.dialect = DIALECTS["anthropic" if anthropic else "openai"]    #: errors are in it
         self.route = None            #: the matched Route (None: no route, or not looked up yet)
         self.status, self.model, self.usage, self.req, self.ttft = 0, "-", None, None, None
+        self.principal = None        #: the key's Principal (None on routes anyone may call)
         self.streaming = False       #: a stream has started: an error can only end it
         self.started = time.monotonic()
         self.timeout = self.app.cfg.timeout
@@ -5487,7 +5864,12 @@ def generate(call, dialect):
     # what the client's web search asks for, as far as the operator allows it
     req.web_tools = tuple(t for t in req.web_tools if t in WEB_TOOL_MODES[app.cfg.web_tools])
     call.model, call.req = req.model, req
-    source = model_events(app, req, call, headers.get("X-Claude-Account"))
+    me = call.principal
+    if not me.allows_model(req):
+        raise Forbidden("Key %r may use the model(s) %s only, not %r."
+                        % (me.name, ", ".join(me.models), req.model), param="model")
+    app.budgets.admit(me)            # before a slot: an over-budget key waits for none
+    source = model_events(app, req, call, headers.get("X-Claude-Account"), me)
     events = observe(call, source)
     try:
         if not req.stream:
@@ -5503,6 +5885,7 @@ def generate(call, dialect):
     finally:
         events.close()
         source.close()
+        app.budgets.done(me, budget_tokens(call.usage))
 
 
 def observe(call, events):
@@ -5540,7 +5923,7 @@ def get_model(call):
 
 
 def plan_usage(call):
-    call.send_json(200, call.app.usage_report())
+    call.send_json(200, call.app.usage_for(call.principal))
 
 
 def health(call):
@@ -5571,8 +5954,9 @@ def dashboard_data(call):
 class Route:
     """One line of the route table.  `path` may hold parameters (`{id}`: one path segment,
     given to the function as call.params["id"]); a /v1/... path also answers without /v1,
-    and every path with it.  `access`: "anyone" needs no key; "client" needs one of
-    CLAUDE_PROXY_API_KEYS when keys are set."""
+    and every path with it.  `access`: "anyone" needs no key; "client" needs a key of any
+    role (with no keys at all: anyone); "admin" an admin key (with no keys: the loopback
+    operator)."""
     method: str
     path: str
     func: object
@@ -5606,11 +5990,24 @@ ROUTES = (
     Route("GET", "/v1/models/{id}", get_model),
     Route("GET", "/v1/usage", plan_usage),
     Route("GET", "/health", health, access="anyone"),
-    Route("GET", "/metrics", metrics),
+    Route("GET", "/metrics", metrics, access="admin"),
     Route("GET", "/", dashboard, access="anyone"),          # the shell holds no data
     Route("GET", "/dashboard", dashboard, access="anyone"),
-    Route("GET", "/dashboard/data", dashboard_data),
+    Route("GET", "/dashboard/data", dashboard_data, access="admin"),
 )
+
+
+def authenticate(call):
+    """The Principal of the request's key, or the 401 / 403 its route's access asks for."""
+    me = call.app.keys.authenticate(call.headers, call.handler.client_address[0])
+    if me is None:
+        raise Unauthorized("Invalid or missing API key: send one of this proxy's keys "
+                           "(CLAUDE_PROXY_KEYS_FILE, CLAUDE_PROXY_API_KEYS) as "
+                           "'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
+    if call.route.access == "admin" and not me.admin:
+        raise Forbidden("%s is for admin keys only; key %r is a %s key."
+                        % (call.route.path, me.name, me.role))
+    return me
 
 
 def find_route(method, path):
@@ -5798,9 +6195,8 @@ class Handler(BaseHTTPRequestHandler):
             call.route, call.params, methods = find_route(self.command, call.path)
             if call.route is None:
                 raise no_route(call, methods)
-            if call.route.access != "anyone" and not authorized(app.keys, self.headers):
-                raise Unauthorized("Invalid or missing API key: send one of CLAUDE_PROXY_API_KEYS "
-                                   "as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
+            if call.route.access != "anyone":
+                call.principal = authenticate(call)
             call.route.func(call)
         except ProxyError as err:
             call.send_error(err)
@@ -6476,6 +6872,9 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # SIGHUP: read the keys file again now (a change is also seen within a second by itself)
+    signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
+        target=server.app.keys.reload, daemon=True).start())
     host, port = server.server_address[:2]
     sys.stderr.write("claude-proxy %s listening on http://%s:%s (CLI: %s, model %s, %d slots; "
                      "idle CLIs: pool %d, sessions %d, budget %d, %s)\n"

@@ -251,22 +251,27 @@ class _Counting:
 
 @pytest.mark.parametrize("given", [KEY1, KEY2, "k3-third", "nope", ""])
 @pytest.mark.parametrize("header", ["Authorization", "x-api-key"])
-def test_authorized_compares_every_key(monkeypatch, given, header):
+def test_authenticate_compares_every_key(monkeypatch, given, header):
     """No early exit: every configured key is compared (as equal-length digests) whichever
     key matches, or none, so timing reveals neither which key matched nor its length."""
-    keys = tuple(cop.key_digest(k) for k in (KEY1, KEY2, "k3-third"))
+    ring = cop.KeyRing(cop.Config(api_keys=(KEY1, KEY2, "k3-third")))
     counter = _Counting()
     monkeypatch.setattr(cop, "hmac", counter)
     headers = email.message.Message()
     headers[header] = ("Bearer " + given) if header == "Authorization" else given
-    ok = cop.authorized(keys, headers)
-    assert ok == (given in (KEY1, KEY2, "k3-third"))
-    assert len(counter.calls) == len(keys), "every key must be compared"
+    found = ring.authenticate(headers, "127.0.0.1")
+    expected = {KEY1: "key-1", KEY2: "key-2", "k3-third": "key-3"}.get(given)
+    assert (found.name if found else None) == expected
+    assert len(counter.calls) == 3, "every key must be compared"
     assert {len(a) for a, b in counter.calls} | {len(b) for a, b in counter.calls} == {32}
 
 
-def test_authorized_without_keys_allows_everything():
-    assert cop.authorized((), email.message.Message())
+def test_without_keys_the_loopback_operator_is_admin_and_others_are_clients():
+    ring = cop.KeyRing(cop.Config())
+    assert ring.authenticate(email.message.Message(), "127.0.0.1") is cop.OPERATOR
+    assert ring.authenticate(email.message.Message(), "::1").role == "admin"
+    assert ring.authenticate(email.message.Message(), "192.0.2.7") is cop.ANONYMOUS
+    assert cop.ANONYMOUS.role == "client"
 
 
 # Binding ########################################################################################
