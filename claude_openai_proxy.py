@@ -84,7 +84,8 @@ Data flow
     The CLI process comes from one store of idle processes (Idle) when one fits: the very
     process that answered the conversation so far (then only the new user message is sent),
     else one that answered an earlier request with the same settings and was reset, else a
-    pre-started one; a process whose turn ended cleanly goes back to the store.
+    pre-started one; a process whose turn ended cleanly goes back to the store.  A process
+    that ends before any of its answer reached the client is replaced once (Backend.run).
 
 Contents
 --------
@@ -222,7 +223,12 @@ class UpstreamError(ProxyError):
     status, kind = 502, "api_error"
 
 
-class StillBorn(UpstreamError):
+class CLIEnded(UpstreamError):
+    """The CLI's output ended before the line that was awaited: it crashed or was killed.  No
+    error the upstream gave, so another process may answer instead (Backend.run)."""
+
+
+class StillBorn(CLIEnded):
     """The CLI ended before printing a single line."""
 
 
@@ -816,6 +822,7 @@ class Request:
     json_schema: dict = None     # structured output: the answer must be JSON matching it
     account: str = ""            # the login that serves it (section 7, logins)
     served_by: str = ""          # the kind of CLI process that answered (section 7)
+    retried: bool = False        # asked again on another process after its CLI ended (Backend.run)
 
 
 @dataclass
@@ -2569,6 +2576,35 @@ class Keep:
             self.idle.give_back(proc)
 
 
+@dataclass(frozen=True)
+class Fit:
+    """What a process must fit to serve one request: its launch key, its initialize (native
+    tools' carries the MCP handshake's answers, ToolBridge.manifest, so an agent that sends the
+    same tools again gets a process initialized ahead too), the settings a reused process must
+    have been given (None: no reuse; not with native tools' MCP bridge nor structured output's
+    StructuredOutput tool) and the conversation a kept one must hold."""
+    launch: Launch
+    init: dict
+    settings: str = None
+    conversation: str = None
+
+    @classmethod
+    def of(cls, req, keep=None):
+        init = init_request(req, ToolBridge(req) if native_tools(req) else None)
+        settings = None if native_tools(req) or cli_schema(req) is not None else \
+            json.dumps([init, req.cli_model, req.effort], sort_keys=True)
+        return cls(launch_of(req), init, settings, keep.prior if keep is not None else None)
+
+
+class Hand:
+    """One attempt's process (Backend.run): `source`, how it came (a kind of Idle, or
+    "spawned"); for a kept native turn, the ToolBridge `held` open and the client's `results`
+    for its calls.  `proc` is None once the process was handed on to a Keep."""
+
+    def __init__(self, proc, source, held=None, results=None):
+        self.proc, self.source, self.held, self.results = proc, source, held, results
+
+
 class Backend:
     """Starts CLI processes (or takes idle ones), translates their output into events, and
     gives them back to the idle store (or ends them)."""
@@ -2581,6 +2617,7 @@ class Backend:
         self.live = set()
         self.lock = threading.Lock()
         self.started = 0
+        self.retried = 0             # requests asked again after their CLI ended (run)
         self.logins = Logins(cfg)
         self.idle = Idle(self, cfg)
 
@@ -2644,80 +2681,105 @@ class Backend:
     def run(self, req, messages, call, keep=None):
         """One CLI turn for `messages`: yields events, ends with Done or raises ProxyError.
 
-        The process comes from the idle store when one fits (req.served_by says which kind):
-        one that holds the conversation so far gets only the new message; a reused one only
-        the user lines (it has the request's settings already).  An idle process can die
-        between hand-out and its first line (a multi-threaded process killed a moment ago
-        still looks alive to waitpid); nothing has reached the client or the upstream then, so
-        the request goes once to another process.  A turn that ends whole leaves its process
-        `clean`; with `keep` it is handed to the Keep, else given back to the store.
+        The process comes from the idle store when one fits (req.served_by says which kind),
+        else it is started.  A process that ends (crashes, is killed) before the client can
+        have seen any of its answer is replaced once per request (req.retried), and the client
+        gets a normal answer: a non-streamed request at any point before Done (a Reset tells
+        the collector to forget what it had), a stream before its first content event (the
+        response's first bytes wait for the first event; a second Start is not passed on).
+        Errors the upstream gave (429, 529, 4xx) are the client's to see, as they are.
+        A turn that ends whole leaves its process `clean`; with `keep` it is handed to the
+        Keep, else given back to the store.
         """
-        launch = launch_of(req)
-        # native tools' initialize carries the MCP handshake's answers (ToolBridge.manifest),
-        # so an agent that sends the same tools again gets a process initialized ahead too
-        init = init_request(req, ToolBridge(req) if native_tools(req) else None)
-        # what a reused process must have been given: no native tools (their MCP bridge) and
-        # no structured output (its StructuredOutput tool); one initialize, model and effort
-        settings = None if native_tools(req) or cli_schema(req) is not None else \
-            json.dumps([init, req.cli_model, req.effort], sort_keys=True)
-        proc, kind = self.idle.take(launch, settings, init,
-                                    keep.prior if keep is not None else None)
-        # a kept native turn waits in a tools/call held open: only the results of exactly its
-        # calls continue it; anything else is a new conversation on another process
-        held = proc.bridge if kind == "kept" else None
-        results = held.answers(messages[-1]) if held is not None else None
-        if held is not None and results is None:
-            self.idle.note_stillborn(kind)             # taken, but of no use: not a hit
-            self.discard(proc)
-            (proc, kind), held = self.idle.take(launch, settings, init, note=False), None
+        fit = Fit.of(req, keep)
+        hand = self._hand_out(fit, messages[-1])
+        shown = started = False      # content went to the consumer; a Start did
         while True:
-            if proc is None:
-                proc, kind = self.spawn(launch), "spawned"
-            req.served_by = kind
-            bridge = ToolBridge(req, hold=keep is not None) if native_tools(req) else None
+            req.served_by = hand.source
             try:
-                last = user_line(render_turn(messages[-1:], req.handler, bridge))
+                for ev in self._turn(req, messages, call, keep, fit, hand):
+                    if isinstance(ev, Start):
+                        if started:
+                            continue            # the retry's own: the consumer has one
+                        started = True
+                    elif not isinstance(ev, Heartbeat):
+                        shown = True
+                    yield ev
+                return
+            except CLIEnded as exc:
+                failure = exc
+            finally:
+                if hand.proc is not None:
+                    self.idle.give_back(hand.proc)
+            if req.retried or self.idle.closed or (req.stream and shown):
+                raise failure
+            req.retried = True
+            with self.lock:
+                self.retried += 1
+            if isinstance(failure, StillBorn) and hand.source != "spawned":
+                self.idle.note_stillborn(hand.source)      # handed out dead: not a hit
+            log_line("a CLI process (%s) ended before its answer reached the client; asking "
+                     "another: %s" % (hand.source, failure.message[:200]))
+            if shown:
+                yield Reset()
+                shown = False
+            hand = self._hand_out(fit)
+
+    def _hand_out(self, fit, message=None):
+        """The process for one attempt: the best idle one that fits, else a new one.  With
+        `message` (a first attempt) a kept native turn held open is continued when `message`
+        brings exactly the results of its calls (ToolBridge.answers); else the conversation
+        goes to another process as history."""
+        proc, source = self.idle.take(fit.launch, fit.settings, fit.init,
+                                      fit.conversation if message is not None else None,
+                                      note=message is not None)
+        held = proc.bridge if source == "kept" else None
+        results = held.answers(message) if held is not None else None
+        if held is not None and results is None:
+            self.idle.note_stillborn(source)             # taken, but of no use: not a hit
+            self.discard(proc)
+            (proc, source), held = self.idle.take(fit.launch, fit.settings, fit.init,
+                                                  note=False), None
+        if proc is None:
+            proc, source = self.spawn(fit.launch), "spawned"
+        return Hand(proc, source, held, results)
+
+    def _turn(self, req, messages, call, keep, fit, hand):
+        """One attempt: the request's lines to the process of `hand`, then its events.  A kept
+        process gets only the new message (or, a held native turn, the client's results); a
+        reused one only the user lines (it has the request's settings already)."""
+        proc = hand.proc
+        bridge = ToolBridge(req, hold=keep is not None) if native_tools(req) else None
+        proc.settings, proc.clean = fit.settings, False
+        if hand.held is not None:
+            bridge.continue_turn(proc, hand.held, hand.results)
+            proc.bridge = None
+        else:
+            last = user_line(render_turn(messages[-1:], req.handler, bridge))
+            if hand.source == "kept":
+                proc.send(last)
+            else:
                 turns = history_turns(messages, req.handler, bridge) \
-                    if self.cfg.history == "structured" and kind != "kept" else None
-                lines = [] if kind == "kept" else control_lines(req, messages, bridge, proc, turns)
-                if kind == "reused":
+                    if self.cfg.history == "structured" else None
+                lines = control_lines(req, messages, bridge, proc, turns)
+                if hand.source == "reused":
                     lines = [line for line in lines if line["type"] == "user"]
-                proc.settings, proc.clean = settings, False
-                if held is not None:
-                    bridge.continue_turn(proc, held, results)
-                    proc.bridge = None
-                elif kind == "kept":
-                    proc.send(last)
-                elif turns is None:
+                if turns is None:
                     proc.send(*lines)
                 else:
                     yield from send_history(proc, call, lines, turns, last)
-                events = translate(proc, call, bridge, structured=cli_schema(req) is not None,
-                                   streaming=req.stream)
-                if req.stop:
-                    events = cut_at_stops(events, req.stop, proc.interrupt)
-                for ev in events:
-                    if isinstance(ev, Done):
-                        proc.served += 1
-                        proc.clean = not proc.stopped
-                        if keep is not None and proc.clean:
-                            proc.bridge = bridge if bridge is not None and bridge.waiting else None
-                            keep.proc, proc = proc, None     # Keep keeps it or gives it back
-                    yield ev
-                return
-            except StillBorn:
-                if kind == "spawned":
-                    raise
-                self.idle.note_stillborn(kind)
-            finally:
-                if proc is not None:
-                    self.idle.give_back(proc)
-            if kind == "kept":        # the same request asks again: not a second repeat
-                proc, kind = self.idle.take(launch, settings, init, note=False)
-            else:
-                self.idle.note_spawn()
-                proc, kind = None, ""
-            held = None
+        events = translate(proc, call, bridge, structured=cli_schema(req) is not None,
+                           streaming=req.stream)
+        if req.stop:
+            events = cut_at_stops(events, req.stop, proc.interrupt)
+        for ev in events:
+            if isinstance(ev, Done):
+                proc.served += 1
+                proc.clean = not proc.stopped
+                if keep is not None and proc.clean:
+                    proc.bridge = bridge if bridge is not None and bridge.waiting else None
+                    keep.proc, hand.proc = proc, None      # Keep keeps it or gives it back
+            yield ev
 
     def close_all(self):
         self.idle.close()
@@ -3278,7 +3340,7 @@ def cli_ended(proc):
     """The error for a CLI whose output ended before the line that was awaited."""
     status = proc.exit_status()
     detail = "; ".join(list(proc.stderr_tail)[-3:] or proc.garbage[-3:]) or "no output"
-    error = StillBorn if not proc.seen else UpstreamError
+    error = StillBorn if not proc.seen else CLIEnded
     return error("The claude CLI ended without an answer (exit status %s): %s" % (status, detail))
 
 
@@ -5406,6 +5468,9 @@ class Metrics:
                    ["claude_proxy_cli_running %d" % gate.running])
             metric("claude_proxy_cli_processes_started_total", "counter", "CLI processes started",
                    ["claude_proxy_cli_processes_started_total %d" % app.backend.started])
+            metric("claude_proxy_retries_total", "counter",
+                   "requests asked again on another CLI process after theirs ended",
+                   ["claude_proxy_retries_total %d" % app.backend.retried])
             idle = app.backend.idle_status()
             full = "claude_proxy_idle_requests_total"
             metric(full, "counter", "CLI turns by the kind of process that served them",
@@ -5608,7 +5673,8 @@ class App:
             "version": __version__, "uptime_s": round(time.time() - self.started_at, 1),
             "claude_bin": cfg.claude_bin, "claude_found": bool(found),
             "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
-            "cli_processes_started": backend.started, "history": cfg.history,
+            "cli_processes_started": backend.started, "retries": backend.retried,
+            "history": cfg.history,
             "idle": idle, "memory": backend.memory_report(), "logins": logins,
             "store": self.store.report(),
             "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)}
@@ -6145,7 +6211,7 @@ def record(call):
         "ms": round((time.monotonic() - call.started) * 1000, 1),
         "in": u.input_tokens if u else 0, "out": u.output_tokens if u else 0,
         "cache_read": u.cache_read if u else 0, "cache_write": u.cache_write if u else 0,
-        "served_by": req.served_by if req else ""}, u)
+        "served_by": req.served_by if req else "", "retried": bool(req and req.retried)}, u)
 
 
 def log_access(call):
@@ -6691,7 +6757,7 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
           el("td", "num", r.ttft_ms === null ? "-" : num(r.ttft_ms)), el("td", "num", num(r.ms)),
           el("td", "num", num(r["in"])), el("td", "num", num(r.out)),
           el("td", "num", num(r.cache_read)), el("td", "num", num(r.cache_write)),
-          el("td", "", r.served_by || "-"));
+          el("td", "", (r.served_by || "-") + (r.retried ? " (retried)" : "")));
     });
     $("count").textContent = shown + " of " + d.requests.length;
   }

@@ -16,13 +16,22 @@ on a directive in the user's text:
     [[stamps:N]]    N text deltas, each "<time.time()>;" when printed, 2 ms apart (benchmarks)
     [[deaf]]        acknowledge that user line with a result line, then never read stdin again
                     (a CLI that stops reading: the proxy's next large write cannot complete)
+    [[die:N]]       the first N runs given this text are SIGKILLed before their first event
+                    (after the init line, as a real CLI killed while it waits for the upstream);
+                    later runs answer "fake answer".  Counted in a file per text under
+                    $HOME/.fake-claude-counters (appends: safe across processes)
+    [[die-late:N]]  the same, but killed after message_start and one text delta
     anything else   answer "fake answer" with a result line
+`claude --version` says 2.1.330 (the version the proxy is tested with); `claude auth status`
+says logged in, unless $FAKE_CLAUDE_LOGGED_OUT is set.
 Each run records its pid in $FAKE_CLAUDE_PIDS (a directory) when that is passed to it, and
 refuses every initialize request when $FAKE_CLAUDE_REFUSE_INIT is set.
 """
+import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 
@@ -42,10 +51,31 @@ def result(text):
          "stop_reason": "end_turn", "usage": {"input_tokens": 3, "output_tokens": 2}})
 
 
+def dies(text, times):
+    """True for the first `times` runs given `text` (a counter file per text)."""
+    folder = os.path.join(os.environ.get("HOME") or "/tmp", ".fake-claude-counters")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, hashlib.sha256(text.encode()).hexdigest()[:16])
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b".")
+    finally:
+        os.close(fd)
+    return os.path.getsize(path) <= times
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main():
     if "--version" in sys.argv:
-        print("0.0.0 (fake claude)")
+        print("2.1.330 (Claude Code; fake)")
         return 0
+    if sys.argv[1:3] == ["auth", "status"]:
+        logged_in = not os.environ.get("FAKE_CLAUDE_LOGGED_OUT")
+        print(json.dumps({"loggedIn": logged_in, "authMethod": "fake" if logged_in else "none"}))
+        return 0 if logged_in else 1
     pids = os.environ.get("FAKE_CLAUDE_PIDS")
     if pids and os.path.isdir(pids):
         open(os.path.join(pids, str(os.getpid())), "w").close()
@@ -73,6 +103,8 @@ def main():
              "num_turns": 0, "usage": {"input_tokens": 0, "output_tokens": 0}})
         time.sleep(3600)
         return 0
+    if mode == "die" and dies(text, arg or 1):
+        die()
     if mode == "silent-exit":
         return 0
     if mode == "hang":
@@ -84,6 +116,9 @@ def main():
         return 0
     out({"type": "stream_event", "event": {"type": "message_start", "message": {
         "usage": {"input_tokens": 3, "output_tokens": 1}}}})
+    if mode == "die-late" and dies(text, arg or 1):
+        delta("partial ")
+        die()
     if mode == "crash":
         delta("partial ")
         delta("answer")
