@@ -155,7 +155,7 @@ def test_data_shape_and_a_row_per_request(fake_proxy):
     d = data(fake_proxy)
     assert set(d) == {"version", "now", "health", "cli", "config", "usage", "requests", "minutes"}
     assert d["version"] == cop.__version__ and abs(d["now"] - time.time()) < 60
-    assert d["cli"]["found"] is True and d["cli"]["version"] == "0.0.0 (fake claude)"
+    assert d["cli"]["found"] is True and d["cli"]["version"] == "2.1.330 (Claude Code; fake)"
     assert d["health"]["status"] in ("ok", "degraded") and "concurrency" in d["health"]
     assert [r["t"] for r in d["requests"]] == sorted((r["t"] for r in d["requests"]), reverse=True)
     minutes = d["minutes"]
