@@ -150,7 +150,8 @@ def test_data_shape_and_a_row_per_request(fake_proxy):
     assert r["stream"] is False and r["served_by"] in ("spawned", "reused")
     assert set(r) == {"t", "id", "method", "route", "client", "model", "account", "status",
                       "stream", "ttft_ms", "ms", "in", "out", "cache_read", "cache_write",
-                      "served_by"}
+                      "served_by", "retried"}
+    assert r["retried"] is False
 
     d = data(fake_proxy)
     assert set(d) == {"version", "now", "health", "cli", "config", "usage", "requests", "minutes"}
