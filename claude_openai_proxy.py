@@ -81,7 +81,7 @@ Data flow
     Native tools (X-Toolcall-Module: native) skip the engine: the client's tools reach the model
     as real tools through the CLI's MCP bridge, and its tool_use blocks come back as ToolCalls.
     A client's web search runs as the CLI's own WebSearch tool; each search is a WebSearch event.
-    The CLI process comes from one store of idle processes (Idle) when one fits: the very
+    The CLI process comes from one store of idle processes (IdleStore) when one fits: the very
     process that answered the conversation so far (then only the new user message is sent),
     else one that answered an earlier request with the same settings and was reset, else a
     pre-started one; a process whose turn ended cleanly goes back to the store.  A process
@@ -907,7 +907,7 @@ class Done:
     stop_reason: str             # Anthropic vocabulary: end_turn, max_tokens, tool_use, ...
     usage: Usage
     stop_sequence: str = None
-    whole: bool = True           # False: the client got less than the model wrote (see Idle.keep_for)
+    whole: bool = True           # False: the client got less than the model wrote (KeptConversation)
 
 
 @dataclass
@@ -1653,9 +1653,9 @@ def _tool_attempt(req, run, messages, hold_all, total):
 
 
 # 7. CLI backend #################################################################################
-# A CLI process serves request after request (reset in between; or holds a conversation, see
-# Idle), run as a plain model: no built-in tools, no CLAUDE.md, no settings, no session files,
-# its own TMPDIR, an empty working directory, an allow-listed environment.  Prompts travel on
+# A CLI process serves request after request (reset in between; or holds a conversation: see
+# IdleStore), run as a plain model: no built-in tools, no CLAUDE.md, no settings, no session
+# files, its own TMPDIR, an empty working directory, an allow-listed environment.  Prompts travel on
 # stdin (stream-json), never on argv.  Native tools are the only tools it ever sees: the
 # client's, through ToolBridge, and never run (the CLI's own WebSearch only when asked for).
 # Sub-sections: process and protocol; the supply of processes; the native tool bridge; stream
@@ -1941,7 +1941,7 @@ class CLIProcess:
         self.model = launch_model(cfg, launch)
         self.send_seconds = min(SEND_SECONDS, cfg.timeout or SEND_SECONDS)
         os.set_blocking(self.proc.stdin.fileno(), False)     # writes are bounded (send)
-        self.preinit = None          # the initialize request it was given ahead of time (Idle)
+        self.preinit = None          # the initialize request it was given ahead of time (PreStarter)
         self.refused = False         # ... and the CLI refused it
         self.born = time.monotonic()
         self.lines = queue.Queue()
@@ -1953,8 +1953,8 @@ class CLIProcess:
         self.model_usage = {}        # the last result's modelUsage (totals since start)
         self.bridge = None           # native tools: the ToolBridge of a turn held open (kept)
         self.seen = 0                # stdout lines read so far
-        self.kind = "spawned"        # how it last served, or how it waits (see Idle)
-        self.settings = None         # the settings lines a reused process was given (see Idle)
+        self.kind = "spawned"        # how it last served, or how it waits (IDLE_KINDS)
+        self.settings = None         # the settings lines a reused process was given (IdleStore.take)
         self.conversation = None     # the conversation a kept process holds (conversation_hash)
         self.served = 0              # turns answered
         self.clean = False           # its last turn ended whole, not interrupted nor failed
@@ -2222,94 +2222,56 @@ class Gate:
             self._cond.notify_all()
 
 
-class Idle:
-    """Every CLI process that is not running a turn, in one store.  Each has a launch key
-    (Launch: argv and environment), settings, and a kind that says what it can serve:
+#: how an idle process waits, best first; what it can serve.  The same names count hits
+#: (req.served_by, /health idle, /metrics claude_proxy_idle_*); a process started for the
+#: request that it serves is "spawned".
+#:   kept         holds a conversation (conversation_hash): that conversation's next turn
+#:   reused       answered a request cleanly, then was reset (CLIProcess.reset): a request with
+#:                the same settings
+#:   initialized  pre-started and given an initialize ahead: a request with that initialize
+#:   pool         pre-started, nothing sent yet: any request with its launch key
+IDLE_KINDS = ("kept", "reused", "initialized", "pool")
+PRESTARTED = ("initialized", "pool")
 
-        pool         pre-started, nothing sent yet          any request with its launch key
-        initialized  pre-started, given an initialize ahead a request with that initialize
-        reused       answered a request cleanly, then reset (CLIProcess.reset): conversation
-                     empty, the settings of that request    a request with the same settings
-        kept         holds a conversation (conversation_hash) that conversation's next turn
 
-    A request takes the best that fits (`take`): its own conversation > same settings, reset >
-    initialized > pool; else a new process is started ("spawned").  A process whose turn ended
-    cleanly comes back (`give_back`) kept for its conversation, or reset for the next request
-    (after at most `reuse` turns and below `recycle_rss`; never after a failure, an interrupt
-    or a turn that did not end), or is ended.
-
-    One eviction policy: at most `budget` idle processes in all (sized from memory at
-    start-up), the least recently used ended first; at most `sessions` of them hold a
-    conversation.  A thread keeps `pool_size` ready ones (reused, initialized or pool) spread
-    over the launch keys most recently asked for, one of them plain (pool) per key for a
-    request with other settings; it ends those that died or waited too long (`max_idle`, so a
-    re-login or a CLI upgrade is picked up; `session_idle` for a conversation, the upstream
-    prompt cache's lifetime), and after 3 deaths in a row of pre-started processes it falls
-    back to cold spawns for a while (/health says so).
-
-    When the last two requests of a launch key sent the same initialize (system prompt,
-    schema), new pre-started processes get it ahead of time (~50 ms off the request).
-    """
-    BACKOFF = 60.0
-    KINDS = ("kept", "reused", "initialized", "pool")
+class IdleStore:
+    """Every CLI process that is not running a turn, each with a launch key (Launch), the
+    settings it was given and a kind (IDLE_KINDS).  One eviction policy: at most `budget` in
+    all (sized from memory), the least recently used ended first, at most `sessions` of them
+    kept; a kept one ends after `session_idle` (the upstream prompt cache's lifetime), a
+    reused one after `max_idle` (a re-login or a CLI upgrade is picked up)."""
 
     def __init__(self, backend, cfg):
-        if None in (cfg.pool_size, cfg.sessions, cfg.idle_max):    # a Config not from load_config
-            cfg = size_idle(cfg)
         self.backend, self.sizing = backend, cfg.sizing
-        self.pool_size, self.max_idle = cfg.pool_size, cfg.pool_max_idle
-        self.sessions, self.session_idle = cfg.sessions, cfg.session_idle
-        self.budget, self.reuse = cfg.idle_max, cfg.reuse
+        self.budget, self.sessions, self.reuse = cfg.idle_max, cfg.sessions, cfg.reuse
+        self.max_idle, self.session_idle = cfg.pool_max_idle, cfg.session_idle
         self.recycle_rss = cfg.recycle_rss * 2 ** 20
-        self.cli_memory, self.cli_figure = CLI_MEMORY, "default"   # what sized it (resize)
-        self.procs = []               # least recently used first
-        self.resetting = 0            # processes being reset: counted in the budget
-        # most recent last; until a request comes, the first login's default settings
-        self.recent = collections.OrderedDict([(Launch(account=backend.logins.first.name), None)])
-        self.cond = threading.Condition()
+        self.cli_memory, self.cli_figure = CLI_MEMORY, "default"   #: what sized it (resize)
+        self.procs = []               #: least recently used first
+        self.resetting = 0            #: processes being reset: counted in the budget
+        self.cond = threading.Condition()      #: guards the store (and the PreStarter)
         self.hits = collections.Counter()
-        self.misses = self.failures = self.failures_in_a_row = self.recycled = self.evicted = 0
-        self.paused_until = 0.0
+        self.misses = self.recycled = self.evicted = 0
         self.closed = False
-        #: launch -> (the initialize it was last asked with, how many times in a row)
-        self.inits = {}
-        threading.Thread(target=self._maintain, name="idle", daemon=True).start()
 
     def resize(self, cfg, cli_memory):
-        """Take the sizes size_idle chose from a measured figure; what no longer fits is ended
-        as processes come back (_hold) and by the pre-starter."""
+        """Take the sizes size_idle chose from a measured figure (the pre-starter's pool size
+        too); what no longer fits is ended as processes come back (_add) and by the
+        pre-starter."""
         with self.cond:
-            self.pool_size, self.sessions, self.budget = cfg.pool_size, cfg.sessions, cfg.idle_max
+            self.backend.starter.pool_size = cfg.pool_size
+            self.sessions, self.budget = cfg.sessions, cfg.idle_max
             self.sizing, self.cli_memory, self.cli_figure = cfg.sizing, cli_memory, "measured"
-
-    def keep_for(self, req):
-        """The request's Keep (its answered turn stays on its process for the next one), or
-        None: sessions off, flat history, structured output, web tools (the CLI's
-        conversation holds its searches, which the client's does not), a prefill, and a first
-        message unless the client said a conversation follows (req.session; most first
-        messages are one-shot requests, and a kept process is held from everyone else).  A
-        native turn that ends in tool calls is kept with its first call held open
-        (ToolBridge)."""
-        messages = req.messages
-        if self.sessions <= 0 or self.backend.cfg.history != "structured" \
-                or req.json_schema is not None or req.web_tools or messages[-1].role != "user" \
-                or (len(messages) < 2 and not req.session):
-            return None
-        return Keep(self, req)
 
     def take(self, launch, settings=None, init=None, conversation=None, note=True):
         """(process, kind) for a request: the best idle one that fits, or (None, "spawned").
         `settings` is what a reused process must have been given (None: no reuse), `init` the
         request's initialize, `conversation` the one it continues; `note`: count the request
         among those asked (not when the same request asks again)."""
+        starter = self.backend.starter
         with self.cond:
-            if self.pool_size > 0 and note:
-                self.recent[launch] = None
-                self.recent.move_to_end(launch)
-                while len(self.recent) > self.pool_size:
-                    self.inits.pop(self.recent.popitem(last=False)[0], None)
-                seen, repeats = self.inits.get(launch, (None, 0))
-                self.inits[launch] = (init, repeats + 1 if init is not None and init == seen else 1)
+            if note:
+                starter.asked(launch, init)
 
             def rank(p):
                 if p.launch != launch:
@@ -2328,27 +2290,31 @@ class Idle:
                 if proc.resume() if proc.kind in ("kept", "reused") else proc.fresh():
                     found = proc
                     break
-                self._unfit(proc)
+                if proc.kind in PRESTARTED:
+                    starter.unfit(proc)
+                else:
+                    self.end(proc)
             if found is None:
                 self.misses += 1
             else:
                 self.hits[found.kind] += 1
-                if found.kind in ("initialized", "pool"):
-                    self.failures_in_a_row = 0
+                if found.kind in PRESTARTED:
+                    starter.served()
             self.cond.notify_all()
         return (found, found.kind) if found is not None else (None, "spawned")
 
     def give_back(self, proc, conversation=None):
-        """A process whose request is over: kept for `conversation`, reset for reuse, or
-        ended.  Not on the request's thread when it is kept or reset: the answer may still be
-        on its way to the client."""
+        """A process whose request is over: kept for `conversation`, reset for reuse (after at
+        most `reuse` turns and below `recycle_rss`; never after a failure, an interrupt or a
+        turn that did not end), or ended.  Not on the request's thread when it is kept or
+        reset: the answer may still be on its way to the client."""
         memory = self.backend.measured(proc)
         fit = proc.clean and not self.closed and self.budget > 0 and \
             not (self.recycle_rss and memory and memory["private"] > self.recycle_rss)
         if fit and conversation is not None and self.sessions > 0:
             proc.kind, proc.conversation = "kept", conversation
             with self.cond:
-                self._hold(proc)
+                self._add(proc)
         elif fit and proc.served < self.reuse and proc.settings is not None:
             with self.cond:
                 self.resetting += 1
@@ -2358,7 +2324,7 @@ class Idle:
                 with self.cond:
                     self.recycled += 1      # served its `reuse` turns, or grew too big
             if proc.clean:
-                threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
+                self.end(proc)
             else:
                 self.backend.discard(proc)
 
@@ -2368,11 +2334,11 @@ class Idle:
             self.resetting -= 1
             if ok and not self.closed:
                 proc.kind, proc.conversation = "reused", None
-                self._hold(proc)
+                self._add(proc)
                 return
         self.backend.discard(proc)
 
-    def _hold(self, proc):
+    def _add(self, proc):
         """Add an idle process, most recently used; end what the limits leave no room for
         (caller holds the lock)."""
         proc.used = time.monotonic()
@@ -2386,35 +2352,22 @@ class Idle:
             ended.append(self.procs.pop(0))
             self.evicted += 1
         for p in ended:
-            threading.Thread(target=self.backend.discard, args=(p,), daemon=True).start()
+            self.end(p)
         self.cond.notify_all()
 
-    def _unfit(self, proc):
-        """End an idle process that is no longer fit (caller holds the lock).  A pre-started
-        one whose initialize given ahead was refused is not a death, and that initialize is
-        not given ahead again until it is asked twice more; any other pre-started one died."""
-        if proc.refused:
-            self.inits.pop(proc.launch, None)
-            threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
-        elif proc.kind in ("initialized", "pool"):
-            self._note_death(proc)
-        else:
-            threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
+    def expire(self, now):
+        """End the kept and reused processes that died or waited long enough (caller holds the
+        lock; the pre-started ones are the PreStarter's to judge)."""
+        for proc in [p for p in self.procs if p.kind in ("kept", "reused")]:
+            limit = self.session_idle if proc.kind == "kept" else self.max_idle
+            if proc.proc.poll() is not None or now - proc.used > limit:
+                self.procs.remove(proc)
+                self.end(proc)
 
-    def _superseded(self, proc):
-        """Initialized ahead for a system prompt that another one has replaced (asked twice in
-        a row since), so no request is likely to want it."""
-        init, repeats = self.inits.get(proc.launch, (None, 0))
-        return proc.preinit is not None and proc.preinit != init and repeats >= 2
-
-    def _note_death(self, proc=None):
-        """Count a pre-started process that died unused (caller holds the lock)."""
-        self.failures += 1
-        self.failures_in_a_row += 1
-        if self.failures_in_a_row >= 3:
-            self.paused_until = time.monotonic() + self.BACKOFF
-        if proc is not None:
-            threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
+    def end(self, proc):
+        """End a process the store no longer holds, on a thread of its own (it may take a
+        while to die, and the caller may hold the lock)."""
+        threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
 
     def note_stillborn(self, kind):
         """A process handed out as `kind` died before it printed anything, or turned out to
@@ -2422,101 +2375,31 @@ class Idle:
         What serves the request instead is counted when it is taken (or spawned: a miss)."""
         with self.cond:
             self.hits[kind] -= 1
-            if kind in ("initialized", "pool"):
-                self._note_death()
+            if kind in PRESTARTED:
+                self.backend.starter.note_death()
 
     def note_spawn(self):
         """A request's retry starts a process of its own: a miss."""
         with self.cond:
             self.misses += 1
 
-    def _targets(self):
-        """launch -> how many ready processes it should have: the pool spread over the launch
-        keys most recently asked for, but for logins that failed to authenticate."""
-        logins = self.backend.logins
-        keys = [k for k in reversed(self.recent) if logins.get(k.account).healthy] or \
-            [Launch(account=a.name) for a in logins.accounts if a.healthy][:1]
-        return collections.Counter(keys[i % len(keys)] for i in range(self.pool_size if keys else 0))
-
-    def _maintain(self):
-        while True:
-            with self.cond:
-                if self.closed:
-                    return
-                now, want = time.monotonic(), self._targets()
-                ready, plain = collections.Counter(), collections.Counter()
-                for proc in [p for p in self.procs if p.kind in ("kept", "reused")]:
-                    limit = self.session_idle if proc.kind == "kept" else self.max_idle
-                    if proc.proc.poll() is not None or now - proc.used > limit:
-                        self.procs.remove(proc)     # died while waiting, or waited long enough
-                        threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
-                    elif proc.kind == "reused":
-                        ready[proc.launch] += 1
-                for proc in [p for p in self.procs if p.kind in ("initialized", "pool")]:
-                    spare = ready[proc.launch] >= want[proc.launch] and \
-                        (proc.kind != "pool" or plain[proc.launch] or not want[proc.launch])
-                    if not proc.fresh():
-                        self.procs.remove(proc)
-                        self._unfit(proc)
-                    elif now - proc.used > self.max_idle or spare or self._superseded(proc):
-                        self.procs.remove(proc)     # stale, or settings nobody asks for now
-                        threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
-                    else:
-                        ready[proc.launch] += 1
-                        plain[proc.launch] += proc.kind == "pool"
-                short = [k for k in want if ready[k] < want[k] or not plain[k]]
-                if not short or now < self.paused_until or \
-                        len(self.procs) + self.resetting >= self.budget:
-                    self.cond.wait(1.0)
-                    continue
-                # asked twice in a row with the same initialize (an agent's fixed system
-                # prompt): the new process gets it now, which takes it off the request's path;
-                # one process per launch key stays without, for a request with another prompt
-                init, repeats = self.inits.get(short[0], (None, 0))
-                if repeats < 2 or not plain[short[0]]:
-                    init = None
-            try:
-                proc = self.backend.spawn(short[0])
-            except LoginFailed as exc:     # that login's fault, not the CLI's: the others go on
-                self.backend.logins.get(short[0].account).mark_unhealthy(exc.message)
-                with self.cond:
-                    self.recent.pop(short[0], None)
-                continue
-            except ProxyError:
-                with self.cond:
-                    self._note_death()
-                continue
-            proc.kind = "pool"
-            if init is not None:      # read while it boots; its answer is taken by fresh()
-                try:
-                    proc.send(control("init", init))
-                except CLIStalled:
-                    with self.cond:
-                        self._note_death(proc)
-                    continue
-                proc.preinit, proc.kind = init, "initialized"
-            with self.cond:
-                if self.closed:
-                    self.backend.discard(proc)
-                    return
-                self.procs.append(proc)
-            time.sleep(0.05)    # let a freshly spawned process show an immediate death
-
     def status(self):
         """One set of figures for /health, /metrics and the dashboard."""
+        starter = self.backend.starter
         with self.cond:
-            paused = time.monotonic() < self.paused_until
+            paused = time.monotonic() < starter.paused_until
             held = collections.Counter(p.kind for p in self.procs)
-            return {"budget": self.budget, "pool_size": self.pool_size, "sessions": self.sessions,
+            return {"budget": self.budget, "pool_size": starter.pool_size, "sessions": self.sessions,
                     "reuse": self.reuse, "recycle_rss_mb": self.recycle_rss // 2 ** 20,
                     "sized": self.sizing, "cli_mb": self.cli_memory // 2 ** 20,
                     "cli_figure": self.cli_figure,
-                    "idle": {k: held[k] for k in self.KINDS},
+                    "idle": {k: held[k] for k in IDLE_KINDS},
                     "ready": sum(p.kind != "kept" and p.fresh() for p in self.procs),
-                    "hits": {k: self.hits[k] for k in self.KINDS}, "misses": self.misses,
+                    "hits": {k: self.hits[k] for k in IDLE_KINDS}, "misses": self.misses,
                     "recycled": self.recycled, "evicted": self.evicted,
-                    "start_failures": self.failures,
-                    "mode": "off" if self.pool_size == 0 else ("cold-fallback" if paused else "warm")}
+                    "start_failures": starter.failures,
+                    "mode": "off" if starter.pool_size == 0 else
+                    ("cold-fallback" if paused else "warm")}
 
     def close(self):
         with self.cond:
@@ -2526,6 +2409,173 @@ class Idle:
             self.cond.notify_all()
         for proc in procs:
             self.backend.discard(proc)
+
+
+class Demand:
+    """What requests asked the store for lately, so that the PreStarter starts what the next
+    one will want: the launch keys most recently asked for (as many as the pool size), and for
+    each the initialize its requests sent, and how many times in a row.  An initialize sent
+    twice in a row (an agent's fixed system prompt) is given to new processes ahead of time,
+    which takes ~50 ms off the request."""
+
+    def __init__(self, first):
+        #: most recent last; until a request comes, the first login's default settings
+        self.recent = collections.OrderedDict([(first, None)])
+        #: launch -> (the initialize it was last asked with, how many times in a row)
+        self.inits = {}
+
+    def asked(self, launch, init, size):
+        self.recent[launch] = None
+        self.recent.move_to_end(launch)
+        while len(self.recent) > size:
+            self.inits.pop(self.recent.popitem(last=False)[0], None)
+        seen, repeats = self.inits.get(launch, (None, 0))
+        self.inits[launch] = (init, repeats + 1 if init is not None and init == seen else 1)
+
+    def latest(self):
+        """The launch keys asked for, most recent first."""
+        return list(reversed(self.recent))
+
+    def ahead(self, launch):
+        """The initialize a new process of `launch` should get ahead of time, or None."""
+        init, repeats = self.inits.get(launch, (None, 0))
+        return init if repeats >= 2 else None
+
+    def superseded(self, proc):
+        """Initialized ahead for a system prompt that another one has replaced (asked twice in
+        a row since), so no request is likely to want it."""
+        init, repeats = self.inits.get(proc.launch, (None, 0))
+        return proc.preinit is not None and proc.preinit != init and repeats >= 2
+
+    def refused(self, launch):
+        """The CLI refused the initialize given ahead: not again until it is asked twice more."""
+        self.inits.pop(launch, None)
+
+    def forget(self, launch):
+        """Its login failed to authenticate: start nothing more for it."""
+        self.recent.pop(launch, None)
+
+
+class PreStarter:
+    """Keeps `pool_size` processes ready (reused, initialized or pool) in the IdleStore, spread
+    over the launch keys most recently asked for (Demand), one of them plain (pool) per key for
+    a request with other settings.  Its thread also sweeps the store every second.  After 3
+    deaths in a row of pre-started processes it stops for BACKOFF seconds: requests start their
+    own (cold fallback; /health says so).  Shares the store's lock."""
+    BACKOFF = 60.0
+
+    def __init__(self, store, backend, cfg):
+        self.store, self.backend, self.cond = store, backend, store.cond
+        self.pool_size = cfg.pool_size
+        self.demand = Demand(Launch(account=backend.logins.first.name))
+        self.failures = self.failures_in_a_row = 0
+        self.paused_until = 0.0
+        threading.Thread(target=self._run, name="idle", daemon=True).start()
+
+    def asked(self, launch, init):
+        """A request asked the store for `launch` with `init` (caller holds the lock)."""
+        if self.pool_size > 0:
+            self.demand.asked(launch, init, self.pool_size)
+
+    def served(self):
+        """A pre-started process was handed out alive (caller holds the lock)."""
+        self.failures_in_a_row = 0
+
+    def unfit(self, proc):
+        """A pre-started process taken out of the store is no longer fit (caller holds the
+        lock): one whose initialize given ahead was refused did not die; any other did."""
+        if proc.refused:
+            self.demand.refused(proc.launch)
+            self.store.end(proc)
+        else:
+            self.note_death(proc)
+
+    def note_death(self, proc=None):
+        """Count a pre-started process that died unused (caller holds the lock)."""
+        self.failures += 1
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= 3:
+            self.paused_until = time.monotonic() + self.BACKOFF
+        if proc is not None:
+            self.store.end(proc)
+
+    def _targets(self):
+        """launch -> how many ready processes it should have: the pool spread over the launch
+        keys most recently asked for, but for logins that failed to authenticate."""
+        logins = self.backend.logins
+        keys = [k for k in self.demand.latest() if logins.get(k.account).healthy] or \
+            [Launch(account=a.name) for a in logins.accounts if a.healthy][:1]
+        return collections.Counter(keys[i % len(keys)] for i in range(self.pool_size if keys else 0))
+
+    def _sweep(self, now, want):
+        """launch -> ready processes, and -> plain ones among them; ends the pre-started ones
+        that died, waited longer than `max_idle`, or are not wanted now (caller holds the lock)."""
+        store = self.store
+        ready = collections.Counter(p.launch for p in store.procs if p.kind == "reused")
+        plain = collections.Counter()
+        for proc in [p for p in store.procs if p.kind in PRESTARTED]:
+            spare = ready[proc.launch] >= want[proc.launch] and \
+                (proc.kind != "pool" or plain[proc.launch] or not want[proc.launch])
+            if not proc.fresh():
+                store.procs.remove(proc)
+                self.unfit(proc)
+            elif now - proc.used > store.max_idle or spare or self.demand.superseded(proc):
+                store.procs.remove(proc)     # stale, or settings nobody asks for now
+                store.end(proc)
+            else:
+                ready[proc.launch] += 1
+                plain[proc.launch] += proc.kind == "pool"
+        return ready, plain
+
+    def _run(self):
+        store = self.store
+        while True:
+            with self.cond:
+                if store.closed:
+                    return
+                now, want = time.monotonic(), self._targets()
+                store.expire(now)
+                ready, plain = self._sweep(now, want)
+                short = [k for k in want if ready[k] < want[k] or not plain[k]]
+                if not short or now < self.paused_until or \
+                        len(store.procs) + store.resetting >= store.budget:
+                    self.cond.wait(1.0)
+                    continue
+                # one process per launch key stays plain, for a request with another prompt
+                launch = short[0]
+                init = self.demand.ahead(launch) if plain[launch] else None
+            if not self._start(launch, init):
+                return
+
+    def _start(self, launch, init):
+        """Start one process for the store; False once the store is closed."""
+        try:
+            proc = self.backend.spawn(launch)
+        except LoginFailed as exc:     # that login's fault, not the CLI's: the others go on
+            self.backend.logins.get(launch.account).mark_unhealthy(exc.message)
+            with self.cond:
+                self.demand.forget(launch)
+            return True
+        except ProxyError:
+            with self.cond:
+                self.note_death()
+            return True
+        proc.kind = "pool"
+        if init is not None:      # read while it boots; its answer is taken by fresh()
+            try:
+                proc.send(control("init", init))
+            except CLIStalled:
+                with self.cond:
+                    self.note_death(proc)
+                return True
+            proc.preinit, proc.kind = init, "initialized"
+        with self.cond:
+            if self.store.closed:
+                self.backend.discard(proc)
+                return False
+            self.store.procs.append(proc)
+        time.sleep(0.05)    # let a freshly spawned process show an immediate death
+        return True
 
 
 def conversation_hash(req, messages, h=None):
@@ -2552,28 +2602,45 @@ def conversation_hash(req, messages, h=None):
     return h
 
 
-class Keep:
-    """One request's part in keeping its conversation: the conversation it continues
-    (`prior`), and the process that answered it, kept under the new conversation once the
-    answer is known to be whole (the hash goes on from the request's messages: each is hashed
-    once), or else given back to be reset or ended."""
+class KeptConversation:
+    """One request's part in keeping its conversation on a process: the conversation it
+    continues (`prior`, what the store knows it by), and the process that answered it
+    (`proc`, set by Backend.run), kept under the new conversation once the answer is known to
+    be whole, else given back to be reset or ended.  The hash goes on from the request's
+    messages, so each message is hashed once."""
 
-    def __init__(self, idle, req):
-        self.idle, self.req, self.proc = idle, req, None
+    @classmethod
+    def of(cls, backend, req):
+        """The request's KeptConversation, or None: sessions off, flat history, structured
+        output, web tools (the CLI's conversation holds its searches, which the client's does
+        not), a prefill, and a first message unless the client said a conversation follows
+        (req.session: most first messages are one-shot requests, and a kept process is held
+        from everyone else).  A native turn that ends in tool calls is kept with its first
+        call held open (ToolBridge)."""
+        store, messages = backend.idle, req.messages
+        if store.sessions <= 0 or backend.cfg.history != "structured" \
+                or req.json_schema is not None or req.web_tools or messages[-1].role != "user" \
+                or (len(messages) < 2 and not req.session):
+            return None
+        return cls(store, req)
+
+    def __init__(self, store, req):
+        self.store, self.req, self.proc = store, req, None
         self._hash = conversation_hash(req, req.messages[:-1])
         self.prior = self._hash.hexdigest()
         conversation_hash(req, req.messages[-1:], self._hash)
 
     def finish(self, answer):
+        """The answer went out whole: keep the process for the conversation that ends in it."""
         if self.proc is not None:
             key = conversation_hash(self.req, [answer], self._hash.copy()).hexdigest()
             proc, self.proc = self.proc, None
-            self.idle.give_back(proc, key)
+            self.store.give_back(proc, key)
 
     def drop(self):
         proc, self.proc = self.proc, None
         if proc is not None:
-            self.idle.give_back(proc)
+            self.store.give_back(proc)
 
 
 @dataclass(frozen=True)
@@ -2619,7 +2686,8 @@ class Backend:
         self.started = 0
         self.retried = 0             # requests asked again after their CLI ended (run)
         self.logins = Logins(cfg)
-        self.idle = Idle(self, cfg)
+        self.idle = IdleStore(self, cfg)
+        self.starter = PreStarter(self.idle, self, cfg)
 
     def spawn(self, launch):
         proc = CLIProcess(self.cfg, launch, self.workdir)
@@ -2833,7 +2901,7 @@ class ToolBridge:
     second upstream call that an interrupt request does not stop; then `done` is set at once and
     the request ends with the usage seen in the stream (the process is killed after it).
 
-    A turn that is kept (`hold`, Idle.keep_for) is not stopped: its calls are allowed, and the CLI's
+    A turn that is kept (`hold`, KeptConversation.of) is not stopped: its calls are allowed, and the CLI's
     tools/call for the first one (it runs them one at a time) is held open while the process
     waits for the conversation's next request.  When that request brings the client's results
     for exactly these calls, the held call is answered with its result, then each further call
@@ -5763,10 +5831,10 @@ def model_events(app, req, call, pinned=None, principal=ANONYMOUS):
 def login_events(app, req, call):
     """One CLI turn (or the tool engine) on the login `req.account`.  A turn that ends whole
     (the client got all the model wrote), in one CLI run (no refusal retry), keeps its process
-    for the conversation's next turn (Idle.keep_for)."""
+    for the conversation's next turn (KeptConversation)."""
     keep, runs = None, []
     try:
-        keep = app.backend.idle.keep_for(req)
+        keep = KeptConversation.of(app.backend, req)
         def run(messages):
             runs.append(messages)
             return app.backend.run(req, messages, call, keep if len(runs) == 1 else None)
@@ -6601,7 +6669,7 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     fill.style.width = (100 * c.running / Math.max(1, c.capacity)).toFixed(1) + "%";
     add(box, defs([["CLI processes started", h.cli_processes_started],
                    ["history", h.history]]));
-    // the idle store (Idle): what waits now and what served, by kind; then its limits
+    // the idle store (IdleStore): what waits now and what served, by kind; then its limits
     var idle = h.idle || {}, held = idle.idle || {}, hits = idle.hits || {};
     var KINDS = [["kept", "holding a conversation"], ["reused", "reset after a request"],
                  ["initialized", "pre-started, initialized ahead"], ["pool", "pre-started"]];
