@@ -42,8 +42,8 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from run import CLAUDE, ROOT, UP, env_for  # noqa: E402   (also starts the fake upstream)
-from conftest import free_port  # noqa: E402
+import run  # noqa: E402   (also starts the fake upstream)
+from run import CLAUDE, ROOT, UP, env_for, size  # noqa: E402
 import fake_upstream  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {
@@ -54,25 +54,11 @@ RESULT = ("line %03d of the file: the quick brown fox jumps over the lazy dog 01
 F = "`" * 3
 
 
-class Proxy:
-    def __init__(self, script, **extra):
-        self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, str(script), "--port", str(self.port)],
-                                     env=env_for(CLAUDE, **extra), stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while True:
-            try:
-                self.health()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise SystemExit("proxy failed to start")
-                time.sleep(0.02)
+class Proxy(run.Proxy):
+    """A proxy running `script` (today's file, or an older revision's)."""
 
-    def health(self):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        c.request("GET", "/health")
-        return json.loads(c.getresponse().read())
+    def __init__(self, script, **extra):
+        super().__init__(script=script, **extra)
 
     def wait_ready(self, n=2, timeout=30):
         deadline = time.time() + timeout
@@ -111,10 +97,6 @@ class Proxy:
                     call["arguments"] += fn.get("arguments") or ""
         c.close()
         return first, [calls[i] for i in sorted(calls)]
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 def blocks_of(call):
@@ -174,7 +156,7 @@ def loop(proxy, steps, native):
     return ttft, calls
 
 
-def handshake(rounds=7):
+def handshake(rounds=size(7, 1)):
     """What the MCP set-up costs a pre-started bare CLI: ms from writing initialize + the user
     line to the first text delta, with the handshake over the control channel (initialize
     without sdkMcpServerManifests, each mcp_message answered at once) and with it given in
@@ -277,4 +259,5 @@ def main(steps):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 10)
+    args = [a for a in sys.argv[1:] if a != "--quick"]
+    main(int(args[0]) if args else size(10, 3))

@@ -14,22 +14,16 @@ import http.client
 import json
 import os
 import pathlib
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 import claude_openai_proxy as cop  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+import harness  # noqa: E402
 
 
 def polls(conn, n):
@@ -45,26 +39,17 @@ def polls(conn, n):
 
 
 def main():
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-    port, home = free_port(), tempfile.mkdtemp(prefix="bench-dash-")
+    args = [a for a in sys.argv[1:] if a != "--quick"]    # --quick: bench/all.py's smoke run
+    n = int(args[0]) if args else 10 if "--quick" in sys.argv else 200
+    home = tempfile.mkdtemp(prefix="bench-dash-")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE", "ANTHROPIC"))}
-    env.update(HOME=home, CLAUDE_BIN=str(ROOT / "tests" / "fake_claude.py"),
+    env.update(HOME=home, CLAUDE_BIN=str(harness.FAKE_CLAUDE),
                CLAUDE_PROXY_POOL_SIZE="0", CLAUDE_PROXY_SESSIONS="0")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "claude_openai_proxy.py"), "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proxy = harness.Proxy(env)
     try:
-        deadline = time.time() + 15
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                conn.request("GET", "/")
-                page = conn.getresponse().read()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        conn.request("GET", "/")
+        page = conn.getresponse().read()
         polls(conn, 5)                               # warm up (and read `claude --version`)
         empty_ms, empty_size = polls(conn, n)
         body = json.dumps({"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]})
@@ -77,8 +62,7 @@ def main():
             conn.getresponse().read()
         full_ms, full_size = polls(conn, n)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proxy.stop()
 
     log, usage = cop.RequestLog(), cop.Usage(12, 9, 300, 40)
     entry = {"t": time.time(), "id": "req_x", "status": 200, "account": "", "model": "sonnet",

@@ -38,9 +38,9 @@ import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from run import CLAUDE, ROOT, UP, Proxy, env_for  # noqa: E402   (also starts the fake upstream)
+from run import CLAUDE, ROOT, UP, Proxy, env_for, size  # noqa: E402   (also starts the fake upstream)
 
-EARLIER = 10
+EARLIER = size(10, 5)
 
 
 def blocks_of(messages, normalise):
@@ -246,4 +246,5 @@ def slope(samples):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
+    args = [a for a in sys.argv[1:] if a != "--quick"]
+    main(int(args[0]) if args else size(5, 1))

@@ -31,7 +31,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import CLAUDE, UP, Proxy, bare_cli_ttft, report, RESULTS  # noqa: E402
+from run import CLAUDE, UP, Proxy, bare_cli_ttft, report, RESULTS, size  # noqa: E402
 from history import shared_fraction  # noqa: E402
 import fake_upstream  # noqa: E402
 
@@ -113,7 +113,7 @@ def total_rss_mb(proxy):
     return rss_mb(proxy.proc.pid) + sum(rss_mb(p) for p in children(proxy.proc.pid))
 
 
-def bench_ttft(rounds=7):
+def bench_ttft(rounds=size(7, 2)):
     print("\n1. one-shot time to first token (median of %d, interleaved)" % rounds)
     reuse = Proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
     spawn = Proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_REUSE=0)
@@ -140,7 +140,7 @@ def bench_ttft(rounds=7):
     report("reused / pre-started bare CLI", r / w, "ratio", "<= 0.35", r / w <= 0.35)
 
 
-def bench_cpu(n=60):
+def bench_cpu(n=size(60, 4)):
     print("\n2. CLI CPU per one-shot request (%d sequential requests each, pool 2)" % n)
     out = {}
     for label, extra in (("reuse off", dict(CLAUDE_PROXY_REUSE=0)), ("reuse on", {})):
@@ -189,7 +189,7 @@ def load(clients, **extra):
     return len(done) / wall, errors, idle
 
 
-def bench_load(clients=64):
+def bench_load(clients=size(64, 6)):
     print("\n3. throughput: %d concurrent streaming clients, cap 4, pool 2" % clients)
     off, err_off, _ = load(clients, CLAUDE_PROXY_REUSE=0)
     on, err_on, idle = load(clients)
@@ -199,7 +199,7 @@ def bench_load(clients=64):
     report("throughput reuse on / off", on / off, "ratio", ">= 3", on / off >= 3)
 
 
-def bench_convo(turns=20):
+def bench_convo(turns=size(20, 3)):
     print("\n4. a %d-turn conversation with a session signal (`user`)" % turns)
     proxy = Proxy()
     messages, calls = [], []
@@ -224,7 +224,7 @@ def bench_convo(turns=20):
     report("shared prefix, lowest over all steps (raw)", min(raw) * 100, "%", "100 %", min(raw) == 1.0)
 
 
-def bench_growth(n=200, every=25):
+def bench_growth(n=size(200, 6), every=size(25, 2)):
     print("\n5. RSS of one CLI process serving %d requests in a row" % n)
     proxy = Proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_REUSE=n + 1,
                   CLAUDE_PROXY_RECYCLE_RSS=0)
@@ -248,7 +248,7 @@ def bench_growth(n=200, every=25):
            first, "MB / %.1f MB" % last)
 
 
-def bench_mixed(n=1000):
+def bench_mixed(n=size(1000, 30)):
     print("\n6. proxy + CLIs RSS after %d mixed requests (defaults, cap 2)" % n)
     proxy = Proxy()
     systems = ["You are terse.", "You are a pirate.", "Answer in French."]

@@ -29,7 +29,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import fake_upstream  # noqa: E402
-from conftest import base_env, free_port  # noqa: E402  (needs pytest: bash .ci/run)
+import harness  # noqa: E402
+from harness import base_env  # noqa: E402
 
 PROXY = ROOT / "claude_openai_proxy.py"
 FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
@@ -37,6 +38,14 @@ CLAUDE = os.environ.get("CLAUDE_TEST_BIN") or str(ROOT / ".cli" / "node_modules"
 HOME = tempfile.mkdtemp(prefix="claude-proxy-bench-home-")
 UP = fake_upstream.FakeUpstream()
 RESULTS = []
+#: `--quick` (bench/all.py --quick, run by .ci/run): a few iterations each, to show that every
+#: bench still runs; its figures mean nothing
+QUICK = "--quick" in sys.argv[1:]
+
+
+def size(full, quick):
+    """An iteration count: `full`, or `quick` under --quick."""
+    return quick if QUICK else full
 
 
 def env_for(claude_bin, **extra):
@@ -44,23 +53,11 @@ def env_for(claude_bin, **extra):
     return base_env(HOME, UP.url, claude_bin, **extra)
 
 
-class Proxy:
-    def __init__(self, claude_bin=CLAUDE, **extra):
-        self.port = free_port()
-        self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, str(PROXY), "--port", str(self.port)],
-                                     env=env_for(claude_bin, **extra), stderr=subprocess.DEVNULL)
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-                c.request("GET", "/health")
-                self.health = json.loads(c.getresponse().read())
-                self.startup = time.perf_counter() - self.t0
-                break
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise SystemExit("proxy failed to start")
-                time.sleep(0.002)
+class Proxy(harness.Proxy):
+    """A proxy on the bench's HOME and fake upstream (tests/harness.py starts and stops it)."""
+
+    def __init__(self, claude_bin=CLAUDE, script=PROXY, **extra):
+        super().__init__(env_for(claude_bin, **extra), script=script)
 
     def wait_pool(self, n, timeout=20):
         deadline = time.time() + timeout
@@ -104,9 +101,6 @@ class Proxy:
         c.close()
         return first, time.perf_counter() - t0, chunks
 
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 def report(name, value, unit, target=None, ok=None):
@@ -147,7 +141,7 @@ def bare_cli_ttft(prestarted=False):
     return first
 
 
-def bench_ttft(rounds=7):
+def bench_ttft(rounds=size(7, 2)):
     print("\n1. time to first token (real CLI %s, fake upstream; median of %d)" % (CLAUDE, rounds))
     # one-message requests: no conversation to keep, and a kept process left idle beside the
     # measurement is noise.  The default pool of 2: after two requests with the same system
@@ -176,7 +170,7 @@ def bench_ttft(rounds=7):
     report("pool / no-pool", p / n, "ratio", "<= 0.25", p / n <= 0.25)
 
 
-def bench_passthrough(deltas=500):
+def bench_passthrough(deltas=size(500, 50)):
     print("\n2. stream pass-through (fake CLI prints %d timestamped deltas, 2 ms apart)" % deltas)
     proxy = Proxy(str(FAKE_CLAUDE), CLAUDE_PROXY_POOL_SIZE=0)
     delays = []
@@ -195,7 +189,7 @@ def bench_passthrough(deltas=500):
     report("p99 delay CLI print -> client read", p99 * 1000, "ms", "<= 5 ms", p99 <= 0.005)
 
 
-def bench_load(clients=64):
+def bench_load(clients=size(64, 6)):
     print("\n3. load: %d concurrent streaming clients, cap 4, pool 2 (real CLI)" % clients)
     proxy = Proxy(CLAUDE_PROXY_POOL_SIZE=2, CLAUDE_PROXY_MAX_CONCURRENCY=4, CLAUDE_PROXY_QUEUE_TIMEOUT=300,
                   CLAUDE_PROXY_REUSE=0)
@@ -247,7 +241,7 @@ def bench_load(clients=64):
         print("   first errors:", errors[:3])
 
 
-def bench_footprint(rounds=5):
+def bench_footprint(rounds=size(5, 2)):
     print("\n4. footprint (median of %d starts)" % rounds)
     starts, rss = [], []
     for _ in range(rounds):
@@ -280,7 +274,7 @@ def main(names):
     if not os.path.exists(CLAUDE):
         raise SystemExit("the pinned CLI is missing: run bash .ci/run first, or set CLAUDE_TEST_BIN")
     print("claude-proxy benchmarks (%s, %d cores)" % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count()))
-    for name in names or list(BENCHES):
+    for name in [n for n in names if n != "--quick"] or list(BENCHES):
         BENCHES[name]()
     UP.close()
     missed = [r[0] for r in RESULTS if r[3] and not r[4]]

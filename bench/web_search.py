@@ -18,9 +18,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import fake_upstream  # noqa: E402
-from conftest import Proxy, base_env, real_claude_bin  # noqa: E402  (needs pytest: bash .ci/run)
+from harness import Proxy, base_env, real_claude_bin  # noqa: E402
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+ARGS = [a for a in sys.argv[1:] if a != "--quick"]     # --quick: bench/all.py's smoke run
+N = int(ARGS[0]) if ARGS else 1 if "--quick" in sys.argv else 5
 UP = fake_upstream.FakeUpstream()
 SEARCH = {"type": "web_search_20250305", "name": "web_search"}
 state = {"search": False, "turn": 0}

@@ -1,97 +1,64 @@
 """Shared fixtures: a fake Anthropic upstream, the real CLI, and proxies run as subprocesses.
 
-The proxy is started exactly as a user starts it (`python3 claude_openai_proxy.py --port N`)
+The proxy is started exactly as a user starts it (`python3 claude_openai_proxy.py --port 0`,
+by tests/harness.py, which bench/ uses too)
 with the real `claude` CLI (pinned, installed by .ci/run into .cli/) pointed at the fake
 upstream.  HOME is a temporary directory holding a ~/.claude/CLAUDE.md with a marker that must
 never reach the upstream.
 """
 import contextlib
-import json
 import os
 import pathlib
+import shutil
 import socket
-import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import fake_upstream  # noqa: E402
+import harness  # noqa: E402
+from harness import FAKE_CLAUDE, PROXY, ROOT, Proxy, alive, base_env  # noqa: E402,F401
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROXY = ROOT / "claude_openai_proxy.py"
-FAKE_CLAUDE = pathlib.Path(__file__).resolve().parent / "fake_claude.py"
 MARKER = "CLAUDE-MD-MARKER-8f3a"
 
 
 def real_claude_bin():
-    path = os.environ.get("CLAUDE_TEST_BIN") or str(ROOT / ".cli" / "node_modules" / ".bin" / "claude")
-    if not os.path.exists(path):
-        pytest.exit("the pinned claude CLI is missing at %s: run bash .ci/run "
-                    "(or npm install --prefix .cli @anthropic-ai/claude-code@2.1.330)" % path, 2)
+    path = harness.real_claude_bin()
+    if path is None:
+        pytest.exit("the pinned claude CLI is missing: run bash .ci/run "
+                    "(or npm install --prefix .cli @anthropic-ai/claude-code@2.1.330)", 2)
     return path
 
 
 def free_port():
+    """A port that was free a moment ago: only for a program that cannot report the port it
+    bound (a load balancer's front end); proxies bind port 0 and say which port they got."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-class Proxy:
-    """A running proxy subprocess; `url` is its base URL, `log` its stderr so far."""
+def need_tool(name):
+    """The path of command `name`, or skip the test saying that .ci/run installs it (under
+    CI=true a skip is a failure: see pytest_runtest_makereport)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip("%s is not installed (.ci/run installs it)" % name)
+    return path
 
-    def __init__(self, env, args=(), cwd=None):
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.log_path = pathlib.Path(env["HOME"]) / ("proxy-%d.log" % self.port)
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(PROXY), "--port", str(self.port), *args],
-                                     env=env, cwd=cwd or env["HOME"], stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.time() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1):
-                    break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("proxy did not start:\n" + self.log)
-                time.sleep(0.05)
 
-    @property
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-    def request(self, method, path, body=None, headers=None, raw=None, timeout=60):
-        """(status, headers, parsed JSON or text) for one request."""
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                status, hdrs, text = resp.status, dict(resp.headers), resp.read().decode()
-        except urllib.error.HTTPError as err:
-            status, hdrs, text = err.code, dict(err.headers), err.read().decode()
-        try:
-            return status, hdrs, json.loads(text)
-        except ValueError:
-            return status, hdrs, text
-
-    def post(self, path, body, **kw):
-        return self.request("POST", path, body, **kw)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With CI=true a skipped test fails: CI installs every tool and client the suite uses, so
+    a skip there means a broken CI that would otherwise pass without the test."""
+    report = yield
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = "CI=true, so this skip is a failure: %s" % reason
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -120,56 +87,104 @@ def home(tmp_path_factory):
     return h
 
 
-def base_env(home, upstream_url, claude_bin, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE", "ANTHROPIC"))}
-    env.update(HOME=str(home), CLAUDE_BIN=claude_bin, ANTHROPIC_BASE_URL=upstream_url,
-               ANTHROPIC_API_KEY="sk-ant-test-dummy-key",
-               CLAUDE_PROXY_PASS_ENV="ANTHROPIC_BASE_URL,ANTHROPIC_API_KEY")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+# The proxy factory ##############################################################################
+# One factory, `make_proxy`, starts every proxy of the suite.  A proxy lives as long as whoever
+# started it: one started in a test (or by a factory the test calls) stops when the test ends;
+# one started while a fixture is set up stops when that fixture is torn down (a module-scoped
+# fixture's at the end of its module).  The hook below tells the factory which fixture is being
+# set up.
+
+_SETTING_UP = []        #: the SubRequest of each fixture being set up, innermost last
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    _SETTING_UP.append(request)
+    try:
+        return (yield)
+    finally:
+        _SETTING_UP.pop()
+
+
+class ProxyFactory:
+    """make_proxy(fake=False, args=(), *, token=None, subscription=False, pids=None,
+    script=PROXY, cwd=None, **env) -> a started Proxy.
+
+    fake          the stand-in CLI tests/fake_claude.py instead of the real one
+    token         a subscription login: CLAUDE_CODE_OAUTH_TOKEN=token and no API key anywhere
+                  (subscription=True: the same without a token, e.g. with CLAUDE_PROXY_ACCOUNTS)
+    pids          a directory where the fake CLI records the pid of each of its runs (`p.pids`)
+    script        another copy of the proxy to run; args go on its command line; env (strings
+                  or anything str() takes) on top of base_env.
+    """
+
+    def __init__(self, home, upstream_url):
+        self.home, self.upstream_url = home, upstream_url
+        self.test_owned = []        #: proxies started in the running test, stopped at its end
+
+    def __call__(self, fake=False, args=(), *, token=None, subscription=False, pids=None,
+                 script=PROXY, cwd=None, **extra):
+        if pids is not None:
+            extra["FAKE_CLAUDE_PIDS"] = pids
+            extra.setdefault("CLAUDE_PROXY_PASS_ENV", "FAKE_CLAUDE_PIDS")
+        if token is not None or subscription:
+            extra.setdefault("CLAUDE_PROXY_PASS_ENV", "ANTHROPIC_BASE_URL")
+        env = base_env(self.home, self.upstream_url, str(FAKE_CLAUDE) if fake else real_claude_bin(),
+                       **extra)
+        if token is not None or subscription:
+            env.pop("ANTHROPIC_API_KEY")
+            if token:
+                env["CLAUDE_CODE_OAUTH_TOKEN"] = token
+        try:
+            p = Proxy(env, args, cwd=cwd, script=script)
+        except harness.ProxyStartError as err:
+            pytest.fail(str(err), pytrace=False)
+        p.pids = pids
+        if _SETTING_UP:
+            _SETTING_UP[-1].addfinalizer(lambda: self.stop(p))
+        else:
+            self.test_owned.append(p)
+        return p
+
+    @staticmethod
+    def stop(p):
+        p.stop()
+        # a proxy that stopped on SIGTERM ends its CLI processes itself
+        assert not (p.left_behind and p.proc.returncode == 0), \
+            "the proxy left CLI processes running after it stopped: %s\n%s" % (p.left_behind, p.log)
 
 
 @pytest.fixture(scope="session")
 def make_proxy(home, upstream_server):
-    """Factory: make_proxy(fake=False, args=(), **env) -> a started Proxy (stopped at the end)."""
-    started = []
+    """Factory: make_proxy(fake=False, args=(), **env) -> a started Proxy (see ProxyFactory)."""
+    return ProxyFactory(home, upstream_server.url)
 
-    def make(fake=False, args=(), **extra):
-        env = base_env(home, upstream_server.url, str(FAKE_CLAUDE) if fake else real_claude_bin(),
-                       **extra)
-        p = Proxy(env, args)
-        started.append(p)
-        return p
 
-    yield make
+@pytest.fixture(autouse=True)
+def _proxies_end_with_their_test(make_proxy):
+    make_proxy.test_owned = []
+    yield
+    started, make_proxy.test_owned = make_proxy.test_owned, []
     for p in started:
-        p.stop()
+        make_proxy.stop(p)
 
 
-@pytest.fixture(scope="session")
+# Shared proxies, one per test module that uses them (not per session: a proxy's idle CLIs
+# would otherwise live on, and be replaced in the background, while later modules run).
+
+@pytest.fixture(scope="module")
 def proxy(make_proxy):
-    """One shared proxy on the real CLI with default settings."""
-    return make_proxy()
+    """A proxy on the real CLI with default settings but no pool: pre-starting is tested in
+    test_pool.py, and a pool here would start CLIs in the background of every later test."""
+    return make_proxy(CLAUDE_PROXY_POOL_SIZE=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fake_proxy(make_proxy, tmp_path_factory):
     """A proxy on the fake CLI, without a warm pool or kept sessions (so every CLI process it
     starts belongs to a request and ends with it); it records the pids of its CLI runs in `fake_proxy.pids`."""
-    pids = tmp_path_factory.mktemp("pids")
-    p = make_proxy(fake=True, args=("--timeout", "4"), FAKE_CLAUDE_PIDS=pids,
-                   CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_PIDS", CLAUDE_PROXY_POOL_SIZE=0,
-                   CLAUDE_PROXY_SESSIONS=0)
-    p.pids = pids
-    return p
-
-
-def alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    return make_proxy(fake=True, args=("--timeout", "4"), pids=tmp_path_factory.mktemp("pids"),
+                      CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
 
 
 @contextlib.contextmanager

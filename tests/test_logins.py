@@ -6,14 +6,17 @@ a CLAUDE_CONFIG_DIR holding a made-up .credentials.json) against the fake upstre
 `plans` play one subscription per token with its own anthropic-ratelimit-unified-* headers.
 """
 import json
+import os
 import re
 import secrets
+import shutil
+import socket
 import time
 
 import pytest
 
 import fake_upstream
-from conftest import Proxy, base_env, real_claude_bin
+from conftest import Proxy, base_env, free_port, need_tool, real_claude_bin
 from fake_upstream import Plan
 
 CHAT = "/v1/chat/completions"
@@ -24,24 +27,11 @@ def new_token():
 
 
 @pytest.fixture
-def sub_proxy(home, upstream_server):
-    """Factory: sub_proxy(token=..., **env) -> a proxy on the real CLI whose login is a
-    subscription (no API key anywhere); stopped at the end of the test."""
-    started = []
-
-    def make(token=None, args=(), **extra):
-        env = base_env(home, upstream_server.url, real_claude_bin(),
-                       CLAUDE_PROXY_PASS_ENV="ANTHROPIC_BASE_URL", **extra)
-        env.pop("ANTHROPIC_API_KEY")
-        if token:
-            env["CLAUDE_CODE_OAUTH_TOKEN"] = token
-        p = Proxy(env, args)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        p.stop()
+def sub_proxy(make_proxy):
+    """Factory: sub_proxy(token=None, args=(), **env) -> a proxy on the real CLI whose login is
+    a subscription (no API key anywhere)."""
+    return lambda token=None, args=(), **env: make_proxy(args=args, token=token, subscription=True,
+                                                         **env)
 
 
 def chat(proxy, text="hi", headers=None, model="sonnet", timeout=120):
@@ -442,8 +432,7 @@ def test_no_failover_once_the_answer_began_and_each_login_gets_its_own_environme
     (tmp_path / "bdir").mkdir()
     pids = tmp_path / "pids"
     pids.mkdir()
-    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0,
-                   CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_PIDS", FAKE_CLAUDE_PIDS=pids,
+    p = make_proxy(fake=True, pids=pids, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0,
                    CLAUDE_CODE_OAUTH_TOKEN="inherited-" + token[12:],
                    CLAUDE_PROXY_ACCOUNTS="a=token-file:%s,b=%s" % (tmp_path / "a.token",
                                                                    tmp_path / "bdir"))
@@ -580,25 +569,25 @@ def balanced(sub_proxy, upstream, tmp_path):
     """balanced(program, conf) -> (front, t1, t2, sessions on 1): two instances, one
     subscription each, behind a load balancer started from `conf` (a template of p1, p2, port,
     dir); each of the sessions found has been served twice by the same instance."""
-    import shutil, subprocess, urllib.request
-    from conftest import free_port
+    import subprocess, tempfile, urllib.request
     started = []
+    sock_dir = tempfile.mkdtemp(prefix="lb-")      # short: a unix socket path has 107 bytes
 
     def make(argv, conf):
-        if not shutil.which(argv[0]):
-            pytest.skip("%s is not installed (.ci/run installs it)" % argv[0])
+        need_tool(argv[0])
         t1, t2 = new_token(), new_token()
         upstream.plans[t1], upstream.plans[t2] = Plan(), Plan()
         p1 = sub_proxy(t1, CLAUDE_PROXY_POOL_SIZE=0)
         p2 = sub_proxy(t2, CLAUDE_PROXY_POOL_SIZE=0)
         port = free_port()
+        front_sock = os.path.join(sock_dir, "admin.sock")
         (tmp_path / "lb.conf").write_text(conf % {"dir": tmp_path, "p1": p1.port, "p2": p2.port,
-                                                  "port": port})
+                                                  "port": port, "sock": front_sock})
         lb = subprocess.Popen([a.replace("CONF", str(tmp_path / "lb.conf")) for a in argv],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started.append(lb)
         front = Proxy.__new__(Proxy)          # only its request helpers, on the balancer's URL
-        front.url, front.backends = "http://127.0.0.1:%d" % port, (p1, p2)
+        front.url, front.backends, front.sock = "http://127.0.0.1:%d" % port, (p1, p2), front_sock
         deadline = time.time() + 10
         while True:
             try:
@@ -625,6 +614,7 @@ def balanced(sub_proxy, upstream, tmp_path):
     for lb in started:
         lb.terminate()
         lb.wait(10)
+    shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def test_nginx_keeps_a_session_on_one_instance_and_fails_over_on_429(balanced, upstream):
@@ -642,6 +632,8 @@ def test_nginx_keeps_a_session_on_one_instance_and_fails_over_on_429(balanced, u
 
 
 HAPROXY_CONF = """
+global
+    stats socket %(sock)s
 defaults
     mode http
     timeout connect 5s
@@ -663,6 +655,22 @@ backend claude_proxies
 """
 
 
+def haproxy_status(front, server, want, timeout=20):
+    """Polls HAProxy's admin socket (the `stats socket` line, added for the test) until
+    `server` has status `want`; True if it got there."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(front.sock)
+            s.sendall(b"show stat\n")
+            csv = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+        rows = [line.split(",") for line in csv.splitlines() if line.startswith("claude_proxies,")]
+        if [r for r in rows if r[1] == server and r[17].startswith(want)]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_haproxy_keeps_a_session_and_takes_a_limited_instance_out(balanced, upstream):
     """The README's HAProxy recipe, run: a session header hashes to one instance; once an
     instance's only login is known out of limits its /health says "serving": false, the
@@ -673,7 +681,7 @@ def test_haproxy_keeps_a_session_and_takes_a_limited_instance_out(balanced, upst
     assert status == 429, got           # HAProxy 2.6 cannot retry on a 429: it reaches the client
     assert front.backends[0].request("GET", "/health")[2]["logins"]["serving"] is False
     assert front.backends[1].request("GET", "/health")[2]["logins"]["serving"] is True
-    time.sleep(3)                       # several health checks
+    assert haproxy_status(front, "a", "DOWN"), "the health check never took instance 1 out"
     asked = len(tokens_used(upstream))
     status, _, got = chat(front, "elsewhere", headers={"X-Session-Id": on_1[0]})
     assert status == 200 and tokens_used(upstream)[asked:] == [t2], got

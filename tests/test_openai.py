@@ -460,15 +460,12 @@ def test_missing_cli_is_503_naming_claude_bin(make_proxy, tmp_path):
 
 
 def test_upstream_401_fails_fast_mentioning_login(proxy, upstream):
-    """A logged-out CLI must fail within seconds (the CLI alone retries for ~3 minutes) and
-    tell the operator to run `claude login`."""
+    """A logged-out CLI fails at once, not after the CLI's ~3 minutes of retries (at most 3
+    upstream calls), with a 502 that tells the operator to run `claude login`."""
     upstream.default = fake_upstream.error(401, "authentication_error", "invalid x-api-key")
-    started = time.monotonic()
     status, _, body = chat(proxy, "hi", timeout=120)
-    elapsed = time.monotonic() - started
-    assert status in (401, 403, 502, 503), body
+    assert status == 502, body
     assert "claude login" in error_of(body)["message"]
-    assert elapsed < 10, "auth failure took %.1fs" % elapsed
     assert 1 <= len(upstream.model_calls) <= 3, "the CLI kept retrying a 401"
 
 
@@ -488,14 +485,12 @@ def test_streamed_crash_ends_with_error_chunk(fake_proxy):
 
 
 def test_hung_cli_gives_504_after_timeout(fake_proxy):
-    """A CLI that never answers is killed at --timeout (4 s here) and the client gets 504."""
-    started = time.monotonic()
+    """A CLI that never answers is killed at --timeout (4 s here) and the client gets 504
+    (the client's own 30 s timeout would fail the test first if it were not)."""
     with no_leftover_cli(fake_proxy.pids):
         status, _, body = chat(fake_proxy, "[[hang]]", timeout=30)
-    elapsed = time.monotonic() - started
     assert status == 504, body
-    assert error_of(body)["message"]
-    assert elapsed < 15
+    assert "CLAUDE_PROXY_TIMEOUT" in error_of(body)["message"]
 
 
 def test_client_disconnect_mid_stream_kills_cli(fake_proxy):

@@ -24,7 +24,7 @@ import time
 import pytest
 
 import fake_upstream
-from conftest import FAKE_CLAUDE, PROXY, ROOT, alive, base_env, free_port, no_leftover_cli, \
+from conftest import FAKE_CLAUDE, PROXY, ROOT, alive, base_env, need_tool, no_leftover_cli, \
     real_claude_bin, sse_events
 
 if str(ROOT) not in sys.path:
@@ -140,12 +140,8 @@ def new_pids(p, before, timeout=10):
 
 def fake_with_pids(make_proxy, tmp_path_factory, args=(), **env):
     """A proxy on the fake CLI with no warm pool whose CLI runs record their pids."""
-    pids = tmp_path_factory.mktemp("pids")
     env.setdefault("CLAUDE_PROXY_POOL_SIZE", 0)
-    p = make_proxy(fake=True, args=args, FAKE_CLAUDE_PIDS=pids,
-                   CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_PIDS", **env)
-    p.pids = pids
-    return p
+    return make_proxy(fake=True, args=args, pids=tmp_path_factory.mktemp("pids"), **env)
 
 
 def log_lines_with(p, needle, timeout=5):
@@ -160,6 +156,8 @@ def connect_refused(port):
         return False
     except (ConnectionRefusedError, ConnectionResetError):   # reset: queued when the listener closed
         return True
+    except ConnectionResetError:        # queued while the listener closed: not refused yet
+        return False
 
 
 # Auth ###########################################################################################
@@ -283,7 +281,7 @@ def test_without_keys_the_loopback_operator_is_admin_and_others_are_clients():
 ])
 def test_public_bind_without_keys_refuses_to_start(home, upstream, args, env):
     e = base_env(home, upstream.url, str(FAKE_CLAUDE), **env)
-    res = subprocess.run([sys.executable, str(PROXY), "--port", str(free_port()), *args], env=e,
+    res = subprocess.run([sys.executable, str(PROXY), "--port", "0", *args], env=e,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert "CLAUDE_PROXY_API_KEYS" in res.stderr, res.stderr
@@ -386,14 +384,12 @@ def test_cors_other_origin_gets_nothing(cors_proxy):
 def test_upstream_auth_failure_is_fast_and_says_claude_login(proxy, upstream, dialect, status):
     kind = "authentication_error" if status == 401 else "permission_error"
     upstream.default = fake_upstream.error(status, kind, "invalid x-api-key")
-    started = time.monotonic()
     got_status, _, got = ask(proxy, dialect, "hi", timeout=120)
-    elapsed = time.monotonic() - started
     err = error_of(dialect, got)
-    assert got_status >= 500, "an upstream login problem is not the client's 401: %s %s" % (got_status, got)
+    assert got_status == 502, "an upstream login problem is not the client's 401: %s %s" % (got_status, got)
     assert "claude login" in err["message"]
     assert "sk-ant-test-dummy-key" not in json.dumps(got)
-    assert elapsed < 10, "the auth failure took %.1fs" % elapsed
+    assert 1 <= len(upstream.model_calls) <= 3, "the CLI kept retrying (~3 minutes)"
 
 
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
@@ -447,27 +443,47 @@ def test_upstream_connection_failure_is_502(unreachable_proxy, dialect, stream):
     assert "upstream" in err["message"].lower() or "reach" in err["message"].lower(), err
 
 
+#: what the client has of FULL when the upstream drops after 5 events (message_start,
+#: content_block_start and 3 of FULL's 10 deltas)
+SENT = "".join(fake_upstream._split(FULL, 10)[:3])
+OTHER = "A different answer, written from scratch."
+
+
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
-def test_stream_dropped_after_text_ends_cleanly(proxy, upstream, dialect, stream):
-    """The upstream connection resets after some text and the CLI asks again: the client gets
-    either the complete answer exactly once or the dialect's error, never a hang and never the
-    text already sent followed by the whole answer again."""
+def test_stream_dropped_after_text_goes_on_when_the_new_answer_begins_with_it(
+        proxy, upstream, dialect, stream):
+    """The upstream connection resets after some text and the CLI asks again; the new answer
+    begins with what was already sent, so a stream continues and every client gets the whole
+    answer exactly once."""
     upstream.push(fake_upstream.text(FULL, chunks=10, drop_after=5))
     upstream.default = fake_upstream.text(FULL)
     status, _, got = ask(proxy, dialect, "hi", stream=stream, timeout=150)
-    if not stream:
-        if status == 200:
-            assert answer(dialect, got) == FULL
-        else:
-            assert status == 502 and error_of(dialect, got)
-        return
     assert status == 200, got
-    content, complete, err = stream_result(dialect, got)
-    if complete:
-        assert content == FULL
+    if stream:
+        assert stream_result(dialect, got) == (FULL, True, None)
     else:
-        assert err and FULL.startswith(content)
+        assert answer(dialect, got) == FULL
+    assert len(upstream.model_calls) >= 2, "the drop was not noticed"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+def test_stream_dropped_after_text_ends_with_an_error_when_the_new_answer_differs(
+        proxy, upstream, dialect, stream):
+    """The same drop, but the new answer is another text: a non-streaming request gets the new
+    answer alone; a stream, whose first words are out, ends with the dialect's error event
+    (sent text can't be taken back), and none of the new answer is appended."""
+    upstream.push(fake_upstream.text(FULL, chunks=10, drop_after=5))
+    upstream.default = fake_upstream.text(OTHER)
+    status, _, got = ask(proxy, dialect, "hi", stream=stream, timeout=150)
+    assert status == 200, got
+    if stream:
+        content, complete, err = stream_result(dialect, got)
+        assert (content, complete) == (SENT, False), got
+        assert err and err["message"], got
+    else:
+        assert answer(dialect, got) == OTHER
     assert len(upstream.model_calls) >= 2, "the drop was not noticed"
 
 
@@ -510,14 +526,10 @@ def assert_recovers(p, dialect):
     ("silent-exit", 502, "without an answer"), ("hang", 504, "CLAUDE_PROXY_TIMEOUT")])
 def test_cli_fault_is_a_clear_error(one_slot, dialect, directive, want_status, mention):
     with no_leftover_cli(one_slot.pids, within=3):
-        started = time.monotonic()
         status, _, got = ask(one_slot, dialect, "[[%s]]" % directive, timeout=60)
-        elapsed = time.monotonic() - started
     assert status == want_status, got
     err = error_of(dialect, got)
     assert mention in err["message"], err
-    if directive == "hang":
-        assert elapsed < 30
     assert_recovers(one_slot, dialect)
 
 
@@ -607,9 +619,7 @@ def test_client_disconnect_kills_the_cli(patient, dialect, stream):
         assert all(alive(pid) for pid in pids), "the CLI should still be running"
     finally:
         sock.close()
-    gone = time.monotonic()
     wait_for(lambda: not any(alive(pid) for pid in pids), 3, "the CLI to be killed after the hang-up")
-    assert time.monotonic() - gone < 3
     assert_recovers(one_slot, dialect)
 
 
@@ -934,12 +944,8 @@ def test_sigterm_grace_over_kills_the_cli(make_proxy, tmp_path_factory):
     t.start()
     pids = new_pids(p, before)
     wait_for(lambda: all(alive(pid) for pid in pids), 5, "the CLI to run")
-    sent = time.monotonic()
     p.proc.send_signal(signal.SIGTERM)
-    rc = p.proc.wait(20)
-    took = time.monotonic() - sent
-    assert rc == 0
-    assert 0.9 <= took < 10, "exit %.1fs after SIGTERM with a 1 s grace" % took
+    assert p.proc.wait(20) == 0
     wait_for(lambda: not any(alive(pid) for pid in pids), 3, "the hung CLI to be killed")
     t.join(30)
     assert not t.is_alive(), "the client was left hanging"
@@ -1005,9 +1011,7 @@ def unit_settings(text):
 
 
 def test_systemd_unit_verifies(tmp_path):
-    tool = shutil.which("systemd-analyze")
-    if not tool:
-        pytest.skip("systemd-analyze is not installed")
+    tool = need_tool("systemd-analyze")
     shutil.copy(ROOT / "claude-proxy.service", tmp_path / "claude-proxy@.service")
     res = subprocess.run([tool, "verify", "--man=no", str(tmp_path / "claude-proxy@alice.service")],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -1104,22 +1108,23 @@ def test_slow_clients_cannot_hold_a_thread(make_proxy):
     p = make_proxy(fake=True, CLAUDE_PROXY_READ_TIMEOUT=1, CLAUDE_PROXY_POOL_SIZE=0)
 
     def stalled(payload):
+        """What the server sent before it closed the connection (a client that waited 10 s
+        for that would raise socket.timeout and fail the test)."""
         s = _socket.create_connection(("127.0.0.1", p.port), timeout=10)
         s.sendall(payload)
-        started, data = time.time(), b""
+        data = b""
         while True:
             chunk = s.recv(65536)
             if not chunk:
                 break
             data += chunk
         s.close()
-        return time.time() - started, data
+        return data
 
-    waited, data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
-    assert waited < 8 and data == b""
-    waited, data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                           b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod")
-    assert waited < 8
+    data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+    assert data == b""
+    data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                   b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod")
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert b"CLAUDE_PROXY_READ_TIMEOUT" in data and b"Connection: close" in data
     assert p.request("GET", "/health")[0] == 200

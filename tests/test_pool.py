@@ -5,6 +5,7 @@ small and shared).  The real CLI is used where the behaviour depends on it (what
 upstream), the fake CLI where faults or slow answers are needed.  The proxy's CLI processes are
 found through /proc: the processes whose parent is the proxy.
 """
+import functools
 import json
 import os
 import signal
@@ -148,20 +149,9 @@ class RawRequest:
 
 @pytest.fixture
 def start(make_proxy):
-    """make_proxy, but each proxy (and its pool) is stopped at the end of the test: pooled
-    real CLI processes hold ~180 MB each, so they must not outlive the test."""
-    started = []
-
-    def make(*args, **kw):
-        kw.setdefault("CLAUDE_PROXY_SESSIONS", 0)   # only pre-started and running CLIs are counted
-        kw.setdefault("CLAUDE_PROXY_REUSE", 0)      # here (reuse: tests/test_reuse.py)
-        p = make_proxy(*args, **kw)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        p.stop()
+    """make_proxy without kept sessions or reuse by default: only pre-started and running CLIs
+    are counted here (reuse: tests/test_reuse.py)."""
+    return functools.partial(make_proxy, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_REUSE=0)
 
 
 # -- (1)-(3) reuse, refill, one request per process, no history (real CLI) ---------------------

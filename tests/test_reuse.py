@@ -4,6 +4,7 @@ requests, and what the upstream sees.  Real CLI, fake upstream; behaviour, not t
 The first tests drive one CLIProcess by hand, so they pin the CLI's own behaviour
 (rewind_conversation leaves nothing behind, /clear does); the rest go through the proxy.
 """
+import functools
 import json
 import tempfile
 
@@ -100,19 +101,9 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture
 def start(make_proxy):
-    """A proxy with no pool and no kept sessions by default, so every process it holds idle
-    is a reused one; stopped after the test."""
-    started = []
-
-    def make(**env):
-        env.setdefault("CLAUDE_PROXY_POOL_SIZE", 0)
-        env.setdefault("CLAUDE_PROXY_SESSIONS", 0)
-        p = make_proxy(**env)
-        started.append(p)
-        return p
-    yield make
-    for p in started:
-        p.stop()
+    """make_proxy with no pool and no kept sessions by default, so every process it holds
+    idle is a reused one."""
+    return functools.partial(make_proxy, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
 
 
 def reused_idle(p, n=1):

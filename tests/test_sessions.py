@@ -4,6 +4,7 @@ the conversation's next turn.  Real CLI, fake upstream; behaviour, not timings.
 Nothing here asserts a duration.  Which process served a turn is seen through /health
 (idle kept hits, misses = spawns, cli_processes_started) and through /proc (the proxy's children).
 """
+import functools
 import json
 import os
 import signal
@@ -27,19 +28,9 @@ SEED = [{"role": "user", "content": "Seed question."}, {"role": "assistant", "co
 
 @pytest.fixture
 def start(make_proxy):
-    """A proxy without a pool or reuse (so every started process is a request's, and only kept
-    ones outlive it), stopped after the test."""
-    started = []
-
-    def make(**env):
-        env.setdefault("CLAUDE_PROXY_POOL_SIZE", 0)
-        env.setdefault("CLAUDE_PROXY_REUSE", 0)     # a turn not kept ends its process here
-        p = make_proxy(**env)
-        started.append(p)
-        return p
-    yield make
-    for p in started:
-        p.stop()
+    """make_proxy without a pool or reuse by default (so every started process is a
+    request's, and only kept ones outlive it: a turn not kept ends its process here)."""
+    return functools.partial(make_proxy, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_REUSE=0)
 
 
 def without_cache_marks(messages):

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 import fake_upstream
-from conftest import PROXY, base_env, free_port, real_claude_bin, sse_events, upstream_texts
+from conftest import PROXY, base_env, real_claude_bin, sse_events, upstream_texts
 
 F = "`" * 3
 
@@ -425,7 +425,7 @@ register(AcmeHandler)
 
 
 @pytest.fixture(scope="module")
-def broken_install(tmp_path_factory, home, upstream_server):
+def broken_install(tmp_path_factory, make_proxy):
     """A copy of the proxy whose modules/ holds evonic, a custom `acme` handler, a module that
     raises on import, and a private helper that must not be imported; started like a user would."""
     root = tmp_path_factory.mktemp("install")
@@ -435,32 +435,9 @@ def broken_install(tmp_path_factory, home, upstream_server):
     (root / "modules" / "broken.py").write_text("raise RuntimeError('boom from a broken module')\n")
     (root / "modules" / "_private.py").write_text("raise RuntimeError('private helpers are not handlers')\n")
     (root / "modules" / "acme.py").write_text(ACME)
-    env = base_env(home, upstream_server.url, real_claude_bin(), CLAUDE_PROXY_TOOLCALL_MODULE="acme")
-    port = free_port()
-    log = open(root / "proxy.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(root / PROXY.name), "--port", str(port)], env=env,
-                            cwd=str(home), stdout=log, stderr=subprocess.STDOUT)
-    url = "http://127.0.0.1:%d" % port
-    deadline = time.time() + 15
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                health = json.loads(resp.read())
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                log.close()
-                pytest.fail("the proxy copy did not start:\n" + (root / "proxy.log").read_text())
-            time.sleep(0.05)
-    yield {"root": root, "url": url, "health": health, "env": env, "log": root / "proxy.log"}
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    p = make_proxy(script=root / PROXY.name, CLAUDE_PROXY_TOOLCALL_MODULE="acme")
+    return {"root": root, "url": p.url, "health": p.health(), "env": p.env,
+            "log": p.log_path}
 
 
 def test_broken_module_is_reported_and_the_server_still_starts(broken_install):
@@ -514,21 +491,9 @@ def test_unknown_default_module_is_refused_at_start_up(home, upstream_server):
     """A typo in CLAUDE_PROXY_TOOLCALL_MODULE should stop the server at start-up, listing the
     handlers, rather than answer every request with a 400 that blames X-Toolcall-Module."""
     env = base_env(home, upstream_server.url, real_claude_bin(), CLAUDE_PROXY_TOOLCALL_MODULE="evonik")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(PROXY), "--port", str(port)], env=env,
-                            cwd=str(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 15
-    try:
-        while proc.poll() is None and time.time() < deadline:
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=1):
-                    pytest.fail("the proxy started with an unknown CLAUDE_PROXY_TOOLCALL_MODULE")
-            except OSError:
-                time.sleep(0.1)
-        assert proc.poll() is not None, "the proxy neither started nor exited"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        output = proc.communicate(timeout=10)[0].decode()
+    proc = subprocess.run([sys.executable, str(PROXY), "--port", "0"], env=env, cwd=str(home),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    output = proc.stdout.decode()
     assert proc.returncode != 0
+    assert "listening" not in output
     assert "evonik" in output and "generic" in output and "evonic" in output

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""Every bench script, one after the other, with their figures printed as they come.
+
+    python3 bench/all.py            # the full benches (long: tens of minutes)
+    python3 bench/all.py --quick    # a few iterations each (.ci/run runs this)
+
+--quick is a smoke run so that the benches cannot rot unnoticed: it fails only when a script
+crashes (a non-zero exit), never on a time or a missed target (those figures are meaningless
+at a few iterations, on a loaded machine).  Targets are for the full runs, quoted in README.
+"""
+import pathlib
+import subprocess
+import sys
+import time
+
+BENCH = pathlib.Path(__file__).resolve().parent
+SCRIPTS = ["run.py", "reuse.py", "history.py", "agent_loop.py", "web_search.py", "dashboard.py"]
+
+
+def main(args):
+    failed = []
+    for name in SCRIPTS:
+        print("\n== bench/%s %s" % (name, " ".join(args)), flush=True)
+        t0 = time.perf_counter()
+        code = subprocess.call([sys.executable, str(BENCH / name), *args])
+        print("== bench/%s: exit %d after %.0f s" % (name, code, time.perf_counter() - t0), flush=True)
+        if code:
+            failed.append(name)
+    unknown = sorted({p.name for p in BENCH.glob("*.py")} - set(SCRIPTS) - {"all.py"})
+    if unknown:
+        failed.append("not run by bench/all.py (add to SCRIPTS): " + ", ".join(unknown))
+    if failed:
+        print("\nbench/all.py: failed: %s" % "; ".join(failed), flush=True)
+        return 1
+    print("\nbench/all.py: every script ran", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
