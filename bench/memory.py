@@ -33,7 +33,6 @@ import pathlib
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -41,8 +40,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from run import CLAUDE, HOME, PROXY, UP, env_for  # noqa: E402
-from conftest import free_port  # noqa: E402
+from run import CLAUDE, PROXY, UP, env_for  # noqa: E402
+import harness  # noqa: E402
 import claude_openai_proxy as cp  # noqa: E402
 
 NAME = "claude-proxy-bench"
@@ -277,21 +276,14 @@ class Run:
             pass
 
     def go(self):
-        self.port = free_port()
-        env = env_for(CLAUDE, **self.limit.env)
-        argv = self.limit.argv([sys.executable, str(PROXY), "--port", str(self.port)])
-        log = open(os.path.join(HOME, "proxy-%d.log" % self.port), "wb")
-        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    health = self.get("/health", timeout=1)
-                    break
-                except OSError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit("the proxy did not start: %s" % open(log.name).read()[-2000:])
-                    time.sleep(0.05)
+            server = harness.Proxy(env_for(CLAUDE, **self.limit.env), script=PROXY,
+                                   wrap=self.limit.argv)
+        except harness.ProxyStartError as err:
+            raise SystemExit(str(err)[-2000:])
+        self.port, self.proc = server.port, server.proc
+        try:
+            health = self.get("/health")
             self.sized = health["idle"]["sized"]
             self.start_sizes = (health["idle"]["pool_size"], health["idle"]["sessions"],
                                 health["idle"]["budget"])
@@ -311,13 +303,7 @@ class Run:
             self.health = self.get("/health")
         finally:
             self.done.set()
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            log.close()
+            server.stop(grace=30)
         self.cg_peak, self.oom_kills, self.limit_hits = self.limit.figures()
         return self
 

@@ -75,9 +75,10 @@ class ProxyStartError(RuntimeError):
 
 class Proxy:
     """A running proxy subprocess: `url`, `port`, `log` (its output so far), `startup` (seconds
-    from exec to the first /health answer), `request`/`post`/`health`, and `stop`."""
+    from exec to the first /health answer), `request`/`post`/`health`, and `stop`.  `wrap`
+    turns the command line into another (e.g. one that joins a cgroup first)."""
 
-    def __init__(self, env, args=(), cwd=None, script=PROXY, timeout=30):
+    def __init__(self, env, args=(), cwd=None, script=PROXY, timeout=30, wrap=None):
         home = pathlib.Path(env["HOME"])
         self.log_path = home / ("proxy-%d-%d.log" % (os.getpid(), next(_serial)))
         self._log = open(self.log_path, "wb")
@@ -85,7 +86,8 @@ class Proxy:
             args = ("--port", "0", *args)
         self.env, self.left_behind = env, []
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, str(script), *args], env=env,
+        argv = [sys.executable, str(script), *args]
+        self.proc = subprocess.Popen(wrap(argv) if wrap else argv, env=env,
                                      cwd=cwd or str(home), stdout=self._log,
                                      stderr=subprocess.STDOUT)
         deadline = time.time() + timeout

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import FAKE_CLAUDE, PROXY, ROOT, base_env, free_port, sse_events
+from conftest import FAKE_CLAUDE, PROXY, ROOT, base_env, sse_events
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -79,7 +79,7 @@ def wait_for(cond, what, timeout=10):
 def run_proxy(home, upstream, env):
     """Start the proxy expecting it to refuse: (exit status, stderr)."""
     e = base_env(home, upstream.url, str(FAKE_CLAUDE), **env)
-    res = subprocess.run([sys.executable, str(PROXY), "--port", str(free_port())], env=e,
+    res = subprocess.run([sys.executable, str(PROXY), "--port", "0"], env=e,
                          capture_output=True, text=True, timeout=60)
     return res.returncode, res.stderr
 
