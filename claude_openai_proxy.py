@@ -22,12 +22,15 @@ Endpoints
     POST /v1/messages/count_tokens   Anthropic token count (an estimate: ~4 bytes a token)
     GET  /v1/models                  model list (Anthropic shape if anthropic-version/x-api-key)
     GET  /v1/models/{id}             one model
-    GET  /v1/usage                   plan limits and tokens per login (no secrets)
+    GET  /v1/usage                   plan limits and tokens per login, keys and their budgets
+                                     (a client key: its own); ?since=&until=&group_by=key|model|
+                                     login|day[&format=csv]: the usage history and its
+                                     API-equivalent value estimate (no secrets)
     GET  /health                     ok | degraded (with reasons), capacity, idle CLI processes,
                                      logins, handlers (no secrets); HTTP 200 either way
-    GET  /metrics                    Prometheus text format
+    GET  /metrics                    Prometheus text format (an admin key)
     GET  /  and  /dashboard          the status page: a static shell, no data, no key needed
-    GET  /dashboard/data             the page's data as JSON (a key when keys are set)
+    GET  /dashboard/data             the page's data as JSON (an admin key when keys are set)
   Every /v1/... route also answers without the /v1 prefix.
 
 Configuration (flags win over environment; read once at start-up)
@@ -45,6 +48,9 @@ Configuration (flags win over environment; read once at start-up)
     --pool-size       CLAUDE_PROXY_POOL_SIZE         mem   ready CLI processes (0 = off; max 2 by memory)
     --pool-max-idle   CLAUDE_PROXY_POOL_MAX_IDLE     300   seconds before a waiting one is renewed
     (env only)        CLAUDE_PROXY_API_KEYS          ""    keys clients must send (Bearer/x-api-key)
+    --keys-file       CLAUDE_PROXY_KEYS_FILE         ""    named keys: roles, budgets, model/login lists
+    --history-days    CLAUDE_PROXY_HISTORY_DAYS      90    days of per-request usage figures kept
+    --prices          CLAUDE_PROXY_PRICES            ""    price table (JSON) for the value estimate
     --max-body        CLAUDE_PROXY_MAX_BODY          10 MB largest request body, then 413
     --cors-origins    CLAUDE_PROXY_CORS_ORIGINS      ""    browser origins allowed (or *)
     --shutdown-grace  CLAUDE_PROXY_SHUTDOWN_GRACE    30    seconds in-flight requests may finish
@@ -104,11 +110,14 @@ __version__ = "0.1.0"
 import argparse
 import base64
 import binascii
+import calendar
 import collections
+import csv
 import dataclasses
 import hashlib
 import hmac
 import importlib
+import io
 import ipaddress
 import itertools
 import json
@@ -429,7 +438,8 @@ def build_parser():
                                                else ", default %r" % (default,)))
     p.epilog = "environment only:\n" + "\n".join(env_only) + "\n\n" + p.epilog
     p.add_argument("--allow-unauthenticated", action="store_true",
-                   help="allow a non-loopback --host without CLAUDE_PROXY_API_KEYS")
+                   help="allow a non-loopback --host without keys (CLAUDE_PROXY_KEYS_FILE, "
+                        "CLAUDE_PROXY_API_KEYS)")
     p.add_argument("--check", action="store_true",
                    help="check the CLI (found, version, logged in) and the config, then exit")
     p.add_argument("--version", action="version", version="%(prog)s " + __version__)
@@ -496,6 +506,10 @@ def load_config(argv=None, environ=None):
         KeyRing(cfg)
     except ValueError as exc:
         raise SystemExit("error: CLAUDE_PROXY_KEYS_FILE: %s" % exc)
+    try:
+        load_prices(cfg.prices_file)
+    except ValueError as exc:
+        raise SystemExit("error: CLAUDE_PROXY_PRICES: %s" % exc)
     if not cfg.api_keys and not cfg.keys_file and not cfg.allow_unauthenticated and \
             not is_loopback(cfg.host):
         raise SystemExit("error: refusing to listen on %s without keys (CLAUDE_PROXY_KEYS_FILE or "
@@ -5160,6 +5174,307 @@ class StateStore:
                 self.error = "the state store is closed"
 
 
+# -- usage history (issue 24): per-request figures, hourly and daily rollups ----------------------
+# Written by one thread from a bounded queue, so a request never waits for the disk; a write
+# that fails (disk full, file locked, store not open) or a full queue loses those rows, counted
+# in `lost` (/metrics, the dashboard).  Never text: times, names, token counts, status.
+
+#: API prices in USD per million tokens (input, 5-minute cache write, cache read, output), by
+#: model id prefix; a bare family (opus, sonnet, haiku) is its newest model, the CLI's alias.
+#: Source: Anthropic's pricing page https://platform.claude.com/docs/en/about-claude/pricing
+#: and the model overview pages (claude-opus-5-5, claude-sonnet-5-5, claude-haiku-5-5), read
+#: 2026-12-03.  Haiku 5.5 is its price for prompts up to 100k tokens.  CLAUDE_PROXY_PRICES
+#: replaces entries (the same shape, in JSON).  An estimate: the CLI may write 1-hour cache
+#: entries (2x input), priced here as 5-minute ones (1.25x).
+PRICES_DATE = "2026-12-03"
+PRICES_SOURCE = "https://platform.claude.com/docs/en/about-claude/pricing"
+PRICES = {
+    "claude-opus-5-5": (4.0, 5.0, 0.20, 20.0),
+    "claude-opus-5": (5.0, 6.25, 0.50, 25.0),
+    "claude-opus-4-8": (5.0, 6.25, 0.50, 25.0),
+    "claude-opus-4-7": (5.0, 6.25, 0.50, 25.0),
+    "claude-opus-4-6": (5.0, 6.25, 0.50, 25.0),
+    "claude-opus-4-5": (5.0, 6.25, 0.50, 25.0),
+    "claude-opus-4": (15.0, 18.75, 1.50, 75.0),
+    "claude-sonnet-5-5": (2.0, 2.50, 0.20, 10.0),
+    "claude-sonnet-5": (2.0, 2.50, 0.20, 10.0),
+    "claude-sonnet-4": (3.0, 3.75, 0.30, 15.0),
+    "claude-haiku-5-5": (0.10, 0.125, 0.01, 0.50),
+    "claude-haiku-4-5": (1.0, 1.25, 0.10, 5.0),
+    "claude-haiku-3-5": (0.80, 1.0, 0.08, 4.0),
+    "opus": (4.0, 5.0, 0.20, 20.0),
+    "sonnet": (2.0, 2.50, 0.20, 10.0),
+    "haiku": (0.10, 0.125, 0.01, 0.50),
+}
+PRICE_KINDS = ("input", "cache_write", "cache_read", "output")
+HISTORY_QUEUE = 10000            # rows waiting for the writer at most; beyond, they are lost
+HISTORY_BATCH = 500              # rows a transaction writes at most
+GROUPS = ("key", "model", "login", "day")
+#: what every cost figure is, said wherever one is shown
+ESTIMATE_NOTE = {
+    "what": "an estimate of what the same tokens would have cost on Anthropic's API, not what "
+            "the subscription charges",
+    "currency": "USD", "prices_date": PRICES_DATE, "prices_source": PRICES_SOURCE}
+
+
+def load_prices(path):
+    """PRICES with the operator's file laid over it: {"model": {"input": USD per MTok,
+    "cache_write": ..., "cache_read": ..., "output": ...}, ...}; ValueError says what is wrong."""
+    prices = dict(PRICES)
+    if not path:
+        return prices
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("%s cannot be read as JSON: %s" % (path, exc))
+    if not isinstance(data, dict):
+        raise ValueError('%s must be an object {"model": {"input": 3, "output": 15, ...}}' % path)
+    for model, p in data.items():
+        if model in ("comment", "date", "source"):
+            continue
+        if not isinstance(p, dict) or set(p) - set(PRICE_KINDS) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                for v in p.values()) or not {"input", "output"} <= set(p):
+            raise ValueError("%s: %r must be {\"input\": N, \"output\": N[, \"cache_write\": N, "
+                             "\"cache_read\": N]} in USD per million tokens" % (path, model))
+        prices[model.lower()] = (float(p["input"]), float(p.get("cache_write", p["input"] * 1.25)),
+                                 float(p.get("cache_read", p["input"] * 0.1)), float(p["output"]))
+    return prices
+
+
+def price_of(prices, model):
+    """The price row for a model name: the longest id prefix that ends at a '-', else its
+    family; None for a model with no price."""
+    low = (model or "").lower()
+    best = None
+    for name in prices:
+        if (low == name or low.startswith(name + "-")) and (best is None or len(name) > len(best)):
+            best = name
+    if best is None:
+        best = next((f for f in MODEL_FAMILIES if re.search(r"(^|-)%s(-|$)" % f, low)), None)
+    return prices.get(best) if best else None
+
+
+def cost_usd(prices, model, tokens):
+    """API-equivalent USD of token counts {"input", "cache_write", "cache_read", "output"}."""
+    p = price_of(prices, model)
+    if p is None:
+        return None
+    return sum(p[i] * tokens.get(k, 0) for i, k in enumerate(PRICE_KINDS)) / 1e6
+
+
+MIGRATIONS.append(
+    # 2: usage history (issue 24): one row per model request, figures only; rollups per hour
+    # and per UTC day by key, login and model (hour, day: Unix time // 3600, // 86400)
+    """
+    CREATE TABLE usage_requests (
+        t REAL NOT NULL,
+        key TEXT NOT NULL,
+        login TEXT NOT NULL,
+        model TEXT NOT NULL,
+        route TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        input INTEGER NOT NULL,
+        output INTEGER NOT NULL,
+        cache_read INTEGER NOT NULL,
+        cache_write INTEGER NOT NULL,
+        ttft_ms REAL,
+        ms REAL NOT NULL,
+        served_by TEXT NOT NULL
+    );
+    CREATE INDEX usage_requests_t ON usage_requests(t);
+    CREATE TABLE usage_hourly (
+        hour INTEGER NOT NULL, key TEXT NOT NULL, login TEXT NOT NULL, model TEXT NOT NULL,
+        requests INTEGER NOT NULL, errors INTEGER NOT NULL, input INTEGER NOT NULL,
+        output INTEGER NOT NULL, cache_read INTEGER NOT NULL, cache_write INTEGER NOT NULL,
+        PRIMARY KEY (hour, key, login, model)
+    ) WITHOUT ROWID;
+    CREATE TABLE usage_daily (
+        day INTEGER NOT NULL, key TEXT NOT NULL, login TEXT NOT NULL, model TEXT NOT NULL,
+        requests INTEGER NOT NULL, errors INTEGER NOT NULL, input INTEGER NOT NULL,
+        output INTEGER NOT NULL, cache_read INTEGER NOT NULL, cache_write INTEGER NOT NULL,
+        PRIMARY KEY (day, key, login, model)
+    ) WITHOUT ROWID;
+    """)
+
+_ROLLUP_UPSERT = (
+    "INSERT INTO usage_%s VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+    "requests = requests + excluded.requests, errors = errors + excluded.errors, "
+    "input = input + excluded.input, output = output + excluded.output, "
+    "cache_read = cache_read + excluded.cache_read, cache_write = cache_write + excluded.cache_write")
+_SUMS = ("SUM(requests)", "SUM(errors)", "SUM(input)", "SUM(output)", "SUM(cache_read)",
+         "SUM(cache_write)")
+
+
+class UsageHistory:
+    """The usage tables of the state store: `add` queues a finished request's figures, a
+    writer thread stores them in batches (one transaction each: a row and its rollups are
+    whole or absent), `query` answers /v1/usage, `recent_tokens` seeds the budgets at start."""
+
+    def __init__(self, store, days, prices):
+        self.store, self.days, self.prices = store, days, prices
+        self.on = bool(days) and store.path is not None     # off: nothing kept, nothing lost
+        self.queue = queue.Queue(HISTORY_QUEUE)
+        self.lost = 0                #: rows that never reached the file
+        self.written = 0
+        self.last_error = None
+        self._next_sweep = 0.0
+        self._thread = None
+        if self.on:
+            self._thread = threading.Thread(target=self._writer, name="usage-history", daemon=True)
+            self._thread.start()
+
+    def add(self, row):
+        """Queue one request's figures: (t, key, login, model, route, status, input, output,
+        cache_read, cache_write, ttft_ms, ms, served_by).  Never blocks."""
+        if not self.on:
+            return
+        try:
+            self.queue.put_nowait(row)
+        except queue.Full:
+            self.lost += 1
+
+    def _writer(self):
+        while True:
+            got, rows = [self.queue.get()], []
+            while len(got) < HISTORY_BATCH and got[-1] is not None:
+                try:
+                    got.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            rows = [r for r in got if r is not None]
+            if rows:
+                self._write(rows)
+            for _ in got:
+                self.queue.task_done()
+            if got[-1] is None:
+                return
+
+    def _write(self, rows):
+        hourly, daily = {}, {}
+        for r in rows:
+            figures = (1, int(r[5] >= 400), r[6], r[7], r[8], r[9])
+            for table, bucket in ((hourly, int(r[0] // 3600)), (daily, int(r[0] // 86400))):
+                k = (bucket, r[1], r[2], r[3])
+                table[k] = tuple(a + b for a, b in zip(table.get(k, (0,) * 6), figures))
+
+        def steps(db):
+            db.executemany("INSERT INTO usage_requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            for name, table in (("hourly", hourly), ("daily", daily)):
+                db.executemany(_ROLLUP_UPSERT % name, [k + v for k, v in table.items()])
+
+        try:
+            self.store.write(steps)
+        except ProxyError as exc:          # StoreUnavailable: counted, logged by the store
+            self.lost += len(rows)
+            self.last_error = exc.message
+            return
+        self.written += len(rows)
+        self.last_error = None
+        if time.monotonic() >= self._next_sweep:
+            self.sweep()
+
+    def sweep(self, now=None):
+        """Rows and rollups older than CLAUDE_PROXY_HISTORY_DAYS go (a day is kept whole)."""
+        self._next_sweep = time.monotonic() + SWEEP_SECONDS
+        cutoff = (time.time() if now is None else now) - self.days * 86400
+        try:
+            self.store.write(lambda db: (
+                db.execute("DELETE FROM usage_requests WHERE t < ?", (cutoff,)),
+                db.execute("DELETE FROM usage_hourly WHERE hour < ?", (int(cutoff // 3600),)),
+                db.execute("DELETE FROM usage_daily WHERE day < ?", (int(cutoff // 86400),))))
+        except ProxyError:
+            pass
+
+    def flush(self, timeout=5.0):
+        """Wait until the rows queued so far are written (or lost); for shutdown and tests."""
+        deadline = time.monotonic() + timeout
+        while self.on and self.queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self, timeout=5.0):
+        if self._thread is not None:
+            try:
+                self.queue.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+            self._thread.join(timeout)
+
+    def report(self):
+        return {"on": self.on, "days": self.days, "written": self.written, "lost": self.lost,
+                "queued": self.queue.qsize(), "error": self.last_error or
+                (self.store.error if self.on and not self.store.enabled else None)}
+
+    def recent_tokens(self, since):
+        """(minute, key, tokens a budget counts) since `since`, per key and minute."""
+        if not self.on or not self.store.enabled:
+            return []
+        return self.store.read(
+            "SELECT CAST(t / 60 AS INTEGER) * 60, key, SUM(input + cache_write + output) "
+            "FROM usage_requests WHERE t >= ? GROUP BY 1, 2", (since,))
+
+    def query(self, since, until, group_by, key=None):
+        """Figures between `since` and `until` (Unix seconds), by `group_by` (key | model |
+        login | day) and model, each with its API-equivalent cost.  Whole UTC days come from
+        the daily rollup, whole hours at the edges from the hourly one, the rest from rows."""
+        self.store.require()
+        dim = {"key": "key", "model": "model", "login": "login"}
+        day0, day1 = -(-int(since) // 86400), int(until) // 86400
+        hour0, hour1 = -(-int(since) // 3600), int(until) // 3600
+        parts = []          # (table, its day expression, where, args)
+        if day0 < day1:
+            parts.append(("usage_daily", "day", "day BETWEEN ? AND ?", (day0, day1 - 1)))
+            edges = [(hour0, day0 * 24), (day1 * 24, hour1)]
+        else:
+            edges = [(hour0, hour1)]
+        row_edges = []
+        if hour0 < hour1:
+            for a, b in edges:
+                if a < b:
+                    parts.append(("usage_hourly", "hour / 24", "hour BETWEEN ? AND ?", (a, b - 1)))
+            row_edges = [(since, hour0 * 3600), (hour1 * 3600, until)]
+        else:
+            row_edges = [(since, until)]
+        for a, b in row_edges:
+            if a < b:
+                parts.append(("usage_requests", "CAST(t / 86400 AS INTEGER)", "t >= ? AND t < ?",
+                              (a, b)))
+        groups = {}
+        for table, day_expr, where, args in parts:
+            group = day_expr if group_by == "day" else dim[group_by]
+            sums = _SUMS if table != "usage_requests" else (
+                "COUNT(*)", "SUM(status >= 400)", "SUM(input)", "SUM(output)", "SUM(cache_read)",
+                "SUM(cache_write)")
+            sql = "SELECT %s, model, %s FROM %s WHERE %s%s GROUP BY 1, 2" % (
+                group, ", ".join(sums), table, where, " AND key = ?" if key else "")
+            for g, model, *n in self.store.read(sql, args + ((key,) if key else ())):
+                acc = groups.setdefault((g, model), [0] * 6)
+                for i, v in enumerate(n):
+                    acc[i] += v or 0
+        out = {}
+        for (g, model), n in groups.items():
+            row = out.setdefault(g, {"requests": 0, "errors": 0, "input": 0, "output": 0,
+                                     "cache_read": 0, "cache_write": 0, "cost_usd": 0.0,
+                                     "unpriced_models": []})
+            for name, v in zip(("requests", "errors", "input", "output", "cache_read",
+                                "cache_write"), n):
+                row[name] += v
+            cost = cost_usd(self.prices, model, dict(zip(
+                ("input", "output", "cache_read", "cache_write"), n[2:])))
+            if cost is None:
+                row["unpriced_models"].append(model)
+            else:
+                row["cost_usd"] += cost
+        rows = []
+        for g in sorted(out, key=lambda g: (str(g) if group_by != "day" else g)):
+            r = out[g]
+            r["cost_usd"] = round(r["cost_usd"], 6)
+            label = time.strftime("%Y-%m-%d", time.gmtime(g * 86400)) if group_by == "day" else g
+            rows.append(dict({group_by: label}, **r))
+        return rows
+
+
 # 13. Auth, metrics, routes, handler, server ####################################################
 
 # -- keys: principals, roles and budgets ---------------------------------------------------------
@@ -5569,6 +5884,11 @@ class Metrics:
                    ['claude_proxy_login_tokens_total{account="%s",model="%s",kind="%s"} %d'
                     % (a["name"], m, k, n) for a in logins for m, t in sorted(a["tokens"].items())
                     for k, n in t.items()])
+            h = app.history.report()
+            metric("claude_proxy_history_rows_total", "counter",
+                   "usage history rows by outcome (lost: the queue was full or the write failed)",
+                   ['claude_proxy_history_rows_total{outcome="written"} %d' % h["written"],
+                    'claude_proxy_history_rows_total{outcome="lost"} %d' % h["lost"]])
             metric("claude_proxy_tokens_total", "counter", "tokens by direction",
                    ['claude_proxy_tokens_total{direction="in"} %d' % self.tokens["in"],
                     'claude_proxy_tokens_total{direction="out"} %d' % self.tokens["out"]])
@@ -5663,6 +5983,10 @@ class App:
         self.keys = KeyRing(cfg)
         self.budgets = Budgets()
         self.store = StateStore(cfg)
+        self.prices = load_prices(cfg.prices_file)
+        self.history = UsageHistory(self.store, cfg.history_days, self.prices)
+        # rolling token budgets go on counting what earlier runs of the proxy spent
+        self.budgets.seed(self.history.recent_tokens(time.time() - BUDGETS["tokens_week"][0]))
         self.started_at = time.time()
         self.in_flight = 0
         self.lock = threading.Lock()
@@ -5780,10 +6104,12 @@ class App:
                 "cli": {"path": shutil.which(cfg.claude_bin) or cfg.claude_bin,
                         "found": bool(shutil.which(cfg.claude_bin)), "version": self.cli_version()},
                 "config": config, "usage": self.usage_report(),
+                "history": self.history.report(),
                 "requests": self.requests.recent(), "minutes": self.requests.per_minute()}
 
     def close(self):
         self.backend.close_all()
+        self.history.close()
         self.store.close()
         try:
             os.chmod(self.workdir, 0o700)
@@ -6057,7 +6383,81 @@ def get_model(call):
 
 
 def plan_usage(call):
-    call.send_json(200, call.app.usage_for(call.principal))
+    """GET /v1/usage: without a query, plan windows and keys (usage_for); with since, until,
+    group_by or format, the usage history (usage_history)."""
+    query = urllib.parse.parse_qs(call.handler.path.partition("?")[2], keep_blank_values=True)
+    if not query:
+        return call.send_json(200, call.app.usage_for(call.principal))
+    answer = usage_history(call.app, call.principal, query)
+    if answer["format"] != "csv":
+        return call.send_json(200, answer["body"])
+    call.send(200, answer["csv"].encode(), "text/csv; charset=utf-8",
+              [("Content-Disposition", 'attachment; filename="claude-proxy-usage.csv"')])
+
+
+def when(value, name):
+    """A time parameter: Unix seconds, or a UTC date / date-time (2026-12-01, 2026-12-01T10:00)."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return float(calendar.timegm(time.strptime(value, fmt)))
+        except ValueError:
+            continue
+    raise BadRequest("%s must be Unix seconds or a UTC date such as 2026-12-01 or "
+                     "2026-12-01T10:00, got %r." % (name, value[:40]), param=name)
+
+
+def usage_history(app, me, query):
+    """The history figures a principal may see: a client its own only, an admin every key's
+    (or one key's, ?key=NAME).  {"format", "body"} or {"format": "csv", "csv"}."""
+    def one(name, default=None):
+        values = query.get(name)
+        return values[-1] if values else default
+    unknown = sorted(set(query) - {"since", "until", "group_by", "format", "key"})
+    if unknown:
+        raise BadRequest("Unknown /v1/usage parameter(s) %s; use since, until, group_by (%s), "
+                         "format (json | csv), key." % (", ".join(unknown), " | ".join(GROUPS)))
+    now = time.time()
+    until = when(one("until"), "until") if one("until") else now
+    since = when(one("since"), "since") if one("since") else until - 7 * 86400
+    if since >= until:
+        raise BadRequest("since must be before until.", param="since")
+    group_by, fmt = one("group_by", "day"), one("format", "json")
+    if group_by not in GROUPS:
+        raise BadRequest("group_by must be one of %s." % ", ".join(GROUPS), param="group_by")
+    if fmt not in ("json", "csv"):
+        raise BadRequest("format must be json or csv.", param="format")
+    key = one("key") or None
+    if not me.admin:
+        if key not in (None, me.name):
+            raise Forbidden("A client key sees its own usage only (key %r)." % me.name,
+                            param="key")
+        key = me.name
+    history = app.history
+    if not history.on or not app.store.enabled:
+        raise StoreUnavailable("Usage history is unavailable: %s." % (
+            "CLAUDE_PROXY_HISTORY_DAYS=0 keeps none" if not app.cfg.history_days else
+            app.store.error))
+    rows = history.query(since, until, group_by, key)
+    total = {k: sum(r[k] for r in rows) for k in ("requests", "errors", "input", "output",
+                                                   "cache_read", "cache_write")}
+    total["cost_usd"] = round(sum(r["cost_usd"] for r in rows), 6)
+    body = {"object": "usage.history", "since": since, "until": until, "group_by": group_by,
+            "key": key, "rows": rows, "total": total, "estimate": ESTIMATE_NOTE,
+            "lost_rows": history.lost}
+    if fmt == "json":
+        return {"format": "json", "body": body}
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    cols = [group_by, "requests", "errors", "input", "output", "cache_read", "cache_write",
+            "cost_usd"]
+    w.writerow(cols[:-1] + ["api_equivalent_usd_estimate"])
+    for r in rows:
+        w.writerow([r[c] for c in cols])
+    return {"format": "csv", "csv": out.getvalue()}
 
 
 def health(call):
@@ -6279,7 +6679,15 @@ def record(call):
         "ms": round((time.monotonic() - call.started) * 1000, 1),
         "in": u.input_tokens if u else 0, "out": u.output_tokens if u else 0,
         "cache_read": u.cache_read if u else 0, "cache_write": u.cache_write if u else 0,
-        "served_by": req.served_by if req else "", "retried": bool(req and req.retried)}, u)
+        "served_by": req.served_by if req else "", "retried": bool(req and req.retried),
+        "key": call.principal.name if call.principal else ""}, u)
+    if req is not None and call.principal is not None:     # a model request: its figures kept
+        call.app.history.add((
+            time.time(), call.principal.name, req.account or "", req.cli_model, label,
+            call.status, u.input_tokens if u else 0, u.output_tokens if u else 0,
+            u.cache_read if u else 0, u.cache_write if u else 0,
+            None if call.ttft is None else round(call.ttft * 1000, 1),
+            round((time.monotonic() - call.started) * 1000, 1), req.served_by or ""))
 
 
 def log_access(call):
