@@ -61,6 +61,10 @@ def messages(p, key, content="hi", model="claude-sonnet-4-6"):
 
 
 def start(make_proxy, path, **env):
+    """A proxy on the fake CLI with the keys file `path` and a state directory of its own
+    beside it (budgets are seeded from the history: a shared one would carry other tests'
+    figures over)."""
+    env.setdefault("CLAUDE_PROXY_STATE_DIR", path.parent / "state")
     return make_proxy(fake=True, CLAUDE_PROXY_KEYS_FILE=path, CLAUDE_PROXY_POOL_SIZE=0,
                       CLAUDE_PROXY_SESSIONS=0, **env)
 
