@@ -150,11 +150,13 @@ def test_data_shape_and_a_row_per_request(fake_proxy):
     assert r["stream"] is False and r["served_by"] in ("spawned", "reused")
     assert set(r) == {"t", "id", "method", "route", "client", "model", "account", "status",
                       "stream", "ttft_ms", "ms", "in", "out", "cache_read", "cache_write",
-                      "served_by", "retried"}
+                      "served_by", "retried", "key"}
     assert r["retried"] is False
+    assert r["key"] == "operator"          # no keys: the loopback operator
 
     d = data(fake_proxy)
-    assert set(d) == {"version", "now", "health", "cli", "config", "usage", "requests", "minutes"}
+    assert set(d) == {"version", "now", "health", "cli", "config", "usage", "requests", "minutes",
+                      "history"}
     assert d["version"] == cop.__version__ and abs(d["now"] - time.time()) < 60
     assert d["cli"]["found"] is True and d["cli"]["version"] == "2.1.330 (Claude Code; fake)"
     assert d["health"]["status"] in ("ok", "degraded") and "concurrency" in d["health"]
