@@ -10,6 +10,7 @@ on a directive in the user's text:
     [[slow:N]]      N text deltas, 0.05 s apart (for disconnect tests)
     [[echo-env]]    answer with the environment it was given, as JSON
     [[echo-argv]]   answer with its argv, as JSON
+    [[echo-cwd]]    answer with its working directory, that directory's mode and entries, as JSON
     [[rate-limited]] a rate_limit_event (resets in 120 s), then a 429 result
     [[limited-late]] a text delta, then a rejected rate_limit_event and a 429 result (a limit
                     that arrives after the answer began; the real CLI never shows one on demand)
@@ -155,6 +156,9 @@ def main():
         answer = json.dumps(dict(os.environ))
     elif mode == "echo-argv":
         answer = json.dumps(sys.argv[1:])
+    elif mode == "echo-cwd":
+        answer = json.dumps({"cwd": os.getcwd(), "mode": os.stat(".").st_mode & 0o7777,
+                             "entries": os.listdir(".")})
     else:
         answer = "fake answer"
     delta(answer)

@@ -41,8 +41,8 @@ def base_env(home, upstream_url, claude_bin, **extra):
     return env
 
 
-def descendants(pid):
-    """Pids of every process below `pid` (from /proc, so also those in their own session)."""
+def _parents():
+    """{pid: parent pid} of every process, from /proc."""
     parent = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -51,6 +51,12 @@ def descendants(pid):
                     parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 pass
+    return parent
+
+
+def descendants(pid):
+    """Pids of every process below `pid` (also those in a session of their own)."""
+    parent = _parents()
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -58,6 +64,11 @@ def descendants(pid):
         out += kids
         todo += kids
     return out
+
+
+def children(pid):
+    """Live (non-zombie) processes whose parent is `pid`: a proxy's CLI processes."""
+    return sorted(c for c, pp in _parents().items() if pp == pid and alive(c))
 
 
 def alive(pid):

@@ -570,3 +570,24 @@ def test_server_stays_up_after_the_suite(request, which):
     status, _, body = p.request("GET", "/health")
     assert status == 200 and body["status"] == "ok"
     assert body["concurrency"]["running"] == 0 and body["concurrency"]["queued"] == 0
+
+
+# The nesting limit at its edge ###################################################################
+
+@pytest.mark.parametrize("path", [CHAT, MSGS])
+def test_json_nested_64_deep_is_served_and_65_is_refused(fake_proxy, upstream, path):
+    """MAX_JSON_DEPTH = 64 counts the body object as level 1: a body 64 levels deep (here an
+    unknown field holding 63 nested arrays, which the proxy ignores) is served; 65 is a 400
+    naming the limit, and no CLI runs for it."""
+    def body(depth):
+        nested = []
+        for _ in range(depth - 2):
+            nested = [nested]
+        return (oa if path == CHAT else an)(x_nested=nested)
+
+    headers = ANTHROPIC_HEADERS if path == MSGS else None
+    status, _, got = fake_proxy.post(path, body(64), headers=headers)
+    assert status == 200, got
+    err = run_case(fake_proxy, upstream, Case("nested-65", path, body(65),
+                                              mention="nests deeper than 64 levels"))
+    assert err["message"] == "The request body nests deeper than 64 levels."

@@ -693,3 +693,13 @@ def test_missing_model_uses_the_default_and_sampling_options_are_accepted(make_p
     call = upstream.model_calls[-1]
     assert call["model"] == "claude-haiku-5-5"
     assert "temperature" not in call and "top_p" not in call and "seed" not in call
+
+
+def test_cli_runs_in_an_empty_read_only_working_directory(fake_proxy):
+    """The CLI's working directory is empty and read-only (mode 0500: nothing for it to read
+    or write), the same one for every run of a proxy (the CLI quotes it to the model), and not
+    the directory the proxy was started in."""
+    first, second = echo(fake_proxy, "echo-cwd"), echo(fake_proxy, "echo-cwd")
+    assert first == second
+    assert first["mode"] == 0o500 and first["entries"] == []
+    assert first["cwd"] != fake_proxy.env["HOME"] and os.path.basename(first["cwd"]).startswith("claude-proxy-cwd-")

@@ -24,7 +24,7 @@ import time
 import pytest
 
 import fake_upstream
-from conftest import FAKE_CLAUDE, PROXY, ROOT, alive, base_env, need_tool, no_leftover_cli, \
+from conftest import FAKE_CLAUDE, PROXY, ROOT, alive, base_env, children, need_tool, no_leftover_cli, \
     real_claude_bin, sse_events
 
 if str(ROOT) not in sys.path:
@@ -1128,3 +1128,40 @@ def test_slow_clients_cannot_hold_a_thread(make_proxy):
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert b"CLAUDE_PROXY_READ_TIMEOUT" in data and b"Connection: close" in data
     assert p.request("GET", "/health")[0] == 200
+
+
+# Auth on the Responses API ######################################################################
+
+def test_responses_api_needs_a_key_like_chat(auth_proxy):
+    """/v1/responses is behind the same keys: 401 in OpenAI's shape for every bad header (and
+    no CLI runs for it), 200 with a right key."""
+    body = {"model": "sonnet", "input": "hi"}
+    started = health(auth_proxy)["cli_processes_started"]
+    for headers in BAD_AUTH:
+        status, _, got = auth_proxy.post("/v1/responses", body, headers=headers)
+        assert status == 401, (headers, got)
+        err = error_of("openai", got)
+        assert err["type"] == "authentication_error" and "CLAUDE_PROXY_API_KEYS" in err["message"]
+    assert health(auth_proxy)["cli_processes_started"] == started, "a CLI ran for an unauthorized call"
+    for headers in ({"Authorization": "Bearer " + KEY1}, {"x-api-key": KEY2}):
+        status, _, got = auth_proxy.post("/v1/responses", body, headers=headers)
+        assert status == 200, got
+        assert [c["text"] for item in got["output"] if item["type"] == "message"
+                for c in item["content"]] == ["fake answer"]
+
+
+# A stalled upstream (real CLI, fake upstream) ###################################################
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+def test_upstream_stalled_after_message_start_is_a_504_at_the_timeout(make_proxy, upstream, dialect):
+    """The upstream sends message_start and then nothing (the CLI alone would wait 300 s): the
+    request ends at CLAUDE_PROXY_TIMEOUT with a 504 and the CLI is ended with it."""
+    p = make_proxy(args=("--timeout", "8"), CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0,
+                   CLAUDE_PROXY_REUSE=0)
+    upstream.push(fake_upstream.text(FULL, stall=120))
+    status, _, got = ask(p, dialect, "hi", timeout=60)
+    assert status == 504, got
+    assert "CLAUDE_PROXY_TIMEOUT" in error_of(dialect, got)["message"]
+    assert len(upstream.model_calls) == 1, "the request never reached the upstream"
+    wait_for(lambda: not health(p)["concurrency"]["running"], 5, "the slot to be given back")
+    wait_for(lambda: not children(p.proc.pid), 5, "the stalled CLI to be ended")

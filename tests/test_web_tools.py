@@ -191,3 +191,70 @@ def test_web_fetch_is_offered_only_when_all_is_allowed(make_proxy, proxy, upstre
     status, _, out = make_proxy(CLAUDE_PROXY_WEB_TOOLS="all").post("/v1/messages", body)
     assert status == 200, out
     assert [t["name"] for t in upstream.model_calls[-1]["tools"]] == ["WebFetch"]
+
+
+def test_a_conversation_that_used_web_tools_is_not_kept(make_proxy, web):
+    """Its next turn goes to a new process given the history the client sent: the searching
+    process's own copy holds the nested search, which the client's does not.  The control: a
+    conversation without web tools, on the same proxy, is kept."""
+    from conftest import children
+    p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_REUSE=0)
+
+    def turn(session, messages, **extra):
+        status, _, body = p.post("/v1/chat/completions", {"model": "sonnet", "messages": messages,
+                                                         **extra}, headers={"X-Session-Id": session})
+        assert status == 200, body
+        return body["choices"][0]["message"]["content"]
+
+    asked = [{"role": "user", "content": "Tell me about kiwis."}]
+    assert turn("web", asked, web_search_options={}) == ANSWER
+    assert_searched(web)
+    h = p.health()
+    assert h["idle"]["idle"]["kept"] == 0, h["idle"]
+    web.responder = None
+    web.push(fake_upstream.text("Plain answer."), fake_upstream.text("More about kiwis."))
+    assert turn("plain", [{"role": "user", "content": "Hello."}]) == "Plain answer."
+    h = p.health()
+    assert h["idle"]["idle"]["kept"] == 1 and len(children(p.proc.pid)) == 1, h["idle"]
+    assert turn("web", asked + [{"role": "assistant", "content": ANSWER},
+                                {"role": "user", "content": "More, please."}]) == "More about kiwis."
+    h = p.health()
+    assert h["idle"]["hits"]["kept"] == 0 and h["cli_processes_started"] == 3, h
+    assert "Kiwis are flightless" in json.dumps(web.model_calls[-1]["messages"])
+
+
+def test_a_web_fetch_comes_back_as_the_answer_text_alone(make_proxy, upstream):
+    """With CLAUDE_PROXY_WEB_TOOLS=all a WebFetch runs inside the CLI (here refused by the
+    address guard: a loopback URL) and the client gets the model's answer only: no
+    server_tool_use or web_fetch_tool_result block, streamed or not (WebFetch is Anthropic's
+    web_fetch tool only)."""
+    p = make_proxy(CLAUDE_PROXY_WEB_TOOLS="all", CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
+    url = "http://127.0.0.1:9/page"
+
+    def fetch_then_answer(n):
+        return (fake_upstream.Reply(blocks=[{"type": "tool_use", "id": "toolu_wf%d" % n,
+                                             "name": "WebFetch",
+                                             "input": {"url": url, "prompt": "Summarise it."}}],
+                                    stop_reason="tool_use", id="msg_wf%d" % n),
+                fake_upstream.text("The page could not be read.", id="msg_wf%da" % n))
+
+    upstream.push(*fetch_then_answer(1), *fetch_then_answer(2))
+    status, _, out = p.post("/v1/messages", {
+        "model": "claude-sonnet-4-6", "max_tokens": 100,
+        "tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}],
+        "messages": [{"role": "user", "content": "Read %s" % url}]})
+    assert status == 200, out
+    assert out["content"] == [{"type": "text", "text": "The page could not be read."}], out
+    assert not (out["usage"].get("server_tool_use") or {}).get("web_fetch_requests"), out["usage"]
+    status, _, text = p.post("/v1/messages", {
+        "model": "claude-sonnet-4-6", "max_tokens": 100, "stream": True,
+        "tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}],
+        "messages": [{"role": "user", "content": "Read %s" % url}]})
+    assert status == 200, text
+    events = [(n, json.loads(d)) for n, d in sse_events(text)]
+    assert [d["content_block"]["type"] for n, d in events if n == "content_block_start"] == ["text"]
+    assert "".join(d["delta"].get("text", "") for n, d in events
+                   if n == "content_block_delta") == "The page could not be read."
+    assert [b["tool_use_id"] for m in upstream.model_calls[-1]["messages"] if m["role"] == "user"
+            and isinstance(m["content"], list) for b in m["content"]
+            if b.get("type") == "tool_result"] == ["toolu_wf2"]
