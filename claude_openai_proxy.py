@@ -1829,13 +1829,9 @@ def await_ack(proc, call):
     """Read up to the `result` line that acknowledges a shouldQuery:false user line, handling
     what may arrive meanwhile (the answers to the control lines) as translate does; honours
     the request's deadline and client checks through proc.read."""
-    for item in proc.read(call):
+    for item in cli_lines(proc, call):
         if isinstance(item, Heartbeat):
             yield item
-            continue
-        if not isinstance(item, dict):
-            if item:
-                proc.garbage.append(item[:200])
             continue
         kind = item.get("type")
         if kind == "result":
@@ -1847,10 +1843,8 @@ def await_ack(proc, call):
             refuse(proc, item.get("request_id"))
         elif kind == "rate_limit_event":
             proc.note(item)
-        elif kind == "control_response" and (item.get("response") or {}).get("subtype") == "error":
-            resp = item["response"]
-            raise BadRequest("The claude CLI refused the request settings (%s): %s"
-                             % (resp.get("request_id"), scrub(str(resp.get("error")))))
+        elif kind == "control_response":
+            refused_settings(item)
     raise cli_ended(proc)
 
 
@@ -3298,124 +3292,186 @@ def refuse(proc, request_id):
 
 
 def translate(proc, call, bridge=None, structured=False, streaming=True):
-    """stream-json lines -> events.  The `result` line is authoritative for errors and usage.
-
-    With a ToolBridge (native tools) the CLI's control requests go to it, and so do tool_use
-    blocks; once it has handed calls over, anything the CLI still streams is ignored, and a
-    bridge that is `done` ends the request without waiting for the result line.
-    With `structured`, the answer is the validated `structured_output` of the result line (the
-    CLI's StructuredOutput tool), sent as one text delta; prose around it is dropped.
-    """
-    started, last_retry, replay, searches = False, None, Replay(streaming), 0
-    live = False             # a streamed upstream message is open (its text comes as deltas)
-    for item in proc.read(call):
+    """stream-json lines -> events, ending with Done or an error (StreamTranslator)."""
+    turn = StreamTranslator(proc, bridge, structured, streaming)
+    for item in cli_lines(proc, call):
         if isinstance(item, Heartbeat):
             yield item
             continue
-        if not isinstance(item, dict):
-            if item:
-                proc.garbage.append(item[:200])
-            continue
-        kind = item.get("type")
-        if kind == "stream_event":
-            ev = item.get("event") or {}
-            et = ev.get("type")
-            if proc.stopped:
-                continue                         # what follows an interrupt is not the answer
-            if bridge is not None and not bridge.ended:
-                yield from bridge.on_stream(proc, ev)
-            elif bridge is not None and et == "message_start":
-                bridge.done = True           # the CLI went on to another upstream call
-            if bridge is not None and bridge.ended:
-                pass                         # calls handed over: the rest is not the answer
-            elif et == "message_start":
-                live = True
-                if not started:
-                    started = True
-                    yield Start(Usage.from_api((ev.get("message") or {}).get("usage")))
-            elif et == "message_delta" and (ev.get("delta") or {}).get("stop_reason") == "max_tokens":
-                # the CLI would ask the model to resume (up to 3 times) and join the pieces;
-                # API clients expect the cut-off answer with its stop reason instead
-                proc.interrupt("max_tokens")
-            elif et == "content_block_delta":
-                d = ev.get("delta") or {}
-                dt = d.get("type")
-                if dt == "text_delta" and d.get("text") and not structured:
-                    yield from replay.text(d["text"])
-                elif dt == "thinking_delta" and d.get("thinking"):
-                    yield from replay.thinking(d["thinking"])
-                elif dt == "signature_delta":
-                    yield ThinkingDelta("", d.get("signature", ""))
-            elif et == "message_stop" and ev.get("abandoned_blocks"):
-                yield from replay.restart()
-                live = False
-        elif kind == "assistant" and replay.retried and not live and \
-                (item.get("message") or {}).get("model") != "<synthetic>":
-            # the CLI's non-streaming fallback after a dropped stream arrives as whole blocks
-            # (a "<synthetic>" message is the CLI's own error text; the result line reports it)
-            for block in (item.get("message") or {}).get("content") or []:
-                if block.get("type") == "text" and block.get("text") and not structured:
-                    yield from replay.text(block["text"])
-                elif block.get("type") == "tool_use" and bridge is not None and not bridge.ended:
-                    yield from bridge.on_block(proc, block)
-        elif kind == "rate_limit_event":
-            proc.note(item)
-        elif kind == "system" and item.get("subtype") == "api_retry":
-            last_retry = item
-            yield from replay.restart()      # the CLI asks again, from the start
-            live = False
-        elif kind == "control_request" and (item.get("request") or {}).get("tool_name") in \
-                CLI_WEB_TOOLS and (item.get("request") or {}).get("subtype") == "can_use_tool":
-            web_tool_permission(proc, item)
-        elif kind == "control_request":
-            if bridge is not None:
-                bridge.on_control(proc, item)
-            else:
-                # nothing is offered to the CLI in plain-model mode; refuse so it never waits
-                refuse(proc, item.get("request_id"))
-        elif kind == "user" and isinstance(item.get("tool_use_result"), dict) and \
-                "query" in item["tool_use_result"] and not proc.stopped:
-            searches += 1
-            yield web_search_event(item["tool_use_result"])      # the CLI ran a WebSearch
-        elif kind == "user" and bridge is not None:
-            bridge.on_user(proc, item)
-        elif kind == "control_response":
-            resp = item.get("response") or {}
-            if resp.get("subtype") == "error":
-                raise BadRequest("The claude CLI refused the request settings (%s): %s"
-                                 % (resp.get("request_id"), scrub(str(resp.get("error")))))
-        elif kind == "result":
-            proc.note(item)
-            # a continued held turn: only its last message is this request's (bridge.usage)
-            usage = bridge.usage if bridge is not None and bridge.continued else \
-                Usage.from_api(item.get("usage"))
-            usage.web_searches = searches
-            if bridge is not None and bridge.calls and item.get("api_error_status") is None:
-                # the turn this proxy stopped reads as an error (aborted_tools): it is the answer,
-                # but the process heard denials the client never saw (it must not be kept)
-                yield Done("tool_use", usage, whole=False)
-                return
-            if proc.stopped:
-                yield Done(proc.stopped, usage)
-                return
-            if item.get("is_error") or item.get("subtype") == "error_max_structured_output_retries":
-                raise result_error(item, last_retry, proc.rate_limit, proc.launch.account)
-            if structured:
-                if "structured_output" not in item:
-                    raise UpstreamError("The model did not return JSON matching the schema.")
-                yield TextDelta(json.dumps(item["structured_output"], ensure_ascii=False))
-                yield Done("end_turn", usage)
-                return
-            # a re-asked answer shorter than the text already streamed: the client has more
-            # than the CLI keeps (it must not be kept)
-            yield Done(item.get("stop_reason") or "end_turn", usage,
-                       whole=not any(replay.skip.values()))
+        handler = turn.LINES.get(item.get("type"))
+        if handler is not None:
+            yield from handler(turn, item) or ()
+        if turn.over:
             return
         if bridge is not None and bridge.done:
             # held open (bridge.exact): the process may wait for the results; else it is ended
             yield Done("tool_use", bridge.usage, whole=bridge.exact)
             return
     raise cli_ended(proc)
+
+
+def cli_lines(proc, call):
+    """The CLI's JSON lines and Heartbeats; any other output is kept for an error message."""
+    for item in proc.read(call):
+        if isinstance(item, (dict, Heartbeat)):
+            yield item
+        elif item:
+            proc.garbage.append(item[:200])
+
+
+def refused_settings(item):
+    """Raise the 400 for a control_response refusing a control request of ours."""
+    resp = item.get("response") or {}
+    if resp.get("subtype") == "error":
+        raise BadRequest("The claude CLI refused the request settings (%s): %s"
+                         % (resp.get("request_id"), scrub(str(resp.get("error")))))
+
+
+class StreamTranslator:
+    """One turn's stream-json lines -> events: a handler per line type (LINES) and per upstream
+    stream event (STREAM).  The `result` line is authoritative for errors and usage.  With a
+    ToolBridge (native tools) the CLI's control requests and tool_use blocks go to it; once it
+    has handed calls over, the rest of the stream is not the answer.  With `structured`, the
+    answer is the result line's validated `structured_output` (the CLI's StructuredOutput
+    tool), sent as one text delta; prose around it is dropped.  A handler returns an iterable
+    of events, or None."""
+
+    def __init__(self, proc, bridge, structured, streaming):
+        self.proc, self.bridge, self.structured = proc, bridge, structured
+        self.replay = Replay(streaming)
+        self.started = False         # Start was sent
+        self.live = False            # a streamed upstream message is open (text comes as deltas)
+        self.last_retry = None       # the CLI's last api_retry line
+        self.searches = 0            # WebSearch events sent
+        self.over = False            # the result line came: the turn is over
+
+    # -- stream-json lines -----------------------------------------------------------------
+    def _stream_event(self, item):
+        ev, bridge = item.get("event") or {}, self.bridge
+        if self.proc.stopped:
+            return None                  # what follows an interrupt is not the answer
+        if bridge is None:
+            handler = self.STREAM.get(ev.get("type"))
+            return handler(self, ev) if handler is not None else None
+        return self._bridged_stream_event(ev)
+
+    def _bridged_stream_event(self, ev):
+        bridge = self.bridge
+        if not bridge.ended:
+            yield from bridge.on_stream(self.proc, ev)
+        elif ev.get("type") == "message_start":
+            bridge.done = True           # the CLI went on to another upstream call
+        if not bridge.ended:             # calls handed over: the rest is not the answer
+            handler = self.STREAM.get(ev.get("type"))
+            yield from (handler(self, ev) if handler is not None else None) or ()
+
+    def _assistant(self, item):
+        # the CLI's non-streaming fallback after a dropped stream arrives as whole blocks
+        # (a "<synthetic>" message is the CLI's own error text; the result line reports it)
+        message = item.get("message") or {}
+        if not self.replay.retried or self.live or message.get("model") == "<synthetic>":
+            return
+        for block in message.get("content") or []:
+            if block.get("type") == "text" and block.get("text") and not self.structured:
+                yield from self.replay.text(block["text"])
+            elif block.get("type") == "tool_use" and self.bridge is not None \
+                    and not self.bridge.ended:
+                yield from self.bridge.on_block(self.proc, block)
+
+    def _rate_limit_event(self, item):
+        self.proc.note(item)
+
+    def _system(self, item):
+        if item.get("subtype") == "api_retry":
+            self.last_retry, self.live = item, False
+            return self.replay.restart()        # the CLI asks again, from the start
+        return None
+
+    def _control_request(self, item):
+        request = item.get("request") or {}
+        if request.get("tool_name") in CLI_WEB_TOOLS and request.get("subtype") == "can_use_tool":
+            web_tool_permission(self.proc, item)
+        elif self.bridge is not None:
+            self.bridge.on_control(self.proc, item)
+        else:
+            # nothing is offered to the CLI in plain-model mode; refuse so it never waits
+            refuse(self.proc, item.get("request_id"))
+
+    def _user(self, item):
+        result = item.get("tool_use_result")
+        if isinstance(result, dict) and "query" in result and not self.proc.stopped:
+            self.searches += 1
+            return [web_search_event(result)]      # the CLI ran a WebSearch
+        if self.bridge is not None:
+            self.bridge.on_user(self.proc, item)
+        return None
+
+    def _control_response(self, item):
+        refused_settings(item)
+
+    def _result(self, item):
+        proc, bridge = self.proc, self.bridge
+        proc.note(item)
+        self.over = True
+        # a continued held turn: only its last message is this request's (bridge.usage)
+        usage = bridge.usage if bridge is not None and bridge.continued else \
+            Usage.from_api(item.get("usage"))
+        usage.web_searches = self.searches
+        if bridge is not None and bridge.calls and item.get("api_error_status") is None:
+            # the turn this proxy stopped reads as an error (aborted_tools): it is the answer,
+            # but the process heard denials the client never saw (it must not be kept)
+            return [Done("tool_use", usage, whole=False)]
+        if proc.stopped:
+            return [Done(proc.stopped, usage)]
+        if item.get("is_error") or item.get("subtype") == "error_max_structured_output_retries":
+            raise result_error(item, self.last_retry, proc.rate_limit, proc.launch.account)
+        if self.structured:
+            if "structured_output" not in item:
+                raise UpstreamError("The model did not return JSON matching the schema.")
+            return [TextDelta(json.dumps(item["structured_output"], ensure_ascii=False)),
+                    Done("end_turn", usage)]
+        # a re-asked answer shorter than the text already streamed: the client has more than
+        # the CLI keeps (it must not be kept)
+        return [Done(item.get("stop_reason") or "end_turn", usage,
+                     whole=not any(self.replay.skip.values()))]
+
+    LINES = {"stream_event": _stream_event, "assistant": _assistant,
+             "rate_limit_event": _rate_limit_event, "system": _system,
+             "control_request": _control_request, "user": _user,
+             "control_response": _control_response, "result": _result}
+
+    # -- upstream stream events (stream_event lines) -----------------------------------------
+    def _message_start(self, ev):
+        self.live = True
+        if not self.started:
+            self.started = True
+            return [Start(Usage.from_api((ev.get("message") or {}).get("usage")))]
+        return None
+
+    def _message_delta(self, ev):
+        if (ev.get("delta") or {}).get("stop_reason") == "max_tokens":
+            # the CLI would ask the model to resume (up to 3 times) and join the pieces; API
+            # clients expect the cut-off answer with its stop reason instead
+            self.proc.interrupt("max_tokens")
+
+    def _content_block_delta(self, ev):
+        d = ev.get("delta") or {}
+        if d.get("type") == "text_delta" and d.get("text") and not self.structured:
+            return self.replay.text(d["text"])
+        if d.get("type") == "thinking_delta" and d.get("thinking"):
+            return self.replay.thinking(d["thinking"])
+        if d.get("type") == "signature_delta":
+            return [ThinkingDelta("", d.get("signature", ""))]
+        return None
+
+    def _message_stop(self, ev):
+        if ev.get("abandoned_blocks"):
+            self.live = False
+            return self.replay.restart()
+        return None
+
+    STREAM = {"message_start": _message_start, "message_delta": _message_delta,
+              "content_block_delta": _content_block_delta, "message_stop": _message_stop}
 
 
 def cli_ended(proc):
