@@ -4739,6 +4739,150 @@ def _responses_tools(body):
     return parse_openai_tool_choice(body.get("tool_choice"), tools, True)
 
 
+class ResponsesStream:
+    """One streamed Response: the neutral events as OpenAI's response.* SSE events.  Output
+    items open as their first event arrives and close when the next kind of event (or the
+    end) comes; a failure after the status line travels as the terminal response.failed event,
+    carrying what was produced so far (the SDK's stream then ends without a
+    response.completed, as it does for a failure at OpenAI)."""
+
+    def __init__(self, dialect, req, sse, body):
+        self.dialect, self.req, self.sse, self.body = dialect, req, sse, body
+        self.rid, self.created, self.seq = new_id("resp_"), int(time.time()), itertools.count()
+        self.output = []             #: items so far, mutated as they finish
+        self.message = None          #: (item, index, part) of the message text streams into
+        self.call = None             #: (item, index, ToolCall) of a call whose arguments stream
+        self.searches = []           #: web searches so far, cited by the text after them
+
+    def run(self, events):
+        self.emit("response.created", response=self.envelope([], "in_progress"))
+        self.emit("response.in_progress", response=self.envelope([], "in_progress"))
+        try:
+            for ev in events:
+                if self.call is not None and not isinstance(ev, (ToolCallDelta, Heartbeat)):
+                    self.close_call()
+                handler = self.EVENTS.get(type(ev))
+                if handler is not None:
+                    handler(self, ev)
+        except ProxyError as err:
+            self.fail(err)
+
+    def fail(self, err):
+        if self.message is not None:
+            self.message[0]["status"] = "incomplete"
+        _status, detail = self.dialect.error(err)
+        error = {"code": self.dialect.CODES.get(err.status, "server_error"),
+                 "message": err.message, "type": detail["error"]["type"]}
+        self.emit("response.failed", response=self.envelope(self.output, "failed", error=error))
+
+    def emit(self, kind, **fields):
+        self.sse.event(dict(type=kind, sequence_number=next(self.seq), **fields), kind)
+
+    def envelope(self, output, status, **more):
+        return self.dialect.envelope(self.req, self.body, self.rid, self.created, output, status,
+                                     **more)
+
+    # -- items -------------------------------------------------------------------------------
+    def open_message(self):
+        item, part = self.dialect.message_item(None, "in_progress"), self.dialect.text_part("")
+        self.output.append(item)
+        index = len(self.output) - 1
+        self.message = (item, index, part)
+        self.emit("response.output_item.added", output_index=index, item=item)
+        item["content"].append(part)
+        self.emit("response.content_part.added", item_id=item["id"], output_index=index,
+                  content_index=0, part=part)
+
+    def close_message(self, status):
+        (item, index, part), self.message = self.message, None
+        self.dialect.annotate(part, self.searches)
+        self.emit("response.output_text.done", item_id=item["id"], output_index=index,
+                  content_index=0, text=part["text"], logprobs=[])
+        self.emit("response.content_part.done", item_id=item["id"], output_index=index,
+                  content_index=0, part=part)
+        item["status"] = status
+        self.emit("response.output_item.done", output_index=index, item=item)
+
+    def close_call(self):
+        # native tools stream arguments (ToolCallDelta): the item stays open until then; a
+        # custom tool's raw input is inside its JSON arguments, so it is sent once complete
+        (item, index, call), self.call = self.call, None
+        if item["type"] == "custom_tool_call":
+            item["input"] = custom_input(call.arguments)
+            if item["input"]:
+                self.emit("response.custom_tool_call_input.delta", item_id=item["id"],
+                          output_index=index, delta=item["input"])
+            self.emit("response.custom_tool_call_input.done", item_id=item["id"],
+                      output_index=index, input=item["input"])
+        else:
+            self.emit("response.function_call_arguments.done", item_id=item["id"],
+                      output_index=index, arguments=item["arguments"])
+        item["status"] = "completed"
+        self.emit("response.output_item.done", output_index=index, item=item)
+
+    # -- one handler per event ---------------------------------------------------------------
+    def on_text(self, ev):
+        if not ev.text:
+            return
+        if self.message is None:
+            self.open_message()
+        item, index, part = self.message
+        part["text"] += ev.text
+        self.emit("response.output_text.delta", item_id=item["id"], output_index=index,
+                  content_index=0, delta=ev.text, logprobs=[])
+
+    def on_tool_call(self, ev):
+        if self.message is not None:
+            self.close_message("completed")
+        item = self.dialect.call_item(self.req, ev, "in_progress")
+        self.output.append(item)
+        index = len(self.output) - 1
+        if item["type"] == "custom_tool_call":
+            self.emit("response.output_item.added", output_index=index, item=dict(item, input=""))
+        else:
+            self.emit("response.output_item.added", output_index=index,
+                      item=dict(item, arguments=""))
+            if ev.arguments:
+                self.emit("response.function_call_arguments.delta", item_id=item["id"],
+                          output_index=index, delta=ev.arguments)
+        self.call = (item, index, ToolCall(ev.id, ev.name, ev.arguments))
+
+    def on_tool_call_delta(self, ev):
+        item, index, call = self.call
+        call.arguments += ev.arguments
+        if item["type"] == "function_call":
+            item["arguments"] += ev.arguments
+            self.emit("response.function_call_arguments.delta", item_id=item["id"],
+                      output_index=index, delta=ev.arguments)
+
+    def on_web_search(self, ev):
+        if self.message is not None:
+            self.close_message("completed")
+        self.searches.append(ev)
+        item, index = self.dialect.search_item(ev, "in_progress"), len(self.output)
+        self.output.append(item)
+        self.emit("response.output_item.added", output_index=index, item=dict(item))
+        for phase in ("in_progress", "searching", "completed"):
+            self.emit("response.web_search_call.%s" % phase, item_id=item["id"], output_index=index)
+        item["status"] = "completed"
+        self.emit("response.output_item.done", output_index=index, item=item)
+
+    def on_heartbeat(self, ev):
+        self.sse.comment("keep-alive")
+
+    def on_done(self, ev):
+        status = self.dialect.status_of(ev.stop_reason)
+        if self.message is None and not self.output:
+            self.open_message()          # an empty answer is still one message
+        if self.message is not None:
+            self.close_message(status)
+        self.emit("response.%s" % status, response=self.envelope(
+            self.output, status, usage=ev.usage, stop_reason=ev.stop_reason))
+
+    EVENTS = {TextDelta: on_text, ToolCall: on_tool_call, ToolCallDelta: on_tool_call_delta,
+              WebSearch: on_web_search, Heartbeat: on_heartbeat, Done: on_done}
+
+
 class OpenAIResponses:
     name = "responses"
     call_id_prefix = "call_"
@@ -4892,124 +5036,8 @@ class OpenAIResponses:
         return self.envelope(req, body, new_id("resp_"), int(time.time()), output, status,
                              c.usage, c.stop_reason)
 
-    # -- streaming ---------------------------------------------------------------------------
     def stream(self, req, events, sse, body):
-        rid, created, seq = new_id("resp_"), int(time.time()), itertools.count()
-        output = []                      # items so far, mutated as they finish
-        state = {"message": None}        # the open message item, while text streams into it
-        searches = []                    # web searches so far, cited by the text after them
-
-        def emit(kind, **fields):
-            sse.event(dict(type=kind, sequence_number=next(seq), **fields), kind)
-
-        def open_message():
-            item, part = self.message_item(None, "in_progress"), self.text_part("")
-            output.append(item)
-            state["message"] = (item, len(output) - 1, part)
-            emit("response.output_item.added", output_index=len(output) - 1, item=item)
-            item["content"].append(part)
-            emit("response.content_part.added", item_id=item["id"], output_index=len(output) - 1,
-                 content_index=0, part=part)
-
-        def close_message(status):
-            item, index, part = state["message"]
-            state["message"] = None
-            self.annotate(part, searches)
-            emit("response.output_text.done", item_id=item["id"], output_index=index,
-                 content_index=0, text=part["text"], logprobs=[])
-            emit("response.content_part.done", item_id=item["id"], output_index=index,
-                 content_index=0, part=part)
-            item["status"] = status
-            emit("response.output_item.done", output_index=index, item=item)
-
-        def close_call():
-            # native tools stream arguments (ToolCallDelta): the item stays open until then; a
-            # custom tool's raw input is inside its JSON arguments, so it is sent once complete
-            item, index, call = state.pop("call")
-            if item["type"] == "custom_tool_call":
-                item["input"] = custom_input(call.arguments)
-                if item["input"]:
-                    emit("response.custom_tool_call_input.delta", item_id=item["id"],
-                         output_index=index, delta=item["input"])
-                emit("response.custom_tool_call_input.done", item_id=item["id"],
-                     output_index=index, input=item["input"])
-            else:
-                emit("response.function_call_arguments.done", item_id=item["id"],
-                     output_index=index, arguments=item["arguments"])
-            item["status"] = "completed"
-            emit("response.output_item.done", output_index=index, item=item)
-
-        emit("response.created", response=self.envelope(req, body, rid, created, [], "in_progress"))
-        emit("response.in_progress", response=self.envelope(req, body, rid, created, [], "in_progress"))
-        try:
-            for ev in events:
-                if "call" in state and not isinstance(ev, (ToolCallDelta, Heartbeat)):
-                    close_call()
-                if isinstance(ev, ToolCallDelta):
-                    item, index, call = state["call"]
-                    call.arguments += ev.arguments
-                    if item["type"] == "function_call":
-                        item["arguments"] += ev.arguments
-                        emit("response.function_call_arguments.delta", item_id=item["id"],
-                             output_index=index, delta=ev.arguments)
-                elif isinstance(ev, TextDelta):
-                    if not ev.text:
-                        continue
-                    if state["message"] is None:
-                        open_message()
-                    item, index, part = state["message"]
-                    part["text"] += ev.text
-                    emit("response.output_text.delta", item_id=item["id"], output_index=index,
-                         content_index=0, delta=ev.text, logprobs=[])
-                elif isinstance(ev, ToolCall):
-                    if state["message"] is not None:
-                        close_message("completed")
-                    item = self.call_item(req, ev, "in_progress")
-                    output.append(item)
-                    index = len(output) - 1
-                    if item["type"] == "custom_tool_call":
-                        emit("response.output_item.added", output_index=index,
-                             item=dict(item, input=""))
-                    else:
-                        emit("response.output_item.added", output_index=index,
-                             item=dict(item, arguments=""))
-                        if ev.arguments:
-                            emit("response.function_call_arguments.delta", item_id=item["id"],
-                                 output_index=index, delta=ev.arguments)
-                    state["call"] = (item, index, ToolCall(ev.id, ev.name, ev.arguments))
-                elif isinstance(ev, WebSearch):
-                    if state["message"] is not None:
-                        close_message("completed")
-                    searches.append(ev)
-                    item, index = self.search_item(ev, "in_progress"), len(output)
-                    output.append(item)
-                    emit("response.output_item.added", output_index=index, item=dict(item))
-                    for phase in ("in_progress", "searching", "completed"):
-                        emit("response.web_search_call.%s" % phase, item_id=item["id"],
-                             output_index=index)
-                    item["status"] = "completed"
-                    emit("response.output_item.done", output_index=index, item=item)
-                elif isinstance(ev, Heartbeat):
-                    sse.comment("keep-alive")
-                elif isinstance(ev, Done):
-                    status = self.status_of(ev.stop_reason)
-                    if state["message"] is None and not output:
-                        open_message()          # an empty answer is still one message
-                    if state["message"] is not None:
-                        close_message(status)
-                    emit("response.%s" % status, response=self.envelope(
-                        req, body, rid, created, output, status, ev.usage, ev.stop_reason))
-        except ProxyError as err:
-            # the status line is sent: the failure travels as the terminal response.failed
-            # event, carrying what was produced so far; the SDK's stream then ends without a
-            # response.completed, as it does for a failure at OpenAI.
-            if state["message"] is not None:
-                state["message"][0]["status"] = "incomplete"
-            _status, detail = self.error(err)
-            emit("response.failed", response=self.envelope(
-                req, body, rid, created, output, "failed",
-                error={"code": self.CODES.get(err.status, "server_error"),
-                       "message": err.message, "type": detail["error"]["type"]}))
+        ResponsesStream(self, req, sse, body).run(events)
 
 
 DIALECTS = {"openai": OpenAIChat(), "anthropic": AnthropicMessages(),
