@@ -31,7 +31,11 @@ Endpoints
     GET  /metrics                    Prometheus text format (an admin key)
     GET  /  and  /dashboard          the status page: a static shell, no data, no key needed
     GET  /dashboard/data             the page's data as JSON (an admin key when keys are set)
-  Every /v1/... route also answers without the /v1 prefix.
+  Every /v1/... route also answers without the /v1 prefix.  Every request takes one path
+  (section 13): admitted (a bounded number of connections may be sending a head, for a bounded
+  time) -> Host (names this server, when no keys are set) -> Origin (no other web page) -> key
+  (from the headers; the body is not read without one) -> body type (JSON, not a form) -> body
+  (strict framing, CLAUDE_PROXY_MAX_BODY) -> JSON -> its route.
 
 Configuration (flags win over environment; read once at start-up)
 -------------------------------------------------------------------
@@ -52,9 +56,13 @@ Configuration (flags win over environment; read once at start-up)
     --history-days    CLAUDE_PROXY_HISTORY_DAYS      90    days of per-request usage figures kept
     --prices          CLAUDE_PROXY_PRICES            ""    price table (JSON) for the value estimate
     --max-body        CLAUDE_PROXY_MAX_BODY          10 MB largest request body, then 413
-    --cors-origins    CLAUDE_PROXY_CORS_ORIGINS      ""    browser origins allowed (or *)
+    --cors-origins    CLAUDE_PROXY_CORS_ORIGINS      ""    browser origins allowed (or *); others get 403
+    --allowed-hosts   CLAUDE_PROXY_ALLOWED_HOSTS     ""    Host names served besides localhost and the
+                                                           bound address, or * (checked without keys)
+    --max-waiting     CLAUDE_PROXY_MAX_WAITING       256   connections still sending a request head
     --shutdown-grace  CLAUDE_PROXY_SHUTDOWN_GRACE    30    seconds in-flight requests may finish
-    --read-timeout    CLAUDE_PROXY_READ_TIMEOUT      60    seconds of client silence while reading
+    --read-timeout    CLAUDE_PROXY_READ_TIMEOUT      60    seconds for a whole request head; of
+                                                           client silence while reading a body
     --history         CLAUDE_PROXY_HISTORY     structured  earlier turns: structured | flat
     --sessions        CLAUDE_PROXY_SESSIONS          mem   conversations kept live for their next turn
     --session-idle    CLAUDE_PROXY_SESSION_IDLE      300   seconds a kept conversation waits
@@ -216,7 +224,8 @@ class TooLarge(ProxyError):
 
 
 class Forbidden(ProxyError):
-    """The key is known but may not do this (its role, or its models and logins lists)."""
+    """Refused whoever asks: a page or Host this server does not serve, or a key that may not
+    do this (its role, or its models and logins lists)."""
     status, kind = 403, "permission_error"
 
 
@@ -281,6 +290,8 @@ class Config:
     allow_unauthenticated: bool = False
     max_body: int = 10 * 1024 * 1024
     cors_origins: tuple = ()
+    allowed_hosts: tuple = ()
+    max_waiting: int = 256
     shutdown_grace: float = 30.0
     pool_size: int = None        # None: sized from memory (size_idle), as are sessions, idle_max
     pool_max_idle: float = 300.0
@@ -369,6 +380,12 @@ OPTIONS = (
     ("--max-body", "CLAUDE_PROXY_MAX_BODY", "max_body", int, "largest request body in bytes (413)"),
     ("--cors-origins", "CLAUDE_PROXY_CORS_ORIGINS", "cors_origins", str,
      "comma-separated browser origins allowed by CORS, or *"),
+    ("--allowed-hosts", "CLAUDE_PROXY_ALLOWED_HOSTS", "allowed_hosts", str,
+     "comma-separated Host names served besides localhost and the bound address (a reverse "
+     "proxy's public name), or *; checked only when no keys are set"),
+    ("--max-waiting", "CLAUDE_PROXY_MAX_WAITING", "max_waiting", int,
+     "connections still sending a request head (or idle between requests) held at most; at "
+     "the bound the one waiting longest is closed"),
     ("--shutdown-grace", "CLAUDE_PROXY_SHUTDOWN_GRACE", "shutdown_grace", float,
      "seconds in-flight requests may finish after SIGTERM/SIGINT"),
     ("--pool-size", "CLAUDE_PROXY_POOL_SIZE", "pool_size", int,
@@ -376,7 +393,8 @@ OPTIONS = (
     ("--pool-max-idle", "CLAUDE_PROXY_POOL_MAX_IDLE", "pool_max_idle", float,
      "seconds a pre-started process may wait before it is replaced by a fresh one"),
     ("--read-timeout", "CLAUDE_PROXY_READ_TIMEOUT", "read_timeout", float,
-     "seconds of client silence while a request is read (or a kept-alive connection idles)"),
+     "seconds a request head may take in all (or a kept-alive connection idle), and of client "
+     "silence while a body is read"),
     ("--history", "CLAUDE_PROXY_HISTORY", "history", str,
      "earlier turns of a conversation: structured (real turns) or flat (one JSON transcript)"),
     ("--sessions", "CLAUDE_PROXY_SESSIONS", "sessions", int,
@@ -416,7 +434,7 @@ OPTIONS = (
     ("--store-max-mb", "CLAUDE_PROXY_STORE_MAX_MB", "store_max_mb", int,
      "MB of stored responses and conversations held at most; the oldest are removed first"),
 )
-LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins", "accounts")
+LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins", "allowed_hosts", "accounts")
 SECRET_OPTIONS = ("api_keys",)
 
 
@@ -474,6 +492,8 @@ def load_config(argv=None, environ=None):
     cfg = Config(environ=environ, allow_unauthenticated=args.allow_unauthenticated, **values)
     if cfg.max_concurrency < 1:
         raise SystemExit("error: CLAUDE_PROXY_MAX_CONCURRENCY must be at least 1")
+    if cfg.max_waiting < 1:
+        raise SystemExit("error: CLAUDE_PROXY_MAX_WAITING must be at least 1")
     for name, env in (("pool_size", "POOL_SIZE"), ("sessions", "SESSIONS"), ("idle_max", "IDLE_MAX"),
                       ("reuse", "REUSE"), ("recycle_rss", "RECYCLE_RSS")):
         if (getattr(cfg, name) or 0) < 0:
@@ -6066,6 +6086,9 @@ class App:
         self._cli_version_lock = threading.Lock()   # one `claude --version` at a time
         self.keys = KeyRing(cfg)
         self.budgets = Budgets()
+        #: Host names served when no keys are set (check_host)
+        self.host_names = {*LOCAL_NAMES, cfg.host.lower().strip("[]"),
+                           *(host_name(h) for h in cfg.allowed_hosts)}
         self.store = StateStore(cfg)
         self.prices = load_prices(cfg.prices_file)
         self.history = UsageHistory(self.store, cfg.history_days, self.prices)
@@ -6310,6 +6333,7 @@ class Call:
         self.path = handler.path.split("?", 1)[0]
         self.params = {}             #: path parameters of the matched route: {"id": ...}
         self.body = None             #: the parsed JSON body; None for a request without one
+        self.body_read = False       #: the body was read whole (keep-alive can go on)
         self.request_id = re.sub(r"[^A-Za-z0-9._:-]", "", self.headers.get("X-Request-Id") or "")[:128] \
             or new_id("req_", 16)
         anthropic = self.path.startswith(("/v1/messages", "/messages")) or \
@@ -6338,14 +6362,20 @@ class Call:
             raise ClientGone()
 
     def client_gone(self):
+        """True once the client closed or reset its connection.  poll, not select: select
+        fails on descriptors >= 1024, which a busy server reaches."""
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            if not readable:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            ready = poller.poll(0)
+            if not ready:
                 return False
+            if ready[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                return True
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
             return False
-        except (OSError, ValueError):
+        except OSError:
             return True
 
     # -- answering --------------------------------------------------------------------------
@@ -6615,19 +6645,6 @@ ROUTES = (
 )
 
 
-def authenticate(call):
-    """The Principal of the request's key, or the 401 / 403 its route's access asks for."""
-    me = call.app.keys.authenticate(call.headers, call.handler.client_address[0])
-    if me is None:
-        raise Unauthorized("Invalid or missing API key: send one of this proxy's keys "
-                           "(CLAUDE_PROXY_KEYS_FILE, CLAUDE_PROXY_API_KEYS) as "
-                           "'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
-    if call.route.access == "admin" and not me.admin:
-        raise Forbidden("%s is for admin keys only; key %r is a %s key."
-                        % (call.route.path, me.name, me.role))
-    return me
-
-
 def find_route(method, path):
     """(route, params, methods): the route for `method` and `path` (None if there is none)
     and every method the path answers (for a 405's Allow header)."""
@@ -6652,6 +6669,51 @@ def no_route(call, methods):
 
 
 # -- the request path ---------------------------------------------------------------------------
+# Handler.serve runs these steps in order, each a few lines that refuse (a ProxyError) or move
+# on, as http.server's parse_request does: admitted -> Host -> Origin -> key -> body type ->
+# body -> JSON -> route.  Until the body is read, a refusal closes the connection: the bytes
+# left unread would otherwise be parsed as the next request.
+
+#: what a Host header may name when no keys are set (plus the bound address and
+#: CLAUDE_PROXY_ALLOWED_HOSTS; a wildcard bind also takes any IP address)
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
+#: body types a web page may send anywhere without a CORS preflight
+FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def host_name(value):
+    """A Host header's name, without its port or IPv6 brackets, lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    name, _, port = value.rpartition(":")
+    return name if name and port.isdigit() else value.rstrip(":")
+
+
+def is_ip(name):
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def check_host(call):
+    """DNS rebinding: a page whose own name resolves to this machine would be same-origin with
+    the proxy.  Without keys only Host names that name this server are served; with keys the
+    page has no key to send."""
+    cfg, hosts = call.app.cfg, call.headers.get_all("Host") or []
+    if len(hosts) > 1:
+        raise BadRequest("The request has %d Host headers; send one." % len(hosts))
+    if not hosts or call.app.keys.principals or "*" in cfg.allowed_hosts:
+        return                        # no Host: HTTP/1.0 (health checks); browsers always send it
+    name = host_name(hosts[0])
+    if name in call.app.host_names or (cfg.host in WILDCARD_ADDRESSES and is_ip(name)):
+        return
+    raise Forbidden("Host %r does not name this server. A reverse proxy's name goes into "
+                    "CLAUDE_PROXY_ALLOWED_HOSTS." % hosts[0][:100])
+
 
 def cors_origin(cfg, headers):
     """The request's Origin when CLAUDE_PROXY_CORS_ORIGINS allows it, else None."""
@@ -6661,11 +6723,24 @@ def cors_origin(cfg, headers):
     return origin if ("*" in allowed or origin in allowed) else None
 
 
+def check_origin(call):
+    """A web page's request (browsers send Origin on every cross-site POST, preflight or not):
+    served only from an origin in CLAUDE_PROXY_CORS_ORIGINS or from this server's own pages."""
+    origin, host = call.headers.get("Origin"), call.headers.get("Host") or ""
+    if origin is None or cors_origin(call.app.cfg, call.headers) or \
+            origin.lower() in ("http://" + host.lower(), "https://" + host.lower()):
+        return
+    raise Forbidden("Requests from the web page at %r are refused; to allow that page, add its "
+                    "origin to CLAUDE_PROXY_CORS_ORIGINS." % origin[:100])
+
+
 def preflight(call):
+    """The answer to a CORS preflight (OPTIONS) from an allowed origin."""
     call.status = 204
     h = call.handler
     h.send_response(204)
-    h.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+    h.send_header("Access-Control-Allow-Methods", ", ".join(sorted(
+        {r.method for r in ROUTES} | {"OPTIONS"})))
     h.send_header("Access-Control-Allow-Headers",
                   call.headers.get("Access-Control-Request-Headers") or
                   "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta")
@@ -6674,24 +6749,119 @@ def preflight(call):
     h.end_headers()
 
 
+def authenticate(call):
+    """The Principal of the request's key, from the headers alone (a caller without one is
+    answered before a byte of its body is read), or the 401 / 403 its route's access asks
+    for; None on routes anyone may call.  An unknown route asks for a key too."""
+    if call.route is not None and call.route.access == "anyone":
+        return None
+    me = call.app.keys.authenticate(call.headers, call.handler.client_address[0])
+    if me is None:
+        raise Unauthorized("Invalid or missing API key: send one of this proxy's keys "
+                           "(CLAUDE_PROXY_KEYS_FILE, CLAUDE_PROXY_API_KEYS) as "
+                           "'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
+    if call.route is not None and call.route.access == "admin" and not me.admin:
+        raise Forbidden("%s is for admin keys only; key %r is a %s key."
+                        % (call.route.path, me.name, me.role))
+    return me
+
+
+def check_body_type(call):
+    """A body a web page could send without a preflight (a form type or text/plain) is
+    refused, whatever its Origin says."""
+    if call.method not in BODY_METHODS:
+        return
+    kind = (call.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if kind in FORM_TYPES:
+        raise ProxyError("Content-Type %s is not accepted (a web page can send it to any "
+                         "address); send the JSON body with 'Content-Type: application/json' "
+                         "(curl: -H 'Content-Type: application/json'; -d alone sends a form "
+                         "type)." % kind, status=415, kind="invalid_request_error")
+
+
+BODY_METHODS = ("POST", "PUT", "PATCH")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 def read_body(call):
-    """The request's JSON body (None for methods without one), or a 4xx."""
+    """The request's body bytes (None for a method without one): framed by one Content-Length
+    of ASCII digits or by `Transfer-Encoding: chunked` (hex sizes), at most
+    CLAUDE_PROXY_MAX_BODY bytes in all (RFC 9112 6-7), or a 4xx."""
     h, headers, max_body = call.handler, call.headers, call.app.cfg.max_body
-    length = headers.get("Content-Length")
-    chunked = "chunked" in (headers.get("Transfer-Encoding") or "").lower()
-    if call.method not in ("POST", "PUT", "PATCH"):
-        if length and length.isdigit() and int(length) <= max_body:
+    lengths = set(headers.get_all("Content-Length") or ())
+    codings = headers.get_all("Transfer-Encoding") or []
+    chunked = [c.strip().lower() for c in codings] == ["chunked"]
+    length = next(iter(lengths)) if len(lengths) == 1 else None
+    if call.method not in BODY_METHODS:           # a body nobody reads: skip it if we can
+        if length and length.isascii() and length.isdigit() and int(length) <= max_body \
+                and not codings:
             h.rfile.read(int(length))
-        elif length or chunked:
+        elif lengths or codings:
             h.close_connection = True
         return None
+    if codings and (not chunked or lengths):
+        raise BadRequest("Transfer-Encoding must be 'chunked' alone, without Content-Length; "
+                         "got %r." % ", ".join(codings)[:80])
+    if len(lengths) > 1:
+        raise BadRequest("The request has several different Content-Length headers.")
     try:
-        raw = read_chunked(h, max_body) if chunked else read_sized(h, length, max_body)
+        return read_chunked(h, max_body) if chunked else read_sized(h, length, max_body)
     except TimeoutError:
-        h.close_connection = True
         raise ProxyError("The request body did not arrive within %gs "
                          "(CLAUDE_PROXY_READ_TIMEOUT)." % call.app.cfg.read_timeout,
                          status=408, kind="invalid_request_error")
+    except OSError:
+        raise ClientGone()
+
+
+def read_sized(h, length, max_body):
+    if length is None:
+        raise ProxyError("A Content-Length header is required.", status=411,
+                         kind="invalid_request_error")
+    if not (length.isascii() and length.isdigit()):
+        raise BadRequest("Content-Length must be a non-negative integer, got %r." % length[:40])
+    if int(length) > max_body:
+        raise TooLarge("The request body is %s bytes; the limit is %d (CLAUDE_PROXY_MAX_BODY)."
+                       % (length, max_body))
+    raw = h.rfile.read(int(length))
+    if len(raw) < int(length):
+        raise BadRequest("The request body ended before Content-Length bytes arrived.")
+    return raw
+
+
+def read_chunked(h, max_body):
+    """A chunked body; its sizes (and any trailer lines) count against max_body."""
+    parts, total = [], 0
+    while True:
+        line = h.rfile.readline(80)
+        size = line.split(b";", 1)[0].strip()
+        if not line.endswith(b"\r\n") or not CHUNK_SIZE.fullmatch(size):
+            raise BadRequest("Malformed chunked request body: a chunk size must be a hex number "
+                             "on a line of its own, got %r." % line[:40].decode("latin-1"))
+        total += int(size, 16)
+        if total > max_body:
+            raise TooLarge("The request body exceeds %d bytes (CLAUDE_PROXY_MAX_BODY)." % max_body)
+        if not int(size, 16):
+            break
+        data = h.rfile.read(int(size, 16))
+        if len(data) < int(size, 16) or h.rfile.read(2) != b"\r\n":
+            raise BadRequest("Malformed chunked request body: a chunk ended early or without CRLF.")
+        parts.append(data)
+    while True:                                   # trailer fields, up to the empty line
+        line = h.rfile.readline(1024)
+        total += len(line)
+        if total > max_body:
+            raise TooLarge("The request body exceeds %d bytes (CLAUDE_PROXY_MAX_BODY)." % max_body)
+        if line == b"\r\n":
+            return b"".join(parts)
+        if not line.endswith(b"\r\n"):
+            raise BadRequest("Malformed chunked request body: it ended before its last line.")
+
+
+def parse_json(raw):
+    """The body as JSON (None without a body), or a 400 saying what is wrong with it."""
+    if raw is None:
+        return None
     if not raw.strip():
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
@@ -6705,46 +6875,6 @@ def read_body(call):
     if json_depth(body) > MAX_JSON_DEPTH:
         raise BadRequest("The request body nests deeper than %d levels." % MAX_JSON_DEPTH)
     return body
-
-
-def read_sized(h, length, max_body):
-    if length is None:
-        h.close_connection = True
-        raise ProxyError("A Content-Length header is required.", status=411,
-                         kind="invalid_request_error")
-    if not length.isdigit():
-        h.close_connection = True
-        raise BadRequest("Content-Length must be a non-negative integer, got %r." % length[:40])
-    if int(length) > max_body:
-        h.close_connection = True          # the body is not read, so the stream is lost
-        raise TooLarge("The request body is %s bytes; the limit is %d (CLAUDE_PROXY_MAX_BODY)."
-                       % (length, max_body))
-    raw = h.rfile.read(int(length))
-    if len(raw) < int(length):
-        h.close_connection = True
-        raise BadRequest("The request body ended before Content-Length bytes arrived.")
-    return raw
-
-
-def read_chunked(h, max_body):
-    parts, total = [], 0
-    while True:
-        line = h.rfile.readline(66)
-        try:
-            size = int(line.split(b";")[0].strip(), 16)
-        except ValueError:
-            h.close_connection = True
-            raise BadRequest("Malformed chunked request body.")
-        total += size
-        if total > max_body:
-            h.close_connection = True
-            raise TooLarge("The request body exceeds %d bytes (CLAUDE_PROXY_MAX_BODY)." % max_body)
-        if size == 0:
-            while h.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                pass
-            return b"".join(parts)
-        parts.append(h.rfile.read(size))
-        h.rfile.readline(3)
 
 
 def record(call):
@@ -6809,22 +6939,40 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):   # log_access replaces http.server's log
         pass
 
+    def handle_one_request(self):
+        # from the first byte of a request head to its end the connection is `waiting`: bounded
+        # in number and in time (Waiting), so stalled heads never keep a real request out
+        self.server.waiting.enter(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.waiting.leave(self.connection)
+
     def serve(self):
-        """One request, start to end: a route runs, every error is answered in the caller's
-        dialect, and the request is counted and logged."""
+        """One request, start to end: the steps of the request path, then its route; every
+        error is answered in the caller's dialect, and the request is counted and logged."""
+        if not self.server.waiting.leave(self.connection):
+            self.close_connection = True     # dropped while its head arrived: not served
+            return
         app, call = self.server.app, Call(self)
         app.enter()
         try:
-            if self.command == "OPTIONS" and cors_origin(app.cfg, self.headers):
+            call.route, call.params, methods = find_route(call.method, call.path)
+            check_host(call)
+            check_origin(call)
+            if call.method == "OPTIONS" and cors_origin(app.cfg, call.headers):
                 return preflight(call)
-            call.body = read_body(call)      # first, so an error response leaves keep-alive in sync
-            call.route, call.params, methods = find_route(self.command, call.path)
+            call.principal = authenticate(call)
+            check_body_type(call)
+            raw = read_body(call)
+            call.body_read = True
+            call.body = parse_json(raw)
             if call.route is None:
                 raise no_route(call, methods)
-            if call.route.access != "anyone":
-                call.principal = authenticate(call)
             call.route.func(call)
         except ProxyError as err:
+            if not call.body_read:
+                self.close_connection = True  # what was not read would be taken as a request
             call.send_error(err)
         except ClientGone:
             self.close_connection = True
@@ -6836,8 +6984,7 @@ class Handler(BaseHTTPRequestHandler):
             call.send_error(ProxyError("Internal proxy error; see the proxy's log."))
         finally:
             app.leave()
-            label = call.route.path if call.route else "other"
-            app.metrics.request(label, call.status, call.usage)
+            app.metrics.request(call.route.path if call.route else "other", call.status, call.usage)
             record(call)
             log_access(call)
 
@@ -7402,6 +7549,45 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
 """
 
 
+class Waiting:
+    """Connections still sending a request head, or idle between requests: at most `bound`
+    of them, each for at most `seconds` in all.  At the bound the one waiting longest is
+    dropped, so a crowd of stalled connections never keeps a new request out (nor holds a
+    thread and a descriptor each for long)."""
+
+    def __init__(self, bound, seconds):
+        self.bound, self.seconds = bound, seconds
+        self.lock = threading.Lock()
+        self.since = collections.OrderedDict()     # socket -> monotonic time, oldest first
+        self.dropped = 0
+
+    def enter(self, sock):
+        with self.lock:
+            self.since.pop(sock, None)
+            self.since[sock] = time.monotonic()
+            while len(self.since) > self.bound:
+                self._drop(self.since.popitem(last=False)[0])
+
+    def leave(self, sock):
+        """False if the connection was dropped while it waited."""
+        with self.lock:
+            return self.since.pop(sock, None) is not None
+
+    def sweep(self):
+        """Drop the connections whose head took longer than `seconds` (a slow sender)."""
+        now = time.monotonic()
+        with self.lock:
+            while self.since and now - next(iter(self.since.values())) > self.seconds:
+                self._drop(self.since.popitem(last=False)[0])
+
+    def _drop(self, sock):
+        self.dropped += 1
+        try:
+            sock.shutdown(socket.SHUT_RDWR)     # its handler's blocked read returns at once
+        except OSError:
+            pass
+
+
 class ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -7409,11 +7595,15 @@ class ProxyServer(ThreadingHTTPServer):
 
     def __init__(self, cfg):
         self.app = App(cfg)
+        self.waiting = Waiting(cfg.max_waiting, cfg.read_timeout)
         try:
             super().__init__((cfg.host, cfg.port), Handler)
         except OSError:
             self.app.close()
             raise
+
+    def service_actions(self):               # serve_forever calls it every poll interval
+        self.waiting.sweep()
 
 
 # 14. main #######################################################################################

@@ -277,7 +277,7 @@ def test_ack_wait_notices_a_client_that_hangs_up(fake_structured):
     before = set(os.listdir(fake_structured.pids))
     with no_leftover_cli(fake_structured.pids, within=3.0):
         sock = socket.create_connection(("127.0.0.1", fake_structured.port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         deadline = time.monotonic() + 10
         while set(os.listdir(fake_structured.pids)) == before and time.monotonic() < deadline:

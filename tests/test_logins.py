@@ -552,6 +552,7 @@ http {
         listen 127.0.0.1:%(port)d;
         location / {
             proxy_pass http://claude_proxies;
+            proxy_set_header Host $host;
             proxy_next_upstream error timeout http_429 non_idempotent;
             proxy_next_upstream_tries 2;
             proxy_http_version 1.1;

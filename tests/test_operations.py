@@ -326,13 +326,17 @@ def lower(headers):
 
 
 def test_cors_is_off_by_default(fake_proxy):
+    """With CLAUDE_PROXY_CORS_ORIGINS unset no page is allowed: a request carrying an Origin
+    (every browser request from a page) is refused, with no CORS header (README: Security)."""
     status, hdrs, _ = fake_proxy.request("GET", "/health", headers={"Origin": ORIGIN})
-    assert status == 200 and "access-control-allow-origin" not in lower(hdrs)
+    assert status == 403 and "access-control-allow-origin" not in lower(hdrs)
     status, hdrs, _ = ask(fake_proxy, "openai", "hi", headers={"Origin": ORIGIN})
-    assert status == 200 and "access-control-allow-origin" not in lower(hdrs)
+    assert status == 403 and "access-control-allow-origin" not in lower(hdrs)
     status, hdrs, _ = fake_proxy.request("OPTIONS", CHAT, headers=PREFLIGHT)
-    assert 400 <= status < 500
+    assert status == 403
     assert not [k for k in lower(hdrs) if k.startswith("access-control-")]
+    status, _, _ = ask(fake_proxy, "openai", "hi")             # a client without Origin: served
+    assert status == 200
 
 
 @pytest.mark.parametrize("path", [CHAT, MSGS, "/v1/models"])
@@ -365,7 +369,7 @@ def test_cors_headers_on_responses(cors_proxy):
 def test_cors_other_origin_gets_nothing(cors_proxy):
     other = {"Origin": "https://evil.example", "Authorization": "Bearer cors-key-5e1"}
     status, hdrs, _ = ask(cors_proxy, "openai", "hi", headers=other)
-    assert status == 200
+    assert status == 403          # another page is refused even with a key (README: Security)
     assert not [k for k in lower(hdrs) if k.startswith("access-control-")]
     status, hdrs, _ = cors_proxy.request("OPTIONS", CHAT,
                                          headers=dict(PREFLIGHT, Origin="https://evil.example"))
@@ -1121,9 +1125,9 @@ def test_slow_clients_cannot_hold_a_thread(make_proxy):
         s.close()
         return data
 
-    data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+    data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
     assert data == b""
-    data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod")
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert b"CLAUDE_PROXY_READ_TIMEOUT" in data and b"Connection: close" in data

@@ -140,7 +140,7 @@ class RawRequest:
     def __init__(self, proxy, path, body):
         data = json.dumps(body).encode()
         self.sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
-        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n" % (path.encode(), len(data)) + data)
 
     def close(self):

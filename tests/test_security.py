@@ -1,0 +1,386 @@
+"""Section 13's request path against an attacker (issue 19, items 1, 3 and 6): web pages, DNS
+rebinding, callers without a key, broken body framing and crowds of stalled connections.
+
+Each test sends what the attacker sends (raw sockets for connection and framing attacks, the
+headers a browser sends for the page attacks), checks the refusal and that nothing reached a
+CLI, and that the server answers the next request (`still_serving`).  README: Security.
+"""
+import json
+import os
+import socket
+import time
+import types
+
+import pytest
+
+import claude_openai_proxy as cop
+
+CHAT = "/v1/chat/completions"
+KEY = "sec-key-0123456789abcdef"
+BODY = json.dumps({"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]}).encode()
+#: what Chrome sends with a page's fetch(url, {method: "POST", body: "..."}) to another site
+BROWSER = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0 Safari/537.36",
+           "Accept": "*/*", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors",
+           "Sec-Fetch-Dest": "empty", "Referer": "https://evil.example/"}
+
+
+# Helpers ########################################################################################
+
+def cli_runs(p):
+    return set(os.listdir(p.pids))
+
+
+def raw(port, data, timeout=15):
+    """Send raw bytes; everything the server sends until it closes: (status, head, body)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        got = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        sock.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.decode("latin-1").lower(), body
+
+
+def post_head(path, *lines, host="127.0.0.1"):
+    return ("POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            "Connection: close\r\n%s\r\n"
+            % (path, host, "".join(line + "\r\n" for line in lines))).encode()
+
+
+def still_serving(p, headers=None):
+    status, _, got = p.post(CHAT, json.loads(BODY), headers=headers)
+    assert status == 200, got
+    assert got["choices"][0]["message"]["content"] == "fake answer"
+
+
+def error_message(got):
+    return got["error"]["message"] if isinstance(got, dict) else got
+
+
+@pytest.fixture(scope="module")
+def open_proxy(make_proxy, tmp_path_factory):
+    """No keys (a laptop's loopback proxy), CORS off; its fake CLI records its runs."""
+    pids = tmp_path_factory.mktemp("pids")
+    p = make_proxy(fake=True, FAKE_CLAUDE_PIDS=pids, CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_PIDS",
+                   CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
+    p.pids = pids
+    return p
+
+
+@pytest.fixture(scope="module")
+def keyed_proxy(make_proxy, tmp_path_factory):
+    pids = tmp_path_factory.mktemp("pids")
+    p = make_proxy(fake=True, FAKE_CLAUDE_PIDS=pids, CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_PIDS",
+                   CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_API_KEYS=KEY)
+    p.pids = pids
+    return p
+
+
+# Web pages and DNS rebinding (item 1) ###########################################################
+
+@pytest.mark.parametrize("content_type", ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=----x"])
+def test_body_a_page_can_send_without_preflight_is_415(open_proxy, upstream, content_type):
+    """fetch() with a string body sends text/plain (no preflight needed); `curl -d` sends a
+    form type.  Both are refused with a message saying what to send."""
+    runs = cli_runs(open_proxy)
+    status, hdrs, got = open_proxy.request("POST", CHAT, raw=BODY,
+                                           headers={"Content-Type": content_type})
+    assert status == 415, got
+    message = error_message(got)
+    assert "Content-Type: application/json" in message and "curl" in message, message
+    assert hdrs.get("Connection") == "close"
+    assert cli_runs(open_proxy) == runs and upstream.model_calls == []
+    still_serving(open_proxy)
+
+
+def test_text_plain_fetch_from_a_page_is_refused(open_proxy, upstream):
+    """The whole request a page's fetch() sends: its Origin alone refuses it (403)."""
+    runs = cli_runs(open_proxy)
+    status, _, got = open_proxy.request("POST", CHAT, raw=BODY, headers=dict(
+        BROWSER, Origin="https://evil.example", **{"Content-Type": "text/plain;charset=UTF-8"}))
+    assert status == 403, got
+    assert "https://evil.example" in error_message(got)
+    assert "CLAUDE_PROXY_CORS_ORIGINS" in error_message(got)
+    assert cli_runs(open_proxy) == runs and upstream.model_calls == []
+    still_serving(open_proxy)
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1.evil.example"])
+def test_json_post_with_a_foreign_origin_is_403(open_proxy, upstream, origin):
+    runs = cli_runs(open_proxy)
+    headers = dict(BROWSER, Origin=origin, **{"Sec-Fetch-Mode": "cors"})
+    status, hdrs, got = open_proxy.post(CHAT, json.loads(BODY), headers=headers)
+    assert status == 403, got
+    assert got["error"]["type"] == "permission_error"
+    assert not [k for k in hdrs if k.lower().startswith("access-control-")]
+    assert cli_runs(open_proxy) == runs and upstream.model_calls == []
+    still_serving(open_proxy)
+
+
+def test_own_page_is_same_origin(open_proxy):
+    """A page served by the proxy itself (its Origin is the Host) is not a foreign page."""
+    still_serving(open_proxy, headers={"Origin": open_proxy.url})
+
+
+@pytest.mark.parametrize("method,path", [("POST", CHAT), ("GET", "/v1/usage"),
+                                         ("GET", "/dashboard/data"), ("GET", "/v1/models"),
+                                         ("GET", "/metrics")])
+def test_dns_rebinding_host_is_403(open_proxy, upstream, method, path):
+    """A page at attacker.example whose name now resolves to 127.0.0.1 is same-origin with the
+    proxy: the browser sends Host: attacker.example:PORT and no Origin (same-origin GET)."""
+    runs = cli_runs(open_proxy)
+    host = "attacker.example:%d" % open_proxy.port
+    body = BODY if method == "POST" else b""
+    data = ("%s %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            "Content-Length: %d\r\nSec-Fetch-Site: same-origin\r\nConnection: close\r\n\r\n"
+            % (method, path, host, len(body))).encode() + body
+    status, head, text = raw(open_proxy.port, data)
+    assert status == 403, text
+    message = json.loads(text)["error"]["message"]
+    assert "attacker.example" in message and "CLAUDE_PROXY_ALLOWED_HOSTS" in message
+    assert "connection: close" in head
+    assert cli_runs(open_proxy) == runs and upstream.model_calls == []
+    still_serving(open_proxy)
+
+
+@pytest.mark.parametrize("host", ["localhost:%d", "127.0.0.1:%d", "LOCALHOST", "[::1]:%d"])
+def test_local_host_names_are_served(open_proxy, host):
+    host = host % open_proxy.port if "%d" in host else host
+    data = ("GET /v1/models HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host).encode()
+    status, _, text = raw(open_proxy.port, data)
+    assert status == 200, text
+    assert json.loads(text)["object"] == "list"
+
+
+def test_two_host_headers_are_400(open_proxy):
+    data = (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: attacker.example\r\n"
+            b"Connection: close\r\n\r\n")
+    status, _, text = raw(open_proxy.port, data)
+    assert status == 400 and "Host" in json.loads(text)["error"]["message"]
+
+
+def test_allowed_hosts_adds_a_reverse_proxys_name(make_proxy):
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_ALLOWED_HOSTS="llm.example.com")
+    for host, want in (("llm.example.com", 200), ("LLM.example.com:443", 200),
+                       ("other.example.com", 403)):
+        data = post_head(CHAT, "Content-Length: %d" % len(BODY), host=host) + BODY
+        status, _, text = raw(p.port, data)
+        assert status == want, (host, text)
+    p.stop()
+
+
+def test_with_keys_the_host_is_not_checked(keyed_proxy):
+    """With keys a page has no key to send: any Host (a Docker service name, a reverse proxy's
+    name) is served to a caller with a key, and a caller without one gets 401."""
+    for auth, want in ((KEY, 200), (None, 401)):
+        lines = ["Content-Length: %d" % len(BODY)] + (["Authorization: Bearer " + auth] if auth else [])
+        data = post_head(CHAT, *lines, host="claude-proxy:8088") + BODY
+        status, _, text = raw(keyed_proxy.port, data)
+        assert status == want, text
+
+
+def test_allowed_page_works_through_cors(make_proxy):
+    """A browser app the operator allowed: preflight, then the request, both with CORS headers."""
+    origin = "https://chat.example"
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_CORS_ORIGINS=origin)
+    status, hdrs, _ = p.request("OPTIONS", CHAT, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type", "Sec-Fetch-Mode": "cors"})
+    h = {k.lower(): v for k, v in hdrs.items()}
+    assert status == 204
+    assert h["access-control-allow-origin"] == origin and "POST" in h["access-control-allow-methods"]
+    status, hdrs, got = p.post(CHAT, json.loads(BODY), headers={"Origin": origin,
+                                                                 "Sec-Fetch-Mode": "cors"})
+    assert status == 200, got
+    assert {k.lower(): v for k, v in hdrs.items()}["access-control-allow-origin"] == origin
+    status, _, _ = p.post(CHAT, json.loads(BODY), headers={"Origin": "https://evil.example"})
+    assert status == 403
+    p.stop()
+
+
+# Unauthenticated callers (item 3) ###############################################################
+
+def test_no_key_is_401_before_the_body_is_read(keyed_proxy, upstream):
+    """Content-Length: 9000000 and no key: the 401 comes at once, the body never sent, and the
+    connection closes (its unread body cannot be the next request)."""
+    runs = cli_runs(keyed_proxy)
+    status, head, text = raw(keyed_proxy.port, post_head(CHAT, "Content-Length: 9000000"), timeout=10)
+    assert status == 401, text
+    assert "connection: close" in head
+    assert json.loads(text)["error"]["type"] == "authentication_error"
+    # the same with a chunked body and with the Anthropic dialect
+    status, head, text = raw(keyed_proxy.port, post_head("/v1/messages", "Transfer-Encoding: chunked",
+                                                         "anthropic-version: 2023-06-01"), timeout=10)
+    assert status == 401 and json.loads(text)["type"] == "error"
+    assert cli_runs(keyed_proxy) == runs and upstream.model_calls == []
+    still_serving(keyed_proxy, headers={"Authorization": "Bearer " + KEY})
+
+
+# Body framing (item 3) ##########################################################################
+
+@pytest.mark.parametrize("size", [b"-1", b"-0", b"0x10", b"+5", b"1_0", b" ", b"fffffffffffffffff"])
+def test_chunk_size_must_be_hex_digits(open_proxy, upstream, size):
+    runs = cli_runs(open_proxy)
+    data = post_head(CHAT, "Transfer-Encoding: chunked") + size + b"\r\n" + BODY + b"\r\n0\r\n\r\n"
+    status, head, text = raw(open_proxy.port, data)
+    assert status == 400, text
+    assert "chunk" in json.loads(text)["error"]["message"]
+    assert "connection: close" in head
+    assert cli_runs(open_proxy) == runs and upstream.model_calls == []
+    still_serving(open_proxy)
+
+
+def test_chunk_without_crlf_after_its_data_is_400(open_proxy):
+    data = post_head(CHAT, "Transfer-Encoding: chunked") + b"%x\r\n%sXX0\r\n\r\n" % (len(BODY), BODY)
+    status, _, text = raw(open_proxy.port, data)
+    assert status == 400 and "CRLF" in json.loads(text)["error"]["message"], text
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u0661\u0662", "12 ", "+12"])
+def test_content_length_must_be_ascii_digits(open_proxy, length):
+    """'²' and Arabic-Indic digits pass str.isdigit() but are no Content-Length."""
+    data = post_head(CHAT).replace(b"\r\n\r\n", ("\r\nContent-Length: %s\r\n\r\n" % length)
+                                   .encode("latin-1", "replace")) + BODY
+    status, _, text = raw(open_proxy.port, data)
+    assert status == 400, text
+    assert "Content-Length" in json.loads(text)["error"]["message"]
+    still_serving(open_proxy)
+
+
+@pytest.mark.parametrize("lines", [
+    ("Content-Length: %d" % len(BODY), "Content-Length: %d" % (len(BODY) + 5)),
+    ("Transfer-Encoding: chunked", "Content-Length: %d" % len(BODY)),
+    ("Transfer-Encoding: gzip, chunked",),
+    ("Transfer-Encoding: chunked", "Transfer-Encoding: chunked")])
+def test_ambiguous_framing_is_400(open_proxy, upstream, lines):
+    """Two framings a proxy in front could read differently (request smuggling)."""
+    runs = cli_runs(open_proxy)
+    status, head, text = raw(open_proxy.port, post_head(CHAT, *lines) + BODY)
+    assert status == 400, text
+    assert "connection: close" in head
+    assert cli_runs(open_proxy) == runs and upstream.model_calls == []
+
+
+def test_chunk_trailers_count_against_max_body(make_proxy):
+    p = make_proxy(fake=True, CLAUDE_PROXY_MAX_BODY=4096, CLAUDE_PROXY_POOL_SIZE=0)
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"t" * 200) for i in range(40))
+    data = post_head(CHAT, "Transfer-Encoding: chunked") + b"%x\r\n%s\r\n0\r\n%s\r\n" % (
+        len(BODY), BODY, trailers)
+    status, _, text = raw(p.port, data)
+    assert status == 413 and b"CLAUDE_PROXY_MAX_BODY" in text, text
+    still_serving(p)
+    p.stop()
+
+
+# Crowds of stalled connections (item 3) #########################################################
+
+def open_stalled(port, n, head=b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le"):
+    """n connections that each send part of a request head and then nothing."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(head)
+        socks.append(s)
+    return socks
+
+
+def proxy_fds(p):
+    return len(os.listdir("/proc/%d/fd" % p.proc.pid))
+
+
+def test_stalled_heads_never_keep_a_request_out(make_proxy):
+    """1,100 half-sent request heads: the proxy holds at most CLAUDE_PROXY_MAX_WAITING of them
+    (the longest-waiting is closed), and a real request, streamed, is answered."""
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_MAX_WAITING=100)
+    socks = open_stalled(p.port, 1100)
+    try:
+        status, _, text = p.post(CHAT, dict(json.loads(BODY), stream=True), timeout=30)
+        assert status == 200, text
+        assert "fake answer" in text and "[DONE]" in text
+        assert proxy_fds(p) < 400, "the proxy holds every stalled connection"
+        closed = 0
+        for s in socks[:900]:           # the earliest were dropped: they read the end of stream
+            s.settimeout(5)
+            try:
+                closed += s.recv(1) == b""
+            except (ConnectionResetError, socket.timeout):
+                pass
+        assert closed >= 800, closed
+        assert "Traceback" not in p.log
+    finally:
+        for s in socks:
+            s.close()
+    p.stop()
+
+
+def test_descriptors_over_1024_are_not_a_hang_up(make_proxy):
+    """With over 1,024 descriptors open in the proxy (every stalled head kept), a request is
+    served on a descriptor select() cannot watch: it must be answered, not taken as gone."""
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_MAX_WAITING=5000)
+    socks = open_stalled(p.port, 1100)
+    try:
+        deadline = time.monotonic() + 20
+        while proxy_fds(p) < 1100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy_fds(p) >= 1100
+        for stream in (False, True):
+            status, _, got = p.post(CHAT, dict(json.loads(BODY), stream=stream), timeout=30)
+            assert status == 200, got
+            assert "fake answer" in (got if stream else got["choices"][0]["message"]["content"])
+    finally:
+        for s in socks:
+            s.close()
+    p.stop()
+
+
+def test_client_gone_on_a_high_descriptor():
+    """Call.client_gone on a socket numbered over 1,024: alive while the peer is there, gone
+    once it closes."""
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(a.fileno(), 1500))
+    a.close()
+    try:
+        call = types.SimpleNamespace(sock=high)
+        assert cop.Call.client_gone(call) is False
+        b.sendall(b"next request")             # data waiting is not a hang-up
+        assert cop.Call.client_gone(call) is False
+        high.recv(100)
+        b.close()
+        assert cop.Call.client_gone(call) is True
+    finally:
+        high.close()
+
+
+def test_a_head_sent_a_byte_at_a_time_is_cut_off(make_proxy):
+    """The read timeout bounds the whole head, not each byte: a sender that never pauses for
+    CLAUDE_PROXY_READ_TIMEOUT still cannot hold its connection open by trickling."""
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_READ_TIMEOUT=1)
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    try:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        s.settimeout(0.3)
+        for _ in range(60):                      # a byte every 0.3 s, up to 18 s
+            try:
+                if s.recv(1) == b"":
+                    break
+            except socket.timeout:
+                pass
+            except ConnectionResetError:
+                break
+            try:
+                s.sendall(b"a")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        else:
+            pytest.fail("the trickling connection was never closed")
+    finally:
+        s.close()
+    assert p.request("GET", "/health")[0] == 200
+    p.stop()
