@@ -1269,16 +1269,6 @@ class BaseToolCallHandler:
                 "instructions are available and working. Call the appropriate tool now by "
                 "writing a ```tool_call block.")
 
-    def manifest(self):
-        """The MCP handshake's answers given ahead in initialize (sdkMcpServerManifests): the
-        CLI then answers its own MCP client's initialize and tools/list from them, and the
-        three control round trips before the first upstream call are gone (measured in
-        bench/agent_loop.py).  A CLI that asks with another protocol version, or predates the
-        field, does the handshake over the control channel as before (_mcp answers it)."""
-        return {"initializeResult": {"protocolVersion": MCP_PROTOCOL, "capabilities": {"tools": {}},
-                                     "serverInfo": {"name": "claude-proxy", "version": __version__}},
-                "toolsListResult": {"tools": self.listing}}
-
     # -- history ----------------------------------------------------------------------------
     def render_call(self, name, arguments, call_id=None):
         return "```tool_call\n%s\n```" % json.dumps({"name": name, "arguments": arguments},
@@ -1926,6 +1916,18 @@ def cli_env(cfg, launch, tmpdir):
         env["CLAUDE_CODE_EXTRA_BODY"] = json.dumps(dict(extra, tool_choice=json.loads(
             launch.tool_choice)))
     return env
+
+
+def cli_version(cfg, cwd=None):
+    """`claude --version` as the proxy runs the CLI (the allow-listed environment), scrubbed;
+    None when the CLI is not found or says nothing.  Raises OSError or TimeoutExpired."""
+    found = shutil.which(cfg.claude_bin)
+    if not found:
+        return None
+    out = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=20,
+                         stdin=subprocess.DEVNULL, cwd=cwd,
+                         env={k: v for k, v in cfg.environ.items() if env_allowed(k)})
+    return scrub((out.stdout.strip() or out.stderr.strip())[:200]) or None
 
 
 def read_token(name, path):
@@ -6189,17 +6191,10 @@ class App:
             self._cli_version_lock.release()
 
     def _read_cli_version(self):
-        found = shutil.which(self.cfg.claude_bin)
-        text = None
-        if found:
-            try:
-                out = subprocess.run([found, "--version"], capture_output=True, text=True,
-                                     timeout=20, stdin=subprocess.DEVNULL, cwd=self.workdir,
-                                     env={k: v for k, v in self.cfg.environ.items()
-                                          if env_allowed(k)})
-                text = scrub((out.stdout.strip() or out.stderr.strip())[:200]) or None
-            except (OSError, subprocess.TimeoutExpired):
-                text = None
+        try:
+            text = cli_version(self.cfg, self.workdir)
+        except (OSError, subprocess.TimeoutExpired):
+            text = None
         self._cli_version = (text, time.monotonic())
         return text
 
@@ -7620,8 +7615,7 @@ def check(cfg):
     if not found:
         return 1
     try:
-        out = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30)
-        print("CLI version: %s" % (out.stdout.strip() or out.stderr.strip()))
+        print("CLI version: %s" % (cli_version(cfg) or ""))
     except (OSError, subprocess.TimeoutExpired) as exc:
         print("CLI version: failed (%s)" % exc)
         ok = False
