@@ -267,3 +267,43 @@ def test_vercel_ai_sdk_output_object(proxy, upstream):
     assert json.loads(run.stdout)["output"] == {"city": "Lima", "temp": 19}
     (offered,) = upstream.model_calls[-1]["tools"]
     assert offered["name"] == "StructuredOutput" and "$schema" not in offered["input_schema"]
+
+
+# -- AutoGen --------------------------------------------------------------------------------------
+
+def test_autogen_assistant_agent_calls_a_tool_and_reflects(proxy, upstream):
+    """AutoGen (autogen-agentchat + autogen-ext[openai], pinned) on chat completions: its
+    OpenAIChatCompletionClient needs model_info for a model name it does not know; an
+    AssistantAgent calls the tool, runs it, and (reflect_on_tool_use) answers from its result."""
+    pytest.importorskip("autogen_agentchat", reason="bash .ci/run installs AutoGen into .venv/")
+    from autogen_agentchat.agents import AssistantAgent
+    from autogen_ext.models.openai import OpenAIChatCompletionClient
+    seen = []
+
+    async def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        seen.append(city)
+        return "21 degrees in %s" % city
+
+    async def run():
+        client = OpenAIChatCompletionClient(
+            model="claude-sonnet-4-6", base_url=proxy.url + "/v1", api_key="unused", max_retries=0,
+            model_info={"vision": True, "function_calling": True, "json_output": True,
+                        "structured_output": True, "family": "unknown",
+                        "multiple_system_messages": False})
+        try:
+            agent = AssistantAgent("weather", model_client=client, tools=[get_weather],
+                                   system_message="Use the tool.", reflect_on_tool_use=True)
+            return await agent.run(task="Weather in Paris?")
+        finally:
+            await client.close()
+
+    upstream.push(fake_upstream.text('```tool_call\n{"name": "get_weather", "arguments": '
+                                     '{"city": "Paris"}}\n```'),
+                  fake_upstream.text("It is 21 degrees in Paris."))
+    result = asyncio.run(run())
+    assert seen == ["Paris"]
+    assert result.messages[-1].content == "It is 21 degrees in Paris."
+    first, second = upstream.model_calls
+    assert "get_weather" in system_text(first) and "Use the tool." in system_text(first)
+    assert "21 degrees in Paris" in upstream_text(second)
