@@ -7,7 +7,9 @@ One agent loop of `steps` requests through the real CLI and the fake upstream fr
 task is one user message, and at every step the model calls one tool (`read_file`) and the
 client sends the whole conversation again with a ~2 KB result added (OpenAI chat completions,
 streaming, as agents do).  Each proxy has a warm pool (default size 2); a step is sent once
-its pool is ready, as in an agent that spends time running the tool.  Modes:
+its pool is ready, as in an agent that spends time running the tool.  All modes' proxies run
+at once and their loops are interleaved step by step, so a busy machine's drift hits every
+mode alike.  Modes:
 
 - native: X-Toolcall-Module native (this proxy: real tool turns, kept with the call held open,
   MCP handshake given in initialize);
@@ -126,12 +128,12 @@ def shared(prev, nxt):
     return sum(map(len, a[:n])) / sum(map(len, a)), sum(map(len, b[n:]))
 
 
-def loop(proxy, steps, native):
-    """Run the agent loop; returns (ttft per step, the upstream requests, one per step)."""
+def loop(proxy, steps, native, ttft, calls):
+    """The agent loop, one step per next(): appends each step's time to first token and
+    upstream request to `ttft` and `calls` (so the modes' loops can be run interleaved)."""
     messages = [{"role": "system", "content": "You are a coding agent. Use the tools."},
                 {"role": "user", "content": "Read the project's files one by one and summarise."}]
     headers = {"X-Toolcall-Module": "native"} if native else {"X-Toolcall-Module": "generic"}
-    ttft, calls = [], []
     for i in range(steps):
         path = "src/file_%02d.py" % i
         if native:
@@ -153,7 +155,7 @@ def loop(proxy, steps, native):
                          {"id": got[0]["id"], "type": "function",
                           "function": {"name": got[0]["name"], "arguments": got[0]["arguments"]}}]},
                      {"role": "tool", "tool_call_id": got[0]["id"], "content": RESULT}]
-    return ttft, calls
+        yield
 
 
 def handshake(rounds=size(7, 1)):
@@ -228,24 +230,32 @@ def main(steps):
     print("agent loop: %d steps, one tool call each, ~%d-byte results; real CLI, fake upstream"
           % (steps, len(RESULT)), flush=True)
     handshake()
-    rows = {}
-    for name, path, native, env in modes:
-        p = Proxy(path, **env)
-        try:
-            ttft, calls = loop(p, steps, native)
+    rows, proxies, figures = {}, {}, {}
+    try:
+        for name, path, native, env in modes:
+            proxies[name] = Proxy(path, **env)
+            figures[name] = ([], [])
+        steppers = [loop(proxies[name], steps, native, *figures[name]) for name, _p, native, _e in modes]
+        for _ in range(steps):          # the modes step by step in turn: drift hits all alike
+            for stepper in steppers:
+                next(stepper)
+        kept = {}
+        for name, p in proxies.items():
             h = p.health()       # the store of today, or the old proxy's sessions
-            kept = h.get("sessions") or {"kept hits": h.get("idle", {}).get("hits", {}).get("kept")}
-        finally:
+            kept[name] = h.get("sessions") or {"kept hits": h.get("idle", {}).get("hits", {}).get("kept")}
+    finally:
+        for p in proxies.values():
             p.stop()
+    for name, (ttft, calls) in figures.items():
         pairs = [shared(a, b) for a, b in zip(calls, calls[1:])]
         fractions = [f for f, _ in pairs]
         uncached = (sum(map(len, blocks_of(calls[0]))) + sum(n for _, n in pairs)) / 4
         rows[name] = dict(ttft=ttft, mean=statistics.mean(fractions), min=min(fractions),
-                          uncached=uncached, kept=kept)
+                          uncached=uncached, kept=kept[name])
         print("  %-24s prefix mean %5.1f %% min %5.1f %%  ttft median %4.0f ms  "
               "uncached input ~%6.0f tokens  sessions %s" % (
                   name, 100 * rows[name]["mean"], 100 * rows[name]["min"],
-                  1000 * statistics.median(ttft), uncached, kept), flush=True)
+                  1000 * statistics.median(ttft), uncached, kept[name]), flush=True)
         print("    ttft per step (ms): " + " ".join("%.0f" % (1000 * t) for t in ttft), flush=True)
         print("    shared prefix per step (%): " + " ".join("%.1f" % (100 * f) for f in fractions),
               flush=True)

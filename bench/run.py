@@ -10,7 +10,9 @@ once, so the times are the CLI's and the proxy's own).  The real CLI is the pinn
 quote medians and ratios, not single runs.
 
 1. ttft        time to first token: bare CLI vs proxy without pool vs proxy with pool
-                (reuse off here; bench/reuse.py measures the reused path)
+                (reuse off here; bench/reuse.py measures the reused path), interleaved in a
+                turning order, each taken with the warm proxy's pool refilled and settled,
+                the proxies timed from a raw socket
 2. passthrough delay from the CLI printing a delta to the client reading it (500 deltas)
 3. load        64 concurrent streaming clients, cap 4, pool 2, reuse off
 4. footprint   start-up to first /health, idle RSS of the proxy (children excluded)
@@ -19,6 +21,8 @@ import http.client
 import json
 import os
 import pathlib
+import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,6 +72,27 @@ class Proxy(harness.Proxy):
                 time.sleep(2.0)       # ready = spawned; let it finish booting, as in steady use
                 return
             time.sleep(0.05)
+
+    def first_token(self, text):
+        """Seconds from writing a streaming request on a connected raw socket to reading its
+        first content delta: no client library's own time in the figure."""
+        body = json.dumps({"model": "sonnet", "stream": True,
+                           "messages": [{"role": "user", "content": text}]}).encode()
+        head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                "application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=120) as s:
+            seen, first = b"", None
+            t0 = time.perf_counter()
+            s.sendall(head.encode() + body)
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                if first is None:
+                    seen += chunk
+                    if re.search(rb'"content": "[^"]', seen):
+                        first = time.perf_counter() - t0
+        return first
 
     def rss_kb(self, field="VmRSS"):
         for line in open("/proc/%d/status" % self.proc.pid):
@@ -150,13 +175,15 @@ def bench_ttft(rounds=size(7, 2)):
     cold = Proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_REUSE=0)
     warm = Proxy(CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_REUSE=0)
     bare, nopool, pool, bare_warm = [], [], [], []
+    kinds = [(bare, bare_cli_ttft), (bare_warm, lambda: bare_cli_ttft(prestarted=True)),
+             (nopool, lambda: cold.first_token("hi")), (pool, lambda: warm.first_token("hi"))]
     try:
-        for _ in range(rounds):        # interleaved, so drift hits all alike
-            bare.append(bare_cli_ttft())
-            bare_warm.append(bare_cli_ttft(prestarted=True))
-            nopool.append(cold.stream("hi")[0])
-            warm.wait_pool(2)
-            pool.append(warm.stream("hi")[0])
+        for r in range(rounds):        # interleaved, in a turning order, so drift hits all alike
+            for figures, measure in kinds[r % 4:] + kinds[:r % 4]:
+                # never right after the warm proxy handed out a pool process: its replacement
+                # starts in the background, and would be timed with whatever comes next
+                warm.wait_pool(2)
+                figures.append(measure())
     finally:
         cold.stop()
         warm.stop()

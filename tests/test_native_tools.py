@@ -7,7 +7,6 @@ interrupt ends the turn after exactly one upstream call, and holding that answer
 message ends keeps parallel calls whole; the CLI rewrites names to [A-Za-z0-9_-].
 """
 import json
-import os
 import signal
 import time
 
@@ -16,7 +15,7 @@ import openai
 import pytest
 
 import fake_upstream
-from conftest import sse_events, upstream_turns
+from conftest import children, sse_events, upstream_turns
 
 NATIVE = {"X-Toolcall-Module": "native"}
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
@@ -59,22 +58,6 @@ def native_proxy(make_proxy):
     """Native as the configured default handler, and no warm pool: every CLI process it starts
     belongs to a request, so none may be left once the request is answered."""
     return make_proxy(CLAUDE_PROXY_TOOLCALL_MODULE="native", CLAUDE_PROXY_POOL_SIZE=0)
-
-
-def children(pid):
-    """Live processes whose parent is `pid`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
 
 
 # -- the request upstream ----------------------------------------------------------------------

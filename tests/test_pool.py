@@ -17,6 +17,8 @@ import time
 import pytest
 
 import fake_upstream
+import harness
+from harness import alive
 
 READY_WAIT = 15.0          # seconds a poll for pool readiness may take under load
 
@@ -39,17 +41,7 @@ def _all_pids():
 
 def children(proxy):
     """Live (non-zombie) child processes of the proxy: its CLI processes."""
-    out = set()
-    for pid in _all_pids():
-        st = _stat(pid)
-        if st and st[1] == proxy.proc.pid and st[0] != "Z":
-            out.add(pid)
-    return out
-
-
-def alive(pid):
-    st = _stat(pid)
-    return st is not None and st[0] != "Z"
+    return set(harness.children(proxy.proc.pid))
 
 
 def in_groups(pgids):
