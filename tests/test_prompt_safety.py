@@ -11,7 +11,7 @@ import pytest
 import claude_openai_proxy as P
 import fake_upstream
 from conftest import upstream_turns
-from test_pool import health, poll
+from test_reuse import reused_idle, start  # noqa: F401 - start: no pool, no kept conversations
 
 CHAT = "/v1/chat/completions"
 #: commands the CLI 2.1.330 runs itself when a user line's last text starts with them
@@ -19,32 +19,10 @@ COMMANDS = ("/model opus", "/compact", "/clear", "/cost", "/help", "/context", "
             "/review", "  /model haiku", "/model opus\nand then answer me")
 
 
-@pytest.fixture
-def start(make_proxy):
-    """A proxy whose processes are reused (no pool, no kept conversations); stopped after."""
-    started = []
-
-    def make(**env):
-        env.setdefault("CLAUDE_PROXY_POOL_SIZE", 0)
-        env.setdefault("CLAUDE_PROXY_SESSIONS", 0)
-        p = make_proxy(**env)
-        started.append(p)
-        return p
-    yield make
-    for p in started:
-        p.stop()
-
-
 def last_user_text(call):
     """The text of the last user turn the upstream got, its blocks joined as they are."""
     role, blocks = [t for t in upstream_turns(call) if t[0] == "user"][-1]
     return "".join(b["text"] for b in blocks if b.get("type") == "text")
-
-
-def reused_idle(p):
-    return poll(lambda: (lambda h: h if h["idle"]["idle"]["reused"] == 1 and
-                         h["concurrency"]["running"] == 0 else None)(health(p)),
-                "a reused idle process")
 
 
 def test_command_texts_reach_the_model_and_the_process_keeps_its_model(start, upstream):
