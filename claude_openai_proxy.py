@@ -857,6 +857,8 @@ class Request:
     account: str = ""            # the login that serves it (section 7, logins)
     served_by: str = ""          # the kind of CLI process that answered (section 7)
     retried: bool = False        # asked again on another process after its CLI ended (Backend.run)
+    #: with keys: the client's key as a digest (hex); its kept conversations are its own
+    tenant: str = ""
 
 
 @dataclass
@@ -1986,6 +1988,7 @@ class CLIProcess:
         self.kind = "spawned"        # how it last served, or how it waits (IDLE_KINDS)
         self.settings = None         # the settings lines a reused process was given (IdleStore.take)
         self.conversation = None     # the conversation a kept process holds (conversation_hash)
+        self.tenant = ""             # ... and the key it belongs to (Request.tenant)
         self.served = 0              # turns answered
         self.clean = False           # its last turn ended whole, not interrupted nor failed
         self.used = self.born        # when it last served or came back idle
@@ -2268,8 +2271,9 @@ class IdleStore:
     """Every CLI process that is not running a turn, each with a launch key (Launch), the
     settings it was given and a kind (IDLE_KINDS).  One eviction policy: at most `budget` in
     all (sized from memory), the least recently used ended first, at most `sessions` of them
-    kept; a kept one ends after `session_idle` (the upstream prompt cache's lifetime), a
-    reused one after `max_idle` (a re-login or a CLI upgrade is picked up)."""
+    kept (a kept one ended for room is of the key holding the most: _kept_victim); a kept one
+    ends after `session_idle` (the upstream prompt cache's lifetime), a reused one after
+    `max_idle` (a re-login or a CLI upgrade is picked up)."""
 
     def __init__(self, backend, cfg):
         self.backend, self.sizing = backend, cfg.sizing
@@ -2374,12 +2378,13 @@ class IdleStore:
         proc.used = time.monotonic()
         self.procs.append(proc)
         ended = []
-        kept = [p for p in self.procs if p.kind == "kept"]
-        if len(kept) > self.sessions:
-            ended.append(kept[0])
-            self.procs.remove(kept[0])
+        if sum(p.kind == "kept" for p in self.procs) > self.sessions:
+            ended.append(self._kept_victim())
+            self.procs.remove(ended[-1])
         while self.procs and len(self.procs) + self.resetting > self.budget:
-            ended.append(self.procs.pop(0))
+            victim = self.procs[0] if self.procs[0].kind != "kept" else self._kept_victim()
+            ended.append(victim)
+            self.procs.remove(victim)
             self.evicted += 1
         for p in ended:
             self.end(p)
@@ -2393,6 +2398,15 @@ class IdleStore:
             if proc.proc.poll() is not None or now - proc.used > limit:
                 self.procs.remove(proc)
                 self.end(proc)
+
+    def _kept_victim(self):
+        """The kept process to end for room: the least recently used of the key (tenant)
+        holding the most kept conversations, so one key filling the slots ends its own, never
+        another key's beyond an equal share (without keys: the least recently used)."""
+        kept = [p for p in self.procs if p.kind == "kept"]
+        held = collections.Counter(p.tenant for p in kept)
+        most = max(held.values())
+        return next(p for p in kept if held[p.tenant] == most)
 
     def end(self, proc):
         """End a process the store no longer holds, on a thread of its own (it may take a
@@ -2609,17 +2623,18 @@ class PreStarter:
 
 
 def conversation_hash(req, messages, h=None):
-    """What a CLI process that answered `messages` holds, as a running SHA-256: the settings it
-    was given (launch, model, effort, system prompt with the tool prompt, handler) and the
-    conversation.  An assistant message counts by what a client can echo back of it, its text
+    """What a CLI process that answered `messages` holds, as a running SHA-256: whose it is (the
+    client's key, when keys are set: the same conversation sent with another key is not it), the
+    settings it was given (launch, model, effort, system prompt with the tool prompt, handler)
+    and the conversation.  An assistant message counts by what a client can echo back of it, its text
     and its tool calls (ids, thinking and block boundaries are dropped or reshaped by clients);
     a user message counts whole.  With `h` (the hash of earlier messages) it goes on from there."""
     if h is None:
         # native tools are definitions, not system prompt text: they count on their own
         tools = [[t.name, t.description, t.parameters] for t in offered_tools(req)] \
             if native_tools(req) else []
-        h = hashlib.sha256(json.dumps([repr(launch_of(req)), req.cli_model, req.effort,
-                                       render_system(req), req.handler.name, tools],
+        h = hashlib.sha256(json.dumps([req.tenant, repr(launch_of(req)), req.cli_model,
+                                       req.effort, render_system(req), req.handler.name, tools],
                                       sort_keys=True).encode())
     for m in messages:
         if m.role == "assistant":
@@ -2665,6 +2680,7 @@ class KeptConversation:
         if self.proc is not None:
             key = conversation_hash(self.req, [answer], self._hash.copy()).hexdigest()
             proc, self.proc = self.proc, None
+            proc.tenant = self.req.tenant
             self.store.give_back(proc, key)
 
     def drop(self):
@@ -6434,6 +6450,7 @@ def generate(call, dialect):
     req.web_tools = tuple(t for t in req.web_tools if t in WEB_TOOL_MODES[app.cfg.web_tools])
     call.model, call.req = req.model, req
     me = call.principal
+    req.tenant = me.digest.hex()        # "" without keys
     if not me.allows_model(req):
         raise Forbidden("Key %r may use the model(s) %s only, not %r."
                         % (me.name, ", ".join(me.models), req.model), param="model")
