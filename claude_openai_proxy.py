@@ -6223,7 +6223,32 @@ class App:
                         "found": bool(shutil.which(cfg.claude_bin)), "version": self.cli_version()},
                 "config": config, "usage": self.usage_report(),
                 "history": self.history.report(),
+                "keys": [self.key_report(k) for k in self.keys.principals or (OPERATOR, ANONYMOUS)],
+                "usage_history": self.history_summary(),
                 "requests": self.requests.recent(), "minutes": self.requests.per_minute()}
+
+    def history_summary(self, now=None):
+        """The dashboard's history: the last day and week per key and per model, and the
+        last 30 UTC days (every day, zeros included), each with its value estimate."""
+        if not self.history.on or not self.store.enabled:
+            return {"error": self.history.report()["error"] or (
+                "CLAUDE_PROXY_HISTORY_DAYS=0 keeps no history" if not self.cfg.history_days
+                else self.store.error), "estimate": ESTIMATE_NOTE}
+        now = time.time() if now is None else now
+        q = self.history.query
+        first = (int(now // 86400) - 29) * 86400
+        days = {r["day"]: r for r in q(first, now + 1, "day")}
+        empty = {"requests": 0, "errors": 0, "input": 0, "output": 0, "cache_read": 0,
+                 "cache_write": 0, "cost_usd": 0.0, "unpriced_models": []}
+        out_days = []
+        for i in range(30):
+            day = time.strftime("%Y-%m-%d", time.gmtime(first + i * 86400))
+            out_days.append(days.get(day) or dict(empty, day=day))
+        return {"by_key": {"day": q(now - 86400, now + 1, "key"),
+                           "week": q(now - 7 * 86400, now + 1, "key")},
+                "by_model": {"day": q(now - 86400, now + 1, "model"),
+                             "week": q(now - 7 * 86400, now + 1, "model")},
+                "days": out_days, "estimate": ESTIMATE_NOTE}
 
     def close(self):
         self.backend.close_all()
@@ -7116,6 +7141,10 @@ th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid var(--line
 th { color: var(--dim); font-weight: 600; position: sticky; top: 0; background: var(--card); }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.client { max-width: 220px; overflow: hidden; text-overflow: ellipsis; }
+/* a table inside a card scrolls sideways within it rather than spilling over the next card */
+.tablewrap { overflow-x: auto; max-width: 100%; }
+.card td.wrap { white-space: normal; overflow-wrap: anywhere; }
+.note { font-size: 12px; color: var(--dim); margin: 4px 0 8px; }
 tr.err td { background: #fde8ef; color: #8a1538; }
 .scroll { max-height: 520px; overflow: auto; background: var(--card); border: 1px solid var(--line);
           border-radius: 8px; }
@@ -7149,6 +7178,17 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
 <main id="main" hidden>
   <h2>Plan limits</h2>
   <div class="grid" id="accounts"></div>
+  <h2>Keys and budgets</h2>
+  <div class="grid" id="keys"></div>
+  <h2>Usage history</h2>
+  <p class="note" id="estimate-note"></p>
+  <div class="plots" id="history-plots"></div>
+  <div class="grid">
+    <div><h2>Per key</h2><div class="card"><div class="tablewrap">
+      <table id="history-keys"></table></div></div></div>
+    <div><h2>Per model</h2><div class="card"><div class="tablewrap">
+      <table id="history-models"></table></div></div></div>
+  </div>
   <h2>Last hour, per minute</h2>
   <div class="plots" id="plots"></div>
   <div class="grid">
@@ -7163,6 +7203,7 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
       <option value="errors">errors (4xx/5xx)</option><option value="4xx">4xx</option>
       <option value="5xx">5xx</option>
     </select>
+    <select id="keyfilter" aria-label="filter by key"><option value="">all keys</option></select>
     <span id="count" class="dim"></span>
   </h2>
   <div class="scroll">
@@ -7170,7 +7211,7 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
       <thead><tr><th>time</th><th>request id</th><th>route</th><th>client</th><th>model</th>
         <th>login</th><th class="num">status</th><th class="num">TTFT ms</th><th class="num">ms</th>
         <th class="num">in</th><th class="num">out</th><th class="num">cache read</th>
-        <th class="num">cache write</th><th>served by</th></tr></thead>
+        <th class="num">cache write</th><th>served by</th><th>key</th></tr></thead>
       <tbody></tbody>
     </table>
   </div>
@@ -7296,7 +7337,7 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
                       ["reported", a.updated_at ? span(now() - a.updated_at) + " ago" : "never"]]));
       var models = Object.keys(a.tokens || {});
       if (models.length) {
-        var t = put(card, el("table", "tokens"));
+        var t = put(put(card, el("div", "tablewrap")), el("table", "tokens"));
         add(t, add(el("tr"), el("th", "", "model"), el("th", "num", "in"), el("th", "num", "out"),
                    el("th", "num", "cache read"), el("th", "num", "cache write")));
         models.forEach(function (m) {
@@ -7325,13 +7366,13 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     var KINDS = [["kept", "holding a conversation"], ["reused", "reset after a request"],
                  ["initialized", "pre-started, initialized ahead"], ["pool", "pre-started"]];
     add(box, el("h3", "", "idle CLI processes"));
-    var t = put(box, el("table", "idle"));
+    var t = put(put(box, el("div", "tablewrap")), el("table", "idle"));
     add(t, add(el("tr"), el("th", "", "kind"), el("th", "num", "waiting"),
                el("th", "num", "requests served")));
     KINDS.forEach(function (k) {
       var tr = put(t, el("tr"));
       tr.dataset.kind = k[0];
-      add(tr, el("td", "", k[0] + " (" + k[1] + ")"), el("td", "num", num(held[k[0]] || 0)),
+      add(tr, el("td", "wrap", k[0] + " (" + k[1] + ")"), el("td", "num", num(held[k[0]] || 0)),
           el("td", "num", num(hits[k[0]] || 0)));
     });
     var spawned = put(t, el("tr"));
@@ -7391,9 +7432,9 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     var top = svg("text", {x: PAD, y: PAD - 5});
     top.textContent = opts.fmt(max);
     var left = svg("text", {x: PAD, y: H - 4});
-    left.textContent = "-60 min";
+    left.textContent = opts.left || "-60 min";
     var right = svg("text", {x: W - 4, y: H - 4, "text-anchor": "end"});
-    right.textContent = "now";
+    right.textContent = opts.right || "now";
     add(root, top, left, right);
     series.forEach(function (s, si) {
       if (s.bars) {
@@ -7452,6 +7493,99 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
              {id: "cache", fmt: function (v) { return Math.round(v) + "%"; }, max: 100}));
   }
 
+  // -- keys, budgets and the usage history ------------------------------------------------------
+  var BUDGET_NAMES = {tokens_5h: "tokens", tokens_day: "tokens", tokens_week: "tokens",
+                      requests_per_minute: "requests", concurrent: "requests running"};
+  function usd(v) {
+    if (v === null || v === undefined) return "-";
+    return "$" + (v >= 100 ? v.toFixed(0) : v >= 1 ? v.toFixed(2) : v.toFixed(4));
+  }
+  function renderKeys(d) {
+    var box = $("keys");
+    box.textContent = "";
+    (d.keys || []).forEach(function (k) {
+      var card = put(box, el("div", "card key"));
+      card.dataset.key = k.name;
+      var title = put(card, el("h3", "", k.name));
+      add(title, el("span", "badge" + (k.role === "admin" ? " warn" : ""), k.role));
+      add(card, defs([["models", k.models.length ? "models: " + k.models.join(", ") : "every model"],
+                      ["logins", k.logins.length ? "logins: " + k.logins.join(", ") : "every login"]]));
+      var any = false;
+      Object.keys(k.budgets || {}).forEach(function (b) {
+        var x = k.budgets[b];
+        if (!x.limit) return;
+        any = true;
+        var pct = Math.max(0, Math.min(1, x.fill || 0)) * 100;
+        var row = put(card, el("div", "window"));
+        row.dataset.budget = b;
+        var label = put(row, el("div", "label"));
+        add(label, el("span", "", b + " \u00b7 " + Math.round(100 * (x.fill || 0)) + "% \u00b7 " +
+                                  num(x.used) + " of " + num(x.limit) + " " + (BUDGET_NAMES[b] || "")));
+        var frees = put(label, el("span", "dim"));
+        if (x.frees_at) frees.dataset.frees = String(x.frees_at);
+        var fill = put(put(row, el("div", "bar")), el("div", "fill " + level("", x.fill || 0)));
+        fill.style.width = pct.toFixed(1) + "%";
+      });
+      if (!any) add(card, el("p", "dim", "No budgets: limited by the plan and the slots only."));
+    });
+  }
+  function historyTable(id, rows, by) {
+    var t = $(id);
+    t.textContent = "";
+    add(t, add(el("tr"), el("th", "", by), el("th", "num", "requests (7 d)"),
+               el("th", "num", "in"), el("th", "num", "out"), el("th", "num", "cache read"),
+               el("th", "num", "value 24 h"), el("th", "num", "value 7 d")));
+    var day = {};
+    rows.day.forEach(function (r) { day[r[by]] = r; });
+    rows.week.forEach(function (r) {
+      var tr = put(t, el("tr"));
+      tr.dataset.row = r[by];
+      add(tr, el("td", "wrap", r[by]), el("td", "num", num(r.requests)),
+          el("td", "num", num(r.input)), el("td", "num", num(r.output)),
+          el("td", "num", num(r.cache_read)),
+          el("td", "num", usd(day[r[by]] ? day[r[by]].cost_usd : 0)),
+          el("td", "num", usd(r.cost_usd)));
+    });
+    if (!rows.week.length) add(t, add(el("tr"), el("td", "dim", "no requests in the last 7 days")));
+  }
+  function renderHistory(d) {
+    var h = d.usage_history || {}, e = h.estimate || {};
+    $("estimate-note").textContent = "API-equivalent value: " + (e.what || "") + " (prices of " +
+        e.prices_date + ", " + e.prices_source + ")." + (d.history && d.history.lost ?
+        " " + d.history.lost + " request(s) could not be recorded." : "");
+    var plots = $("history-plots");
+    plots.textContent = "";
+    if (h.error) {
+      add(plots, el("p", "hint", "No usage history: " + h.error));
+      $("history-keys").textContent = "";
+      $("history-models").textContent = "";
+      return;
+    }
+    var pick = function (k) { return h.days.map(function (r) { return r[k]; }); };
+    add(plots,
+        plot("Requests per day (30 days)", [{name: "requests", values: pick("requests"),
+                                            bars: true, errors: pick("errors")}],
+             {id: "days", fmt: num, left: "-30 d", right: "today"}),
+        plot("Tokens per day", [{name: "in", values: pick("input")},
+                                {name: "out", values: pick("output")}],
+             {id: "daytokens", fmt: num, left: "-30 d", right: "today"}),
+        plot("API-equivalent value per day (estimate)",
+             [{name: "USD", values: pick("cost_usd"), bars: true}],
+             {id: "dayvalue", fmt: usd, left: "-30 d", right: "today"}));
+    historyTable("history-keys", h.by_key, "key");
+    historyTable("history-models", h.by_model, "model");
+  }
+  function keyOptions(d) {          // the key filter lists every key and every key in the log
+    var box = $("keyfilter"), want = box.value, names = [];
+    (d.keys || []).forEach(function (k) { if (names.indexOf(k.name) < 0) names.push(k.name); });
+    d.requests.forEach(function (r) { if (r.key && names.indexOf(r.key) < 0) names.push(r.key); });
+    var have = [].map.call(box.options, function (o) { return o.value; }).slice(1);
+    if (have.join("\n") === names.join("\n")) return;
+    while (box.options.length > 1) box.remove(1);
+    names.forEach(function (n) { var o = el("option", "", n); o.value = n; box.appendChild(o); });
+    box.value = names.indexOf(want) >= 0 ? want : "";
+  }
+
   // -- the request table -----------------------------------------------------------------------
   function wanted(status, filter) {
     if (filter === "ok") return status > 0 && status < 400;
@@ -7461,10 +7595,12 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     return true;
   }
   function renderRequests(d) {
-    var filter = $("filter").value, body = $("requests").tBodies[0], shown = 0;
+    keyOptions(d);
+    var filter = $("filter").value, who = $("keyfilter").value;
+    var body = $("requests").tBodies[0], shown = 0;
     body.textContent = "";
     d.requests.forEach(function (r) {
-      if (!wanted(r.status, filter)) return;
+      if (!wanted(r.status, filter) || (who && r.key !== who)) return;
       shown++;
       var tr = put(body, el("tr", r.status >= 400 || r.status === 0 ? "err" : ""));
       tr.dataset.status = String(r.status);
@@ -7476,7 +7612,9 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
           el("td", "num", r.ttft_ms === null ? "-" : num(r.ttft_ms)), el("td", "num", num(r.ms)),
           el("td", "num", num(r["in"])), el("td", "num", num(r.out)),
           el("td", "num", num(r.cache_read)), el("td", "num", num(r.cache_write)),
-          el("td", "", (r.served_by || "-") + (r.retried ? " (retried)" : "")));
+          el("td", "", (r.served_by || "-") + (r.retried ? " (retried)" : "")),
+          el("td", "", r.key || "-"));
+      tr.dataset.key = r.key || "";
     });
     $("count").textContent = shown + " of " + d.requests.length;
   }
@@ -7484,10 +7622,13 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
   function render(d) {
     renderHealth(d);
     renderAccounts(d);
+    renderKeys(d);
+    renderHistory(d);
     renderCapacity(d);
     renderCli(d);
     renderPlots(d);
     renderRequests(d);
+    tick();
   }
 
   function tick() {                 // reset countdowns move every second between polls
@@ -7495,6 +7636,11 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     for (var i = 0; i < nodes.length; i++) {
       var at = Number(nodes[i].dataset.reset);
       nodes[i].textContent = at ? "resets in " + span(at - now()) : "";
+    }
+    nodes = document.querySelectorAll("[data-frees]");      // rolling budgets: the oldest use
+    for (i = 0; i < nodes.length; i++) {
+      at = Number(nodes[i].dataset.frees);
+      nodes[i].textContent = at ? "frees in " + span(at - now()) : "";
     }
   }
 
@@ -7551,6 +7697,7 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     refresh();
   });
   $("filter").addEventListener("change", function () { if (last) renderRequests(last); });
+  $("keyfilter").addEventListener("change", function () { if (last) renderRequests(last); });
   document.addEventListener("visibilitychange", function () { if (!document.hidden) refresh(); });
   setInterval(tick, 1000);
   refresh();

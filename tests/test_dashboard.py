@@ -156,7 +156,7 @@ def test_data_shape_and_a_row_per_request(fake_proxy):
 
     d = data(fake_proxy)
     assert set(d) == {"version", "now", "health", "cli", "config", "usage", "requests", "minutes",
-                      "history"}
+                      "history", "keys", "usage_history"}
     assert d["version"] == cop.__version__ and abs(d["now"] - time.time()) < 60
     assert d["cli"]["found"] is True and d["cli"]["version"] == "2.1.330 (Claude Code; fake)"
     assert d["health"]["status"] in ("ok", "degraded") and "concurrency" in d["health"]
@@ -435,9 +435,11 @@ def test_page_renders_in_chromium(served, tmp_path):
     for text in ("dash-ok-0", "dash-stream", "litellm/1.80", "Anthropic/Python 2.12.0",
                  "POST /v1/messages", "6 of 6"):
         assert text in dom, text
-    # four plots, each an inline SVG with something drawn
+    # three plots of the usage history by day, four of the last hour, each an inline SVG with
+    # something drawn
     plots = re.findall(r'<div class="card plot" data-plot="(\w+)">(.*?)</svg>', dom, re.S)
-    assert [name for name, _ in plots] == ["requests", "ttft", "tokens", "cache"]
+    assert [name for name, _ in plots] == ["days", "daytokens", "dayvalue", "requests", "ttft",
+                                           "tokens", "cache"]
     for name, svg in plots:
         assert re.search(r"<(rect|path|circle) ", svg), name
     assert "CLI and logins" in dom and "logged in" in dom
