@@ -1597,6 +1597,9 @@ class Attempt:
     dropped: int = 0             # calls beyond the first when parallel_tool_calls is off
     holding: bool = True
     done: Done = None
+    chars: int = 0               # of answer text so far
+    #: the held text reads as a refusal: it stays one as it grows (not searched again per delta)
+    refused: bool = False
 
 
 def emulated_tool_events(req, run):
@@ -1640,6 +1643,7 @@ def _tool_attempt(req, run, messages, hold_all, total):
         for kind, val in segs:
             if kind == "text":
                 answer.append(val)
+                a.chars += len(val)
                 yield TextDelta(val)
             elif req.parallel_tool_calls or not a.calls:
                 a.calls += 1
@@ -1659,6 +1663,7 @@ def _tool_attempt(req, run, messages, hold_all, total):
             continue
         elif isinstance(ev, Reset):
             parser, a.calls, a.dropped = ToolTextParser(req.handler, names), 0, 0
+            a.chars, a.refused = 0, False
             answer.clear()
             a.held = []
             out = [ev]
@@ -1668,9 +1673,10 @@ def _tool_attempt(req, run, messages, hold_all, total):
             yield from out
             continue
         a.held.extend(out)
-        text = "".join(answer)
-        if not hold_all and (a.calls or len(text) > REFUSAL_HOLD_CHARS) and \
-                not handler.is_refusal(text):
+        if hold_all or a.refused or not (a.calls or a.chars > REFUSAL_HOLD_CHARS):
+            continue
+        a.refused = handler.is_refusal("".join(answer))
+        if not a.refused:
             a.holding = False
             yield from a.held
             a.held = []
