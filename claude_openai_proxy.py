@@ -16,8 +16,16 @@ complies with Anthropic's terms for your plan.
 Endpoints
 ---------
     POST /v1/chat/completions        OpenAI chat completions (stream / non-stream, tools)
-    POST /v1/responses               OpenAI Responses (stream / non-stream, tools, text.format);
-                                     stateless: no previous_response_id, `store` keeps nothing
+    POST /v1/responses               OpenAI Responses (stream / non-stream, tools, text.format,
+                                     stored: previous_response_id, conversation, background)
+    GET  /v1/responses/{id}          a stored response (?stream=true&starting_after=N: events)
+    DELETE /v1/responses/{id}        delete it
+    GET  /v1/responses/{id}/input_items   its input items (limit, order, after, before)
+    POST /v1/responses/{id}/cancel   stop a background response
+    POST /v1/responses/input_tokens  the input's token count (an estimate: ~4 bytes a token)
+    POST /v1/conversations           a conversation (items, metadata); GET / POST (metadata) /
+                                     DELETE /v1/conversations/{id}; GET / POST .../{id}/items;
+                                     GET / DELETE .../{id}/items/{item_id}
     POST /v1/messages                Anthropic Messages (stream / non-stream, tools, thinking)
     POST /v1/messages/count_tokens   Anthropic token count (an estimate: ~4 bytes a token)
     GET  /v1/models                  model list (Anthropic shape if anthropic-version/x-api-key)
@@ -79,6 +87,7 @@ Configuration (flags win over environment; read once at start-up)
     --state-dir       CLAUDE_PROXY_STATE_DIR   (below)   where the state store's file lives
     --store           CLAUDE_PROXY_STORE             on    stored responses, conversations: on | off
     --store-days      CLAUDE_PROXY_STORE_DAYS        30    days stored state is kept
+    --instance        CLAUDE_PROXY_INSTANCE   (host:port) this instance's name, in its ids
     --store-max-mb    CLAUDE_PROXY_STORE_MAX_MB      1024  MB held at most; the oldest goes first
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
@@ -320,6 +329,8 @@ class Config:
     #: retention in days, size cap in MB
     state_dir: str = ""
     store: str = "on"
+    #: this instance's name, in the ids it makes ("" = default_instance)
+    instance: str = ""
     store_days: float = 30.0
     store_max_mb: int = 1024
     #: the named keys (JSON: names, roles, budgets, model and login lists; section 12, keys)
@@ -429,6 +440,9 @@ OPTIONS = (
     ("--store", "CLAUDE_PROXY_STORE", "store", str,
      "on, or off: nothing is stored (no file is made; stored responses, previous_response_id, "
      "conversations and background runs answer an error saying so)"),
+    ("--instance", "CLAUDE_PROXY_INSTANCE", "instance", str,
+     "this instance's name (a-z, 0-9), put in the ids of stored responses and conversations so "
+     "a load balancer can route by it; default: made from the host name and port"),
     ("--store-days", "CLAUDE_PROXY_STORE_DAYS", "store_days", float,
      "days stored responses and conversations are kept (a conversation: since its last use)"),
     ("--store-max-mb", "CLAUDE_PROXY_STORE_MAX_MB", "store_max_mb", int,
@@ -520,6 +534,10 @@ def load_config(argv=None, environ=None):
                          "more than 0 (CLAUDE_PROXY_STORE=off keeps nothing)")
     if not cfg.state_dir:
         cfg = dataclasses.replace(cfg, state_dir=default_state_dir(environ))
+    if not cfg.instance:
+        cfg = dataclasses.replace(cfg, instance=default_instance(cfg.port))
+    if not re.fullmatch(r"[a-z0-9]{1,32}", cfg.instance):
+        raise SystemExit("error: CLAUDE_PROXY_INSTANCE must be 1-32 characters a-z and 0-9")
     if cfg.history_days < 0:
         raise SystemExit("error: CLAUDE_PROXY_HISTORY_DAYS must be 0 or more")
     try:
@@ -728,6 +746,13 @@ def parse_accounts(items):
     return tuple(out)
 
 
+def default_instance(port):
+    """A short name that stays the same across restarts of one proxy: from the host name and
+    port (two proxies on one host differ by port)."""
+    digest = hashlib.sha256(("%s:%d" % (socket.gethostname(), port)).encode()).digest()
+    return "".join("abcdefghijklmnopqrstuvwxyz0123456789"[b % 36] for b in digest[:6])
+
+
 def is_loopback(host):
     try:
         import ipaddress
@@ -859,6 +884,7 @@ class Request:
     retried: bool = False        # asked again on another process after its CLI ended (Backend.run)
     #: with keys: the client's key as a digest (hex); its kept conversations are its own
     tenant: str = ""
+    response_id: str = ""        # a stored response's id, made before the turn (section 11)
 
 
 @dataclass
@@ -4660,14 +4686,11 @@ class AnthropicMessages:
 
 
 # 11. OpenAI responses ###########################################################################
-# POST /v1/responses, stateless.  OpenAI keeps responses server-side so that a later request can
-# say `previous_response_id`; this proxy stores nothing it could look up by id (a store of
-# conversations would be a second copy of every user's data to secure and expire; Idle
-# only keeps a CLI process, in memory, for a request that resends the same conversation), so
-# clients send the whole conversation in `input`, as they do with `store: false`.  Tools are
-# read by section 9's parse_openai_tools (function, custom, namespace; web search is the CLI's
-# own; the other hosted tools run on OpenAI's servers), and the model's thinking is not returned
-# as reasoning items.
+# POST /v1/responses, and the state OpenAI keeps for it: stored responses (previous_response_id,
+# GET, DELETE, input_items, background runs and cancel) and conversations, in the state store
+# (section 12; below, "stored responses").  Tools are read by section 9's parse_openai_tools
+# (function, custom, namespace; web search is the CLI's own; the other hosted tools run on
+# OpenAI's servers), and the model's thinking is not returned as reasoning items.
 
 def _responses_parts(content, where):
     """Message content (a string or input_text / output_text / refusal / input_image parts)
@@ -4709,12 +4732,13 @@ def _responses_output(output, where):
     return text, [b for b in blocks if b["type"] == "image"]
 
 
-def parse_responses_input(value):
-    """Responses `input` (a string or a list of items) -> (system text, [Message])."""
+def parse_responses_input(value, need_message=True):
+    """Responses `input` (a string or a list of items) -> (system text, [Message]);
+    `need_message`: at least one user or assistant message (not for conversation items)."""
     if isinstance(value, str):
         return "", [Message("user", [{"type": "text", "text": value}])]
-    _need(isinstance(value, list) and value, "input must be a string or a non-empty list of items",
-          "input")
+    _need(isinstance(value, list) and (value or not need_message),
+          "input must be a string or a non-empty list of items", "input")
     system, out, names = [], [], {}
     for i, item in enumerate(value):
         at = "input[%d]" % i
@@ -4767,13 +4791,14 @@ def parse_responses_input(value):
             # the answer that followed it
             continue
         elif kind == "item_reference":
-            raise BadRequest("%s refers to a stored item, but this proxy stores nothing: send the "
-                             "item itself." % at, param=at)
+            raise BadRequest("%s: item references are not supported; send the item itself, or "
+                             "continue a stored response with previous_response_id." % at, param=at)
         else:
             raise BadRequest("%s has unsupported type %r (supported: message, function_call, "
                              "function_call_output, custom_tool_call, custom_tool_call_output, "
                              "reasoning, web_search_call)" % (at, kind), param=at)
-    _need(out, "input must contain at least one user or assistant message", "input")
+    _need(out or not need_message, "input must contain at least one user or assistant message",
+          "input")
     return "\n\n".join(s for s in system if s), merge_messages(out)
 
 
@@ -4792,7 +4817,8 @@ class ResponsesStream:
 
     def __init__(self, dialect, req, sse, body):
         self.dialect, self.req, self.sse, self.body = dialect, req, sse, body
-        self.rid, self.created, self.seq = new_id("resp_"), int(time.time()), itertools.count()
+        self.rid, self.created, self.seq = req.response_id or new_id("resp_"), int(time.time()), \
+            itertools.count()
         self.output = []             #: items so far, mutated as they finish
         self.message = None          #: (item, index, part) of the message text streams into
         self.call = None             #: (item, index, ToolCall) of a call whose arguments stream
@@ -4940,29 +4966,16 @@ class OpenAIResponses:
     def parse(self, body, headers, cfg):
         _need(isinstance(body, dict), "The request body must be a JSON object")
         model, cli_model = resolve_model(body.get("model"), cfg.default_model)
-        _need(body.get("previous_response_id") is None,
-              "previous_response_id is not supported: this proxy stores no responses. Send the "
-              "whole conversation in input instead (earlier output items can be sent back as "
-              "input items).", "previous_response_id")
-        _need(body.get("conversation") is None, "conversation is not supported: this proxy "
-              "stores no conversations. Send the whole conversation in input instead.",
-              "conversation")
-        _need(not body.get("background"), "background responses are not supported: this proxy "
-              "stores nothing to poll later. Use stream: true for long answers.", "background")
+        # previous_response_id, conversation, store and background: StatefulResponses.prepare,
+        # which puts the stored items ahead of the new ones in `input`
         _need(body.get("prompt") is None, "prompt templates are stored by OpenAI and not "
               "available here; send instructions and input instead.", "prompt")
-        # `store: true` (OpenAI's default) is accepted and nothing is stored: refusing it would
-        # break clients that send it by habit, and the only thing it enables, a later
-        # previous_response_id, fails with its own clear 400.  The response says "store": false.
-        _need(isinstance(body.get("store", False), bool) or body.get("store") is None,
-              "store must be true or false", "store")
         _need(body.get("metadata") is None or isinstance(body["metadata"], dict),
               "metadata must be an object", "metadata")
         instructions = body.get("instructions")
         _need(instructions is None or isinstance(instructions, str),
               "instructions must be a string", "instructions")
-        _need("input" in body, "input is required (this proxy has no previous_response_id or "
-              "prompt to take it from)", "input")
+        _need("input" in body, "input is required", "input")
         system, messages = parse_responses_input(body["input"])
         _need(isinstance(body.get("stream", False), bool), "stream must be true or false", "stream")
         tools, choice = _responses_tools(body)
@@ -5047,17 +5060,21 @@ class OpenAIResponses:
                  error=None):
         """The Response object around `output`, as create returns it and stream events carry."""
         reason = self.INCOMPLETE.get(stop_reason) if status == "incomplete" else None
-        choice = req.tool_choice
+        choice, conversation = req.tool_choice, body.get("conversation")
+        if isinstance(conversation, dict):
+            conversation = conversation.get("id")
         return {
             "id": rid, "object": "response", "created_at": created, "status": status,
-            "background": False, "completed_at": int(time.time()) if status == "completed" else None,
+            "background": bool(body.get("background")),
+            "completed_at": int(time.time()) if status == "completed" else None,
             "error": error, "incomplete_details": {"reason": reason} if reason else None,
             "instructions": body.get("instructions"), "max_output_tokens": req.max_tokens or None,
             "max_tool_calls": None, "metadata": body.get("metadata") or {}, "model": req.model,
             "output": output, "parallel_tool_calls": req.parallel_tool_calls,
-            "previous_response_id": None,
+            "previous_response_id": body.get("previous_response_id"),
+            "conversation": {"id": conversation} if conversation else None,
             "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
-            "store": False, "temperature": body.get("temperature"),
+            "store": bool(req.response_id), "temperature": body.get("temperature"),
             "text": dict((body.get("text") or {}),
                          format=(body.get("text") or {}).get("format") or {"type": "text"}),
             "tool_choice": {"type": "function", "name": choice["name"]} if isinstance(choice, dict)
@@ -5077,11 +5094,535 @@ class OpenAIResponses:
             output.append(self.message_item(c.text, status))
             self.annotate(output[-1]["content"][0], c.searches)
         output += [self.call_item(req, t, "completed") for t in c.tool_calls]
-        return self.envelope(req, body, new_id("resp_"), int(time.time()), output, status,
-                             c.usage, c.stop_reason)
+        return self.envelope(req, body, req.response_id or new_id("resp_"), int(time.time()),
+                             output, status, c.usage, c.stop_reason)
 
     def stream(self, req, events, sse, body):
         ResponsesStream(self, req, sse, body).run(events)
+
+
+# -- stored responses, conversations and background runs -------------------------------------
+# With the state store open (section 12), a response is saved unless `store` is false, and a
+# later request continues it by previous_response_id, or a conversation by its id: the stored
+# items come first in the request's input.  The continued conversation then hashes as the one
+# its kept CLI process holds (conversation_hash), so when that process is still idle the new
+# turn goes to it with only the new items; otherwise the items are replayed as real turns into
+# another process.  `instructions` are not inherited, as at OpenAI: a request with other
+# instructions or tools hashes differently and is answered by another process.
+# A stored id carries the name of the instance that made it (resp_<instance>_...), so several
+# instances behind one address can route by it; another instance's id is a 404 that says so.
+
+#: id prefixes of stored items by type (an item the client sent with an id keeps it)
+ITEM_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_",
+                 "custom_tool_call": "ctc_", "custom_tool_call_output": "ctco_",
+                 "web_search_call": "ws_", "reasoning": "rs_"}
+MAX_ADDED_ITEMS = 20                # items one conversations call may add, as at OpenAI
+UNFINISHED = ("queued", "in_progress")
+TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+RESTARTED = ("The proxy restarted while this background response was running, so it did not "
+             "finish; create it again.")
+
+
+def stored_id(prefix, instance):
+    return "%s%s_%s" % (prefix, instance, new_id("", 24))
+
+
+def stored_items(value):
+    """Responses `input` (validated) as stored items: a string becomes a user message, a
+    message's string content a list of parts, and each item gets an id unless it has one."""
+    if isinstance(value, str):
+        value = [{"type": "message", "role": "user", "content": value}]
+    out = []
+    for item in value:
+        item = dict(item)
+        item["type"] = kind = item.get("type") or "message"
+        if kind == "message":
+            assistant = item.get("role") == "assistant"
+            content = item.get("content")
+            if isinstance(content, str):
+                content = [{"type": "output_text" if assistant else "input_text", "text": content}]
+            item["content"] = [dict(p, annotations=p.get("annotations") or [])
+                               if p.get("type") == "output_text" else p for p in content]
+            item.setdefault("status", "completed")
+        if not isinstance(item.get("id"), str) or not item["id"]:
+            item["id"] = new_id(ITEM_PREFIXES.get(kind, "item_"))
+        out.append(item)
+    return out
+
+
+@dataclass
+class StoredTurn:
+    """A create request's stateful side (StatefulResponses.prepare)."""
+    input: list                  # what the dialect parses: the stored items, then the new ones
+    new: list                    # the request's own items, as stored
+    rid: str                     # the new response's id when it is stored, else ""
+    owner: str
+    background: bool = False
+
+
+class SavingSSE:
+    """The encoder's SSE for a stored response: the terminal event's response is saved before
+    the client sees it, so a request chained right after it finds it."""
+
+    def __init__(self, sse, save):
+        self.sse, self.save = sse, save
+
+    def event(self, data, name=None):
+        if name in TERMINAL_EVENTS:
+            self.save(data["response"], None)
+        self.sse.event(data, name)
+
+    def comment(self, text):
+        self.sse.comment(text)
+
+
+def list_page(items, query, key="id"):
+    """One page of `items` (oldest first) as OpenAI lists them: limit (1-100, default 20),
+    order (desc by default), after / before (an id of the list)."""
+    def one(name):
+        values = query.get(name) or [None]
+        return values[-1]
+    limit = one("limit") or "20"
+    _need(limit.isdigit() and 1 <= int(limit) <= 100, "limit must be an integer from 1 to 100",
+          "limit")
+    order = one("order") or "desc"
+    _need(order in ("asc", "desc"), "order must be asc or desc", "order")
+    seq = list(items) if order == "asc" else list(reversed(items))
+    ids = [it[key] for it in seq]
+    lo, hi = 0, len(seq)
+    for name in ("after", "before"):
+        mark = one(name)
+        if mark is not None:
+            _need(mark in ids, "%s: no item %r in this list" % (name, mark), name)
+            if name == "after":
+                lo = ids.index(mark) + 1
+            else:
+                hi = ids.index(mark)
+    window = seq[lo:hi]
+    limit = int(limit)
+    data = window[-limit:] if one("before") is not None and one("after") is None else window[:limit]
+    return {"object": "list", "data": data, "first_id": data[0][key] if data else None,
+            "last_id": data[-1][key] if data else None, "has_more": len(window) > len(data)}
+
+
+def check_metadata(value, where="metadata"):
+    if value is None:
+        return {}
+    _need(isinstance(value, dict) and len(value) <= 16,
+          "%s must be an object of at most 16 pairs" % where, where)
+    for k, v in value.items():
+        _need(len(k) <= 64 and isinstance(v, str) and len(v) <= 512,
+              "%s: keys are at most 64 characters, values strings of at most 512" % where, where)
+    return value
+
+
+class BackgroundRun:
+    """A background response running in the proxy.  It is the turn's call (as Call: the
+    deadline, and a client that is gone once it is cancelled) and the stream encoder's SSE (the
+    events are kept here for followers: the creating request when it streams, and GET
+    ?stream=true)."""
+
+    def __init__(self, rid, deadline_seconds):
+        self.rid, self.timeout = rid, deadline_seconds
+        self.deadline = time.monotonic() + deadline_seconds
+        self.events = []             # the encoder's events, sequence_number = index
+        self.cond = threading.Condition()
+        self.finished = self.cancelled = False
+        self.response = None         # the response object as it stands
+        self.save = None             # save(response, events): called before a terminal event
+
+    def check(self):
+        if self.cancelled:
+            raise ClientGone()
+        if time.monotonic() > self.deadline:
+            raise Timeout("The background response took longer than CLAUDE_PROXY_TIMEOUT (%gs)."
+                          % self.timeout)
+
+    maybe_check = check
+
+    def event(self, data, name=None):
+        if name in TERMINAL_EVENTS and self.save is not None:
+            self.save(data["response"], self.events + [data])
+        with self.cond:
+            self.events.append(data)
+            if isinstance(data.get("response"), dict):
+                self.response = data["response"]
+            self.cond.notify_all()
+
+    def comment(self, text):
+        pass                         # followers send their own keep-alives
+
+    def finish(self):
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+
+    def follow(self, after):
+        """The events after sequence number `after` as they come; None while none comes for
+        HEARTBEAT_SECONDS (a keep-alive is due), until the run is over."""
+        i = after + 1
+        while True:
+            with self.cond:
+                if i >= len(self.events) and not self.finished:
+                    self.cond.wait(HEARTBEAT_SECONDS)
+                fresh, done = self.events[i:], self.finished
+            i += len(fresh)
+            yield from fresh or ((None,) if not done else ())
+            if done and i >= len(self.events):
+                return
+
+
+class StatefulResponses:
+    """Stored responses, conversations and background runs, on the App's state store."""
+
+    def __init__(self, app):
+        self.app, self.store = app, app.store
+        self.instance = app.cfg.instance or default_instance(app.cfg.port)
+        self.runs = {}               # response id -> BackgroundRun, while it runs
+        self.lock = threading.Lock()
+        if self.store.enabled:
+            self._fail_unfinished()
+
+    # -- ids, owners -----------------------------------------------------------------------
+    @staticmethod
+    def owner(principal):
+        """Whose stored state this is: from the digest of the request's key, or "" when the
+        proxy has no keys (one owner)."""
+        if not principal.digest:
+            return ""
+        return hashlib.sha256(b"claude-proxy owner:" + principal.digest).hexdigest()[:32]
+
+    def new_id(self, prefix):
+        return stored_id(prefix, self.instance)
+
+    def not_found(self, what, id_, param=None):
+        """NotFound for an id this owner cannot see; one another instance made says so."""
+        parts = id_.split("_") if isinstance(id_, str) else []
+        if len(parts) >= 3 and parts[1] != self.instance and re.fullmatch(r"[a-z0-9]{1,32}", parts[1]):
+            return NotFound("%s with id '%s' was made by claude-proxy instance '%s'; this is "
+                            "instance '%s'. Send requests for it to that instance (README: "
+                            "Several instances)." % (what, id_, parts[1], self.instance),
+                            param=param, code="not_found_elsewhere")
+        return NotFound("%s with id '%s' not found." % (what, id_), param=param, code="not_found")
+
+    # -- responses ---------------------------------------------------------------------------
+    def prepare(self, body, principal):
+        """The stateful side of a create request (a StoredTurn); a 404 for a previous response
+        or conversation this key cannot see."""
+        _need(isinstance(body, dict), "The request body must be a JSON object")
+        prev, conv = body.get("previous_response_id"), body.get("conversation")
+        store, background = body.get("store", True), body.get("background", False)
+        _need(isinstance(store, bool) or store is None, "store must be true or false", "store")
+        _need(isinstance(background, bool) or background is None,
+              "background must be true or false", "background")
+        _need(prev is None or (isinstance(prev, str) and prev),
+              "previous_response_id must be a response id", "previous_response_id")
+        if isinstance(conv, dict):
+            conv = conv.get("id")
+        _need(conv is None or (isinstance(conv, str) and conv),
+              "conversation must be a conversation id or {\"id\": ...}", "conversation")
+        _need(prev is None or conv is None, "previous_response_id and conversation cannot be "
+              "used together", "conversation")
+        _need(not background or store is not False, "background responses must be stored: "
+              "drop store: false", "background")
+        _need("input" in body, "input is required", "input")
+        parse_responses_input(body["input"])             # errors index the request's own input
+        stored = store is not False and self.store.enabled
+        if prev is not None or conv is not None or background:
+            self.store.require()
+        owner = self.owner(principal)
+        earlier = self.chain(prev, owner) if prev is not None else \
+            self.conversation_items(conv, owner, "conversation") if conv is not None else []
+        new = stored_items(body["input"])
+        return StoredTurn(earlier + new, new, self.new_id("resp_") if stored else "", owner,
+                          bool(background))
+
+    def chain(self, rid, owner):
+        """The items of a stored response's conversation: each earlier response's input and
+        output, oldest first (one query)."""
+        rows = self.store.read(
+            "WITH RECURSIVE chain(id, prev, input, body, status, depth) AS ("
+            " SELECT id, previous_response_id, input, body, status, 0 FROM responses"
+            " WHERE id = ? AND owner = ?"
+            " UNION ALL SELECT r.id, r.previous_response_id, r.input, r.body, r.status, c.depth + 1"
+            " FROM responses r JOIN chain c ON r.id = c.prev WHERE r.owner = ?)"
+            " SELECT id, prev, input, body, status FROM chain ORDER BY depth DESC",
+            (rid, owner, owner))
+        if not rows:
+            raise self.not_found("Previous response", rid, "previous_response_id")
+        if rows[-1][4] in UNFINISHED:
+            raise BadRequest("Previous response '%s' is still %s; wait for it to finish."
+                             % (rid, rows[-1][4]), param="previous_response_id")
+        if rows[0][1] is not None:
+            raise NotFound("Response '%s', earlier in this chain, was deleted or has expired; "
+                           "its conversation cannot be continued." % rows[0][1],
+                           param="previous_response_id", code="not_found")
+        items = []
+        for _id, _prev, input_, body, _status in rows:
+            items += json.loads(input_) + json.loads(body)["output"]
+        return items
+
+    def save(self, rid, owner, body, new, response, events=None, stored=True):
+        """The finished (or queued) response, and for a conversation the turn's items, in one
+        transaction."""
+        conv = body.get("conversation")
+        conv = conv.get("id") if isinstance(conv, dict) else conv
+        input_, out = json.dumps(new, ensure_ascii=False), json.dumps(response, ensure_ascii=False)
+        evs = json.dumps(events, ensure_ascii=False) if events is not None else None
+
+        def steps(db):
+            if stored:
+                db.execute("INSERT OR REPLACE INTO responses (id, owner, created_at, status, "
+                           "background, previous_response_id, conversation_id, input, body, "
+                           "request, events, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', ?, ?)",
+                           (rid, owner, time.time(), response["status"],
+                            int(bool(body.get("background"))), body.get("previous_response_id"),
+                            conv, input_, out, evs, len(input_) + len(out) + len(evs or "")))
+            if conv and response["status"] in ("completed", "incomplete"):
+                self._append(db, conv, new + response["output"])
+        self.store.write(steps)
+
+    def finish(self, turn, body, response, events=None):
+        """Save a finished response (and a conversation's new items).  A failure to save is
+        logged and counted by the store; the client still gets its answer."""
+        if not turn.rid and not body.get("conversation"):
+            return
+        try:
+            self.save(turn.rid, turn.owner, body, turn.new, response, events,
+                      stored=bool(turn.rid))
+        except StoreUnavailable:
+            pass
+
+    def run_background(self, run, req, body, turn, pinned, me):
+        """The body of a background run's thread: queued until its first event, in_progress,
+        then what the encoder's terminal event says; cancelled when the run is."""
+        dialect, created, usage = DIALECTS["responses"], int(time.time()), []
+        run.save = lambda response, events: self.finish(turn, body, response, events)
+
+        def counted(events):
+            for ev in events:
+                if isinstance(ev, Done):
+                    usage.append(ev.usage)
+                yield ev
+        source = model_events(self.app, req, run, pinned, me)
+        try:
+            try:
+                events = first_then(counted(source))
+            except ProxyError as err:
+                _status, detail = dialect.error(err)
+                self.finish(turn, body, dialect.envelope(
+                    req, body, turn.rid, created, [], "failed",
+                    error={"code": dialect.CODES.get(err.status, "server_error"),
+                           "message": err.message, "type": detail["error"]["type"]}), [])
+                return
+            self.update(turn.rid, dialect.envelope(req, body, turn.rid, created, [], "in_progress"))
+            dialect.stream(req, events, run, body)
+        except ClientGone:
+            response = dict(run.response or dialect.envelope(req, body, turn.rid, created, [],
+                                                             "queued"), status="cancelled")
+            self.finish(turn, body, response, run.events)
+        finally:
+            source.close()
+            self.app.budgets.done(me, budget_tokens(usage[-1] if usage else None))
+
+    def update(self, rid, response, events=None):
+        out = json.dumps(response, ensure_ascii=False)
+        evs = json.dumps(events, ensure_ascii=False) if events is not None else None
+        self.store.write(lambda db: db.execute(
+            "UPDATE responses SET status = ?, body = ?, events = COALESCE(?, events), "
+            "bytes = length(input) + ? + COALESCE(length(?), 0) WHERE id = ?",
+            (response["status"], out, evs, len(out), evs, rid)))
+
+    def row(self, rid, owner, columns="body"):
+        rows = self.store.read("SELECT %s FROM responses WHERE id = ? AND owner = ?" % columns,
+                               (rid, owner))
+        if not rows:
+            raise self.not_found("Response", rid)
+        return rows[0]
+
+    def get(self, rid, owner):
+        with self.lock:
+            run = self.runs.get(rid)
+        body = json.loads(self.row(rid, owner)[0])
+        return run.response if run is not None and run.response is not None else body
+
+    def delete(self, rid, owner):
+        self.row(rid, owner, "id")
+        with self.lock:
+            run = self.runs.get(rid)
+        if run is not None:
+            self.cancel(rid, owner)
+        self.store.write(lambda db: db.execute("DELETE FROM responses WHERE id = ?", (rid,)))
+        return {"id": rid, "object": "response", "deleted": True}
+
+    def input_items(self, rid, owner, query):
+        return list_page(json.loads(self.row(rid, owner, "input")[0]), query)
+
+    def events(self, rid, owner, after):
+        """A stored response's events after `after`: a background run's own (live while it
+        runs), or for another response the few events that rebuild it."""
+        body, events = self.row(rid, owner, "body, events")
+        with self.lock:
+            run = self.runs.get(rid)
+        if run is not None:
+            return run.follow(after)
+        if events is not None:
+            return iter(json.loads(events)[after + 1:])
+        r = json.loads(body)
+        evs = [{"type": "response.created", "response": dict(r, status="in_progress", output=[],
+                                                             usage=None)},
+               {"type": "response.in_progress",
+                "response": dict(r, status="in_progress", output=[], usage=None)}]
+        for i, item in enumerate(r["output"]):
+            evs.append({"type": "response.output_item.added", "output_index": i, "item": item})
+            evs.append({"type": "response.output_item.done", "output_index": i, "item": item})
+        evs.append({"type": "response.%s" % r["status"], "response": r})
+        return iter([dict(e, sequence_number=n) for n, e in enumerate(evs)][after + 1:])
+
+    # -- background runs -----------------------------------------------------------------------
+    def start(self, run, work):
+        with self.lock:
+            self.runs[run.rid] = run
+        self.app.enter()                   # a graceful shutdown waits for it, as for a request
+
+        def main():
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001 - a thread's traceback would reach the log
+                log_line("background response %s ended in an internal error: %s: %s"
+                         % (run.rid, type(exc).__name__, exc))
+            finally:
+                with self.lock:
+                    self.runs.pop(run.rid, None)
+                run.finish()
+                self.app.leave()
+        threading.Thread(target=main, name="background " + run.rid, daemon=True).start()
+
+    def cancel(self, rid, owner):
+        """Stop a background run (its CLI turn ends: the Call's client is gone); the response
+        as it stands.  A finished one is returned as it is."""
+        body, background = self.row(rid, owner, "body, background")
+        if not background:
+            raise BadRequest("Only background responses can be cancelled.", param="response_id")
+        with self.lock:
+            run = self.runs.get(rid)
+        if run is None:
+            return json.loads(body)
+        run.cancelled = True
+        with run.cond:
+            while not run.finished:
+                run.cond.wait(POLL_SECONDS)
+        return json.loads(self.row(rid, owner)[0])
+
+    def _fail_unfinished(self):
+        """At start-up: this instance's background responses that were running when it stopped
+        will not finish; say so."""
+        rows = self.store.read("SELECT id, body FROM responses WHERE status IN ('queued', "
+                               "'in_progress') AND id LIKE ?", ("resp\\_%s\\_%%" % self.instance,))
+        rows = [r for r in rows if r[0].split("_")[1] == self.instance]
+        for rid, body in rows:
+            r = dict(json.loads(body), status="failed",
+                     error={"code": "server_error", "message": RESTARTED})
+            self.update(rid, r)
+        if rows:
+            log_line("%d background response(s) were running when the proxy stopped; marked "
+                     "failed" % len(rows))
+
+    # -- conversations -----------------------------------------------------------------------
+    def conversation(self, cid, owner, param=None):
+        rows = self.store.read("SELECT id, created_at, metadata FROM conversations "
+                               "WHERE id = ? AND owner = ?", (cid, owner))
+        if not rows:
+            raise self.not_found("Conversation", cid, param)
+        return {"id": cid, "object": "conversation", "created_at": int(rows[0][1]),
+                "metadata": json.loads(rows[0][2])}
+
+    def conversation_items(self, cid, owner, param=None):
+        self.conversation(cid, owner, param)
+        return [json.loads(r[0]) for r in self.store.read(
+            "SELECT item FROM conversation_items WHERE conversation_id = ? ORDER BY seq", (cid,))]
+
+    def _append(self, db, cid, items):
+        """Add items at the end of a conversation (inside a write); an id already in it is
+        replaced by a new one."""
+        seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM conversation_items "
+                         "WHERE conversation_id = ?", (cid,)).fetchone()[0]
+        taken = {r[0] for r in db.execute("SELECT item_id FROM conversation_items "
+                                          "WHERE conversation_id = ?", (cid,))}
+        added = []
+        for item in items:
+            if item["id"] in taken:
+                item = dict(item, id=new_id(ITEM_PREFIXES.get(item.get("type"), "item_")))
+            taken.add(item["id"])
+            seq += 1
+            text = json.dumps(item, ensure_ascii=False)
+            db.execute("INSERT INTO conversation_items VALUES (?, ?, ?, ?, ?)",
+                       (cid, seq, item["id"], text, len(text)))
+            added.append(item)
+        db.execute("UPDATE conversations SET used_at = ? WHERE id = ?", (time.time(), cid))
+        return added
+
+    def _new_items(self, items):
+        _need(isinstance(items, list) and len(items) <= MAX_ADDED_ITEMS,
+              "items must be a list of at most %d items" % MAX_ADDED_ITEMS, "items")
+        if not items:
+            return []
+        parse_responses_input(items, need_message=False)
+        return stored_items(items)
+
+    def create_conversation(self, body, owner):
+        body = body if body is not None else {}
+        _need(isinstance(body, dict), "The request body must be a JSON object")
+        metadata = check_metadata(body.get("metadata"))
+        items = self._new_items(body.get("items") or [])
+        cid, now = self.new_id("conv_"), time.time()
+        meta = json.dumps(metadata, ensure_ascii=False)
+
+        def steps(db):
+            db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
+                       (cid, owner, now, now, meta, len(meta)))
+            self._append(db, cid, items)
+        self.store.write(steps)
+        return self.conversation(cid, owner)
+
+    def update_conversation(self, cid, body, owner):
+        self.conversation(cid, owner)
+        _need(isinstance(body, dict) and "metadata" in body, "metadata is required", "metadata")
+        meta = json.dumps(check_metadata(body["metadata"]), ensure_ascii=False)
+        self.store.write(lambda db: db.execute(
+            "UPDATE conversations SET metadata = ?, bytes = ?, used_at = ? WHERE id = ?",
+            (meta, len(meta), time.time(), cid)))
+        return self.conversation(cid, owner)
+
+    def delete_conversation(self, cid, owner):
+        self.conversation(cid, owner)
+        self.store.write(lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (cid,)))
+        return {"id": cid, "object": "conversation.deleted", "deleted": True}
+
+    def add_items(self, cid, body, owner):
+        self.conversation(cid, owner)
+        _need(isinstance(body, dict) and "items" in body, "items is required", "items")
+        items = self._new_items(body["items"])
+        _need(items, "items must not be empty", "items")
+        added = self.store.write(lambda db: self._append(db, cid, items))
+        return {"object": "list", "data": added, "first_id": added[0]["id"],
+                "last_id": added[-1]["id"], "has_more": False}
+
+    def item(self, cid, item_id, owner):
+        self.conversation(cid, owner)
+        rows = self.store.read("SELECT item FROM conversation_items WHERE conversation_id = ? "
+                               "AND item_id = ?", (cid, item_id))
+        if not rows:
+            raise NotFound("Item with id '%s' not found in conversation '%s'." % (item_id, cid),
+                           code="not_found")
+        return json.loads(rows[0][0])
+
+    def delete_item(self, cid, item_id, owner):
+        self.item(cid, item_id, owner)
+        self.store.write(lambda db: db.execute(
+            "DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ?",
+            (cid, item_id)))
+        return self.conversation(cid, owner)
 
 
 DIALECTS = {"openai": OpenAIChat(), "anthropic": AnthropicMessages(),
@@ -5210,7 +5751,13 @@ class StateStore:
         return self.db is not None
 
     def require(self):
-        """Raise StoreUnavailable unless the store is open."""
+        """Raise StoreUnavailable unless the store is open (a 400 when the operator turned it
+        off: asking again will not help)."""
+        if self.path is None:
+            raise StoreUnavailable("Stored responses and conversations are off on this proxy "
+                                   "(CLAUDE_PROXY_STORE=off): send the whole conversation in "
+                                   "input, without previous_response_id, conversation or "
+                                   "background.", status=400, kind="invalid_request_error")
         if self.db is None:
             raise StoreUnavailable("Stored responses and conversations are unavailable: %s."
                                    % self.error)
@@ -6122,6 +6669,7 @@ class App:
         self.in_flight = 0
         self.lock = threading.Lock()
         self.idle = threading.Condition(self.lock)
+        self.stateful = StatefulResponses(self)
 
     def enter(self):
         with self.lock:
@@ -6461,48 +7009,206 @@ def chat_completions(call):
 
 
 def create_response(call):
-    generate(call, DIALECTS["responses"])
+    call.dialect = DIALECTS["responses"]
+    turn = call.app.stateful.prepare(call.body, call.principal)
+    if turn.background:
+        return start_background(call, turn)
+    generate(call, DIALECTS["responses"], turn)
 
 
 def create_message(call):
     generate(call, DIALECTS["anthropic"])
 
 
-def generate(call, dialect):
-    """A model request in `dialect`: parsed, served by model_events, answered as one JSON
-    document or as a stream."""
+def model_request(call, dialect, turn=None):
+    """The neutral Request of a model request; a stored response's turn (StoredTurn) parses
+    with the stored items ahead of its input, and counts as a session signal (it may be
+    continued by previous_response_id)."""
     app, body, headers = call.app, call.body, call.headers
     call.dialect = dialect
-    req = dialect.parse(body, headers, app.cfg)
+    req = dialect.parse(body if turn is None else dict(body, input=turn.input), headers, app.cfg)
     req.handler = pick_handler(headers.get("X-Toolcall-Module"), app.cfg.toolcall_module)
     req.id_prefix = dialect.call_id_prefix
     req.session = session_signal(body, headers)
+    if turn is not None and turn.rid:
+        req.response_id, req.session = turn.rid, req.session or turn.rid
     # what the client's web search asks for, as far as the operator allows it
     req.web_tools = tuple(t for t in req.web_tools if t in WEB_TOOL_MODES[app.cfg.web_tools])
     call.model, call.req = req.model, req
+    return req
+
+
+def admit(call, req):
+    """The request's key, once it may use the model and its budgets have room (before a slot:
+    an over-budget key waits for none)."""
     me = call.principal
     req.tenant = me.digest.hex()        # "" without keys
     if not me.allows_model(req):
         raise Forbidden("Key %r may use the model(s) %s only, not %r."
                         % (me.name, ", ".join(me.models), req.model), param="model")
-    app.budgets.admit(me)            # before a slot: an over-budget key waits for none
-    source = model_events(app, req, call, headers.get("X-Claude-Account"), me)
+    call.app.budgets.admit(me)
+    return me
+
+
+def generate(call, dialect, turn=None):
+    """A model request in `dialect`: parsed, served by model_events, answered as one JSON
+    document or as a stream; a stored response is saved before the client sees its end."""
+    app, body = call.app, call.body
+    req = model_request(call, dialect, turn)
+    me = admit(call, req)
+    source = model_events(app, req, call, call.headers.get("X-Claude-Account"), me)
     events = observe(call, source)
     try:
         if not req.stream:
             c = collect(events)
-            return call.send_json(200, dialect.render(req, c, body),
-                                  [("X-Claude-Account", req.account)])
+            out = dialect.render(req, c, body)
+            if turn is not None:
+                app.stateful.finish(turn, body, out)
+            return call.send_json(200, out, [("X-Claude-Account", req.account)])
         events_ahead = first_then(events)
         sse = SSE(call.handler)
         sse.start([("X-Request-Id", call.request_id), ("X-Claude-Account", req.account)])
         call.status, call.streaming = 200, True
-        dialect.stream(req, events_ahead, sse, body)
+        dialect.stream(req, events_ahead, sse if turn is None else SavingSSE(
+            sse, lambda response, _events: app.stateful.finish(turn, body, response)), body)
         sse.end()
     finally:
         events.close()
         source.close()
         app.budgets.done(me, budget_tokens(call.usage))
+
+
+# -- stored responses and conversations (section 11) ----------------------------------------
+
+def start_background(call, turn):
+    """background: true: the response is stored queued and runs in the proxy; the request
+    gets it at once, or with stream: true follows its events (leaving does not stop it)."""
+    dialect, state, body = call.dialect, call.app.stateful, call.body
+    req = model_request(call, dialect, turn)
+    streamed, req.stream = req.stream, True        # a run is kept as its events
+    run = BackgroundRun(turn.rid, call.app.cfg.timeout)
+    queued = dialect.envelope(req, body, turn.rid, int(time.time()), [], "queued")
+    pinned, me = call.headers.get("X-Claude-Account"), admit(call, req)
+    try:
+        state.save(turn.rid, turn.owner, body, turn.new, queued)
+    except ProxyError:
+        call.app.budgets.done(me, 0)
+        raise
+    state.start(run, lambda: state.run_background(run, req, body, turn, pinned, me))
+    if not streamed:
+        return call.send_json(200, queued)
+    follow(call, run.follow(-1))
+
+
+def follow(call, events):
+    """Stored or live events of a response as SSE; None is a keep-alive."""
+    sse = SSE(call.handler)
+    sse.start([("X-Request-Id", call.request_id)])
+    call.status, call.streaming = 200, True
+    for ev in events:
+        if ev is None:
+            sse.comment("keep-alive")
+        else:
+            sse.event(ev, ev["type"])
+    sse.end()
+
+
+def stored(call):
+    """(the state, the caller's owner id) for a stored-state route; its errors are OpenAI's."""
+    call.dialect = DIALECTS["responses"]
+    call.app.store.require()
+    return call.app.stateful, call.app.stateful.owner(call.principal)
+
+
+def query(call):
+    return urllib.parse.parse_qs(call.handler.path.partition("?")[2])
+
+
+def get_response(call):
+    state, owner = stored(call)
+    q = query(call)
+    if (q.get("stream") or ["false"])[-1] == "true":
+        after = (q.get("starting_after") or ["-1"])[-1]
+        _need(re.fullmatch(r"-?\d+", after) is not None, "starting_after must be an integer",
+              "starting_after")
+        return follow(call, state.events(call.params["id"], owner, int(after)))
+    call.send_json(200, state.get(call.params["id"], owner))
+
+
+def delete_response(call):
+    state, owner = stored(call)
+    call.send_json(200, state.delete(call.params["id"], owner))
+
+
+def response_input_items(call):
+    state, owner = stored(call)
+    call.send_json(200, state.input_items(call.params["id"], owner, query(call)))
+
+
+def cancel_response(call):
+    state, owner = stored(call)
+    call.send_json(200, state.cancel(call.params["id"], owner))
+
+
+def response_input_tokens(call):
+    """An estimate (~4 bytes a token, as count_tokens) of the input the model would get,
+    stored items included; the CLI has no counter to ask."""
+    d = call.dialect = DIALECTS["responses"]
+    body = call.body if isinstance(call.body, dict) else {}
+    turn = call.app.stateful.prepare(dict(body, store=False, background=False), call.principal)
+    req = d.parse(dict(body, input=turn.input), call.headers, call.app.cfg)
+    call.model = req.model
+    size = len(json.dumps([req.system, [m.blocks for m in req.messages], body.get("tools")],
+                          ensure_ascii=False).encode())
+    call.send_json(200, {"object": "response.input_tokens", "input_tokens": max(1, size // 4)})
+
+
+def compact_response(call):
+    call.dialect = DIALECTS["responses"]
+    raise BadRequest("POST /v1/responses/compact is not available: its compaction item is "
+                     "OpenAI's encrypted format, which only OpenAI's models read. Continue with "
+                     "previous_response_id (the proxy keeps the conversation) or a conversation, "
+                     "or send a shorter input.")
+
+
+def create_conversation(call):
+    state, owner = stored(call)
+    call.send_json(200, state.create_conversation(call.body, owner))
+
+
+def get_conversation(call):
+    state, owner = stored(call)
+    call.send_json(200, state.conversation(call.params["id"], owner))
+
+
+def update_conversation(call):
+    state, owner = stored(call)
+    call.send_json(200, state.update_conversation(call.params["id"], call.body, owner))
+
+
+def delete_conversation(call):
+    state, owner = stored(call)
+    call.send_json(200, state.delete_conversation(call.params["id"], owner))
+
+
+def list_conversation_items(call):
+    state, owner = stored(call)
+    call.send_json(200, list_page(state.conversation_items(call.params["id"], owner), query(call)))
+
+
+def add_conversation_items(call):
+    state, owner = stored(call)
+    call.send_json(200, state.add_items(call.params["id"], call.body, owner))
+
+
+def get_conversation_item(call):
+    state, owner = stored(call)
+    call.send_json(200, state.item(call.params["id"], call.params["item_id"], owner))
+
+
+def delete_conversation_item(call):
+    state, owner = stored(call)
+    call.send_json(200, state.delete_item(call.params["id"], call.params["item_id"], owner))
 
 
 def observe(call, events):
@@ -6652,6 +7358,7 @@ class Route:
     path: str
     func: object
     access: str = "client"
+    body: bool = True            #: a POST must carry a JSON body (False: none is needed)
 
     def match(self, path):
         """{name: value} of the path parameters when `path` is this route's, else None."""
@@ -6675,6 +7382,20 @@ def unversioned(path):
 ROUTES = (
     Route("POST", "/v1/chat/completions", chat_completions),
     Route("POST", "/v1/responses", create_response),
+    Route("POST", "/v1/responses/input_tokens", response_input_tokens),
+    Route("POST", "/v1/responses/compact", compact_response),
+    Route("GET", "/v1/responses/{id}", get_response),
+    Route("DELETE", "/v1/responses/{id}", delete_response),
+    Route("GET", "/v1/responses/{id}/input_items", response_input_items),
+    Route("POST", "/v1/responses/{id}/cancel", cancel_response, body=False),
+    Route("POST", "/v1/conversations", create_conversation, body=False),
+    Route("GET", "/v1/conversations/{id}", get_conversation),
+    Route("POST", "/v1/conversations/{id}", update_conversation),
+    Route("DELETE", "/v1/conversations/{id}", delete_conversation),
+    Route("GET", "/v1/conversations/{id}/items", list_conversation_items),
+    Route("POST", "/v1/conversations/{id}/items", add_conversation_items),
+    Route("GET", "/v1/conversations/{id}/items/{item_id}", get_conversation_item),
+    Route("DELETE", "/v1/conversations/{id}/items/{item_id}", delete_conversation_item),
     Route("POST", "/v1/messages", create_message),
     Route("POST", "/v1/messages/count_tokens", count_tokens),
     Route("GET", "/v1/models", list_models),
@@ -6906,7 +7627,7 @@ def parse_json(raw):
     if raw is None:
         return None
     if not raw.strip():
-        raise BadRequest("The request body is empty; send a JSON object.")
+        return None                      # the route says whether it needs one (Route.body)
     try:
         body = json.loads(raw)
     except UnicodeDecodeError:
@@ -7012,6 +7733,8 @@ class Handler(BaseHTTPRequestHandler):
             call.body = parse_json(raw)
             if call.route is None:
                 raise no_route(call, methods)
+            if call.body is None and call.route.body and call.method in ("POST", "PUT", "PATCH"):
+                raise BadRequest("The request body is empty; send a JSON object.")
             call.route.func(call)
         except ProxyError as err:
             if not call.body_read:

@@ -71,7 +71,7 @@ def test_string_input_with_instructions(client, upstream):
     assert msg["id"].startswith("msg_")
     assert msg["content"] == [{"type": "output_text", "text": "Bonjour!", "annotations": [],
                                "logprobs": []}]
-    assert body["store"] is False                 # accepted, but nothing was kept
+    assert body["store"] is True                  # kept: GET /v1/responses/{id} finds it
     call = upstream.model_calls[-1]
     assert "Answer in French." in system_text(call)
     assert call["messages"][0] == {"role": "user", "content": [{"type": "text", "text": "Say hello."}]}
@@ -153,14 +153,14 @@ def test_function_tool_round_trip(client, upstream):
 
 
 def test_bad_requests_are_400_in_openai_shape(client, upstream):
-    with pytest.raises(openai.BadRequestError) as exc:
+    with pytest.raises(openai.NotFoundError) as exc:
         client.responses.create(model="sonnet", input="hi", previous_response_id="resp_abc")
     assert exc.value.body["param"] == "previous_response_id"
-    assert "stores no responses" in exc.value.body["message"]
-    assert exc.value.body["type"] == "invalid_request_error"
+    assert exc.value.body["message"] == "Previous response with id 'resp_abc' not found."
     with pytest.raises(openai.BadRequestError) as exc:
-        client.responses.create(model="sonnet", input="hi", background=True)
+        client.responses.create(model="sonnet", input="hi", background=True, store=False)
     assert exc.value.body["param"] == "background"
+    assert exc.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.create(model="sonnet", input="hi",
                                 tools=[{"type": "file_search", "vector_store_ids": ["vs_1"]}])

@@ -1,0 +1,328 @@
+"""Stored responses, previous_response_id, conversations and background runs (section 11, on the
+state store of section 12): the official openai SDK -> proxy -> real CLI -> fake upstream.
+
+Which process answered a turn is seen through /health (idle kept hits) and through what the
+upstream received: a turn continued on its kept process sends only the new message, and the
+upstream request extends the previous one.
+"""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+from openai.types.responses import Response
+
+import fake_upstream
+from conftest import FAKE_CLAUDE, PROXY, Proxy, base_env, sse_events, upstream_turns
+from test_pool import health, poll
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"]}}
+CALL_TEXT = '```tool_call\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'
+
+
+@pytest.fixture
+def start(make_proxy, tmp_path):
+    """A proxy of its own (own state directory, no pool), stopped after the test."""
+    started = []
+
+    def make(**env):
+        env.setdefault("CLAUDE_PROXY_POOL_SIZE", 0)
+        env.setdefault("CLAUDE_PROXY_STATE_DIR", tmp_path / "state")
+        p = make_proxy(**env)
+        started.append(p)
+        return p
+    yield make
+    for p in started:
+        p.stop()
+
+
+def sdk(proxy, key="x"):
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0)
+
+
+def texts(call):
+    return [(role, "\n".join(b.get("text", "") for b in blocks if b.get("type") == "text"))
+            for role, blocks in upstream_turns(call)]
+
+
+def kept_hits(proxy):
+    return health(proxy)["idle"]["hits"]["kept"]
+
+
+# -- stored responses ------------------------------------------------------------------------
+
+def test_retrieve_input_items_and_delete(start, upstream):
+    p = start()
+    c = sdk(p)
+    upstream.push(fake_upstream.text("Bonjour!"))
+    items = [{"role": "developer", "content": "Answer in French."}] + [
+        {"role": "user", "content": "Part %d." % i} for i in range(4)]
+    created = c.responses.create(model="sonnet", input=items, metadata={"k": "v"})
+    assert created.store is True and created.id.startswith("resp_")
+    got = c.responses.retrieve(created.id)
+    assert got.model_dump() == created.model_dump()
+    listed = c.responses.input_items.list(created.id, order="asc")
+    assert [i.content[0].text for i in listed.data] == ["Answer in French."] + [
+        "Part %d." % i for i in range(4)]
+    assert listed.has_more is False and listed.first_id == listed.data[0].id
+    # pagination as the API defines it: newest first by default, limit, after, before
+    page = c.responses.input_items.list(created.id, limit=2)
+    assert [i.content[0].text for i in page.data] == ["Part 3.", "Part 2."] and page.has_more
+    every = [i.content[0].text for i in c.responses.input_items.list(created.id, limit=2)]
+    assert every == ["Part 3.", "Part 2.", "Part 1.", "Part 0.", "Answer in French."]
+    status, _, body = p.request("GET", "/v1/responses/%s/input_items?order=asc&before=%s&limit=2"
+                                % (created.id, listed.data[3].id))
+    assert status == 200 and [i["content"][0]["text"] for i in body["data"]] == ["Part 0.", "Part 1."]
+    assert body["has_more"] is True and body["last_id"] == listed.data[2].id
+    status, _, body = p.request("GET", "/v1/responses/%s/input_items?limit=0" % created.id)
+    assert status == 400 and body["error"]["param"] == "limit"
+    c.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError) as err:
+        c.responses.retrieve(created.id)
+    assert err.value.body["message"] == "Response with id '%s' not found." % created.id
+    with pytest.raises(openai.NotFoundError):
+        c.responses.delete(created.id)
+
+
+def test_a_response_belongs_to_the_key_that_made_it(start, upstream):
+    p = start(CLAUDE_PROXY_API_KEYS="key-one,key-two")
+    one, two = sdk(p, "key-one"), sdk(p, "key-two")
+    upstream.push(fake_upstream.text("Mine."))
+    r = one.responses.create(model="sonnet", input="hi")
+    conv = one.conversations.create(items=[{"role": "user", "content": "private"}])
+    for call in (lambda: two.responses.retrieve(r.id), lambda: two.responses.delete(r.id),
+                 lambda: two.responses.input_items.list(r.id),
+                 lambda: two.responses.create(model="sonnet", input="go on",
+                                              previous_response_id=r.id),
+                 lambda: two.conversations.retrieve(conv.id),
+                 lambda: two.conversations.items.list(conv.id),
+                 lambda: two.responses.create(model="sonnet", input="go on", conversation=conv.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert one.responses.retrieve(r.id).output_text == "Mine."      # still there for its owner
+    assert len(upstream.model_calls) == 1
+
+
+def test_store_false_keeps_nothing_and_cannot_be_continued(start, upstream, tmp_path):
+    p = start()
+    c = sdk(p)
+    upstream.push(fake_upstream.text("Forgotten."))
+    r = c.responses.create(model="sonnet", input="hi", store=False)
+    assert r.store is False
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError) as err:
+        c.responses.create(model="sonnet", input="more", previous_response_id=r.id)
+    assert err.value.body["param"] == "previous_response_id"
+    db = sqlite3.connect(str(tmp_path / "state" / "claude-proxy.db"))
+    assert db.execute("SELECT COUNT(*) FROM responses").fetchone() == (0,)
+    db.close()
+
+
+# -- previous_response_id ----------------------------------------------------------------------
+
+def test_a_chain_continues_on_its_kept_process(start, upstream):
+    """No session signal: the stored response names the conversation, whose process takes the
+    next turn with only the new message; the upstream request extends the previous one."""
+    p = start(CLAUDE_PROXY_SESSIONS=2)
+    c = sdk(p)
+    prev, calls = None, []
+    for i in range(3):
+        upstream.push(fake_upstream.text("Answer %d." % i))
+        r = c.responses.create(model="sonnet", input="Question %d." % i, instructions="Be brief.",
+                               previous_response_id=prev)
+        assert r.output_text == "Answer %d." % i and r.previous_response_id == prev
+        prev = r.id
+        calls.append(upstream.model_calls[-1]["messages"])
+    assert kept_hits(p) == 2
+    assert texts({"messages": calls[2]}) == [
+        ("user", "Question 0."), ("assistant", "Answer 0."), ("user", "Question 1."),
+        ("assistant", "Answer 1."), ("user", "Question 2.")]
+    for before, after in zip(calls, calls[1:]):       # each request extends the one before
+        strip = lambda ms: [{"role": m["role"], "content": [
+            {k: v for k, v in b.items() if k != "cache_control"} for b in
+            (m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}])]}
+            for m in ms]
+        assert strip(after)[:len(before)] == strip(before)
+
+
+def test_a_chain_is_replayed_when_its_process_is_gone(start, upstream):
+    p = start(CLAUDE_PROXY_SESSIONS=0)
+    c = sdk(p)
+    upstream.push(fake_upstream.text("First answer."))
+    r1 = c.responses.create(model="sonnet", input="First question.")
+    upstream.push(fake_upstream.text("Second answer."))
+    r2 = c.responses.create(model="sonnet", input="Second question.", previous_response_id=r1.id,
+                            instructions="New rules.")
+    assert r2.output_text == "Second answer." and r2.instructions == "New rules."
+    assert kept_hits(p) == 0
+    call = upstream.model_calls[-1]
+    assert texts(call) == [("user", "First question."), ("assistant", "First answer."),
+                           ("user", "Second question.")]
+    assert "New rules." in " ".join(b["text"] for b in call["system"])
+
+
+def test_changed_instructions_are_not_inherited_and_go_to_another_process(start, upstream):
+    p = start(CLAUDE_PROXY_SESSIONS=2)
+    c = sdk(p)
+    upstream.push(fake_upstream.text("Un."))
+    r1 = c.responses.create(model="sonnet", input="One?", instructions="Answer in French.")
+    upstream.push(fake_upstream.text("Two."))
+    c.responses.create(model="sonnet", input="Two?", previous_response_id=r1.id)
+    assert kept_hits(p) == 0                        # other settings: the history is replayed
+    call = upstream.model_calls[-1]
+    assert "Answer in French." not in json.dumps(call["system"])
+    assert texts(call) == [("user", "One?"), ("assistant", "Un."), ("user", "Two?")]
+
+
+@pytest.mark.parametrize("module", ["generic", "native"])
+def test_a_function_call_across_the_chain(start, upstream, module):
+    """The model calls a tool; the client sends only the tool's output with
+    previous_response_id; the model's next turn sees its call and the result."""
+    p = start(CLAUDE_PROXY_SESSIONS=2, CLAUDE_PROXY_TOOLCALL_MODULE=module)
+    c = sdk(p)
+    upstream.push(fake_upstream.text("Let me check." + ("\n" + CALL_TEXT if module == "generic" else ""))
+                  if module == "generic" else
+                  fake_upstream.tool_use("mcp__client__get_weather", {"city": "Paris"}, id="toolu_w1",
+                                         before="Let me check."))
+    r1 = c.responses.create(model="sonnet", input="Weather in Paris?", tools=[WEATHER])
+    fc = [o for o in r1.output if o.type == "function_call"][0]
+    assert fc.name == "get_weather" and json.loads(fc.arguments) == {"city": "Paris"}
+    upstream.push(fake_upstream.text("It is 21 degrees.", id="msg_two"))
+    r2 = c.responses.create(model="sonnet", tools=[WEATHER], previous_response_id=r1.id, input=[
+        {"type": "function_call_output", "call_id": fc.call_id, "output": '{"temp": 21}'}])
+    assert r2.output_text == "It is 21 degrees."
+    turns = upstream_turns(upstream.model_calls[-1])
+    assert "Weather in Paris?" in json.dumps(turns[0]) and "temp" in json.dumps(turns[-1])
+    upstream.push(fake_upstream.text("You are welcome.", id="msg_three"))
+    r3 = c.responses.create(model="sonnet", tools=[WEATHER], previous_response_id=r2.id,
+                            input="Thanks!")
+    assert r3.output_text == "You are welcome."
+    assert kept_hits(p) == 2                         # turns 2 and 3 on turn 1's process
+    assert [role for role, _ in upstream_turns(upstream.model_calls[-1])][-1] == "user"
+
+
+# -- conversations ---------------------------------------------------------------------------
+
+def test_conversations_with_the_sdk(start, upstream):
+    p = start()
+    c = sdk(p)
+    conv = c.conversations.create(metadata={"topic": "demo"}, items=[
+        {"type": "message", "role": "user", "content": "My name is Ada."}])
+    assert conv.object == "conversation" and conv.metadata == {"topic": "demo"}
+    assert c.conversations.retrieve(conv.id).model_dump() == conv.model_dump()
+    assert c.conversations.update(conv.id, metadata={"topic": "new"}).metadata == {"topic": "new"}
+    upstream.push(fake_upstream.text("Hello Ada."))
+    r = c.responses.create(model="sonnet", input="Greet me.", conversation=conv.id)
+    assert r.output_text == "Hello Ada." and r.conversation.id == conv.id
+    assert texts(upstream.model_calls[-1]) == [("user", "My name is Ada.\nGreet me.")]
+    items = list(c.conversations.items.list(conv.id, order="asc"))
+    assert [i.type for i in items] == ["message", "message", "message"]
+    assert [i.role for i in items] == ["user", "user", "assistant"]
+    assert items[2].content[0].text == "Hello Ada." and items[2].id == r.output[0].id
+    added = c.conversations.items.create(conv.id, items=[
+        {"type": "message", "role": "user", "content": "Remember: blue."}])
+    assert added.first_id == added.last_id == added.data[0].id and added.has_more is False
+    got = c.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
+    assert got.content[0].text == "Remember: blue."
+    page = c.conversations.items.list(conv.id, limit=2)           # newest first
+    assert [i.id for i in page.data] == [added.data[0].id, items[2].id] and page.has_more
+    upstream.push(fake_upstream.text("Blue, Ada."))
+    r2 = c.responses.create(model="sonnet", input="What do you remember?",
+                            conversation={"id": conv.id})
+    assert r2.output_text == "Blue, Ada."
+    assert texts(upstream.model_calls[-1]) == [
+        ("user", "My name is Ada.\nGreet me."), ("assistant", "Hello Ada."),
+        ("user", "Remember: blue.\nWhat do you remember?")]
+    assert c.conversations.items.delete(items[0].id, conversation_id=conv.id).id == conv.id
+    with pytest.raises(openai.NotFoundError):
+        c.conversations.items.retrieve(items[0].id, conversation_id=conv.id)
+    assert len(list(c.conversations.items.list(conv.id))) == 5
+    deleted = c.conversations.delete(conv.id)
+    assert deleted.deleted is True and deleted.id == conv.id
+    with pytest.raises(openai.NotFoundError):
+        c.conversations.retrieve(conv.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="sonnet", input="again", conversation=conv.id)
+
+
+def test_conversation_bad_input_is_a_400(start, upstream):
+    p = start()
+    for body, param in (({"metadata": "x"}, "metadata"), ({"items": "x"}, "items"),
+                        ({"items": [{"type": "nonsense"}]}, "input[0]"),
+                        ({"items": [{"role": "user", "content": "x"}] * 21}, "items")):
+        status, _, got = p.post("/v1/conversations", body)
+        assert status == 400 and got["error"]["param"] == param, got
+    status, _, got = p.post("/v1/responses", {"model": "sonnet", "input": "x", "conversation": "conv_a",
+                                              "previous_response_id": "resp_b"})
+    assert status == 400 and got["error"]["param"] == "conversation"
+    assert len(upstream.model_calls) == 0
+
+
+# -- background runs ---------------------------------------------------------------------------
+
+def test_background_poll_until_completed(start, upstream):
+    p = start()
+    c = sdk(p)
+    upstream.push(fake_upstream.text("Slow but sure.", chunks=10, delay=0.2))
+    r = c.responses.create(model="sonnet", input="Take your time.", background=True)
+    assert r.status == "queued" and r.background is True
+    seen = {r.status}
+    while r.status in ("queued", "in_progress"):
+        time.sleep(0.1)
+        r = c.responses.retrieve(r.id)
+        seen.add(r.status)
+    assert r.status == "completed" and r.output_text == "Slow but sure."
+    assert "in_progress" in seen
+    # the run's events are kept: a stream resumes after any of them
+    events = list(c.responses.retrieve(r.id, stream=True, starting_after=3))
+    assert events[0].sequence_number == 4 and events[-1].type == "response.completed"
+    assert "".join(e.delta for e in c.responses.retrieve(r.id, stream=True)
+                   if e.type == "response.output_text.delta") == "Slow but sure."
+
+
+def test_background_cancel_ends_the_cli(start, upstream):
+    p = start()
+    c = sdk(p)
+    upstream.push(fake_upstream.text("word " * 200, chunks=200, delay=0.1))
+    r = c.responses.create(model="sonnet", input="Write a lot.", background=True)
+    poll(lambda: c.responses.retrieve(r.id).status == "in_progress", "the run to start", 30)
+    cancelled = c.responses.cancel(r.id)
+    assert cancelled.status == "cancelled"
+    assert c.responses.retrieve(r.id).status == "cancelled"
+    assert c.responses.cancel(r.id).status == "cancelled"          # cancelling again: as it is
+    poll(lambda: health(p)["concurrency"]["running"] == 0, "the slot to be free", 10)
+    from test_pool import children
+    poll(lambda: not children(p), "the CLI to end", 10)
+    upstream.push(fake_upstream.text("Plain."))
+    plain = c.responses.create(model="sonnet", input="hi")
+    with pytest.raises(openai.BadRequestError):
+        c.responses.cancel(plain.id)
+
+
+def test_background_stream_resumes_with_starting_after(start, upstream):
+    p = start()
+    c = sdk(p)
+    upstream.push(fake_upstream.text("One two three four five six.", chunks=6, delay=0.2))
+    stream = c.responses.create(model="sonnet", input="Count.", background=True, stream=True)
+    first = []
+    for ev in stream:
+        first.append(ev)
+        if ev.type == "response.output_text.delta":
+            break                                           # the connection drops here
+    stream.close()
+    rid, last = first[0].response.id, first[-1].sequence_number
+    rest = list(c.responses.retrieve(rid, stream=True, starting_after=last))
+    assert rest[0].sequence_number == last + 1
+    text = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
+    assert text == "One two three four five six."
+    assert rest[-1].type == "response.completed"
+    assert c.responses.retrieve(rid).output_text == text
