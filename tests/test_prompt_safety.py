@@ -14,9 +14,11 @@ from conftest import upstream_turns
 from test_reuse import reused_idle, start  # noqa: F401 - start: no pool, no kept conversations
 
 CHAT = "/v1/chat/completions"
-#: commands the CLI 2.1.330 runs itself when a user line's last text starts with them
+#: commands the CLI 2.1.330 runs itself when a user line's last text starts with them, and
+#: the interactive prompt's other prefixes
 COMMANDS = ("/model opus", "/compact", "/clear", "/cost", "/help", "/context", "/init",
-            "/review", "  /model haiku", "/model opus\nand then answer me")
+            "/review", "  /model haiku", "/model opus\nand then answer me",
+            "!id", "# remember this")      # bash and memory prefixes: text in stream-json too
 
 
 def last_user_text(call):
