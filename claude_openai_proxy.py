@@ -6694,19 +6694,33 @@ class App:
         appear as the operator configured them, tokens never."""
         return self.backend.logins.report()
 
-    def key_report(self, p):
-        """One key as /v1/usage and the dashboard show it: role, lists, budgets (no key)."""
+    def key_report(self, p, used=None):
+        """One key as /v1/usage and the dashboard show it: role, lists, budgets, and its use
+        over the last day and week from the history (`used`: key_usage()); never the key."""
         return {"name": p.name, "role": p.role, "models": list(p.models),
-                "logins": list(p.logins), "budgets": self.budgets.report(p)}
+                "logins": list(p.logins), "budgets": self.budgets.report(p),
+                "usage": (used or {}).get(p.name, {})}
+
+    def key_usage(self, only=None, now=None):
+        """{key name: {"day": figures, "week": figures}} from the history (with the value
+        estimate); {} when there is no history."""
+        if not self.history.on or not self.store.enabled:
+            return {}
+        now, out = time.time() if now is None else now, {}
+        for span_name, seconds in (("day", 86400), ("week", 7 * 86400)):
+            for r in self.history.query(now - seconds, now + 1, "key", key=only):
+                out.setdefault(r["key"], {})[span_name] = {k: v for k, v in r.items() if k != "key"}
+        return out
 
     def usage_for(self, p):
         """GET /v1/usage for principal `p`: an admin sees every login and every key; a client
         key its own budgets and use only."""
         if not p.admin:
-            return {"key": self.key_report(p)}
-        keys = self.keys.principals or (OPERATOR, ANONYMOUS)
-        return dict(self.usage_report(), keys=[self.key_report(k) for k in keys],
-                    keys_file={"path": self.cfg.keys_file or None, "error": self.keys.error})
+            return {"key": self.key_report(p, self.key_usage(p.name)), "estimate": ESTIMATE_NOTE}
+        keys, used = self.keys.principals or (OPERATOR, ANONYMOUS), self.key_usage()
+        return dict(self.usage_report(), keys=[self.key_report(k, used) for k in keys],
+                    keys_file={"path": self.cfg.keys_file or None, "error": self.keys.error},
+                    estimate=ESTIMATE_NOTE)
 
     def logins_summary(self):
         """/health's view of usage_report: per login, healthy or not and its binding window;
@@ -8496,6 +8510,22 @@ class ProxyServer(ThreadingHTTPServer):
 
 # 14. main #######################################################################################
 
+def describe_keys(ring):
+    """--check's view of the keys (the file was read and validated by load_config): who they
+    are, their roles, budgets and lists; never a key."""
+    if not ring.principals:
+        return "Keys: none (the loopback operator is admin; the proxy must stay on loopback)"
+    lines = ["Keys: %d%s" % (len(ring.principals), " from %s" % ring.path if ring.path else "")]
+    for p in ring.principals:
+        extra = [", ".join("%s=%d" % b for b in p.budgets)] if p.budgets else []
+        extra += ["models %s" % ", ".join(p.models)] if p.models else []
+        extra += ["logins %s" % ", ".join(p.logins)] if p.logins else []
+        lines.append("  %-20s %-6s %s" % (p.name, p.role, "; ".join(extra) or "no limits"))
+    if not any(p.admin for p in ring.principals):
+        lines.append("  note: no admin key: /metrics and /dashboard/data answer 403 to every key")
+    return "\n".join(lines)
+
+
 def check(cfg):
     """--check: is the CLI there, which version, is it logged in (one tiny request)?"""
     ok = True
@@ -8515,6 +8545,9 @@ def check(cfg):
     app = App(cfg)
     print("State store: %s" % (app.store.path + " (open)" if app.store.enabled else app.store.error))
     ok &= app.store.enabled or cfg.store == "off"
+    print("Usage history: %s" % ("kept %d days" % cfg.history_days if app.history.on else
+                                 "off (CLAUDE_PROXY_HISTORY_DAYS=0 or CLAUDE_PROXY_STORE=off)"))
+    print(describe_keys(app.keys))
     try:
         class NoClient:
             deadline = time.monotonic() + 120

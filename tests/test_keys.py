@@ -208,7 +208,7 @@ def test_forbidden_in_the_anthropic_dialect(roles_proxy):
 def test_usage_shows_a_client_its_own_key_and_an_admin_every_key(roles_proxy):
     status, _, mine = roles_proxy.request("GET", "/v1/usage", headers=bearer(CLIENT))
     assert status == 200
-    assert set(mine) == {"key"}, "a client sees no login, no other key"
+    assert set(mine) == {"key", "estimate"}, "a client sees no login, no other key"
     assert mine["key"]["name"] == "coder" and mine["key"]["role"] == "client"
     assert set(mine["key"]["budgets"]) == set(cop.BUDGETS)
     status, _, everything = roles_proxy.request("GET", "/v1/usage", headers=bearer(ADMIN))
@@ -451,3 +451,35 @@ def test_a_reload_that_makes_the_file_world_readable_is_refused(make_proxy, tmp_
     wait_for(lambda: "readable by others" in p.log, "the refusal")
     assert chat(p, CLIENT)[0] == 200, "the keys in force stay"
     p.stop()
+
+
+# --check #######################################################################################
+
+def test_check_lists_the_keys_and_refuses_a_broken_file(home, upstream, tmp_path):
+    path = standard(tmp_path, {"budgets": {"tokens_day": 1000, "concurrent": 1},
+                               "models": ["sonnet"], "logins": ["default"]})
+    e = base_env(home, upstream.url, str(FAKE_CLAUDE), CLAUDE_PROXY_KEYS_FILE=path,
+                 CLAUDE_PROXY_STATE_DIR=tmp_path / "state")
+    res = subprocess.run([sys.executable, str(PROXY), "--check"], env=e, capture_output=True,
+                         text=True, timeout=120)
+    out = res.stdout
+    assert "Keys: 3 from %s" % path in out, out
+    assert "ops                  admin  no limits" in out
+    assert ("coder                client concurrent=1, tokens_day=1000; models sonnet; "
+            "logins default") in out
+    assert "Usage history: kept 90 days" in out
+    assert ADMIN not in out + res.stderr and CLIENT not in out + res.stderr
+    assert "no admin key" not in out
+    keys_file(tmp_path, [{"name": "only", "key": CLIENT}], name="clients.json")
+    e["CLAUDE_PROXY_KEYS_FILE"] = str(tmp_path / "clients.json")
+    res = subprocess.run([sys.executable, str(PROXY), "--check"], env=e, capture_output=True,
+                         text=True, timeout=120)
+    assert "note: no admin key: /metrics and /dashboard/data answer 403" in res.stdout
+    keys_file(tmp_path, [{"name": "x", "key": CLIENT, "budgets": {"tokens_day": -1}}],
+              name="bad.json")
+    e["CLAUDE_PROXY_KEYS_FILE"] = str(tmp_path / "bad.json")
+    res = subprocess.run([sys.executable, str(PROXY), "--check"], env=e, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "CLAUDE_PROXY_KEYS_FILE" in res.stderr and "budget tokens_day must be a whole number" \
+        in res.stderr, res.stderr

@@ -168,6 +168,14 @@ def test_usage_groups_csv_and_who_sees_what(make_proxy, tmp_path):
     assert [r["day"] for r in got["rows"]] == [time.strftime("%Y-%m-%d", time.gmtime())]
     assert got["total"]["requests"] == 6
     # a client: its own rows only, whatever it asks
+    # without a query: the client's own use over the last day and week, with its value
+    _, _, own = p.request("GET", "/v1/usage", headers=bearer(CLIENT))
+    assert own["key"]["usage"]["day"]["requests"] == 4
+    assert own["key"]["usage"]["week"]["input"] == 12 and own["key"]["usage"]["week"]["cost_usd"] > 0
+    assert "nightly" not in json.dumps(own) and "accounts" not in own
+    _, _, everyone = p.request("GET", "/v1/usage", headers=bearer(ADMIN))
+    assert {k["name"]: k["usage"].get("week", {}).get("requests") for k in everyone["keys"]} == {
+        "ops": None, "coder": 4, "nightly": 2}
     _, _, mine = usage(p, CLIENT, group_by="key")
     assert [r["key"] for r in mine["rows"]] == ["coder"] and mine["key"] == "coder"
     status, _, err = usage(p, CLIENT, group_by="key", key="nightly")
