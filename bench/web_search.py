@@ -7,7 +7,8 @@ the same request without it, measured side by side in one run.
 Loopback only, against the fake Anthropic upstream from tests/ (it answers at once, so the
 time is the CLI's and the proxy's own; with the real API add the nested search request's and
 the second model turn's own time).  Both kinds run on the same proxy, alternately, with no
-warm pool and no kept sessions, so each request starts its own CLI process.
+warm pool and no kept sessions but the default reuse (a process that answered cleanly serves
+the next request with the same launch settings), as a user's proxy runs.
 """
 import pathlib
 import statistics

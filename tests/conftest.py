@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import fake_upstream  # noqa: E402
 import harness  # noqa: E402
-from harness import FAKE_CLAUDE, PROXY, ROOT, Proxy, alive, base_env, children  # noqa: E402,F401
+from harness import FAKE_CLAUDE, PROXY, ROOT, Proxy, alive, base_env, children, wait_for  # noqa: E402,F401
 
 MARKER = "CLAUDE-MD-MARKER-8f3a"
 

@@ -80,6 +80,19 @@ def alive(pid):
         return False
 
 
+def wait_for(cond, what, timeout=10, every=0.05):
+    """Calls cond() until it returns something truthy, and returns that; fails naming `what`
+    (and the last value) after `timeout` seconds.  Tests poll with it, never sleep and hope."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %gs waiting for %s (last: %r)" % (timeout, what, value))
+        time.sleep(every)
+
+
 class ProxyStartError(RuntimeError):
     pass
 

@@ -23,7 +23,7 @@ import urllib.request
 import pytest
 
 import fake_upstream
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -35,17 +35,6 @@ KEY = "dash-key-5e1f09"
 OAUTH = "made-up-oauth-token-77c2"
 PROMPT_MARKER = "PROMPT-TEXT-NEVER-LOGGED-3b7d"
 INJECTED = '<b id="injected">x</b>'        # a client naming itself in markup
-
-
-def wait_for(cond, what, timeout=10):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % what)
-        time.sleep(0.05)
 
 
 def data(p, headers=None):

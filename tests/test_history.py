@@ -275,7 +275,7 @@ def test_ack_wait_ends_at_the_deadline(fake_structured):
 def test_ack_wait_notices_a_client_that_hangs_up(fake_structured):
     body = json.dumps({"model": "sonnet", "messages": earlier("[[hang]]")}).encode()
     before = set(os.listdir(fake_structured.pids))
-    with no_leftover_cli(fake_structured.pids, within=3.0):
+    with no_leftover_cli(fake_structured.pids, within=10.0):
         sock = socket.create_connection(("127.0.0.1", fake_structured.port))
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -284,8 +284,8 @@ def test_ack_wait_notices_a_client_that_hangs_up(fake_structured):
             time.sleep(0.02)
         assert set(os.listdir(fake_structured.pids)) != before, "no CLI started for the request"
         sock.close()
-    # (no_leftover_cli asserted the CLI ended within 3 s of the hang-up, far from the 4 s
-    # --timeout plus its kill); the request is logged as the client's hang-up
+    # the CLI is ended (no_leftover_cli), and because of the hang-up, not the 4 s --timeout:
+    # the request is logged as the client's (499), not as a 504
     deadline = time.monotonic() + 5
     while " POST /v1/chat/completions 499 " not in fake_structured.log and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import FAKE_CLAUDE, PROXY, ROOT, base_env, sse_events
+from conftest import FAKE_CLAUDE, PROXY, ROOT, base_env, sse_events, wait_for
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -67,17 +67,6 @@ def start(make_proxy, path, **env):
     env.setdefault("CLAUDE_PROXY_STATE_DIR", path.parent / "state")
     return make_proxy(fake=True, CLAUDE_PROXY_KEYS_FILE=path, CLAUDE_PROXY_POOL_SIZE=0,
                       CLAUDE_PROXY_SESSIONS=0, **env)
-
-
-def wait_for(cond, what, timeout=10):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % what)
-        time.sleep(0.05)
 
 
 def run_proxy(home, upstream, env):

@@ -24,6 +24,7 @@ import time
 import pytest
 
 import fake_upstream
+import harness
 from conftest import FAKE_CLAUDE, PROXY, ROOT, alive, base_env, children, need_tool, no_leftover_cli, \
     real_claude_bin, sse_events
 
@@ -111,14 +112,8 @@ def stream_result(dialect, text):
 
 
 def wait_for(cond, timeout, what, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
-        time.sleep(interval)
+    """harness.wait_for, in this file's argument order."""
+    return harness.wait_for(cond, what, timeout, interval)
 
 
 def health(p):

@@ -62,15 +62,8 @@ def pool_hits(h):
 
 
 def poll(fn, what, timeout=READY_WAIT, every=0.05):
-    """Call fn() until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %gs waiting for %s (last: %r)" % (timeout, what, value))
-        time.sleep(every)
+    """harness.wait_for with this file's longer default (pool readiness under load)."""
+    return harness.wait_for(fn, what, timeout, every)
 
 
 def wait_ready(proxy, n=None):
