@@ -195,59 +195,59 @@ WEB_TOOL_MODES = {"off": (), "search": ("WebSearch",), "all": ("WebSearch", "Web
 class ProxyError(Exception):
     """An error with an HTTP status; rendered in the caller's dialect by the route."""
     status = 500
-    kind = "api_error"          # Anthropic error type; the OpenAI renderer maps it
+    error_type = "api_error"    # Anthropic error type; the OpenAI renderer maps it
 
     code = None                 # OpenAI `code` (rate_limit_exceeded, insufficient_quota, ...)
 
-    def __init__(self, message, status=None, kind=None, headers=None, param=None, code=None):
+    def __init__(self, message, status=None, error_type=None, headers=None, param=None, code=None):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         if status is not None:
             self.status = status
-        if kind is not None:
-            self.kind = kind
+        if error_type is not None:
+            self.error_type = error_type
         self.headers = dict(headers or {})
         self.param = param
 
 
 class BadRequest(ProxyError):
-    status, kind = 400, "invalid_request_error"
+    status, error_type = 400, "invalid_request_error"
 
 
 class Unauthorized(ProxyError):
-    status, kind = 401, "authentication_error"
+    status, error_type = 401, "authentication_error"
 
 
 class NotFound(ProxyError):
-    status, kind = 404, "not_found_error"
+    status, error_type = 404, "not_found_error"
 
 
 class MethodNotAllowed(ProxyError):
-    status, kind = 405, "invalid_request_error"
+    status, error_type = 405, "invalid_request_error"
 
 
 class TooLarge(ProxyError):
-    status, kind = 413, "request_too_large"
+    status, error_type = 413, "request_too_large"
 
 
 class Forbidden(ProxyError):
     """Refused whoever asks: a page or Host this server does not serve, or a key that may not
     do this (its role, or its models and logins lists)."""
-    status, kind = 403, "permission_error"
+    status, error_type = 403, "permission_error"
 
 
 class RateLimited(ProxyError):
-    status, kind = 429, "rate_limit_error"
+    status, error_type = 429, "rate_limit_error"
 
 
 class Overloaded(ProxyError):
-    status, kind = 529, "overloaded_error"
+    status, error_type = 529, "overloaded_error"
 
 
 class UpstreamError(ProxyError):
-    status, kind = 502, "api_error"
+    status, error_type = 502, "api_error"
 
 
 class CLIEnded(UpstreamError):
@@ -269,11 +269,11 @@ class CLIStalled(UpstreamError):
 
 
 class CLIUnavailable(ProxyError):
-    status, kind = 503, "api_error"
+    status, error_type = 503, "api_error"
 
 
 class Timeout(ProxyError):
-    status, kind = 504, "timeout_error"
+    status, error_type = 504, "timeout_error"
 
 
 class ClientGone(Exception):
@@ -716,8 +716,9 @@ TOKEN_NOT_HERE = ("A token never goes into the configuration (the environment an
 
 
 def parse_accounts(items):
-    """CLAUDE_PROXY_ACCOUNTS entries -> ((name, kind, path), ...).  An entry is never echoed:
-    whoever pastes a token there by mistake must not find it in a log."""
+    """CLAUDE_PROXY_ACCOUNTS entries -> ((name, credential, path), ...), credential being
+    "config_dir" or "token_file".  An entry is never echoed: whoever pastes a token there by
+    mistake must not find it in a log."""
     out, names = [], set()
     for i, item in enumerate(items, 1):
         name, sep, value = item.partition("=")
@@ -730,19 +731,19 @@ def parse_accounts(items):
             raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS names %r twice" % name)
         names.add(name)
         if value.startswith("token-file:"):
-            kind, path = "token_file", value[len("token-file:"):]
+            credential, path = "token_file", value[len("token-file:"):]
             if not os.path.isfile(path):
                 raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS %s: no token file at %s"
                                  % (name, path))
         elif os.path.isdir(value):
-            kind, path = "config_dir", value
+            credential, path = "config_dir", value
         elif value.startswith("sk-ant-") or "/" not in value:
             raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS %s is neither a directory nor "
                              "token-file:PATH. %s" % (name, TOKEN_NOT_HERE))
         else:
             raise SystemExit("error: CLAUDE_PROXY_ACCOUNTS %s: no directory %s (log in with "
                              "CLAUDE_CONFIG_DIR=%s claude login)" % (name, value, value))
-        out.append((name, kind, os.path.abspath(path)))
+        out.append((name, credential, os.path.abspath(path)))
     return tuple(out)
 
 
@@ -801,7 +802,7 @@ class ToolSpec:
     name: str                    # as the model sees it: NAMESPACE.name inside a namespace tool
     description: str
     parameters: dict             # JSON schema of the call's arguments
-    kind: str = "function"       # "function" | "custom": free-form text input (CUSTOM_INPUT)
+    tool_type: str = "function"  # "function" | "custom": free-form text input (CUSTOM_INPUT)
     namespace: str = ""          # the Responses namespace tool it came in (returned on calls)
 
     @property
@@ -1109,14 +1110,14 @@ PREFILL_INTRO = (
 
 def block_text(block, handler):
     """Text form of a block inside a transcript (images are sent separately)."""
-    kind = block.get("type")
-    if kind == "text":
+    block_type = block.get("type")
+    if block_type == "text":
         return block.get("text", "")
-    if kind == "tool_use":
+    if block_type == "tool_use":
         return handler.render_call(block["name"], block.get("input", {}), block.get("id"))
-    if kind == "tool_result":
+    if block_type == "tool_result":
         return handler.render_result(block)
-    if kind == "image":
+    if block_type == "image":
         return "[image]"
     return ""
 
@@ -1361,11 +1362,11 @@ class BaseToolCallHandler:
                 segs.append(("text", text[start:end]))
             pos = end
         merged = []
-        for kind, val in segs:
-            if kind == "text" and merged and merged[-1][0] == "text":
+        for seg_type, val in segs:
+            if seg_type == "text" and merged and merged[-1][0] == "text":
                 merged[-1] = ("text", merged[-1][1] + val)
-            elif not (kind == "text" and val == ""):
-                merged.append((kind, val))
+            elif not (seg_type == "text" and val == ""):
+                merged.append((seg_type, val))
         return merged, pos
 
     @staticmethod
@@ -1666,8 +1667,8 @@ def _tool_attempt(req, run, messages, hold_all, total):
     parser, answer = ToolTextParser(req.handler, names), []
 
     def convert(segs):
-        for kind, val in segs:
-            if kind == "text":
+        for seg_type, val in segs:
+            if seg_type == "text":
                 answer.append(val)
                 a.chars += len(val)
                 yield TextDelta(val)
@@ -1877,17 +1878,17 @@ def await_ack(proc, call):
         if isinstance(item, Heartbeat):
             yield item
             continue
-        kind = item.get("type")
-        if kind == "result":
+        line_type = item.get("type")
+        if line_type == "result":
             proc.note(item)
             if item.get("is_error"):
                 raise result_error(item, None, proc.rate_limit, proc.launch.account)
             return
-        if kind == "control_request":
+        if line_type == "control_request":
             refuse(proc, item.get("request_id"))
-        elif kind == "rate_limit_event":
+        elif line_type == "rate_limit_event":
             proc.note(item)
-        elif kind == "control_response":
+        elif line_type == "control_response":
             refused_settings(item)
     raise cli_ended(proc)
 
@@ -1936,8 +1937,8 @@ def cli_env(cfg, launch, tmpdir):
     if login is not None:          # this login only: nothing inherited may pick another one
         env.pop("CLAUDE_CONFIG_DIR", None)
         env.pop("CLAUDE_CODE_OAUTH_TOKEN", None)
-        name, kind, path = login
-        if kind == "config_dir":
+        name, credential, path = login
+        if credential == "config_dir":
             env["CLAUDE_CONFIG_DIR"] = path
         else:
             env["CLAUDE_CODE_OAUTH_TOKEN"] = read_token(name, path)
@@ -3042,12 +3043,12 @@ class ToolBridge:
         results, rest = [], []
         inner = [i for b in blocks if b.get("type") == "tool_result" for i in b.get("images") or ()]
         for b in blocks:
-            kind = b.get("type")
-            if kind == "tool_use":
+            block_type = b.get("type")
+            if block_type == "tool_use":
                 rest.append({"type": "tool_use", "id": self.upstream_id(b.get("id")),
                              "name": MCP_PREFIX + self.mcp_name(b.get("name") or ""),
                              "input": b.get("input") if isinstance(b.get("input"), dict) else {}})
-            elif kind == "tool_result":
+            elif block_type == "tool_result":
                 # the form the CLI gives a result of a held call (_answer) to the upstream: a
                 # list of blocks, or for an error its text, so a conversation reads the same
                 # whether it was continued on its process or given to a new one
@@ -3061,7 +3062,8 @@ class ToolBridge:
                 if b.get("is_error"):
                     result["is_error"] = True
                 results.append(result)
-            elif (kind == "text" and b.get("text")) or (kind == "image" and b not in inner):
+            elif (block_type == "text" and b.get("text")) or \
+                    (block_type == "image" and b not in inner):
                 rest.append(b)
         return results + rest
 
@@ -3603,18 +3605,18 @@ class Replay:
                 yield Reset()
             self.sent = {"text": [], "thinking": []}
             return
-        self.skip = {kind: "".join(parts) for kind, parts in self.sent.items()}
+        self.skip = {channel: "".join(parts) for channel, parts in self.sent.items()}
 
-    def _pass(self, kind, piece):
-        skip = self.skip[kind]
+    def _pass(self, channel, piece):
+        skip = self.skip[channel]
         if skip:
             n = min(len(piece), len(skip))
             if piece[:n] != skip[:n]:
                 raise UpstreamError("The upstream stream broke and the answer asked for again "
                                     "differs from the text already sent; retry the request.")
-            piece, self.skip[kind] = piece[n:], skip[n:]
+            piece, self.skip[channel] = piece[n:], skip[n:]
         if piece:
-            self.sent[kind].append(piece)
+            self.sent[channel].append(piece)
         return piece
 
     def text(self, piece):
@@ -3677,7 +3679,7 @@ def result_error(result, last_retry, rate_limit=None, account=""):
         return ProxyError("The model is not available to %s: its plan may not include it, or the "
                           "id is wrong; ask for another model. The CLI said: %s" % (login, text),
                           status=status, code="model_not_found",
-                          kind="permission_error" if status == 403 else "not_found_error")
+                          error_type="permission_error" if status == 403 else "not_found_error")
     if status == 404:
         return NotFound("Upstream: %s" % text)
     if status == 413:
@@ -3756,8 +3758,8 @@ def log_line(text):
 class Account:
     """One login and what is known of its plan.  All state changes under `lock`."""
 
-    def __init__(self, name, kind="", path="", guard="deny"):
-        self.name, self.kind, self.path, self.guard = name, kind, path, guard
+    def __init__(self, name, credential="", path="", guard="deny"):
+        self.name, self.credential, self.path, self.guard = name, credential, path, guard
         self.lock = threading.Lock()
         self.info = None             # the last rate_limit_info
         self.updated_at = None
@@ -3788,9 +3790,9 @@ class Account:
                          "logged in again (%s)" % (self.name, why[:200]))
             self.healthy, self.failed_at = False, time.time()
             self.hint = ("log in again: CLAUDE_CONFIG_DIR=%s claude login" % self.path
-                         if self.kind == "config_dir" else
+                         if self.credential == "config_dir" else
                          "write a new `claude setup-token` token to %s" % self.path
-                         if self.kind == "token_file" else "run `claude login` on the server")
+                         if self.credential == "token_file" else "run `claude login` on the server")
 
     def _note_limits(self, info):
         was_overage = bool((self.info or {}).get("isUsingOverage"))
@@ -4034,16 +4036,17 @@ def _openai_parts(content, where):
     for i, part in enumerate(content):
         at = "%s.content[%d]" % (where, i)
         _need(isinstance(part, dict), "%s must be an object" % at, at)
-        kind = part.get("type")
-        if kind in ("text", "input_text"):
+        part_type = part.get("type")
+        if part_type in ("text", "input_text"):
             _need(isinstance(part.get("text"), str), "%s.text must be a string" % at, at)
             blocks.append({"type": "text", "text": part["text"]})
-        elif kind in ("image_url", "input_image"):
+        elif part_type in ("image_url", "input_image"):
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             blocks.append(image_block(url))
         else:
-            raise BadRequest("%s has unsupported type %r (supported: text, image_url)" % (at, kind), param=at)
+            raise BadRequest("%s has unsupported type %r (supported: text, image_url)"
+                             % (at, part_type), param=at)
     return blocks
 
 
@@ -4085,27 +4088,27 @@ def parse_openai_tools(raw, flat):
 
     def add(t, at, namespace=""):
         _need(isinstance(t, dict), "%s must be an object" % at, at)
-        kind = t.get("type", "function")
-        if kind in ("function", "custom"):
-            spec = t if flat or namespace else t.get(kind)
-            if flat and not namespace and kind == "function":
+        tool_type = t.get("type", "function")
+        if tool_type in ("function", "custom"):
+            spec = t if flat or namespace else t.get(tool_type)
+            if flat and not namespace and tool_type == "function":
                 _need("function" not in t or "name" in t, "%s.name is required: Responses tools "
                       "are flat ({\"type\": \"function\", \"name\": ..., \"parameters\": ...}), "
                       "not nested under \"function\" as in chat completions" % at, at)
             _need(isinstance(spec, dict), "%s must be {\"type\": \"%s\", \"%s\": {...}}"
-                  % (at, kind, kind), at)
+                  % (at, tool_type, tool_type), at)
             name = spec.get("name")
             _need(isinstance(name, str) and _TOOL_NAME.fullmatch(name),
                   "%s.name must be 1-128 letters, digits, _ . : or -" % at, at)
             full = "%s.%s" % (namespace, name) if namespace else name
             desc = spec.get("description") or ""
-            if kind == "custom":
+            if tool_type == "custom":
                 tools.append(custom_tool_spec(full, desc, spec.get("format"), namespace))
                 return
             params = spec.get("parameters") or {"type": "object", "properties": {}}
             _need(isinstance(params, dict), "%s.parameters must be an object" % at, at)
             tools.append(ToolSpec(full, desc, params, "function", namespace))
-        elif kind == "namespace" and not namespace:
+        elif tool_type == "namespace" and not namespace:
             name, inner = t.get("name"), t.get("tools")
             _need(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name),
                   "%s.name must be 1-64 letters, digits, _ or -" % at, at)
@@ -4115,11 +4118,11 @@ def parse_openai_tools(raw, flat):
                 _need(isinstance(sub, dict) and sub.get("type", "function") in ("function", "custom"),
                       "%s.tools[%d] must be a function or custom tool" % (at, j), at)
                 add(sub, "%s.tools[%d]" % (at, j), name)
-        elif kind in HOSTED_TOOLS:
-            _need(HOSTED_TOOLS[kind] is None, "%s: %s" % (at, HOSTED_TOOLS[kind]), at)
+        elif tool_type in HOSTED_TOOLS:
+            _need(HOSTED_TOOLS[tool_type] is None, "%s: %s" % (at, HOSTED_TOOLS[tool_type]), at)
         else:
             raise BadRequest("%s has unknown type %r (function, custom, namespace, or one of "
-                             "OpenAI's hosted tools)" % (at, kind), param=at)
+                             "OpenAI's hosted tools)" % (at, tool_type), param=at)
 
     for i, t in enumerate(raw):
         add(t, "tools[%d]" % i)
@@ -4156,8 +4159,8 @@ def parse_openai_tool_choice(choice, tools, flat):
               "tool_choice")
         return tools, choice
     _need(isinstance(choice, dict), "tool_choice must be a string or an object", "tool_choice")
-    kind = choice.get("type", "function")
-    if kind == "allowed_tools":
+    choice_type = choice.get("type", "function")
+    if choice_type == "allowed_tools":
         spec = choice if flat else choice.get("allowed_tools") or {}
         allowed = spec.get("tools")
         _need(isinstance(allowed, list), "tool_choice.tools must be a list", "tool_choice")
@@ -4170,8 +4173,8 @@ def parse_openai_tool_choice(choice, tools, flat):
         return parse_openai_tool_choice(
             {"auto": "auto", "required": "required"}.get(spec.get("mode", "auto"), "auto"),
             [t for t in tools if t.name in names], flat)
-    if kind in ("function", "custom"):
-        named = choice if flat else choice.get(kind) or {}
+    if choice_type in ("function", "custom"):
+        named = choice if flat else choice.get(choice_type) or {}
         name = named.get("name") if isinstance(named, dict) else None
         _need(isinstance(name, str), "tool_choice must name a tool: %s" % (
             "{\"type\": \"function\", \"name\": ...}" if flat else
@@ -4181,14 +4184,15 @@ def parse_openai_tool_choice(choice, tools, flat):
         _need(any(t.name == name for t in tools), "tool_choice names %r, which is not in tools"
               % name, "tool_choice")
         return tools, {"name": name}
-    if kind in WEB_SEARCH_TYPES:
+    if choice_type in WEB_SEARCH_TYPES:
         return tools, "auto"      # the model decides: the CLI cannot force its WebSearch
-    if kind in HOSTED_TOOLS:
+    if choice_type in HOSTED_TOOLS:
         raise BadRequest("tool_choice requires the hosted tool %r, which this proxy cannot run%s"
-                         % (kind, ": " + HOSTED_TOOLS[kind] if HOSTED_TOOLS[kind] else "."),
+                         % (choice_type, ": " + HOSTED_TOOLS[choice_type]
+                            if HOSTED_TOOLS[choice_type] else "."),
                          param="tool_choice")
-    raise BadRequest("tool_choice type %r is not one of function, custom, allowed_tools" % kind,
-                     param="tool_choice")
+    raise BadRequest("tool_choice type %r is not one of function, custom, allowed_tools"
+                     % choice_type, param="tool_choice")
 
 
 def _openai_tools(body):
@@ -4353,7 +4357,7 @@ class OpenAIChat:
     def tool_call(req, call):
         """A message's tool call: a function's JSON arguments, or a custom tool's raw input."""
         spec = tool_spec(req, call.name)
-        if spec is not None and spec.kind == "custom":
+        if spec is not None and spec.tool_type == "custom":
             return {"id": call.id, "type": "custom",
                     "custom": {"name": spec.name, "input": custom_input(call.arguments)}}
         return {"id": call.id, "type": "function",
@@ -4389,7 +4393,8 @@ class OpenAIChat:
                 elif isinstance(ev, ThinkingDelta):
                     if req.thinking and ev.text:
                         chunk({"reasoning_content": ev.text})
-                elif isinstance(ev, ToolCall) and getattr(tool_spec(req, ev.name), "kind", "") == "custom":
+                elif isinstance(ev, ToolCall) and \
+                        getattr(tool_spec(req, ev.name), "tool_type", "") == "custom":
                     calls[ev.id] = len(calls)
                     custom[ev.id] = ToolCall(ev.id, ev.name, ev.arguments)
                 elif isinstance(ev, ToolCall):
@@ -4419,9 +4424,10 @@ class OpenAIChat:
 
     def error(self, err):
         status = 503 if err.status == 529 else err.status
-        return status, {"error": {"message": err.message, "type": self.TYPES.get(err.kind, err.kind),
+        return status, {"error": {"message": err.message,
+                                  "type": self.TYPES.get(err.error_type, err.error_type),
                                   "param": err.param,
-                                  "code": err.code or (err.kind if status >= 500 else None)}}
+                                  "code": err.code or (err.error_type if status >= 500 else None)}}
 
 
 # 10. Anthropic messages #########################################################################
@@ -4434,11 +4440,11 @@ def _anthropic_blocks(content, where, role):
     for i, b in enumerate(content):
         at = "%s.content.%d" % (where, i)
         _need(isinstance(b, dict), "%s must be an object" % at)
-        kind = b.get("type")
-        if kind == "text":
+        block_type = b.get("type")
+        if block_type == "text":
             _need(isinstance(b.get("text"), str), "%s.text: Field required" % at)
             blocks.append({"type": "text", "text": b["text"]})
-        elif kind == "image":
+        elif block_type == "image":
             src = b.get("source") or {}
             _need(isinstance(src, dict), "%s.source must be an object" % at)
             if src.get("type") == "url":
@@ -4446,13 +4452,13 @@ def _anthropic_blocks(content, where, role):
             _need(src.get("type") == "base64" and isinstance(src.get("data"), str),
                   "%s.source must be {\"type\": \"base64\", \"media_type\": ..., \"data\": ...}" % at)
             blocks.append(image_block("data:%s;base64,%s" % (src.get("media_type"), src["data"])))
-        elif kind == "tool_use":
+        elif block_type == "tool_use":
             _need(role == "assistant", "%s: tool_use blocks belong to assistant messages" % at)
             _need(isinstance(b.get("id"), str) and isinstance(b.get("name"), str),
                   "%s needs id and name" % at)
             blocks.append({"type": "tool_use", "id": b["id"], "name": b["name"],
                            "input": b.get("input") if isinstance(b.get("input"), dict) else {}})
-        elif kind == "tool_result":
+        elif block_type == "tool_result":
             _need(role == "user", "%s: tool_result blocks belong to user messages" % at)
             _need(isinstance(b.get("tool_use_id"), str), "%s.tool_use_id: Field required" % at)
             inner, images = b.get("content", ""), []
@@ -4467,11 +4473,11 @@ def _anthropic_blocks(content, where, role):
                            "is_error": bool(b.get("is_error"))})
             if images:                   # native tools give them back inside the result
                 blocks[-1]["images"] = images
-        elif kind in ("thinking", "redacted_thinking"):
+        elif block_type in ("thinking", "redacted_thinking"):
             continue                                  # not replayed to the model
         else:
             raise BadRequest("%s.type %r is not supported (text, image, tool_use, tool_result, "
-                             "thinking)" % (at, kind))
+                             "thinking)" % (at, block_type))
     return blocks
 
 
@@ -4520,9 +4526,9 @@ class AnthropicMessages:
         for i, t in enumerate(raw_tools):
             _need(isinstance(t, dict) and isinstance(t.get("name"), str),
                   "tools.%d.name: Field required" % i)
-            kind = str(t.get("type") or "")
-            if kind.startswith(("web_search_", "web_fetch_")):      # server tools: the CLI's own
-                web.append("WebSearch" if kind.startswith("web_search_") else "WebFetch")
+            tool_type = str(t.get("type") or "")
+            if tool_type.startswith(("web_search_", "web_fetch_")):    # server tools: the CLI's own
+                web.append("WebSearch" if tool_type.startswith("web_search_") else "WebFetch")
                 continue
             _need(t.get("type") in (None, "custom"),
                   "tools.%d: server tool %r is not available through the claude CLI" % (i, t.get("type")))
@@ -4613,12 +4619,12 @@ class AnthropicMessages:
                     "content": [], "stop_reason": None, "stop_sequence": None,
                     "usage": dict(self.usage(usage), output_tokens=1)}}, "message_start")
 
-        def open_block(kind, block):
-            if state["open"] == kind and kind != "tool_use":
+        def open_block(block_type, block):
+            if state["open"] == block_type and block_type != "tool_use":
                 return
             close_block()
             state["index"] += 1
-            state["open"] = kind
+            state["open"] = block_type
             sse.event({"type": "content_block_start", "index": state["index"],
                        "content_block": block}, "content_block_start")
 
@@ -4676,7 +4682,8 @@ class AnthropicMessages:
             sse.event(self.error(err)[1], "error")
 
     def error(self, err):
-        return err.status, {"type": "error", "error": {"type": err.kind, "message": err.message}}
+        return err.status, {"type": "error",
+                            "error": {"type": err.error_type, "message": err.message}}
 
     def count_tokens(self, req, body):
         """An estimate (~4 bytes a token): the CLI has no token counter to ask."""
@@ -4845,8 +4852,8 @@ class ResponsesStream:
                  "message": err.message, "type": detail["error"]["type"]}
         self.emit("response.failed", response=self.envelope(self.output, "failed", error=error))
 
-    def emit(self, kind, **fields):
-        self.sse.event(dict(type=kind, sequence_number=next(self.seq), **fields), kind)
+    def emit(self, event_type, **fields):
+        self.sse.event(dict(type=event_type, sequence_number=next(self.seq), **fields), event_type)
 
     def envelope(self, output, status, **more):
         return self.dialect.envelope(self.req, self.body, self.rid, self.created, output, status,
@@ -5044,7 +5051,7 @@ class OpenAIResponses:
         """The output item of a tool call: a function_call (with its namespace, if it came in
         one), or a custom_tool_call carrying the raw input."""
         spec = tool_spec(req, call.name)
-        if spec is not None and spec.kind == "custom":
+        if spec is not None and spec.tool_type == "custom":
             item = {"id": new_id("ctc_"), "type": "custom_tool_call", "status": status,
                     "call_id": call.id, "name": spec.client_name,
                     "input": custom_input(call.arguments)}
@@ -5686,7 +5693,7 @@ SWEEP_WRITES = 200                # and after this many writes
 
 class StoreUnavailable(ProxyError):
     """The state store is off or could not be opened: stateful routes cannot answer."""
-    status, kind = 503, "api_error"
+    status, error_type = 503, "api_error"
 
 
 def default_state_dir(environ):
@@ -6509,9 +6516,9 @@ class Metrics:
     def render(self, app):
         gate, out = app.backend.gate, []
 
-        def metric(name, kind, help_, samples):
+        def metric(name, metric_type, help_, samples):
             out.append("# HELP %s %s" % (name, help_))
-            out.append("# TYPE %s %s" % (name, kind))
+            out.append("# TYPE %s %s" % (name, metric_type))
             out.extend(samples)
 
         with self.lock:
@@ -6860,7 +6867,7 @@ def model_events(app, req, call, pinned=None, principal=ANONYMOUS):
                 except ProxyError:
                     raise exc from None           # the first refusal is the answer
                 log_line("login %s refused a request (%s %s); asking login %s"
-                         % (tried[-1], exc.status, exc.code or exc.kind, account.name))
+                         % (tried[-1], exc.status, exc.code or exc.error_type, account.name))
     finally:
         gate.release(principal.name)
 
@@ -7549,12 +7556,12 @@ def check_body_type(call):
     refused, whatever its Origin says."""
     if call.method not in BODY_METHODS:
         return
-    kind = (call.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    if kind in FORM_TYPES:
+    content_type = (call.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if content_type in FORM_TYPES:
         raise ProxyError("Content-Type %s is not accepted (a web page can send it to any "
                          "address); send the JSON body with 'Content-Type: application/json' "
                          "(curl: -H 'Content-Type: application/json'; -d alone sends a form "
-                         "type)." % kind, status=415, kind="invalid_request_error")
+                         "type)." % content_type, status=415, error_type="invalid_request_error")
 
 
 BODY_METHODS = ("POST", "PUT", "PATCH")
@@ -7587,7 +7594,7 @@ def read_body(call):
     except TimeoutError:
         raise ProxyError("The request body did not arrive within %gs "
                          "(CLAUDE_PROXY_READ_TIMEOUT)." % call.app.cfg.read_timeout,
-                         status=408, kind="invalid_request_error")
+                         status=408, error_type="invalid_request_error")
     except OSError:
         raise ClientGone()
 
@@ -7595,7 +7602,7 @@ def read_body(call):
 def read_sized(h, length, max_body):
     if length is None:
         raise ProxyError("A Content-Length header is required.", status=411,
-                         kind="invalid_request_error")
+                         error_type="invalid_request_error")
     if not (length.isascii() and length.isdigit()):
         raise BadRequest("Content-Length must be a non-negative integer, got %r." % length[:40])
     if int(length) > max_body:
@@ -7779,7 +7786,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":      # unparseable request line: answer in 1.1
             self.request_version = "HTTP/1.1"
         _status, body = DIALECTS["openai"].error(ProxyError(message or "Bad request", status=code,
-                                                             kind="invalid_request_error"))
+                                                             error_type="invalid_request_error"))
         data = json.dumps(body).encode()
         try:
             self.send_response(code)
