@@ -5764,7 +5764,7 @@ class StateStore:
             raise StoreUnavailable("Stored responses and conversations are off on this proxy "
                                    "(CLAUDE_PROXY_STORE=off): send the whole conversation in "
                                    "input, without previous_response_id, conversation or "
-                                   "background.", status=400, kind="invalid_request_error")
+                                   "background.", status=400, error_type="invalid_request_error")
         if self.db is None:
             raise StoreUnavailable("Stored responses and conversations are unavailable: %s."
                                    % self.error)
