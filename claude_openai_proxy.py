@@ -1908,6 +1908,8 @@ def cli_argv(cfg, launch):
             "--disable-slash-commands", "--model", launch_model(cfg, launch)]
     if "WebSearch" in launch.web_tools:     # runs without asking; WebFetch asks (web_fetch_refusal)
         argv += ["--allowedTools", "WebSearch"]
+    if "WebFetch" in launch.web_tools:      # also for the documentation hosts it pre-approves
+        argv += ["--settings", json.dumps({"permissions": {"ask": ["WebFetch"]}})]
     if launch.effort:
         argv += ["--effort", launch.effort]
     return argv

@@ -288,3 +288,37 @@ def test_a_cli_that_stops_reading_fails_the_request_and_is_ended(fake_proxy):
     status, _, body = fake_proxy.post(CHAT, {"model": "sonnet",
                                              "messages": [{"role": "user", "content": "hi"}]})
     assert status == 200 and body["choices"][0]["message"]["content"] == "fake answer"
+
+
+def test_web_fetch_asks_even_for_the_hosts_the_cli_pre_approves(home, upstream, listener):
+    """The CLI fetches from its own list of documentation hosts (docs.python.org, ...) without a
+    permission request; the proxy's launch makes it ask for those too.  The CLI's HTTP(S)
+    proxy is a local listener, so nothing leaves this machine whatever it does."""
+    import tempfile
+    from conftest import base_env, real_claude_bin
+    from test_reuse import NoClient
+    port, hits = listener
+    local = "http://127.0.0.1:%d" % port
+    cfg = P.load_config([], base_env(home, upstream.url, real_claude_bin(), HTTP_PROXY=local,
+                                     HTTPS_PROXY=local, NO_PROXY="127.0.0.1"))[0]
+    upstream.push(fake_upstream.Reply(blocks=[{"type": "tool_use", "id": "toolu_pa1", "name": "WebFetch",
+                                               "input": {"url": "https://docs.python.org/3/", "prompt": "p"}}],
+                                      stop_reason="tool_use", id="msg_pa1"),
+                  fake_upstream.Reply(blocks=[{"type": "text", "text": "ok"}], id="msg_pa2"))
+    proc = P.CLIProcess(cfg, P.Launch(web_tools=("WebFetch",)), tempfile.mkdtemp())
+    try:
+        proc.send(P.control("init", {"subtype": "initialize", "systemPrompt": "s"}),
+                  P.user_line([{"type": "text", "text": "read the docs"}]))
+        asked = []
+        for item in proc.read(NoClient()):
+            if isinstance(item, dict) and item.get("type") == "control_request":
+                asked.append(item["request"].get("tool_name"))
+                proc.send({"type": "control_response", "response": {
+                    "subtype": "success", "request_id": item["request_id"],
+                    "response": {"behavior": "deny", "message": "not here"}}})
+            if isinstance(item, dict) and item.get("type") == "result":
+                break
+        assert asked == ["WebFetch"]
+        assert hits == []
+    finally:
+        proc.close()
