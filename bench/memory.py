@@ -4,9 +4,9 @@
     python3 bench/memory.py                 # 1 GiB, 64 clients
     python3 bench/memory.py 1G 2G 4G        # one run per limit, then a table for the README
     python3 bench/memory.py --quick         # a few requests, no limit needed (CI smoke)
-    options: --clients N (64)  --requests N (6 a client)  --think S (10: a client waits S to 2S
-             seconds, at random, between its requests, as people do)  --seconds S (300 a limit,
-             then no new request starts)
+    options: --clients N (64)  --requests N (4 a client)  --think S (30: a client waits S to 2S
+             seconds, at random, between its requests, as people do; it also starts within S)
+             --seconds S (300 a limit, then no new request starts)
 
 The proxy runs in a memory cgroup the bench makes (root needed): cgroup v2
 /sys/fs/cgroup/claude-proxy-bench with memory.max, else v1 /sys/fs/cgroup/memory/claude-proxy-bench
@@ -342,8 +342,8 @@ class Run:
 
 def main(argv):
     quick = "--quick" in argv
-    opts = {"--clients": 4 if quick else 64, "--requests": 3 if quick else 6,
-            "--seconds": 60 if quick else 300, "--think": 0.5 if quick else 10}
+    opts = {"--clients": 4 if quick else 64, "--requests": 3 if quick else 4,
+            "--seconds": 60 if quick else 300, "--think": 0.5 if quick else 30}
     sizes = []
     args = [a for a in argv if a != "--quick"]
     while args:
