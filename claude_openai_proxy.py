@@ -74,7 +74,7 @@ Configuration (flags win over environment; read once at start-up)
     --history         CLAUDE_PROXY_HISTORY     structured  earlier turns: structured | flat
     --sessions        CLAUDE_PROXY_SESSIONS          mem   conversations kept live for their next turn
     --session-idle    CLAUDE_PROXY_SESSION_IDLE      300   seconds a kept conversation waits
-    --idle-max        CLAUDE_PROXY_IDLE_MAX          mem   idle CLI processes of every kind, LRU
+    --idle-max        CLAUDE_PROXY_IDLE_MAX          mem   CLI processes running and idle, LRU
     --reuse           CLAUDE_PROXY_REUSE             100   requests per CLI process (0 = one each)
     --recycle-rss     CLAUDE_PROXY_RECYCLE_RSS       400   MB of a CLI's private memory above which
                                                            it is not reused (smaps_rollup Anonymous)
@@ -414,8 +414,8 @@ OPTIONS = (
     ("--session-idle", "CLAUDE_PROXY_SESSION_IDLE", "session_idle", float,
      "seconds a kept conversation waits for its next turn before its process is ended"),
     ("--idle-max", "CLAUDE_PROXY_IDLE_MAX", "idle_max", int,
-     "idle CLI processes held at most, of every kind (pool, reused, kept); the least recently "
-     "used is ended first"),
+     "CLI processes held at most, running and idle (pool, reused, kept) together; before a "
+     "request starts one, the least recently used idle one is ended (a running one never is)"),
     ("--reuse", "CLAUDE_PROXY_REUSE", "reuse", int,
      "requests one CLI process serves, reset in between, before it is replaced (0 = one each)"),
     ("--recycle-rss", "CLAUDE_PROXY_RECYCLE_RSS", "recycle_rss", int,
@@ -686,11 +686,12 @@ def size_idle(cfg, memory=None, cli_memory=None):
 
     The `max_concurrency` running CLIs are the operator's choice, so their memory is taken as
     given; a process that finished in one of those slots and waits idle holds no more than it
-    did while it ran, so the budget of idle processes is never below max_concurrency (reuse on
-    the smallest machine).  Beyond the slots, `extra` more processes fit in 80 % of the
-    available memory at `cli_memory` each (measured, else CLI_MEMORY): the pool is at most 2
-    of them, kept conversations at most 2 (within the slots or beyond), and the budget is the
-    slots plus the extra (at most 4: more idle processes than that mostly wait to be ended)."""
+    did while it ran, so the budget is never below max_concurrency (reuse on the smallest
+    machine).  Beyond the slots, `extra` more processes fit in 80 % of the available memory at
+    `cli_memory` each (measured, else CLI_MEMORY): the pool is at most 2 of them, kept
+    conversations at most 2 (within the slots or beyond), and the budget is the slots plus the
+    extra (at most 4: more idle processes than that mostly wait to be ended).  The store holds
+    running and idle processes together within the budget (IdleStore.make_room)."""
     unset = tuple(n for n in SIZED if getattr(cfg, n) is None)
     avail, source = memory or cfg.memory_source or available_memory(override=cfg.memory)
     per = cli_memory or CLI_MEMORY
@@ -2027,6 +2028,9 @@ class CLIProcess:
         self.served = 0              # turns answered
         self.clean = False           # its last turn ended whole, not interrupted nor failed
         self.used = self.born        # when it last served or came back idle
+        self.first = False           # kept after a first message only: reset when another
+                                     # request takes it (IdleStore.take)
+        self.ending = False          # being ended: no longer counted against the budget
         self.memory = None           # its last process_memory() (measure), and when
         self.measured_at = 0.0
         self._users = []             # uuids of the user lines in its conversation (reset)
@@ -2304,11 +2308,20 @@ PRESTARTED = ("initialized", "pool")
 
 class IdleStore:
     """Every CLI process that is not running a turn, each with a launch key (Launch), the
-    settings it was given and a kind (IDLE_KINDS).  One eviction policy: at most `budget` in
-    all (sized from memory), the least recently used ended first, at most `sessions` of them
-    kept (a kept one ended for room is of the key holding the most: _kept_victim); a kept one
-    ends after `session_idle` (the upstream prompt cache's lifetime), a reused one after
-    `max_idle` (a re-login or a CLI upgrade is picked up)."""
+    settings it was given and a kind (IDLE_KINDS).  One eviction policy: at most `budget` CLI
+    processes in all, running or idle (sized from memory; never below the running slots, so
+    the processes that finish in them stay for reuse): the least recently used idle one is
+    ended first, before a request or the pre-starter starts another (make_room); at most
+    `sessions` kept conversations with history (a kept one ended for room is of the key
+    holding the most: _kept_victim).  A kept one ends after `session_idle` (the upstream
+    prompt cache's lifetime), a reused one after `max_idle` (a re-login or a CLI upgrade is
+    picked up).
+
+    A first message's process (`first`) keeps its conversation without a client signal: its
+    next turn continues on it; another request with the same settings takes it as a reused one
+    after a reset (~5-15 ms, on that request's path).  Until then it counts as kept but not
+    against `sessions`, and is ended for room as a reused one is: one-shot traffic never
+    pushes a conversation with history out."""
 
     def __init__(self, backend, cfg):
         self.backend, self.sizing = backend, cfg.sizing
@@ -2345,17 +2358,23 @@ class IdleStore:
             def rank(p):
                 if p.launch != launch:
                     return None
+                reusable = settings is not None and p.settings == settings
                 if p.kind == "kept":
-                    return 0 if conversation is not None and p.conversation == conversation else None
+                    if conversation is not None and p.conversation == conversation:
+                        return 0
+                    return 1.5 if p.first and reusable and p.served < self.reuse else None
                 if p.kind == "reused":
-                    return 1 if settings is not None and p.settings == settings else None
+                    return 1 if reusable else None
                 if p.kind == "initialized":
                     return 2 if init is not None and p.preinit == init else None
                 return 3
             fits = sorted((p for p in self.procs if rank(p) is not None), key=rank)
-            found = None
+            found = rewind = None
             for proc in fits:
                 self.procs.remove(proc)
+                if rank(proc) == 1.5:        # reset below, outside the lock
+                    found = rewind = proc
+                    break
                 if proc.resume() if proc.kind in ("kept", "reused") else proc.fresh():
                     found = proc
                     break
@@ -2365,14 +2384,43 @@ class IdleStore:
                     self.end(proc)
             if found is None:
                 self.misses += 1
-            else:
+            elif rewind is None:
                 self.hits[found.kind] += 1
                 if found.kind in PRESTARTED:
                     starter.served()
+            else:
+                self.resetting += 1
             self.cond.notify_all()
+        if rewind is not None:
+            ok = rewind.reset()
+            with self.cond:
+                self.resetting -= 1
+                if ok:
+                    rewind.kind, rewind.conversation, rewind.first = "reused", None, False
+                    self.hits["reused"] += 1
+            if not ok:
+                self.end(rewind)
+                return self.take(launch, settings, init, conversation, note=False)
         return (found, found.kind) if found is not None else (None, "spawned")
 
-    def give_back(self, proc, conversation=None):
+    def make_room(self):
+        """Before a request starts a CLI: end the least recently used idle processes until
+        the running and idle ones together leave room for it within `budget` (a finished
+        process waits idle only in memory the running ones were allowed).  Ended here, before
+        the new one starts, so that their memory is free."""
+        ended = []
+        with self.cond:     # one at a time: the new one is counted (reserved) before the next
+            while self.procs and self.backend.count() >= self.budget:
+                self.evicted += 1
+                ended.append(self._victim())
+                self.procs.remove(ended[-1])
+                ended[-1].ending = True
+            with self.backend.lock:
+                self.backend.starting += 1
+        for proc in ended:
+            self.backend.discard(proc)
+
+    def give_back(self, proc, conversation=None, first=False):
         """A process whose request is over: kept for `conversation`, reset for reuse (after at
         most `reuse` turns and below `recycle_rss`; never after a failure, an interrupt or a
         turn that did not end), or ended.  Not on the request's thread when it is kept or
@@ -2381,7 +2429,7 @@ class IdleStore:
         fit = proc.clean and not self.closed and self.budget > 0 and \
             not (self.recycle_rss and memory and memory["private"] > self.recycle_rss)
         if fit and conversation is not None and self.sessions > 0:
-            proc.kind, proc.conversation = "kept", conversation
+            proc.kind, proc.conversation, proc.first = "kept", conversation, first
             with self.cond:
                 self._add(proc)
         elif fit and proc.served < self.reuse and proc.settings is not None:
@@ -2402,7 +2450,7 @@ class IdleStore:
         with self.cond:
             self.resetting -= 1
             if ok and not self.closed:
-                proc.kind, proc.conversation = "reused", None
+                proc.kind, proc.conversation, proc.first = "reused", None, False
                 self._add(proc)
                 return
         self.backend.discard(proc)
@@ -2413,13 +2461,14 @@ class IdleStore:
         proc.used = time.monotonic()
         self.procs.append(proc)
         ended = []
-        if sum(p.kind == "kept" for p in self.procs) > self.sessions:
+        if sum(p.kind == "kept" and not p.first for p in self.procs) > self.sessions:
             ended.append(self._kept_victim())
             self.procs.remove(ended[-1])
-        while self.procs and len(self.procs) + self.resetting > self.budget:
-            victim = self.procs[0] if self.procs[0].kind != "kept" else self._kept_victim()
-            ended.append(victim)
-            self.procs.remove(victim)
+        while self.procs and (len(self.procs) + self.resetting > self.budget or
+                              self.backend.count() > self.budget):
+            ended.append(self._victim())
+            self.procs.remove(ended[-1])
+            ended[-1].ending = True      # no longer counted
             self.evicted += 1
         for p in ended:
             self.end(p)
@@ -2434,11 +2483,18 @@ class IdleStore:
                 self.procs.remove(proc)
                 self.end(proc)
 
+    def _victim(self):
+        """The idle process to end for room: the least recently used, or if that holds a
+        conversation with history, _kept_victim (caller holds the lock)."""
+        lru = self.procs[0]
+        return lru if lru.kind != "kept" or lru.first else self._kept_victim()
+
     def _kept_victim(self):
         """The kept process to end for room: the least recently used of the key (tenant)
         holding the most kept conversations, so one key filling the slots ends its own, never
-        another key's beyond an equal share (without keys: the least recently used)."""
-        kept = [p for p in self.procs if p.kind == "kept"]
+        another key's beyond an equal share (without keys: the least recently used).  First
+        messages kept (`first`) are not conversations here."""
+        kept = [p for p in self.procs if p.kind == "kept" and not p.first]
         held = collections.Counter(p.tenant for p in kept)
         most = max(held.values())
         return next(p for p in kept if held[p.tenant] == most)
@@ -2446,6 +2502,7 @@ class IdleStore:
     def end(self, proc):
         """End a process the store no longer holds, on a thread of its own (it may take a
         while to die, and the caller may hold the lock)."""
+        proc.ending = True
         threading.Thread(target=self.backend.discard, args=(proc,), daemon=True).start()
 
     def note_stillborn(self, kind):
@@ -2590,7 +2647,8 @@ class PreStarter:
         """launch -> ready processes, and -> plain ones among them; ends the pre-started ones
         that died, waited longer than `max_idle`, or are not wanted now (caller holds the lock)."""
         store = self.store
-        ready = collections.Counter(p.launch for p in store.procs if p.kind == "reused")
+        ready = collections.Counter(p.launch for p in store.procs
+                                    if p.kind == "reused" or (p.kind == "kept" and p.first))
         plain = collections.Counter()
         for proc in [p for p in store.procs if p.kind in PRESTARTED]:
             spare = ready[proc.launch] >= want[proc.launch] and \
@@ -2617,7 +2675,8 @@ class PreStarter:
                 ready, plain = self._sweep(now, want)
                 short = [k for k in want if ready[k] < want[k] or not plain[k]]
                 if not short or now < self.paused_until or \
-                        len(store.procs) + store.resetting >= store.budget:
+                        len(store.procs) + store.resetting >= store.budget or \
+                        self.backend.count() >= store.budget:
                     self.cond.wait(1.0)
                     continue
                 # one process per launch key stays plain, for a request with another prompt
@@ -2693,19 +2752,21 @@ class KeptConversation:
     def of(cls, backend, req):
         """The request's KeptConversation, or None: sessions off, flat history, structured
         output, web tools (the CLI's conversation holds its searches, which the client's does
-        not), a prefill, and a first message unless the client said a conversation follows
-        (req.session: most first messages are one-shot requests, and a kept process is held
-        from everyone else).  A native turn that ends in tool calls is kept with its first
-        call held open (ToolBridge)."""
+        not), a prefill.  A first message without a client signal (req.session) is kept
+        `first`: as the process another request with its settings would reuse, so no
+        different from one reset at once until such a request comes (IdleStore); not in native
+        mode, whose processes are never reused.  A native turn that ends in tool calls is kept
+        with its first call held open (ToolBridge)."""
         store, messages = backend.idle, req.messages
+        first = len(messages) < 2 and not req.session
         if store.sessions <= 0 or backend.cfg.history != "structured" \
                 or req.json_schema is not None or req.web_tools or messages[-1].role != "user" \
-                or (len(messages) < 2 and not req.session):
+                or (first and native_tools(req)):
             return None
-        return cls(store, req)
+        return cls(store, req, first)
 
-    def __init__(self, store, req):
-        self.store, self.req, self.proc = store, req, None
+    def __init__(self, store, req, first=False):
+        self.store, self.req, self.proc, self.first = store, req, None, first
         self._hash = conversation_hash(req, req.messages[:-1])
         self.prior = self._hash.hexdigest()
         conversation_hash(req, req.messages[-1:], self._hash)
@@ -2716,7 +2777,7 @@ class KeptConversation:
             key = conversation_hash(self.req, [answer], self._hash.copy()).hexdigest()
             proc, self.proc = self.proc, None
             proc.tenant = self.req.tenant
-            self.store.give_back(proc, key)
+            self.store.give_back(proc, key, self.first)
 
     def drop(self):
         proc, self.proc = self.proc, None
@@ -2765,23 +2826,39 @@ class Backend:
         self.live = set()
         self.lock = threading.Lock()
         self.started = 0
+        self.starting = 0            #: processes make_room made room for, not started yet
         self.retried = 0             # requests asked again after their CLI ended (run)
         self.logins = Logins(cfg)
         self.idle = IdleStore(self, cfg)
         self.starter = PreStarter(self.idle, self, cfg)
 
-    def spawn(self, launch):
-        proc = CLIProcess(self.cfg, launch, self.workdir)
+    def spawn(self, launch, reserved=False):
+        """Start a CLI process; `reserved`: IdleStore.make_room counted it already."""
+        try:
+            proc = CLIProcess(self.cfg, launch, self.workdir)
+        except BaseException:
+            if reserved:
+                with self.lock:
+                    self.starting -= 1
+            raise
         proc.account = self.logins.get(launch.account)
         with self.lock:
             self.live.add(proc)
             self.started += 1
+            self.starting -= reserved
         return proc
 
     def discard(self, proc):
+        proc.ending = True
         proc.close()
         with self.lock:
             self.live.discard(proc)
+
+    def count(self):
+        """CLI processes running, idle or about to start (make_room), those being ended not
+        counted."""
+        with self.lock:
+            return self.starting + sum(not p.ending for p in self.live)
 
     def idle_status(self):
         return self.idle.status()
@@ -2890,7 +2967,8 @@ class Backend:
             (proc, source), held = self.idle.take(fit.launch, fit.settings, fit.init,
                                                   note=False), None
         if proc is None:
-            proc, source = self.spawn(fit.launch), "spawned"
+            self.idle.make_room()
+            proc, source = self.spawn(fit.launch, reserved=True), "spawned"
         return Hand(proc, source, held, results)
 
     def _turn(self, req, messages, call, keep, fit, hand):

@@ -15,8 +15,8 @@ noisy, the ratios measured in one run are what counts.
 2. cpu     CLI CPU (children's utime+stime from /proc, reaped and live) per one-shot request
            over >= 50 requests, reuse on vs off (pool 2 in both); target <= 0.2
 3. load    64 streaming clients, cap 4: throughput with reuse vs reuse off; target >= 3x
-4. convo   a 20-turn conversation with a session signal (`user`): shared block prefix between
-           consecutive upstream requests; target 100 % from turn 1 to turn 2 on
+4. convo   a 20-turn conversation with a session signal (`user`), and one without: shared block
+           prefix between consecutive upstream requests; target 100 % from turn 1 to turn 2 on
 5. growth  RSS of one process serving 200 requests in a row (where growth flattens: the
            recycle defaults)
 6. mixed   proxy + CLIs PSS after N mixed requests (one-shot with 3 system prompts, streaming
@@ -206,7 +206,13 @@ def bench_load(clients=size(64, 6)):
 
 
 def bench_convo(turns=size(20, 3)):
-    print("\n4. a %d-turn conversation with a session signal (`user`)" % turns)
+    for signal in (True, False):
+        convo(turns, signal)
+
+
+def convo(turns, signal):
+    print("\n4. a %d-turn conversation %s" % (
+        turns, "with a session signal (`user`)" if signal else "without a session signal"))
     proxy = Proxy()
     messages, calls = [], []
     try:
@@ -215,8 +221,8 @@ def bench_convo(turns=size(20, 3)):
             messages.append({"role": "user", "content": "Turn %d question: %s" % (n, "lorem " * 20)})
             UP.default = fake_upstream.text("Turn %d answer: %s" % (n, "dolor " * 20))
             before = len(UP.model_calls)
-            body = json.loads(post(proxy, {"model": "sonnet", "user": "bench-user",
-                                           "messages": messages}))
+            body = json.loads(post(proxy, dict({"model": "sonnet", "messages": messages},
+                                               **({"user": "bench-user"} if signal else {}))))
             calls.append(UP.model_calls[before]["messages"])
             messages.append({"role": "assistant",
                              "content": body["choices"][0]["message"]["content"]})

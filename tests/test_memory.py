@@ -1,6 +1,8 @@
 """What a CLI costs and how much there is (section 3: process_memory, cgroup_memory,
 available_memory, size_idle): /proc and /sys files made in a temp dir, so no real limit is
 needed; then one proxy on the real CLI under CLAUDE_PROXY_MEMORY=1G."""
+import time
+
 import pytest
 
 import claude_openai_proxy as P
@@ -229,8 +231,9 @@ def test_a_1g_proxy_reuses_and_reports_measured_memory(make_proxy, upstream):
         status, _, _ = p.post("/v1/chat/completions", {"model": "sonnet", "messages": [
             {"role": "user", "content": "question %d" % i}]}, headers={"X-Request-Id": ids[-1]})
         assert status == 200
-        poll(lambda: (lambda h: h["idle"]["idle"]["reused"] == 1 and
-                      h["concurrency"]["running"] == 0)(health(p)), "the process to be reset")
+        # kept for its next turn (a first message without a signal), or for another request
+        poll(lambda: (lambda h: h["idle"]["idle"]["kept"] == 1 and
+                      h["concurrency"]["running"] == 0)(health(p)), "the process to come back")
     status, _, data = p.request("GET", "/dashboard/data")
     served = {r["id"]: r["served_by"] for r in data["requests"]}
     assert [served[i] for i in ids] == ["spawned", "reused", "reused"]
@@ -242,12 +245,12 @@ def test_a_1g_proxy_reuses_and_reports_measured_memory(make_proxy, upstream):
     assert (idle["sessions"], idle["budget"]) == (2, 6) and h["cli_processes_started"] == 1
     assert memory["from"] == "CLAUDE_PROXY_MEMORY 1.0 GiB" and memory["available_mb"] == 1024.0
     assert memory["measure"] == "smaps_rollup"
-    assert [c["state"] for c in memory["clis"]] == ["reused"]
+    assert [c["state"] for c in memory["clis"]] == ["kept"]
     for c in memory["clis"] + [memory["proxy"]]:
         assert 0 < c["private_mb"] <= c["rss_mb"] and 0 < c["pss_mb"] <= c["rss_mb"]
-    (reused,) = memory["clis"]
-    assert reused["private_mb"] > 50          # a CLI that answered holds ~100 MB of its own
-    parts = memory["proxy"]["pss_mb"] + reused["pss_mb"]
+    (cli,) = memory["clis"]
+    assert cli["private_mb"] > 50             # a CLI that answered holds ~100 MB of its own
+    parts = memory["proxy"]["pss_mb"] + cli["pss_mb"]
     assert abs(memory["total_mb"] - parts) <= 0.1 + 1e-9      # each figure rounded to 0.1
 
 
@@ -265,3 +268,42 @@ def test_check_says_what_memory_applied_and_measures_a_cli(home, upstream):
                   r"now: pool 2, sessions 2, budget 6 \(pool_size, sessions, idle_max from "
                   r"CLAUDE_PROXY_MEMORY 1\.0 GiB, (\d+) MB a CLI \(measured\), 2 running\)$", out, re.M)
     assert m and m.group(1) == m.group(2) and 50 <= int(m.group(1)) <= 300, out
+
+
+def test_running_and_idle_processes_stay_within_the_budget(make_proxy, upstream):
+    """A request that starts a process first ends the least recently used idle one when the
+    running and idle ones together fill the budget: never more CLIs than it."""
+    import threading
+    import fake_upstream
+    from test_pool import children
+    p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_IDLE_MAX=2,
+                   CLAUDE_PROXY_MAX_CONCURRENCY=2)
+    for system in ("Prompt A.", "Prompt B."):
+        status, _, _ = p.post("/v1/chat/completions", {"model": "sonnet", "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": "Hi."}]})
+        assert status == 200
+    poll(lambda: health(p)["idle"]["idle"]["reused"] == 2, "two reused idle processes")
+    upstream.push(*[fake_upstream.text("slow " * 20, chunks=20, delay=0.1)] * 2)
+    statuses, most, done = [], [0], threading.Event()
+
+    def ask():
+        statuses.append(p.post("/v1/chat/completions", {"model": "sonnet", "messages": [
+            {"role": "system", "content": "Prompt C."}, {"role": "user", "content": "Hi."}]})[0])
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        most[0] = max(most[0], len(children(p)))
+        time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert statuses == [200, 200] and most[0] <= 2
+    h = health(p)
+    assert h["idle"]["evicted"] == 2 and h["idle"]["misses"] == 4 and h["cli_processes_started"] == 4
+
+
+def test_on_a_1g_figure_with_big_clis_the_slots_still_reuse():
+    """CLIs measured at 450 MB leave nothing beyond the 2 slots in 1 GiB: no pool, but the
+    processes of the slots wait for reuse and keep their first messages."""
+    cfg = P.size_idle(P.Config(), (GiB, "CLAUDE_PROXY_MEMORY 1.0 GiB"), cli_memory=450 * MiB)
+    assert (cfg.pool_size, cfg.sessions, cfg.idle_max) == (0, 2, 2)

@@ -255,10 +255,12 @@ def test_served_by_names_the_kind_that_answered(home, upstream):
 # (the sizing rules themselves: tests/test_memory.py)
 
 def test_health_and_the_start_up_log_say_what_was_chosen(start):
-    p = start(CLAUDE_PROXY_POOL_SIZE=1)           # sessions and the budget from memory
+    # sessions are the fixture's, the pool set here: the budget from memory (a fixed figure:
+    # MemAvailable moves while the test runs)
+    p = start(CLAUDE_PROXY_POOL_SIZE=1, CLAUDE_PROXY_MEMORY="4G")
     idle = health(p)["idle"]
-    assert idle["pool_size"] == 1 and idle["sessions"] == 0       # the fixture's
-    assert idle["sized"] == P.load_config([], {"CLAUDE_PROXY_POOL_SIZE": "1",
-                                               "CLAUDE_PROXY_SESSIONS": "0"})[0].sizing
-    assert idle["sized"].startswith("idle_max from MemAvailable")
-    assert "budget %d, %s" % (idle["budget"], idle["sized"]) in p.log
+    assert (idle["pool_size"], idle["sessions"], idle["budget"]) == (1, 0, 6)
+    assert idle["sized"] == P.load_config([], {"CLAUDE_PROXY_POOL_SIZE": "1", "CLAUDE_PROXY_SESSIONS": "0",
+                                               "CLAUDE_PROXY_MEMORY": "4G"})[0].sizing \
+        == "idle_max from CLAUDE_PROXY_MEMORY 4.0 GiB, 130 MB a CLI (default), 2 running"
+    assert "budget 6, %s" % idle["sized"] in p.log

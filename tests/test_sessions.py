@@ -21,8 +21,8 @@ WEATHER = {"name": "get_weather", "description": "Current weather for a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
                             "required": ["city"]}}
 F = "`" * 3
-#: an earlier turn: a conversation is kept from its second request on (a first message is
-#: usually a one-shot request)
+#: an earlier turn: a conversation with history (a first message's process is kept too, but
+#: as one another request may reuse: test_a_first_message_without_a_signal_is_kept_...)
 SEED = [{"role": "user", "content": "Seed question."}, {"role": "assistant", "content": "Seed answer."}]
 
 
@@ -199,7 +199,6 @@ def test_shutdown_ends_kept_sessions(make_proxy, upstream):
     ({}, {"max_tokens": 5}),                                # ditto, at max_tokens
     ({"CLAUDE_PROXY_SESSIONS": 0}, {}),                     # switched off
     ({"CLAUDE_PROXY_HISTORY": "flat"}, {}),                 # flat history has no real turns
-    ({}, {"messages": [{"role": "user", "content": "Go."}]}),  # a first message: not kept
 ])
 def test_turns_that_are_not_kept(start, upstream, env, body):
     p = start(**env)
@@ -324,10 +323,60 @@ def test_a_first_message_is_kept_when_the_client_says_a_conversation_follows(sta
         assert [m["role"] for m in nxt[len(prev):]] == ["assistant", "user"]
 
 
-def test_a_first_message_without_a_signal_is_not_kept(start, upstream):
+def first_message(p, upstream, text, answer, system=None):
+    """A first message without a session signal (a blank `user` is none); waits until its
+    process is back in the store."""
+    upstream.push(fake_upstream.text(answer))
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": text}]
+    status, _, body = p.post(CHAT, {"model": "sonnet", "user": "  ", "messages": messages})
+    assert status == 200 and body["choices"][0]["message"]["content"] == answer, body
+    return poll(lambda: (lambda h: h if h["concurrency"]["running"] == 0 and
+                         sum(h["idle"]["idle"].values()) == len(children(p)) else None)(health(p)),
+                "the process to come back")
+
+
+def test_a_first_message_without_a_signal_is_kept_and_continued(start, upstream):
+    """Its next turn continues on the same process, and that upstream request extends the
+    first one exactly (a new process would share ~45-50 % of the blocks)."""
     p = start()
-    status, _, _ = p.post(CHAT, {"model": "sonnet", "user": "  ",
-                                 "messages": [{"role": "user", "content": "Go."}]})
-    assert status == 200
-    poll(lambda: not children(p), "the process to end")
-    assert health(p)["idle"]["idle"]["kept"] == 0
+    h = first_message(p, upstream, "Go.", "Gone.")
+    assert h["idle"]["idle"]["kept"] == 1 and len(children(p)) == 1
+    first = upstream.model_calls[-1]["messages"]
+    upstream.push(fake_upstream.text("Further."))
+    status, _, body = p.post(CHAT, {"model": "sonnet", "messages": [
+        {"role": "user", "content": "Go."}, {"role": "assistant", "content": "Gone."},
+        {"role": "user", "content": "And then?"}]})
+    assert status == 200 and body["choices"][0]["message"]["content"] == "Further.", body
+    second = upstream.model_calls[-1]["messages"]
+    h = health(p)
+    assert h["idle"]["hits"]["kept"] == 1 and h["cli_processes_started"] == 1
+    assert without_cache_marks(second)[:len(first)] == without_cache_marks(first)
+    assert [m["role"] for m in second[len(first):]] == ["assistant", "user"]
+
+
+def test_a_kept_first_message_is_reused_by_another_request(start, upstream):
+    """A one-shot request with the same settings takes it after a reset: served as reused,
+    with nothing of the first conversation upstream."""
+    p = start(CLAUDE_PROXY_REUSE=100)
+    first_message(p, upstream, "FIRST-TEXT question", "FIRST-TEXT answer")
+    h = first_message(p, upstream, "Other question", "Other answer")
+    assert h["idle"]["hits"]["reused"] == 1 and h["cli_processes_started"] == 1
+    assert h["idle"]["idle"] == {"kept": 1, "reused": 0, "initialized": 0, "pool": 0}
+    assert "FIRST-TEXT" not in json.dumps(upstream.model_calls[-1])
+    assert "Other question" in json.dumps(upstream.model_calls[-1]["messages"])
+
+
+def test_kept_first_messages_do_not_push_a_conversation_out(start, upstream):
+    """CLAUDE_PROXY_SESSIONS counts conversations with history: one-shot traffic leaves them."""
+    p = start(CLAUDE_PROXY_SESSIONS=1, CLAUDE_PROXY_REUSE=100, CLAUDE_PROXY_IDLE_MAX=5)
+    conversation, _ = chat_turns(p, upstream, 1, prefix="A")
+    (a_pid,) = children(p)
+    for system in ("Be brief.", "Be kind."):          # other settings: each its own process
+        first_message(p, upstream, "One-shot.", "Shot.", system=system)
+    h = health(p)
+    assert h["idle"]["idle"]["kept"] == 3 and a_pid in children(p) and h["idle"]["evicted"] == 0
+    conversation.append({"role": "user", "content": "Back to A."})
+    upstream.push(fake_upstream.text("A again."))
+    status, _, _ = p.post(CHAT, {"model": "sonnet", "messages": conversation})
+    assert status == 200 and health(p)["idle"]["hits"]["kept"] == 1
