@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,6 +92,22 @@ def wait_for(cond, what, timeout=10, every=0.05):
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %gs waiting for %s (last: %r)" % (timeout, what, value))
         time.sleep(every)
+
+
+def send_raw(port, data, timeout=15):
+    """Writes raw bytes to 127.0.0.1:port and returns all the server sent until it closed (a
+    server that never closes raises socket.timeout after `timeout` seconds of silence)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        got = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+    finally:
+        sock.close()
 
 
 class ProxyStartError(RuntimeError):

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from harness import send_raw
+
 CHAT = "/v1/chat/completions"
 MSGS = "/v1/messages"
 ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
@@ -420,17 +422,7 @@ def test_chunked_body_is_accepted(fake_proxy):
 def test_garbage_request_line_is_a_json_4xx(fake_proxy, line):
     """A request line http.server cannot parse still gets a real HTTP/1.1 status line and
     JSON, not a bare body (which a client cannot read as a response at all)."""
-    sock = socket.create_connection(("127.0.0.1", fake_proxy.port), timeout=15)
-    try:
-        sock.sendall(line + b"\r\n\r\n")
-        raw = b""
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            raw += data
-    finally:
-        sock.close()
+    raw = send_raw(fake_proxy.port, line + b"\r\n\r\n")
     assert raw.startswith(b"HTTP/1."), "no status line: %r" % raw[:300]
     head, _, body = raw.partition(b"\r\n\r\n")
     status = int(head.split()[1])

@@ -1103,22 +1103,12 @@ def test_subscription_limit_becomes_429_with_rate_limit_headers(fake_proxy, path
 def test_slow_clients_cannot_hold_a_thread(make_proxy):
     """A client that stalls in its headers or its body is cut off after
     CLAUDE_PROXY_READ_TIMEOUT; a stalled body gets a 408; the server keeps serving."""
-    import socket as _socket
     p = make_proxy(fake=True, CLAUDE_PROXY_READ_TIMEOUT=1, CLAUDE_PROXY_POOL_SIZE=0)
 
     def stalled(payload):
         """What the server sent before it closed the connection (a client that waited 10 s
         for that would raise socket.timeout and fail the test)."""
-        s = _socket.create_connection(("127.0.0.1", p.port), timeout=10)
-        s.sendall(payload)
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        s.close()
-        return data
+        return harness.send_raw(p.port, payload, timeout=10)
 
     data = stalled(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
     assert data == b""

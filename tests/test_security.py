@@ -14,6 +14,7 @@ import types
 import pytest
 
 import claude_openai_proxy as cop
+from harness import send_raw
 
 CHAT = "/v1/chat/completions"
 KEY = "sec-key-0123456789abcdef"
@@ -32,18 +33,7 @@ def cli_runs(p):
 
 def raw(port, data, timeout=15):
     """Send raw bytes; everything the server sends until it closes: (status, head, body)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        sock.sendall(data)
-        got = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    finally:
-        sock.close()
-    head, _, body = got.partition(b"\r\n\r\n")
+    head, _, body = send_raw(port, data, timeout).partition(b"\r\n\r\n")
     return int(head.split()[1]), head.decode("latin-1").lower(), body
 
 
