@@ -5605,8 +5605,8 @@ class StatefulResponses:
         """At start-up: this instance's background responses that were running when it stopped
         will not finish; say so."""
         rows = self.store.read("SELECT id, body FROM responses WHERE status IN ('queued', "
-                               "'in_progress') AND id LIKE ?", ("resp\\_%s\\_%%" % self.instance,))
-        rows = [r for r in rows if r[0].split("_")[1] == self.instance]
+                               "'in_progress') AND substr(id, 1, ?) = ?",
+                               (len(self.instance) + 6, "resp_%s_" % self.instance))
         for rid, body in rows:
             r = dict(json.loads(body), status="failed",
                      error={"code": "server_error", "message": RESTARTED})

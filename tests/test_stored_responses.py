@@ -33,10 +33,10 @@ def start(make_proxy, tmp_path):
     """A proxy of its own (own state directory, no pool), stopped after the test."""
     started = []
 
-    def make(**env):
+    def make(fake=False, **env):
         env.setdefault("CLAUDE_PROXY_POOL_SIZE", 0)
         env.setdefault("CLAUDE_PROXY_STATE_DIR", tmp_path / "state")
-        p = make_proxy(**env)
+        p = make_proxy(fake=fake, **env)
         started.append(p)
         return p
     yield make
@@ -326,3 +326,111 @@ def test_background_stream_resumes_with_starting_after(start, upstream):
     assert text == "One two three four five six."
     assert rest[-1].type == "response.completed"
     assert c.responses.retrieve(rid).output_text == text
+
+
+def test_a_restart_marks_a_running_background_response_failed(start, upstream, tmp_path):
+    p = start(CLAUDE_PROXY_INSTANCE="one")
+    c = sdk(p)
+    upstream.push(fake_upstream.text("never finished", stall=60))
+    r = c.responses.create(model="sonnet", input="Long job.", background=True)
+    assert r.id.startswith("resp_one_")
+    poll(lambda: c.responses.retrieve(r.id).status == "in_progress", "the run to start", 30)
+    p.proc.kill()                                   # no chance to clean up
+    p.proc.wait(10)
+    again = start(CLAUDE_PROXY_INSTANCE="one")
+    got = sdk(again).responses.retrieve(r.id)
+    assert got.status == "failed" and got.error.code == "server_error"
+    assert got.error.message.startswith("The proxy restarted while this background response")
+    assert "1 background response(s) were running when the proxy stopped" in again.log
+
+
+def test_another_instances_id_is_a_404_that_names_it(start, upstream):
+    p = start(CLAUDE_PROXY_INSTANCE="here")
+    c = sdk(p)
+    with pytest.raises(openai.NotFoundError) as err:
+        c.responses.retrieve("resp_there_AbC123")
+    assert err.value.body["message"] == (
+        "Response with id 'resp_there_AbC123' was made by claude-proxy instance 'there'; this is "
+        "instance 'here'. Send requests for it to that instance (README: Several instances).")
+    with pytest.raises(openai.NotFoundError) as err:
+        c.responses.create(model="sonnet", input="x", previous_response_id="resp_there_AbC123")
+    assert err.value.body["param"] == "previous_response_id" and "'there'" in err.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as err:
+        c.conversations.retrieve("conv_there_AbC123")
+    assert "instance 'there'" in err.value.body["message"]
+    assert len(upstream.model_calls) == 0
+
+
+def test_input_tokens_counts_the_stored_items_too(start, upstream):
+    p = start()
+    c = sdk(p)
+    upstream.push(fake_upstream.text("A" * 400))
+    r = c.responses.create(model="sonnet", input="B" * 400)
+    alone = c.responses.input_tokens.count(model="sonnet", input="C" * 400)
+    chained = c.responses.input_tokens.count(model="sonnet", input="C" * 400,
+                                             previous_response_id=r.id)
+    assert alone.object == "response.input_tokens"
+    assert 100 <= alone.input_tokens < 150 and 300 <= chained.input_tokens < 400
+    status, _, body = p.post("/v1/responses/compact", {"model": "sonnet", "input": "x"})
+    assert status == 400 and "compaction item is OpenAI's encrypted format" in body["error"]["message"]
+
+
+def test_store_off_keeps_nothing_and_says_so(start, upstream, tmp_path):
+    p = start(CLAUDE_PROXY_STORE="off")
+    c = sdk(p)
+    upstream.push(fake_upstream.text("Stateless."))
+    r = c.responses.create(model="sonnet", input="hi")
+    assert r.store is False and r.output_text == "Stateless."
+    for call in (lambda: c.responses.retrieve(r.id),
+                 lambda: c.responses.create(model="sonnet", input="x", previous_response_id=r.id),
+                 lambda: c.responses.create(model="sonnet", input="x", background=True),
+                 lambda: c.conversations.create()):
+        with pytest.raises(openai.BadRequestError) as err:
+            call()
+        assert "off on this proxy (CLAUDE_PROXY_STORE=off)" in err.value.body["message"]
+    assert not (tmp_path / "state").exists()
+    assert health(p)["store"] == {"enabled": False, "path": None, "lost_writes": 0,
+                                  "error": "the state store is off (CLAUDE_PROXY_STORE=off)"}
+
+
+def test_sigkill_mid_write_loses_nothing_it_answered(start, tmp_path):
+    """Stored requests from four clients while the proxy is SIGKILLed: after a restart the store
+    opens, every response a client got back is there whole, and nothing else is half there."""
+    p = start(fake=True, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_MAX_CONCURRENCY=4)
+    answered, stop = [], threading.Event()
+
+    def client(n):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                status, _, body = p.post("/v1/responses", {"model": "sonnet",
+                                                           "input": "client %d request %d" % (n, i)},
+                                         timeout=10)
+            except OSError:
+                return
+            if status == 200:
+                answered.append(body)
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    poll(lambda: len(answered) >= 8, "some answers", 60)
+    os.kill(p.proc.pid, signal.SIGKILL)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    p.proc.wait(10)
+    db = sqlite3.connect(str(tmp_path / "state" / "claude-proxy.db"))
+    assert db.execute("PRAGMA quick_check").fetchone() == ("ok",)
+    db.close()
+    again = start(fake=True)
+    assert health(again)["store"]["enabled"] is True
+    for body in answered:
+        status, _, got = again.request("GET", "/v1/responses/" + body["id"])
+        assert status == 200 and got == body
+    rows = sqlite3.connect(str(tmp_path / "state" / "claude-proxy.db")).execute(
+        "SELECT status, input, body FROM responses").fetchall()
+    assert len(rows) >= len(answered)
+    for status, input_, body in rows:
+        assert status == "completed" and json.loads(body)["output"][0]["content"][0]["text"]
+        assert json.loads(input_)[0]["content"][0]["text"].startswith("client ")
