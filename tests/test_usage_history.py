@@ -322,3 +322,12 @@ def test_real_cli_budget_and_history(make_proxy, upstream, tmp_path):
     assert rows["coder"]["output"] == u["completion_tokens"]
     assert rows["coder"]["cost_usd"] > 0
     p.stop()
+
+
+def test_a_bad_price_file_refuses_to_start(home, upstream, tmp_path):
+    from test_keys import run_proxy
+    bad = tmp_path / "prices.json"
+    bad.write_text('{"sonnet": {"input": -1, "output": 2}}')
+    code, err = run_proxy(home, upstream, {"CLAUDE_PROXY_PRICES": bad})
+    assert code != 0 and "Traceback" not in err
+    assert "CLAUDE_PROXY_PRICES" in err and "'sonnet' must be" in err, err
