@@ -5718,7 +5718,8 @@ DIALECTS = {"openai": OpenAIChat(), "anthropic": AnthropicMessages(),
 
 # 12. State store ################################################################################
 # The one place state outlives a request: one SQLite file (stdlib sqlite3) in the state
-# directory.  Stored responses and conversations (section 11) live here; the schema grows by
+# directory.  Stored responses and conversations (section 11) and the usage history (below)
+# live here; the schema grows by
 # appending to MIGRATIONS.  A store that cannot be opened costs the stateful features only: the
 # proxy still serves, and those routes answer 503 with the reason.
 

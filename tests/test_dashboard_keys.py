@@ -10,8 +10,9 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_dashboard import DevTools, Tags, browse
-from test_keys import ADMIN, CLIENT, OTHER, bearer, chat, standard, wait_for
+from conftest import wait_for
+from test_dashboard import DevTools
+from test_keys import ADMIN, CLIENT, OTHER, bearer, chat, standard
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -22,7 +22,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import claude_openai_proxy as cop  # noqa: E402
 
-from test_keys import ADMIN, CLIENT, OTHER, bearer, chat, standard, wait_for  # noqa: E402
+from conftest import wait_for  # noqa: E402
+from test_keys import ADMIN, CLIENT, OTHER, bearer, chat, standard  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 
