@@ -434,3 +434,81 @@ def test_sigkill_mid_write_loses_nothing_it_answered(start, tmp_path):
     for status, input_, body in rows:
         assert status == "completed" and json.loads(body)["output"][0]["content"][0]["text"]
         assert json.loads(input_)[0]["content"][0]["text"].startswith("client ")
+
+
+# -- real clients, unmodified ---------------------------------------------------------------------
+
+def test_openai_agents_chains_by_previous_response_id_and_conversation_id(start, upstream):
+    """openai-agents with server-side state: previous_response_id across two runs (a function
+    tool called mid-chain, its output sent as the only new item), then conversation_id."""
+    import asyncio
+    import agents
+    from openai import AsyncOpenAI
+    agents.set_tracing_disabled(True)
+    p = start(CLAUDE_PROXY_SESSIONS=2)
+    seen = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        seen.append(city)
+        return "21 degrees in %s" % city
+
+    async def main():
+        client = AsyncOpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0)
+        try:
+            model = agents.OpenAIResponsesModel(model="claude-sonnet-4-6", openai_client=client)
+            agent = agents.Agent(name="weather", instructions="Use the tool.", tools=[get_weather],
+                              model=model)
+            first = await agents.Runner.run(agent, "Weather in Paris?")
+            second = await agents.Runner.run(agent, "And in Rome?",
+                                          previous_response_id=first.last_response_id)
+            conv = await client.conversations.create()
+            third = await agents.Runner.run(agent, "My name is Ada.", conversation_id=conv.id)
+            fourth = await agents.Runner.run(agent, "What is my name?", conversation_id=conv.id)
+            return first, second, third, fourth
+        finally:
+            await client.close()
+
+    upstream.push(fake_upstream.text(CALL_TEXT), fake_upstream.text("21 in Paris."),
+                  fake_upstream.text(CALL_TEXT.replace("Paris", "Rome")),
+                  fake_upstream.text("21 in Rome too."),
+                  fake_upstream.text("Hello Ada."), fake_upstream.text("You are Ada."))
+    first, second, third, fourth = asyncio.run(main())
+    assert seen == ["Paris", "Rome"]
+    assert (first.final_output, second.final_output) == ("21 in Paris.", "21 in Rome too.")
+    assert (third.final_output, fourth.final_output) == ("Hello Ada.", "You are Ada.")
+    rome = json.dumps(upstream_turns(upstream.model_calls[3]))    # the chain's last step
+    assert "Weather in Paris?" in rome and "21 degrees in Paris" in rome and "And in Rome?" in rome
+    assert "21 degrees in Rome" in rome
+    assert texts(upstream.model_calls[5])[-3:] == [
+        ("user", "My name is Ada."), ("assistant", "Hello Ada."), ("user", "What is my name?")]
+    assert kept_hits(p) >= 3               # the chain's later steps ran on its kept process
+    c = sdk(p)
+    last = c.responses.retrieve(second.last_response_id)
+    assert last.previous_response_id is not None
+    step = c.responses.retrieve(last.previous_response_id)      # the call of Rome's weather
+    assert [o.type for o in step.output] == ["function_call"]
+    assert [i.type for i in c.responses.input_items.list(last.id)] == ["function_call_output"]
+
+
+def test_langchain_use_previous_response_id(start, upstream):
+    from langchain_core.messages import HumanMessage
+    from langchain_openai import ChatOpenAI
+    p = start(CLAUDE_PROXY_SESSIONS=2)
+    llm = ChatOpenAI(model="claude-sonnet-4-6", base_url=p.url + "/v1", api_key="unused",
+                     use_responses_api=True, use_previous_response_id=True, max_retries=0)
+    upstream.push(fake_upstream.text("Noted: blue."), fake_upstream.text("Blue."))
+    history = [HumanMessage("My favourite colour is blue.")]
+    history.append(llm.invoke(history))
+    history.append(HumanMessage("What is my favourite colour?"))
+    answer = llm.invoke(history)
+    assert answer.text == "Blue." if isinstance(answer.text, str) else answer.text() == "Blue."
+    assert texts(upstream.model_calls[-1]) == [
+        ("user", "My favourite colour is blue."), ("assistant", "Noted: blue."),
+        ("user", "What is my favourite colour?")]
+    assert kept_hits(p) == 1               # only the new message went to the kept process
+    stored = sdk(p).responses.retrieve(answer.response_metadata["id"])
+    assert stored.previous_response_id == history[1].response_metadata["id"]
+    assert [i.content[0].text for i in sdk(p).responses.input_items.list(stored.id)] == [
+        "What is my favourite colour?"]     # the client sent only the new message
