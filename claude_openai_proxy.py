@@ -400,7 +400,7 @@ OPTIONS = (
     ("--shutdown-grace", "CLAUDE_PROXY_SHUTDOWN_GRACE", "shutdown_grace", float,
      "seconds in-flight requests may finish after SIGTERM/SIGINT"),
     ("--pool-size", "CLAUDE_PROXY_POOL_SIZE", "pool_size", int,
-     "pre-started CLI processes kept ready (0 = off; each idle one holds ~180 MB)"),
+     "pre-started CLI processes kept ready (0 = off; each idle one holds ~100-130 MB of its own)"),
     ("--pool-max-idle", "CLAUDE_PROXY_POOL_MAX_IDLE", "pool_max_idle", float,
      "seconds a pre-started process may wait before it is replaced by a fresh one"),
     ("--read-timeout", "CLAUDE_PROXY_READ_TIMEOUT", "read_timeout", float,
@@ -410,7 +410,7 @@ OPTIONS = (
      "earlier turns of a conversation: structured (real turns) or flat (one JSON transcript)"),
     ("--sessions", "CLAUDE_PROXY_SESSIONS", "sessions", int,
      "finished conversations whose CLI process is kept for their next turn (structured history; "
-     "0 = off; each holds ~180 MB)"),
+     "0 = off; each holds ~100-130 MB of its own)"),
     ("--session-idle", "CLAUDE_PROXY_SESSION_IDLE", "session_idle", float,
      "seconds a kept conversation waits for its next turn before its process is ended"),
     ("--idle-max", "CLAUDE_PROXY_IDLE_MAX", "idle_max", int,
@@ -679,6 +679,9 @@ def available_memory(root="/", override=None):
 
 #: the idle-process sizes the operator may leave to size_idle
 SIZED = ("pool_size", "sessions", "idle_max")
+#: CLIs beyond the running slots that memory may buy at most: each holds its memory for up to
+#: CLAUDE_PROXY_SESSION_IDLE, and a box with room for more usually runs other things too
+EXTRA_MAX = 8
 
 
 def size_idle(cfg, memory=None, cli_memory=None):
@@ -688,17 +691,18 @@ def size_idle(cfg, memory=None, cli_memory=None):
     given; a process that finished in one of those slots and waits idle holds no more than it
     did while it ran, so the budget is never below max_concurrency (reuse on the smallest
     machine).  Beyond the slots, `extra` more processes fit in 80 % of the available memory at
-    `cli_memory` each (measured, else CLI_MEMORY): the pool is at most 2 of them, kept
-    conversations at most 2 (within the slots or beyond), and the budget is the slots plus the
-    extra (at most 4: more idle processes than that mostly wait to be ended).  The store holds
-    running and idle processes together within the budget (IdleStore.make_room)."""
+    `cli_memory` each (measured, else CLI_MEMORY), at most EXTRA_MAX: the pool is at most 2 of
+    them, and the rest, with the slots, is for kept conversations (a bigger box keeps more
+    conversations, each a turn's start and its whole prompt cache saved); the budget is the
+    slots plus the extra.  The store holds running and idle processes together within the
+    budget (IdleStore.make_room)."""
     unset = tuple(n for n in SIZED if getattr(cfg, n) is None)
     avail, source = memory or cfg.memory_source or available_memory(override=cfg.memory)
     per = cli_memory or CLI_MEMORY
     slots = cfg.max_concurrency
-    extra = 2 if avail is None else min(4, max(0, int((avail * 0.8 - slots * per) // per)))
+    extra = 2 if avail is None else min(EXTRA_MAX, max(0, int((avail * 0.8 - slots * per) // per)))
     pool = min(2, extra) if cfg.pool_size is None else cfg.pool_size
-    sessions = min(2, slots + extra - pool) if cfg.sessions is None else cfg.sessions
+    sessions = max(0, slots + extra - pool) if cfg.sessions is None else cfg.sessions
     budget = max(slots + extra, pool + sessions) if cfg.idle_max is None else cfg.idle_max
     if not unset:
         how = "set by the operator (memory: %s)" % (source or "unknown")

@@ -259,8 +259,8 @@ def test_health_and_the_start_up_log_say_what_was_chosen(start):
     # MemAvailable moves while the test runs)
     p = start(CLAUDE_PROXY_POOL_SIZE=1, CLAUDE_PROXY_MEMORY="4G")
     idle = health(p)["idle"]
-    assert (idle["pool_size"], idle["sessions"], idle["budget"]) == (1, 0, 6)
+    assert (idle["pool_size"], idle["sessions"], idle["budget"]) == (1, 0, 10)
     assert idle["sized"] == P.load_config([], {"CLAUDE_PROXY_POOL_SIZE": "1", "CLAUDE_PROXY_SESSIONS": "0",
                                                "CLAUDE_PROXY_MEMORY": "4G"})[0].sizing \
         == "idle_max from CLAUDE_PROXY_MEMORY 4.0 GiB, 130 MB a CLI (default), 2 running"
-    assert "budget 6, %s" % idle["sized"] in p.log
+    assert "budget 10, %s" % idle["sized"] in p.log
