@@ -86,3 +86,16 @@ def test_without_keys_the_least_recently_used_conversation_goes(start, upstream)
         turn(p, upstream, "", opening(name), name + "'s answer.")
     turn(p, upstream, "", first + [{"role": "user", "content": "again."}], "one's next.")
     assert idle(p)["hits"]["kept"] == 0
+
+
+def test_the_idle_budget_also_ends_the_biggest_holders_conversation(start, upstream):
+    """Room for 3 idle processes (CLAUDE_PROXY_IDLE_MAX) and 4 kept slots: the budget is what
+    ends one, and it picks A's oldest as the slots would."""
+    p = start(CLAUDE_PROXY_SESSIONS=4, CLAUDE_PROXY_IDLE_MAX=3)
+    b = turn(p, upstream, KEY_B, opening("B"), "B's answer.")
+    for i in range(3):
+        turn(p, upstream, KEY_A, opening("A%d" % i), "A%d's answer." % i)
+    got = idle(p)
+    assert got["idle"]["kept"] == 3 and got["evicted"] == 1
+    turn(p, upstream, KEY_B, b + [{"role": "user", "content": "B again."}], "B's next.")
+    assert idle(p)["hits"]["kept"] == 1
