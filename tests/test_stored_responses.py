@@ -84,6 +84,15 @@ def test_retrieve_input_items_and_delete(start, upstream):
     assert body["has_more"] is True and body["last_id"] == listed.data[2].id
     status, _, body = p.request("GET", "/v1/responses/%s/input_items?limit=0" % created.id)
     assert status == 400 and body["error"]["param"] == "limit"
+    # not a background response: its stream is rebuilt in a few events
+    events = list(c.responses.retrieve(created.id, stream=True))
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.output_item.done", "response.completed"]
+    assert [e.sequence_number for e in events] == [0, 1, 2, 3, 4]
+    assert events[-1].response.model_dump() == created.model_dump()
+    assert [e.type for e in c.responses.retrieve(created.id, stream=True, starting_after=2)] == [
+        "response.output_item.done", "response.completed"]
     c.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError) as err:
         c.responses.retrieve(created.id)
@@ -512,3 +521,34 @@ def test_langchain_use_previous_response_id(start, upstream):
     assert stored.previous_response_id == history[1].response_metadata["id"]
     assert [i.content[0].text for i in sdk(p).responses.input_items.list(stored.id)] == [
         "What is my favourite colour?"]     # the client sent only the new message
+
+
+@pytest.mark.parametrize("module", ["generic", "native"])
+def test_namespaced_and_custom_calls_across_the_chain(start, upstream, module):
+    """A namespace's function call and a custom tool call in one response; their outputs come
+    back as the only new items, by previous_response_id, in either tool mode."""
+    from test_tool_types import CODEX_LIKE, PATCH_TEXT, fence
+    p = start(CLAUDE_PROXY_SESSIONS=2, CLAUDE_PROXY_TOOLCALL_MODULE=module)
+    c = sdk(p)
+    if module == "generic":
+        upstream.push(fake_upstream.text(fence("multi_agent_v1.spawn_agent", {"task": "lint"}) +
+                                         "\n" + fence("apply_patch", {"input": PATCH_TEXT})))
+    else:
+        upstream.push(fake_upstream.Reply(blocks=[
+            {"type": "tool_use", "id": "toolu_ns1", "name": "mcp__client__multi_agent_v1_spawn_agent",
+             "input": {"task": "lint"}},
+            {"type": "tool_use", "id": "toolu_cu1", "name": "mcp__client__apply_patch",
+             "input": {"input": PATCH_TEXT}}], stop_reason="tool_use"))
+    r1 = c.responses.create(model="sonnet", input="lint, then add a.txt", tools=CODEX_LIKE)
+    fc, ctc = [i for i in r1.output if i.type != "message"]
+    assert (fc.type, fc.name, fc.namespace) == ("function_call", "spawn_agent", "multi_agent_v1")
+    assert (ctc.type, ctc.name, ctc.input) == ("custom_tool_call", "apply_patch", PATCH_TEXT)
+    upstream.push(fake_upstream.text("Both done.", id="msg_two"))
+    r2 = c.responses.create(model="sonnet", tools=CODEX_LIKE, previous_response_id=r1.id, input=[
+        {"type": "function_call_output", "call_id": fc.call_id, "output": "agent 7"},
+        {"type": "custom_tool_call_output", "call_id": ctc.call_id, "output": "Success. A a.txt"}])
+    assert r2.output_text == "Both done."
+    history = json.dumps(upstream_turns(upstream.model_calls[-1]))
+    assert "lint, then add a.txt" in history and "agent 7" in history
+    assert "Success. A a.txt" in history and "Begin Patch" in history
+    assert kept_hits(p) == 1                 # the turn went on on the process that made the calls
