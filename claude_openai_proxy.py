@@ -87,8 +87,8 @@ Configuration (flags win over environment; read once at start-up)
     --state-dir       CLAUDE_PROXY_STATE_DIR   (below)   where the state store's file lives
     --store           CLAUDE_PROXY_STORE             on    stored responses, conversations: on | off
     --store-days      CLAUDE_PROXY_STORE_DAYS        30    days stored state is kept
-    --instance        CLAUDE_PROXY_INSTANCE   (host:port) this instance's name, in its ids
     --store-max-mb    CLAUDE_PROXY_STORE_MAX_MB      1024  MB held at most; the oldest goes first
+    --instance        CLAUDE_PROXY_INSTANCE   (host:port) this instance's name, in its ids
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
   The state directory defaults to $XDG_STATE_HOME/claude-proxy, else ~/.local/state/claude-proxy
@@ -109,6 +109,10 @@ Data flow
     else one that answered an earlier request with the same settings and was reset, else a
     pre-started one; a process whose turn ended cleanly goes back to the store.  A process
     that ends before any of its answer reached the client is replaced once (Backend.run).
+    A Responses request that continues a stored response (previous_response_id) or a
+    conversation gets the stored items from the state store (section 12) ahead of its input,
+    so it hashes as the conversation its kept process holds; a stored response is saved there
+    before its end reaches the client.
 
 Contents
 --------
