@@ -1627,7 +1627,7 @@ class ToolTextParser:
 
 @dataclass
 class Attempt:
-    held: list = field(default_factory=list)     # events not yet sent to the client
+    unsent: list = field(default_factory=list)   # events not yet sent to the client
     text: str = ""
     calls: int = 0
     dropped: int = 0             # calls beyond the first when parallel_tool_calls is off
@@ -1665,7 +1665,7 @@ def emulated_tool_events(req, run):
                 yield ev
         if second.calls:
             first = second
-    yield from first.held
+    yield from first.unsent
     reason = "tool_use" if first.calls else (first.done.stop_reason if first.done else "end_turn")
     yield Done(reason, total, first.done.stop_sequence if first.done else None,
                whole=not first.dropped and (first.done is None or first.done.whole))
@@ -1701,21 +1701,21 @@ def _tool_attempt(req, run, messages, hold_all, total):
             parser, a.calls, a.dropped = ToolTextParser(req.handler, names), 0, 0
             a.chars, a.refused = 0, False
             answer.clear()
-            a.held = []
+            a.unsent = []
             out = [ev]
         else:
             out = [ev]
         if not a.holding:
             yield from out
             continue
-        a.held.extend(out)
+        a.unsent.extend(out)
         if hold_all or a.refused or not (a.calls or a.chars > REFUSAL_HOLD_CHARS):
             continue
         a.refused = handler.is_refusal("".join(answer))
         if not a.refused:
             a.holding = False
-            yield from a.held
-            a.held = []
+            yield from a.unsent
+            a.unsent = []
     a.text = "".join(answer)
     return a
 
@@ -2254,7 +2254,7 @@ class Gate:
         self._cond = threading.Condition()
         self._queue = collections.deque()         # (ticket, owner, share)
         self.running = 0
-        self.held = collections.Counter()         # owner -> slots held
+        self.in_use = collections.Counter()       # owner -> slots in use
 
     @property
     def queued(self):
@@ -2262,7 +2262,7 @@ class Gate:
 
     def _next(self):
         """The first waiter whose owner is under its share, or None."""
-        return next((w for w in self._queue if w[1] is None or self.held[w[1]] < w[2]), None)
+        return next((w for w in self._queue if w[1] is None or self.in_use[w[1]] < w[2]), None)
 
     def acquire(self, call=None, owner=None, share=None):
         me = (object(), owner, share or self.capacity)
@@ -2274,7 +2274,7 @@ class Gate:
                     if self._next() is me and self._sem.acquire(blocking=False):
                         self._queue.remove(me)
                         self.running += 1
-                        self.held[owner] += 1
+                        self.in_use[owner] += 1
                         self._cond.notify_all()
                         return
                     left = deadline - time.monotonic()
@@ -2295,9 +2295,9 @@ class Gate:
     def release(self, owner=None):
         with self._cond:
             self.running -= 1
-            self.held[owner] -= 1
-            if self.held[owner] <= 0:
-                del self.held[owner]
+            self.in_use[owner] -= 1
+            if self.in_use[owner] <= 0:
+                del self.in_use[owner]
             self._sem.release()
             self._cond.notify_all()
 
@@ -2503,9 +2503,9 @@ class IdleStore:
         another key's beyond an equal share (without keys: the least recently used).  First
         messages kept (`first`) are not conversations here."""
         kept = [p for p in self.procs if p.kind == "kept" and not p.first]
-        held = collections.Counter(p.tenant for p in kept)
-        most = max(held.values())
-        return next(p for p in kept if held[p.tenant] == most)
+        per_tenant = collections.Counter(p.tenant for p in kept)
+        most = max(per_tenant.values())
+        return next(p for p in kept if per_tenant[p.tenant] == most)
 
     def end(self, proc):
         """End a process the store no longer holds, on a thread of its own (it may take a
@@ -2532,12 +2532,12 @@ class IdleStore:
         starter = self.backend.starter
         with self.cond:
             paused = time.monotonic() < starter.paused_until
-            held = collections.Counter(p.kind for p in self.procs)
+            waiting = collections.Counter(p.kind for p in self.procs)
             return {"budget": self.budget, "pool_size": starter.pool_size, "sessions": self.sessions,
                     "reuse": self.reuse, "recycle_rss_mb": self.recycle_rss // 2 ** 20,
                     "sized": self.sizing, "cli_mb": self.cli_memory // 2 ** 20,
                     "cli_figure": self.cli_figure,
-                    "idle": {k: held[k] for k in IDLE_KINDS},
+                    "idle": {k: waiting[k] for k in IDLE_KINDS},
                     "ready": sum(p.kind != "kept" and p.fresh() for p in self.procs),
                     "hits": {k: self.hits[k] for k in IDLE_KINDS}, "misses": self.misses,
                     "recycled": self.recycled, "evicted": self.evicted,
@@ -3096,7 +3096,7 @@ class ToolBridge:
         self.has_args = set()    # call ids that received argument text
         self.calls = []          # upstream tool_use ids handed to the client
         self.in_message = False  # an upstream message is streaming
-        self.held = []           # can_use_tool request ids waiting for the message to end
+        self.permissions = []    # can_use_tool request ids waiting for the message to end
         self.settled = set()     # tool_use ids the CLI asked about or answered itself
         self.ended = False       # a message with tool calls has ended: the turn must stop
         self.denied = False      # deny+interrupt sent: the CLI's result line ends the turn
@@ -3255,7 +3255,7 @@ class ToolBridge:
             if tid in self.results:              # a call of the held turn: its result is here
                 return self._allow(proc, rid, request.get("input"))
             self.settled.add(tid)
-            self.held.append((rid, request.get("input")))
+            self.permissions.append((rid, request.get("input")))
             if not self.in_message:
                 self._settle(proc)
         else:
@@ -3276,7 +3276,7 @@ class ToolBridge:
         in which the CLI rejected every call itself."""
         if self.in_message:
             return
-        for rid, tool_input in self.held:
+        for rid, tool_input in self.permissions:
             if self.hold:
                 self._allow(proc, rid, tool_input)
                 self.allowed = True
@@ -3285,7 +3285,7 @@ class ToolBridge:
                 "subtype": "success", "request_id": rid,
                 "response": {"behavior": "deny", "message": DENY_MESSAGE, "interrupt": True}}})
             self.denied = True
-        self.held = []
+        self.permissions = []
         if self.ended and not self.denied and not self.allowed and \
                 all(c in self.settled for c in self.calls):
             self.done = True
@@ -5909,9 +5909,9 @@ class StateStore:
             db.execute("DELETE FROM responses WHERE created_at < ? AND status NOT IN "
                        "('queued', 'in_progress')", (cutoff,))
             db.execute("DELETE FROM conversations WHERE used_at < ?", (cutoff,))
-            held = sum(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM %s" % t).fetchone()[0]
-                       for t in ("responses", "conversations", "conversation_items"))
-            while held > cap:
+            stored = sum(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM %s" % t).fetchone()[0]
+                         for t in ("responses", "conversations", "conversation_items"))
+            while stored > cap:
                 oldest = db.execute(
                     "SELECT 'responses', id, bytes, created_at FROM responses "
                     "WHERE status NOT IN ('queued', 'in_progress') "
@@ -5922,8 +5922,8 @@ class StateStore:
                     break
                 for table, id_, size, _at in oldest:
                     db.execute("DELETE FROM %s WHERE id = ?" % table, (id_,))
-                    held -= size
-                    if held <= cap:
+                    stored -= size
+                    if stored <= cap:
                         break
 
         try:
@@ -6764,7 +6764,7 @@ class App:
         self.started_at = time.time()
         self.in_flight = 0
         self.lock = threading.Lock()
-        self.idle = threading.Condition(self.lock)
+        self.left = threading.Condition(self.lock)     #: notified as each request leaves
         self.stateful = StatefulResponses(self)
 
     def enter(self):
@@ -6774,14 +6774,14 @@ class App:
     def leave(self):
         with self.lock:
             self.in_flight -= 1
-            self.idle.notify_all()
+            self.left.notify_all()
 
     def drain(self, grace):
         """Wait up to `grace` seconds for in-flight requests; True if none are left."""
         deadline = time.monotonic() + grace
         with self.lock:
             while self.in_flight and time.monotonic() < deadline:
-                self.idle.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+                self.left.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             return not self.in_flight
 
     def usage_report(self):
@@ -8201,7 +8201,7 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     add(box, defs([["CLI processes started", h.cli_processes_started],
                    ["history", h.history]]));
     // the idle store (IdleStore): what waits now and what served, by kind; then its limits
-    var idle = h.idle || {}, held = idle.idle || {}, hits = idle.hits || {};
+    var idle = h.idle || {}, waiting = idle.idle || {}, hits = idle.hits || {};
     var KINDS = [["kept", "holding a conversation"], ["reused", "reset after a request"],
                  ["initialized", "pre-started, initialized ahead"], ["pool", "pre-started"]];
     add(box, el("h3", "", "idle CLI processes"));
@@ -8211,7 +8211,7 @@ footer { padding: 16px 20px; color: var(--dim); font-size: 12px; }
     KINDS.forEach(function (k) {
       var tr = put(t, el("tr"));
       tr.dataset.kind = k[0];
-      add(tr, el("td", "wrap", k[0] + " (" + k[1] + ")"), el("td", "num", num(held[k[0]] || 0)),
+      add(tr, el("td", "wrap", k[0] + " (" + k[1] + ")"), el("td", "num", num(waiting[k[0]] || 0)),
           el("td", "num", num(hits[k[0]] || 0)));
     });
     var spawned = put(t, el("tr"));
