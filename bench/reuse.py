@@ -146,7 +146,7 @@ def bench_ttft(rounds=size(7, 2)):
     report("reused / pre-started bare CLI", r / w, "ratio", "<= 0.35", r / w <= 0.35)
 
 
-def bench_cpu(n=size(60, 4)):
+def bench_cpu(n=size(60, 3)):
     print("\n2. CLI CPU per one-shot request (%d sequential requests each, pool 2)" % n)
     out = {}
     for label, extra in (("reuse off", dict(CLAUDE_PROXY_REUSE=0)), ("reuse on", {})):
@@ -195,7 +195,7 @@ def load(clients, **extra):
     return len(done) / wall, errors, idle
 
 
-def bench_load(clients=size(64, 6)):
+def bench_load(clients=size(64, 4)):
     print("\n3. throughput: %d concurrent streaming clients, cap 4, pool 2" % clients)
     off, err_off, _ = load(clients, CLAUDE_PROXY_REUSE=0)
     on, err_on, idle = load(clients)
@@ -260,7 +260,7 @@ def bench_growth(n=size(200, 6), every=size(25, 2)):
            first, "MB / %.1f MB" % last)
 
 
-def bench_mixed(n=size(1000, 30)):
+def bench_mixed(n=size(1000, 12)):
     print("\n6. proxy + CLIs memory (PSS) after %d mixed requests (defaults, cap 2)" % n)
     proxy = Proxy()
     systems = ["You are terse.", "You are a pirate.", "Answer in French."]

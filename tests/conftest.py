@@ -53,7 +53,16 @@ def need_tool(name):
 def pytest_runtest_makereport(item, call):
     """With CI=true a skipped test fails: CI installs every tool and client the suite uses, so
     a skip there means a broken CI that would otherwise pass without the test."""
-    report = yield
+    return _no_skip_in_ci((yield))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped at import (pytest.importorskip at the top)."""
+    return _no_skip_in_ci((yield))
+
+
+def _no_skip_in_ci(report):
     if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
