@@ -2026,6 +2026,7 @@ class CLIProcess:
         self.stopped = None
         self.rate_limit = None       # the last rate_limit_info the CLI reported
         self.account = None          # its login's Account (set by Backend.spawn)
+        self.credentials = None      # that login's credential files when it started (stamp)
         self.model_usage = {}        # the last result's modelUsage (totals since start)
         self.bridge = None           # native tools: the ToolBridge of a turn held open (kept)
         self.seen = 0                # stdout lines read so far
@@ -2435,6 +2436,7 @@ class IdleStore:
         reset: the answer may still be on its way to the client."""
         memory = self.backend.measured(proc)
         fit = proc.clean and not self.closed and self.budget > 0 and \
+            not self.backend.logins.get(proc.launch.account).outdated(proc) and \
             not (self.recycle_rss and memory and memory["private"] > self.recycle_rss)
         if fit and conversation is not None and self.sessions > 0:
             proc.kind, proc.conversation, proc.first = "kept", conversation, first
@@ -2544,6 +2546,16 @@ class IdleStore:
                     "start_failures": starter.failures,
                     "mode": "off" if starter.pool_size == 0 else
                     ("cold-fallback" if paused else "warm")}
+
+    def retire(self, account):
+        """End the idle processes of login `account`: its credentials changed on disk."""
+        with self.cond:
+            gone = [p for p in self.procs if p.launch.account == account]
+            self.procs = [p for p in self.procs if p.launch.account != account]
+            self.cond.notify_all()
+        for proc in gone:
+            self.backend.discard(proc)
+        return len(gone)
 
     def close(self):
         with self.cond:
@@ -2839,9 +2851,12 @@ class Backend:
         self.logins = Logins(cfg)
         self.idle = IdleStore(self, cfg)
         self.starter = PreStarter(self.idle, self, cfg)
+        threading.Thread(target=self._watch_logins, name="logins", daemon=True).start()
 
     def spawn(self, launch, reserved=False):
         """Start a CLI process; `reserved`: IdleStore.make_room counted it already."""
+        account = self.logins.get(launch.account)
+        stamp = account.stamp        # before the CLI reads its credentials
         try:
             proc = CLIProcess(self.cfg, launch, self.workdir)
         except BaseException:
@@ -2849,7 +2864,7 @@ class Backend:
                 with self.lock:
                     self.starting -= 1
             raise
-        proc.account = self.logins.get(launch.account)
+        proc.account, proc.credentials = account, stamp
         with self.lock:
             self.live.add(proc)
             self.started += 1
@@ -2912,6 +2927,53 @@ class Backend:
                           "private_mb": mb(own["private"])},
                 "clis": clis, "total_mb": mb(total)}
 
+    def renewed(self, account):
+        """True when the credentials of `account` changed on disk since last looked at: its
+        idle processes are ended (they hold the old ones), processes running a turn are not
+        reused (Account.outdated), and a login marked unable to serve is checked again."""
+        if not account.restamp():
+            return False
+        retired = self.idle.retire(account.name)
+        log_line("login %s: its credentials changed on disk; %d idle CLI process(es) ended, "
+                 "new ones start with the new credentials" % (account.name, retired))
+        if not account.healthy:
+            threading.Thread(target=self.check_login, args=(account, True), daemon=True).start()
+        return True
+
+    def _watch_logins(self):
+        while not self.idle.closed:
+            for account in self.logins.accounts:
+                self.renewed(account)
+            time.sleep(LOGIN_WATCH_SECONDS)
+
+    def check_login(self, account, renewed=False):
+        """Can `account` serve, told without a model turn: its credentials file readable, and
+        `claude auth status` not saying "not logged in".  Marks it unable to serve, with the
+        reason; `renewed` (its credentials changed on disk): marks it able again when the
+        check finds nothing wrong.  Returns the reason, or None."""
+        reason = unreadable_credentials(self.cfg, account)
+        tmp = tempfile.mkdtemp(prefix="claude-proxy-auth-")
+        try:
+            env = cli_env(self.cfg, Launch(account=account.name), tmp)
+            if reason is None:
+                out = subprocess.run([self.cfg.claude_bin, "auth", "status", "--json"],
+                                     capture_output=True, text=True, timeout=30,
+                                     stdin=subprocess.DEVNULL, cwd=self.workdir, env=env)
+                status = json.loads(out.stdout)
+                if isinstance(status, dict) and status.get("loggedIn") is False:
+                    reason = "not logged in (`claude auth status` says so)"
+        except LoginFailed as exc:
+            reason = exc.message
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass          # no CLI (its own reason in /health), or one that cannot tell
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if reason is not None:
+            account.mark_unhealthy(reason, checked=True)
+        elif renewed:
+            account.mark_healthy()
+        return reason
+
     def run(self, req, messages, call, keep=None):
         """One CLI turn for `messages`: yields events, ends with Done or raises ProxyError.
 
@@ -2926,6 +2988,7 @@ class Backend:
         Keep, else given back to the store.
         """
         fit = Fit.of(req, keep)
+        self.renewed(self.logins.get(fit.launch.account))      # a stat: never an old token
         hand = self._hand_out(fit, messages[-1])
         shown = started = False      # content went to the consumer; a Start did
         while True:
@@ -2974,6 +3037,9 @@ class Backend:
             self.discard(proc)
             (proc, source), held = self.idle.take(fit.launch, fit.settings, fit.init,
                                                   note=False), None
+        if proc is not None and proc.account.outdated(proc):
+            self.discard(proc)        # started just before its login's credentials changed
+            proc = None
         if proc is None:
             self.idle.make_room()
             proc, source = self.spawn(fit.launch, reserved=True), "spawned"
@@ -3834,6 +3900,59 @@ def limit_error(info, account, said=None, delay_ms=None, guard=False):
 WARN_AT = (0.5, 0.75, 0.9, 1.0)   # a window's utilization crossing one of these is logged
 AFFINITY_MAX = 4096               # conversations whose login is remembered
 RECHECK_SECONDS = 300.0           # then a login that failed to authenticate is tried again
+STARTUP_CHECK_WAIT = 10.0         # seconds /health waits for the start-up check at most
+LOGIN_WATCH_SECONDS = 2.0         # how often the logins' credential files are looked at
+#: the CLI version this proxy is tested with; an older one lacks control requests it relies
+#: on (rewind_conversation, sdkMcpServerManifests, apply_flag_settings)
+CLI_TESTED = (2, 1, 330)
+
+
+def cli_version_tuple(text):
+    """`claude --version`'s "2.1.330 (Claude Code)" -> (2, 1, 330), or None."""
+    m = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", text or "")
+    return tuple(int(g) for g in m.groups()) if m else None
+
+
+def credential_files(cfg, account):
+    """The files a login's CLI reads its credentials from: a token file, or .credentials.json
+    in its config dir (the default login's: CLAUDE_CONFIG_DIR, else ~/.claude)."""
+    if account.kind == "token_file":
+        return [account.path]
+    folder = account.path if account.kind == "config_dir" else \
+        cfg.environ.get("CLAUDE_CONFIG_DIR") or \
+        os.path.join(cfg.environ.get("HOME") or os.path.expanduser("~"), ".claude")
+    return [os.path.join(folder, ".credentials.json")]
+
+
+def file_stamp(paths):
+    """What changes when one of `paths` is written, replaced or removed."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        except OSError as exc:
+            out.append((path, exc.errno))
+    return tuple(out)
+
+
+def unreadable_credentials(cfg, account):
+    """Why an existing credentials file of `account` cannot be read by this process, or None
+    (a host ~/.claude mounted into a container owned by another uid reads as "Not logged in")."""
+    for path in credential_files(cfg, account):
+        if account.kind != "token_file" and not os.path.lexists(path):
+            continue               # no file: a token or key in the environment may serve
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            try:
+                owner = " (it belongs to uid %d)" % os.stat(path).st_uid
+            except OSError:
+                owner = ""
+            return "its credentials file %s cannot be read by uid %d%s: %s" % (
+                path, os.getuid(), owner, exc.strerror or type(exc).__name__)
+    return None
 TOKEN_KEYS = (("input", "inputTokens"), ("output", "outputTokens"),
               ("cache_read", "cacheReadInputTokens"), ("cache_write", "cacheCreationInputTokens"))
 
@@ -3855,6 +3974,9 @@ class Account:
         self.marks = {}              # name -> (resets_at, highest WARN_AT step logged)
         self.tokens = {}             # model -> {"input", "output", "cache_read", "cache_write"}
         self.healthy, self.hint, self.failed_at = True, None, 0.0
+        self.reason = None           # why a check without a model turn found it cannot serve
+        self.stamp = None            # of its credential files (credential_files), when last seen
+        self.files = ()              # those files
 
     def note(self, item, spent=None):
         """A rate_limit_event or result line of one of its CLI processes (`spent`: the result's
@@ -3868,19 +3990,40 @@ class Account:
                 for k, n in counts.items():
                     mine[k] += n
             if not item.get("is_error"):
-                self.healthy, self.hint = True, None
+                self.healthy, self.hint, self.reason = True, None, None
 
-    def mark_unhealthy(self, why):
-        """Its CLI could not authenticate (LoginFailed: `why`, already scrubbed)."""
+    def mark_unhealthy(self, why, checked=False):
+        """Its CLI could not authenticate (LoginFailed: `why`, already scrubbed), or `checked`:
+        a check without a model turn found it cannot (Backend.check_login)."""
         with self.lock:
-            if self.healthy:
-                log_line("login %s failed to authenticate; other logins serve until it is "
-                         "logged in again (%s)" % (self.name, why[:200]))
+            if self.healthy or checked:
+                log_line("login %s %s; other logins serve until it is logged in again (%s)"
+                         % (self.name, "cannot serve" if checked else "failed to authenticate",
+                            why[:200]))
+            if checked or self.healthy:          # a new failure; a check's reason stays
+                self.reason = why if checked else None
             self.healthy, self.failed_at = False, time.time()
             self.hint = ("log in again: CLAUDE_CONFIG_DIR=%s claude login" % self.path
                          if self.credential == "config_dir" else
                          "write a new `claude setup-token` token to %s" % self.path
                          if self.credential == "token_file" else "run `claude login` on the server")
+
+    def mark_healthy(self):
+        with self.lock:
+            if not self.healthy:
+                log_line("login %s: its new credentials pass the check; serving again" % self.name)
+            self.healthy, self.hint, self.reason = True, None, None
+
+    def restamp(self):
+        """Look at its credential files again; True when they changed since last time."""
+        stamp = file_stamp(self.files)
+        with self.lock:
+            changed, self.stamp = self.stamp is not None and stamp != self.stamp, stamp
+        return changed
+
+    def outdated(self, proc):
+        """`proc` started with credentials that have changed since: not to be reused."""
+        return getattr(proc, "credentials", None) not in (None, self.stamp)
 
     def _note_limits(self, info):
         was_overage = bool((self.info or {}).get("isUsingOverage"))
@@ -3948,6 +4091,7 @@ class Account:
         with self.lock:
             info = self.info or {}
             return {"name": self.name, "healthy": self.healthy, "hint": self.hint,
+                    "reason": self.reason,
                     "windows": {k: dict(v) for k, v in self.windows.items()},
                     "binding_window": info.get("rateLimitType"),
                     "extra_usage": {"status": info.get("overageStatus"),
@@ -3966,6 +4110,9 @@ class Logins:
         self.guard = cfg.extra_usage
         self.accounts = [Account(n, k, p, cfg.extra_usage) for n, k, p in cfg.accounts] or \
             [Account("default", guard=cfg.extra_usage)]
+        for a in self.accounts:
+            a.files = tuple(credential_files(cfg, a))
+            a.stamp = file_stamp(a.files)
         self.first = self.accounts[0]
         self.by_name = {a.name: a for a in self.accounts}
         self.affinity = collections.OrderedDict()     # conversation root -> login name
@@ -6751,6 +6898,11 @@ class App:
         self.requests = RequestLog()
         self._cli_version = (None, 0.0)      # (text, monotonic time it was read)
         self._cli_version_lock = threading.Lock()   # one `claude --version` at a time
+        self._cli_version_error = None       # why `claude --version` gave no answer
+        #: set once the start-up check (the CLI's version, each login without a model turn)
+        #: is done; /health waits for it briefly, so its first answer is already honest
+        self.checked = threading.Event()
+        threading.Thread(target=self._check_at_start, name="start-check", daemon=True).start()
         self.keys = KeyRing(cfg)
         self.budgets = Budgets()
         #: Host names served when no keys are set (check_host)
@@ -6828,6 +6980,7 @@ class App:
             serving |= r["healthy"] and not a.exhausted()
             binding = max(r["windows"].items(), key=lambda kv: kv[1]["utilization"], default=None)
             out.append({"name": r["name"], "healthy": r["healthy"], "hint": r["hint"],
+                        "reason": r["reason"],
                         "limited": limited is not None,
                         "binding": dict(binding[1], window=binding[0]) if binding else None,
                         "extra_usage_in_use": r["extra_usage"]["in_use"]})
@@ -6838,13 +6991,18 @@ class App:
         """GET /health: `degraded`, with reasons, when requests are known to fail or be slow
         for a reason the operator has to fix; the HTTP status stays 200 (see Handler.health)."""
         cfg, gate, backend = self.cfg, self.backend.gate, self.backend
+        self.checked.wait(STARTUP_CHECK_WAIT)
         found = shutil.which(cfg.claude_bin)
         idle, logins, reasons = backend.idle_status(), self.logins_summary(), []
         if not found:
             reasons.append("the claude CLI was not found (CLAUDE_BIN=%s): every model request "
                            "fails with 503" % cfg.claude_bin)
+        elif self.cli_problem():
+            reasons.append(self.cli_problem())
         for a in logins["accounts"]:              # the hint says what to run
-            if not a["healthy"]:
+            if not a["healthy"] and a["reason"]:
+                reasons.append("login %s cannot serve: %s; %s" % (a["name"], a["reason"], a["hint"]))
+            elif not a["healthy"]:
                 reasons.append("login %s failed to authenticate: %s" % (a["name"], a["hint"]))
         if idle.get("mode") == "cold-fallback":
             reasons.append("the pool is in cold fallback: pre-started CLI processes kept dying "
@@ -6871,12 +7029,36 @@ class App:
             self._cli_version_lock.release()
 
     def _read_cli_version(self):
+        error = None
         try:
             text = cli_version(self.cfg, self.workdir)
-        except (OSError, subprocess.TimeoutExpired):
-            text = None
-        self._cli_version = (text, time.monotonic())
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            text, error = None, getattr(exc, "strerror", None) or type(exc).__name__
+        self._cli_version, self._cli_version_error = (text, time.monotonic()), error
         return text
+
+    def _check_at_start(self):
+        """The CLI's version and each login's credentials, without a model turn."""
+        try:
+            self.cli_version()
+            if shutil.which(self.cfg.claude_bin):
+                for account in self.backend.logins.accounts:
+                    self.backend.check_login(account)
+        finally:
+            self.checked.set()
+
+    def cli_problem(self):
+        """Why the CLI found on the path cannot be trusted to serve, or None."""
+        text, error = self._cli_version[0], self._cli_version_error
+        if error:
+            return "the claude CLI (%s) did not answer `--version` (%s): it may be broken or " \
+                   "not the claude CLI" % (self.cfg.claude_bin, error)
+        have = cli_version_tuple(text)
+        if have is not None and have < CLI_TESTED:
+            return "the claude CLI is %s, older than %s, which this proxy is tested with and " \
+                   "relies on (npm install -g @anthropic-ai/claude-code@%s)" % (
+                       text, ".".join(map(str, CLI_TESTED)), ".".join(map(str, CLI_TESTED)))
+        return None
 
     def dashboard_data(self):
         """GET /dashboard/data: everything the page shows, secrets masked."""

@@ -478,7 +478,10 @@ def test_a_login_whose_cli_cannot_start_leaves_the_pool_to_the_others(make_proxy
     assert not a["healthy"] and "a.token" in a["hint"], h
     assert h["idle"]["ready"] >= 1 and h["idle"]["mode"] == "warm", h
     assert h["idle"]["start_failures"] == 0, h
-    assert [r for r in h["reasons"] if r.startswith("login a failed to authenticate")], h
+    # told by the start-up check, which reads the token file as a CLI start would
+    assert [r for r in h["reasons"] if r.startswith(
+        "login a cannot serve: The token file of login 'a' (%s) must hold one token"
+        % (tmp_path / "a.token"))], h
     status, hdrs, got = chat(p, "hello")
     assert status == 200 and lower(hdrs)["x-claude-account"] == "b", got
 

@@ -11,11 +11,17 @@ import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
 import fake_upstream
+from conftest import FAKE_CLAUDE, Proxy, base_env, real_claude_bin
+from fake_upstream import Plan
+from test_logins import chat, new_token, no_secret_in, tokens_used
 from test_operations import answer, ask, error_of, stream_result
 from test_pool import children, poll
 
@@ -175,3 +181,177 @@ def test_real_cli_killed_before_first_event_is_invisible(make_proxy, upstream, d
     assert logged(p)[0]["retried"] is True
     assert p.request("GET", "/health")[2]["retries"] == 1
     poll(lambda: pid not in children(p), "the killed CLI to be gone")
+
+
+# -- honest health: told at start-up, without a model turn -------------------------------------
+
+def bare_proxy(home, upstream, claude_bin=None, **extra):
+    """A proxy whose CLI has no API key (only what `extra` and `home` give it)."""
+    env = base_env(home, upstream.url, claude_bin or real_claude_bin(),
+                   CLAUDE_PROXY_PASS_ENV="ANTHROPIC_BASE_URL", **extra)
+    env.pop("ANTHROPIC_API_KEY")
+    return Proxy(env)
+
+
+@pytest.fixture
+def stopping():
+    """Proxies made in a test, stopped at its end."""
+    made = []
+    yield made
+    for p in made:
+        p.stop()
+
+
+def test_not_logged_in_is_degraded_at_start_without_a_model_turn(tmp_path, upstream, stopping):
+    """A HOME with no credentials and no API key: /health's first answer says so, and nothing
+    was sent upstream to find out."""
+    p = bare_proxy(tmp_path, upstream)
+    stopping.append(p)
+    h = p.request("GET", "/health")[2]
+    assert h["status"] == "degraded"
+    assert h["reasons"] == ["login default cannot serve: not logged in (`claude auth status` "
+                            "says so); run `claude login` on the server"]
+    [login] = h["logins"]["accounts"]
+    assert login["healthy"] is False and login["reason"].startswith("not logged in")
+    assert upstream.requests == []
+    assert "login default cannot serve" in p.log
+
+
+def test_unreadable_credentials_are_degraded_at_start(tmp_path, upstream, stopping):
+    """A login whose .credentials.json cannot be read (here a directory; in a container, a
+    host ~/.claude owned by another uid) is named with the file and the uid."""
+    config = tmp_path / "config-a"
+    (config / ".credentials.json").mkdir(parents=True)
+    p = bare_proxy(tmp_path, upstream, CLAUDE_PROXY_ACCOUNTS="a=%s" % config)
+    stopping.append(p)
+    h = p.request("GET", "/health")[2]
+    assert h["status"] == "degraded"
+    [reason] = h["reasons"]
+    assert reason.startswith("login a cannot serve: its credentials file %s/.credentials.json "
+                             "cannot be read by uid %d" % (config, os.getuid())), reason
+    assert reason.endswith("; log in again: CLAUDE_CONFIG_DIR=%s claude login" % config)
+    assert upstream.requests == []
+
+
+def test_an_older_cli_is_degraded(make_proxy, tmp_path):
+    old = tmp_path / "old-claude"
+    old.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "2.0.5 (Claude Code)"; '
+                   'exit 0; fi\nexec %s %s "$@"\n' % (sys.executable, FAKE_CLAUDE))
+    old.chmod(0o755)
+    p = make_proxy(fake=True, CLAUDE_BIN=str(old), CLAUDE_PROXY_POOL_SIZE=0)
+    h = p.request("GET", "/health")[2]
+    assert h["status"] == "degraded"
+    assert h["reasons"] == ["the claude CLI is 2.0.5 (Claude Code), older than 2.1.330, which "
+                            "this proxy is tested with and relies on (npm install -g "
+                            "@anthropic-ai/claude-code@2.1.330)"]
+
+
+def test_a_logged_in_proxy_starts_ok(make_proxy):
+    h = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0).request("GET", "/health")[2]
+    assert (h["status"], h["reasons"]) == ("ok", [])
+    assert h["logins"]["accounts"][0]["reason"] is None
+
+
+# -- credentials that change under a running proxy ---------------------------------------------
+
+def write_credentials(folder, token):
+    """A made-up subscription login in a CLAUDE_CONFIG_DIR, valid for a day."""
+    folder.mkdir(exist_ok=True)
+    (folder / ".credentials.json").write_text(json.dumps({"claudeAiOauth": {
+        "accessToken": token, "refreshToken": "sk-ant-ort01-madeup-" + secrets.token_hex(8),
+        "expiresAt": int((time.time() + 86400) * 1000),
+        "scopes": ["user:inference", "user:profile"], "subscriptionType": "max"}}))
+
+
+def idle_ready(p):
+    h = p.request("GET", "/health")[2]
+    return h["idle"]["ready"] >= 1 and h["concurrency"]["running"] == 0
+
+
+@pytest.mark.parametrize("kind", ["token_file", "config_dir"])
+def test_rotated_credentials_serve_the_next_request(tmp_path, upstream, stopping, kind):
+    """The login's credentials are replaced on disk while its processes wait; the old token is
+    revoked upstream.  The next request goes out with the new token and succeeds: no process
+    that still held the old one served it."""
+    old, new = new_token(), new_token()
+    if kind == "token_file":
+        path = tmp_path / "a.token"
+        path.write_text(old + "\n")
+        accounts = "a=token-file:%s" % path
+    else:
+        path = tmp_path / "config-a"
+        write_credentials(path, old)
+        accounts = "a=%s" % path
+    p = bare_proxy(tmp_path, upstream, CLAUDE_PROXY_ACCOUNTS=accounts, CLAUDE_PROXY_POOL_SIZE=1)
+    stopping.append(p)
+    assert chat(p)[0] == 200
+    poll(lambda: idle_ready(p), "an idle process of the login")
+    if kind == "token_file":
+        path.write_text(new + "\n")
+    else:
+        write_credentials(path, new)
+    upstream.plans[old] = Plan(revoked=True)
+    status, _, got = chat(p, "after the rotation")
+    assert status == 200, got
+    assert tokens_used(upstream) == [old, new]
+    assert p.log.count("its credentials changed on disk") == 1
+    no_secret_in(p, old, new)
+
+
+def test_a_login_that_could_not_serve_is_back_once_its_token_is_written(tmp_path, upstream,
+                                                                        stopping):
+    token, path = new_token(), tmp_path / "late.token"
+    path.write_text("")                   # created, not yet written
+    p = bare_proxy(tmp_path, upstream, CLAUDE_PROXY_ACCOUNTS="a=token-file:%s" % path,
+                   CLAUDE_PROXY_POOL_SIZE=0)
+    stopping.append(p)
+    h = p.request("GET", "/health")[2]
+    assert h["status"] == "degraded" and "must hold one token" in h["reasons"][0], h
+    path.write_text(token + "\n")
+    poll(lambda: p.request("GET", "/health")[2]["status"] == "ok", "the login to be back")
+    assert chat(p)[0] == 200
+    assert tokens_used(upstream) == [token]
+    assert "login a: its new credentials pass the check; serving again" in p.log
+
+
+def test_the_cli_takes_a_token_another_process_refreshed(tmp_path, upstream):
+    """What makes several CLI processes of one login safe (README, Operations): a process
+    holding an expired access token re-reads .credentials.json before refreshing, and uses the
+    token another process wrote there instead of spending the single-use refresh token (the
+    refresh endpoint itself cannot be reached here: a refresh would fail and the old token go
+    out).  Pinned on the real CLI, without the proxy: processes started before the change."""
+    config = tmp_path / "config"
+    config.mkdir()
+    expired, fresh = new_token(), new_token()
+    (config / ".credentials.json").write_text(json.dumps({"claudeAiOauth": {
+        "accessToken": expired, "refreshToken": "sk-ant-ort01-madeup-x",
+        "expiresAt": int((time.time() - 3600) * 1000),
+        "scopes": ["user:inference", "user:profile"], "subscriptionType": "max"}}))
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CLAUDE_CONFIG_DIR": str(config),
+           "ANTHROPIC_BASE_URL": upstream.url, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+           "CLAUDE_CODE_MAX_RETRIES": "0"}
+    cli = subprocess.Popen([real_claude_bin(), "-p", "--input-format", "stream-json",
+                            "--output-format", "stream-json", "--verbose"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           cwd=str(tmp_path), env=env)
+    try:
+        cli.stdin.write(b'{"type": "control_request", "request_id": "i", "request": '
+                        b'{"subtype": "initialize"}}\n')
+        cli.stdin.flush()
+        assert json.loads(cli.stdout.readline())["type"] == "control_response"
+        write_credentials(config, fresh)                # another process refreshed it
+        cli.stdin.write(json.dumps({"type": "user", "session_id": "default",
+                                    "parent_tool_use_id": None, "message": {
+                                        "role": "user", "content": [{"type": "text",
+                                                                     "text": "hi"}]}}).encode()
+                        + b"\n")
+        cli.stdin.flush()
+        for line in cli.stdout:
+            item = json.loads(line)
+            if item["type"] == "result":
+                break
+        assert item["is_error"] is False, item
+    finally:
+        cli.kill()
+        cli.communicate()
+    assert tokens_used(upstream) == [fresh]
