@@ -12,18 +12,24 @@ RUN npm install -g --no-audit --no-fund "@anthropic-ai/claude-code@${CLAUDE_CODE
 
 FROM python:3.12-slim-bookworm
 COPY --from=cli /claude /usr/local/bin/claude
+# HOME is writable by any uid: compose runs the container as the host user's uid (UID/GID in
+# .env), so that the mounted ~/.claude is readable whoever owns it on the host.
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin claude \
- && install -d -o claude -g claude -m 0700 /home/claude/.claude
+ && install -d -o claude -g claude -m 0700 /home/claude/.claude \
+ && chmod 1777 /home/claude
 WORKDIR /app
 COPY claude_openai_proxy.py LICENSE README.md ./
 COPY modules ./modules
 USER claude
 ENV HOME=/home/claude \
+    CLAUDE_CONFIG_DIR=/home/claude/.claude \
     CLAUDE_PROXY_HOST=0.0.0.0 \
     CLAUDE_PROXY_PORT=8088 \
     PYTHONUNBUFFERED=1
 EXPOSE 8088
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8088/health', timeout=4)"]
+# the port the proxy listens on (CLAUDE_PROXY_PORT), not the one it was built with; 200 for
+# "degraded" too: a restart fixes neither a login nor a missing CLI (README, Dashboard)
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+  CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('CLAUDE_PROXY_PORT', '8088'), timeout=4)"]
 STOPSIGNAL SIGTERM
 CMD ["python3", "/app/claude_openai_proxy.py"]
