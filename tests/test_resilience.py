@@ -82,7 +82,7 @@ def test_responses_dialect_retried_invisibly(fake, stream):
     if stream:
         names = [json.loads(line[6:])["type"] for line in got.splitlines()
                  if line.startswith("data: ")]
-        assert names[-1] == "response.completed" and "error" not in names, names
+        assert names and names[-1] == "response.completed" and "error" not in names, got
         assert '"delta": "fake answer"' in got
     else:
         assert got["status"] == "completed"
