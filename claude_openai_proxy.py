@@ -2826,9 +2826,9 @@ class Fit:
 
 
 class Hand:
-    """One attempt's process (Backend.run): `source`, how it came (a kind of Idle, or
+    """One attempt's process (Backend.run): `source`, how it came (one of IDLE_KINDS, or
     "spawned"); for a kept native turn, the ToolBridge `held` open and the client's `results`
-    for its calls.  `proc` is None once the process was handed on to a Keep."""
+    for its calls.  `proc` is None once the process was handed on to a KeptConversation."""
 
     def __init__(self, proc, source, held=None, results=None):
         self.proc, self.source, self.held, self.results = proc, source, held, results
@@ -2985,7 +2985,7 @@ class Backend:
         response's first bytes wait for the first event; a second Start is not passed on).
         Errors the upstream gave (429, 529, 4xx) are the client's to see, as they are.
         A turn that ends whole leaves its process `clean`; with `keep` it is handed to the
-        Keep, else given back to the store.
+        KeptConversation, else given back to the store.
         """
         fit = Fit.of(req, keep)
         self.renewed(self.logins.get(fit.launch.account))      # a stat: never an old token
@@ -3079,7 +3079,7 @@ class Backend:
                 proc.clean = not proc.stopped
                 if keep is not None and proc.clean:
                     proc.bridge = bridge if bridge is not None and bridge.waiting else None
-                    keep.proc, hand.proc = proc, None      # Keep keeps it or gives it back
+                    keep.proc, hand.proc = proc, None      # kept, or given back by it
             yield ev
 
     def close_all(self):
@@ -3916,9 +3916,9 @@ def cli_version_tuple(text):
 def credential_files(cfg, account):
     """The files a login's CLI reads its credentials from: a token file, or .credentials.json
     in its config dir (the default login's: CLAUDE_CONFIG_DIR, else ~/.claude)."""
-    if account.kind == "token_file":
+    if account.credential == "token_file":
         return [account.path]
-    folder = account.path if account.kind == "config_dir" else \
+    folder = account.path if account.credential == "config_dir" else \
         cfg.environ.get("CLAUDE_CONFIG_DIR") or \
         os.path.join(cfg.environ.get("HOME") or os.path.expanduser("~"), ".claude")
     return [os.path.join(folder, ".credentials.json")]
@@ -3940,7 +3940,7 @@ def unreadable_credentials(cfg, account):
     """Why an existing credentials file of `account` cannot be read by this process, or None
     (a host ~/.claude mounted into a container owned by another uid reads as "Not logged in")."""
     for path in credential_files(cfg, account):
-        if account.kind != "token_file" and not os.path.lexists(path):
+        if account.credential != "token_file" and not os.path.lexists(path):
             continue               # no file: a token or key in the environment may serve
         try:
             with open(path, "rb") as f:
