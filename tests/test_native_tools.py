@@ -15,7 +15,7 @@ import openai
 import pytest
 
 import fake_upstream
-from conftest import children, sse_events, upstream_turns
+from conftest import children, sse_events, upstream_turns, wait_for
 
 NATIVE = {"X-Toolcall-Module": "native"}
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
@@ -557,12 +557,12 @@ def test_same_tools_again_get_a_process_initialized_ahead(make_proxy, upstream):
     p = make_proxy(CLAUDE_PROXY_POOL_SIZE=2)
     upstream.default = fake_upstream.tool_use("mcp__client__get_weather", {"city": "Paris"})
     client = oai(p)
-    for _ in range(4):
-        deadline = time.time() + 20
-        while p.request("GET", "/health")[2]["idle"]["ready"] < 2 and \
-                time.time() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.5)                     # let the new processes read their initialize
+    for i in range(4):
+        # two ready processes; from the third step on (two requests with the same system
+        # prompt seen) one of them has been given that initialize ahead
+        wait_for(lambda: (lambda h: h if h["ready"] >= 2 and (
+            i < 2 or h["idle"]["initialized"] >= 1) else None)(p.health()["idle"]),
+            "the pool to be ready (initialized ahead from step 3)", timeout=30)
         r = client.chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=[
             {"role": "system", "content": "Agent."}, {"role": "user", "content": "Paris?"}])
         assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
