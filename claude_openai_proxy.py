@@ -6127,6 +6127,7 @@ PRICES = {
 PRICE_KINDS = ("input", "cache_write", "cache_read", "output")
 HISTORY_QUEUE = 10000            # rows waiting for the writer at most; beyond, they are lost
 HISTORY_BATCH = 500              # rows a transaction writes at most
+HISTORY_LINGER = 1.0             # seconds the writer waits for more rows before it writes
 GROUPS = ("key", "model", "login", "day")
 #: what every cost figure is, said wherever one is shown
 ESTIMATE_NOTE = {
@@ -6255,10 +6256,15 @@ class UsageHistory:
 
     def _writer(self):
         while True:
-            got, rows = [self.queue.get()], []
+            got = [self.queue.get()]
+            # linger for more rows: one transaction for a second's requests, not one each
+            deadline = time.monotonic() + HISTORY_LINGER
             while len(got) < HISTORY_BATCH and got[-1] is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
                 try:
-                    got.append(self.queue.get_nowait())
+                    got.append(self.queue.get(timeout=left))
                 except queue.Empty:
                     break
             rows = [r for r in got if r is not None]

@@ -9,6 +9,7 @@ budget and history tests against the real CLI are in tests/test_usage_history.py
 import email.message
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,6 +187,27 @@ def test_roles_on_every_route(roles_proxy, method, path, body, who):
             assert status == 403, (key, path, got)
             assert got["error"]["type"] == "permission_error"
             assert "admin keys only" in got["error"]["message"] and role in got["error"]["message"]
+
+
+def test_every_route_in_the_table_checks_its_access(roles_proxy):
+    """Every route of cop.ROUTES (those added later too): without a key 401 unless anyone may
+    call it; a client key never 401 and 403 exactly on the admin routes; an admin key never
+    401 or 403.  Path parameters get made-up ids (a 404 is fine: access came first)."""
+    assert {r.access for r in cop.ROUTES} == {"anyone", "client", "admin"}
+    for route in cop.ROUTES:
+        path = re.sub(r"\{[a-z_]+\}", "nope_1", route.path)
+        body = {} if route.method == "POST" else None
+        for key, role in ((None, "none"), (CLIENT, "client"), (ADMIN, "admin")):
+            status, _, got = roles_proxy.request(route.method, path, body, headers=bearer(key))
+            where = (route.method, path, role, status, got)
+            if route.access == "anyone":
+                assert status not in (401, 403), where
+            elif role == "none":
+                assert status == 401, where
+            elif role == "client" and route.access == "admin":
+                assert status == 403 and got["error"]["type"] == "permission_error", where
+            else:
+                assert status not in (401, 403), where
 
 
 def test_forbidden_in_the_anthropic_dialect(roles_proxy):
