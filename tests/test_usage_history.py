@@ -332,3 +332,35 @@ def test_a_bad_price_file_refuses_to_start(home, upstream, tmp_path):
     code, err = run_proxy(home, upstream, {"CLAUDE_PROXY_PRICES": bad})
     assert code != 0 and "Traceback" not in err
     assert "CLAUDE_PROXY_PRICES" in err and "'sonnet' must be" in err, err
+
+
+def test_a_full_disk_loses_rows_not_requests(home, upstream, tmp_path):
+    """The proxy under a file-size limit (prlimit --fsize) just above what a fresh store needs:
+    the store opens, then its writes fail as on a full disk (SQLite reports EFBIG as a disk
+    I/O error, ENOSPC as "database or disk is full"); requests keep succeeding and the lost
+    rows are counted."""
+    import shutil
+    import harness
+    if not shutil.which("prlimit"):
+        pytest.skip("no prlimit (util-linux) to limit the proxy's file sizes")
+    env = harness.base_env(home, upstream.url, str(harness.FAKE_CLAUDE),
+                           CLAUDE_PROXY_KEYS_FILE=standard(tmp_path),
+                           CLAUDE_PROXY_STATE_DIR=tmp_path / "state",
+                           CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
+    p = harness.Proxy(env, wrap=lambda argv: ["prlimit", "--fsize=%d" % (96 * 1024), "--"] + argv)
+    try:
+        status, _, _ = p.request("GET", "/v1/usage?group_by=day", headers=bearer(ADMIN))
+        assert status == 200, "the store opened under the limit"
+        for i in range(60):
+            assert chat(p, CLIENT, "request %d" % i)[0] == 200
+            if written(p).get("lost", 0):
+                break
+            time.sleep(0.1)
+        lost = wait_for(lambda: written(p).get("lost", 0), "rows lost to the full disk")
+        assert lost >= 1
+        assert chat(p, CLIENT)[0] == 200, "requests go on"
+        assert "state store write failed: disk I/O error" in p.log
+        _, _, data = p.request("GET", "/dashboard/data", headers=bearer(ADMIN))
+        assert data["history"]["lost"] >= 1 and "disk I/O error" in data["history"]["error"]
+    finally:
+        p.stop()
