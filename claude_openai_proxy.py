@@ -3470,11 +3470,19 @@ def web_fetch_refusal(url, resolve=socket.getaddrinfo):
     through (the CLI, asking the same resolver, finds nothing either).  Not covered: a name
     whose address changes between this check and the CLI's own fetch (DNS rebinding), and
     redirects the CLI follows by itself (README, Security)."""
+    url = str(url).strip()
+    # Python's urlsplit and the CLI's WHATWG URL parser must see the same host: they disagree
+    # on a backslash (http://127.0.0.1\@example.com/ is example.com here, 127.0.0.1 in node),
+    # on control characters and spaces, and can on userinfo; such URLs are refused outright
+    if "\\" in url or any(ord(c) <= 0x20 or ord(c) == 0x7f for c in url):
+        return "a URL with a backslash, a space or a control character"
     try:
-        parts = urllib.parse.urlsplit(str(url).strip())
+        parts = urllib.parse.urlsplit(url)
         host, port = parts.hostname, parts.port
     except ValueError:
         return "a URL that cannot be read"
+    if "@" in parts.netloc:
+        return "a URL with a user name or password"
     if parts.scheme.lower() not in ("http", "https"):
         return "the scheme %r (only http and https)" % parts.scheme
     if not host:

@@ -194,6 +194,16 @@ def test_web_fetch_judges_a_name_by_every_address_it_resolves_to():
     assert "loopback" in P.web_fetch_refusal("http://docs.example.com/", two)
 
 
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1\\@docs.example.com/", "http://docs.example.com\\@127.0.0.1/",
+    "http://user:pw@docs.example.com/", "http://127.0.0.1 @docs.example.com/",
+    "http://docs.example.com/\tx", "http://docs.example.com/\x7f"])
+def test_web_fetch_refuses_urls_the_cli_may_read_another_way(url):
+    """Node's WHATWG parser reads http://127.0.0.1\\@docs.example.com/ as host 127.0.0.1, Python's
+    urlsplit as docs.example.com: a URL the two could read apart is refused, whatever it resolves to."""
+    assert P.web_fetch_refusal(url, fixed_resolver("93.184.216.34")) is not None
+
+
 def test_web_fetch_lets_through_a_public_looking_name_that_resolves_nowhere():
     """The CLI asks the same resolver and finds nothing either (no connection is made here)."""
     def nowhere(host, port, **kw):
