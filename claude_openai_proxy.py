@@ -4952,14 +4952,14 @@ def _responses_parts(content, where):
     for i, part in enumerate(content):
         at = "%s.content[%d]" % (where, i)
         _need(isinstance(part, dict), "%s must be an object" % at, at)
-        kind = part.get("type")
-        if kind in ("input_text", "output_text"):
+        part_type = part.get("type")
+        if part_type in ("input_text", "output_text"):
             _need(isinstance(part.get("text"), str), "%s.text must be a string" % at, at)
             blocks.append({"type": "text", "text": part["text"]})
-        elif kind == "refusal":                   # an earlier assistant refusal, replayed as text
+        elif part_type == "refusal":              # an earlier assistant refusal, replayed as text
             _need(isinstance(part.get("refusal"), str), "%s.refusal must be a string" % at, at)
             blocks.append({"type": "text", "text": part["refusal"]})
-        elif kind == "input_image":
+        elif part_type == "input_image":
             _need(part.get("file_id") is None, "%s: file_id images need OpenAI's Files API; send "
                   "the image inline as image_url: \"data:image/png;base64,...\"" % at, at)
             try:
@@ -4969,7 +4969,7 @@ def _responses_parts(content, where):
                 raise
         else:
             raise BadRequest("%s has unsupported type %r (supported: input_text, output_text, "
-                             "refusal, input_image)" % (at, kind), param=at)
+                             "refusal, input_image)" % (at, part_type), param=at)
     return blocks
 
 
@@ -4993,8 +4993,8 @@ def parse_responses_input(value, need_message=True):
     for i, item in enumerate(value):
         at = "input[%d]" % i
         _need(isinstance(item, dict), "%s must be an object" % at, at)
-        kind = item.get("type") or ("message" if "role" in item else None)
-        if kind == "message":
+        item_type = item.get("type") or ("message" if "role" in item else None)
+        if item_type == "message":
             role = item.get("role")
             if role in ("system", "developer"):
                 system.append(_text_of(item.get("content"), at))
@@ -5004,14 +5004,14 @@ def parse_responses_input(value, need_message=True):
             else:
                 raise BadRequest("%s.role %r is not one of user, assistant, system, developer"
                                  % (at, role), param=at)
-        elif kind in ("function_call", "custom_tool_call"):
+        elif item_type in ("function_call", "custom_tool_call"):
             cid, name = item.get("call_id"), item.get("name")
             _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
             _need(isinstance(name, str) and name, "%s.name must be a non-empty string" % at, at)
             if item.get("namespace"):
                 _need(isinstance(item["namespace"], str), "%s.namespace must be a string" % at, at)
                 name = "%s.%s" % (item["namespace"], name)      # as the tool is offered
-            if kind == "custom_tool_call":
+            if item_type == "custom_tool_call":
                 _need(isinstance(item.get("input"), str), "%s.input must be a string" % at, at)
                 args = {CUSTOM_INPUT: item["input"]}
             else:
@@ -5026,7 +5026,7 @@ def parse_responses_input(value, need_message=True):
             names[cid] = name
             out.append(Message("assistant", [{"type": "tool_use", "id": cid, "name": name,
                                               "input": args}]))
-        elif kind in ("function_call_output", "custom_tool_call_output"):
+        elif item_type in ("function_call_output", "custom_tool_call_output"):
             cid = item.get("call_id")
             _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
             _need(item.get("output") is not None, "%s.output is required" % at, at)
@@ -5036,17 +5036,17 @@ def parse_responses_input(value, need_message=True):
             if images:                   # native tools give them back inside the result
                 result["images"] = images
             out.append(Message("user", [result] + images))
-        elif kind in ("reasoning", "web_search_call"):
+        elif item_type in ("reasoning", "web_search_call"):
             # not replayed, as Anthropic thinking blocks are not; a search's findings are in
             # the answer that followed it
             continue
-        elif kind == "item_reference":
+        elif item_type == "item_reference":
             raise BadRequest("%s: item references are not supported; send the item itself, or "
                              "continue a stored response with previous_response_id." % at, param=at)
         else:
             raise BadRequest("%s has unsupported type %r (supported: message, function_call, "
                              "function_call_output, custom_tool_call, custom_tool_call_output, "
-                             "reasoning, web_search_call)" % (at, kind), param=at)
+                             "reasoning, web_search_call)" % (at, item_type), param=at)
     _need(out or not need_message, "input must contain at least one user or assistant message",
           "input")
     return "\n\n".join(s for s in system if s), merge_messages(out)
@@ -5385,8 +5385,8 @@ def stored_items(value):
     out = []
     for item in value:
         item = dict(item)
-        item["type"] = kind = item.get("type") or "message"
-        if kind == "message":
+        item["type"] = item_type = item.get("type") or "message"
+        if item_type == "message":
             assistant = item.get("role") == "assistant"
             content = item.get("content")
             if isinstance(content, str):
@@ -5395,7 +5395,7 @@ def stored_items(value):
                                if p.get("type") == "output_text" else p for p in content]
             item.setdefault("status", "completed")
         if not isinstance(item.get("id"), str) or not item["id"]:
-            item["id"] = new_id(ITEM_PREFIXES.get(kind, "item_"))
+            item["id"] = new_id(ITEM_PREFIXES.get(item_type, "item_"))
         out.append(item)
     return out
 
