@@ -99,20 +99,36 @@ Data flow
     HTTP body -> dialect.parse -> Request (neutral) -> prompt rendering -> CLI process
       -> stream-json lines -> events (Start, TextDelta, ThinkingDelta, ToolCall, ToolCallDelta,
          WebSearch, Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
-    Each request is served by one login (section 7, logins: by headroom, a conversation on its
-    login, X-Claude-Account pins), whose CLI processes are its own.
-    Native tools (X-Toolcall-Module: native) skip the engine: the client's tools reach the model
-    as real tools through the CLI's MCP bridge, and its tool_use blocks come back as ToolCalls.
-    A client's web search runs as the CLI's own WebSearch tool; each search is a WebSearch event.
-    The CLI process comes from one store of idle processes (IdleStore) when one fits: the very
-    process that answered the conversation so far (then only the new user message is sent),
-    else one that answered an earlier request with the same settings and was reset, else a
-    pre-started one; a process whose turn ended cleanly goes back to the store.  A process
-    that ends before any of its answer reached the client is replaced once (Backend.run).
-    A Responses request that continues a stored response (previous_response_id) or a
-    conversation gets the stored items from the state store (section 12) ahead of its input,
-    so it hashes as the conversation its kept process holds; a stored response is saved there
-    before its end reaches the client.
+
+Structure: which class does what
+--------------------------------
+    Handler (13)        http.server's do_*: one request path (Waiting admits the connection,
+                        Host/Origin, key, framing, JSON), then a Route of ROUTES: a plain
+                        function of the per-request Call.  App holds what every request shares.
+    KeyRing, Budgets (13)
+                        the keys: who may do what (Principal), and the budgets checked before
+                        a request takes a CLI slot.
+    generate, model_events, login_events (13)
+                        one model request: a login (Logins), a slot (Gate), then one CLI turn
+                        (Backend.run) or the tool engine (emulated_tool_events, section 6).
+    OpenAIChat, AnthropicMessages, OpenAIResponses (9-11)
+                        a dialect: parse -> Request, render a Completion, stream events as SSE
+                        (ResponsesStream for the Responses API).
+    StateStore (12)     one SQLite file: stored responses and conversations (StatefulResponses,
+                        section 11) and the usage history (UsageHistory).
+    Backend (7)         one CLI turn: a process from the IdleStore (or a new CLIProcess), the
+                        request's stdin lines, its stdout through StreamTranslator into events;
+                        a process that ends before its answer reached the client is replaced once.
+    IdleStore (7)       every CLI process not running a turn: take (the best that fits: the
+                        conversation's own (KeptConversation), one reset after a request with
+                        the same settings, one pre-started), give back, evict (one LRU budget).
+    PreStarter (7)      its thread keeps processes ready for the launch keys in Demand; backs
+                        off after repeated deaths.
+    ToolBridge (7)      native tools: the client's tools as the CLI's MCP server; its tool_use
+                        blocks come back as ToolCalls, never run.  A client's web search is
+                        the CLI's own WebSearch tool (WebSearch events).
+    Account, Logins (7) each login's processes and plan windows; the choice of a login.
+    Errors are one family (ProxyError, section 2), rendered by the dialect of the route.
 
 Contents
 --------
@@ -120,7 +136,7 @@ Contents
     2. errors             6. tool calling            10. Anthropic messages
     3. config             7. CLI backend             11. OpenAI responses
     4. neutral model      8. SSE                     12. state store
-                                                     13. routes, handler, server
+                                                     13. auth, metrics, routes, handler, server
                                                      14. main
 """
 
