@@ -205,6 +205,7 @@ HEARTBEAT_SECONDS = 10.0      # SSE keep-alive while the model is silent
 POLL_SECONDS = 0.25           # how often a waiting request checks deadline and client
 REFUSAL_HOLD_CHARS = 400      # streamed text held back while it may still be a false refusal
 MAX_JSON_DEPTH = 64
+MAX_STOP_SEQUENCES = 32       #: Anthropic stop_sequences (each is searched in every text delta)
 HISTORY_MODES = ("flat", "structured")
 #: CLAUDE_PROXY_WEB_TOOLS -> the CLI tools a client's web search / web fetch may use
 WEB_TOOL_MODES = {"off": (), "search": ("WebSearch",), "all": ("WebSearch", "WebFetch")}
@@ -528,6 +529,12 @@ def load_config(argv=None, environ=None):
         raise SystemExit("error: CLAUDE_PROXY_MAX_CONCURRENCY must be at least 1")
     if cfg.max_waiting < 1:
         raise SystemExit("error: CLAUDE_PROXY_MAX_WAITING must be at least 1")
+    for i, key in enumerate(cfg.api_keys, 1):
+        weak = weak_key(key)
+        if weak:
+            raise SystemExit("error: CLAUDE_PROXY_API_KEYS key %d %s; make one with: "
+                             "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                             % (i, weak))
     for name, env in (("pool_size", "POOL_SIZE"), ("sessions", "SESSIONS"), ("idle_max", "IDLE_MAX"),
                       ("reuse", "REUSE"), ("recycle_rss", "RECYCLE_RSS")):
         if (getattr(cfg, name) or 0) < 0:
@@ -777,6 +784,19 @@ def default_instance(port):
     port (two proxies on one host differ by port)."""
     digest = hashlib.sha256(("%s:%d" % (socket.gethostname(), port)).encode()).digest()
     return "".join("abcdefghijklmnopqrstuvwxyz0123456789"[b % 36] for b in digest[:6])
+
+
+#: the placeholder key of claude-proxy.env.example and the README: never a real key
+EXAMPLE_KEY = "change-me-to-a-long-random-string"
+
+
+def weak_key(key):
+    """Why `key` may not be used (never the key itself), or None."""
+    if key == EXAMPLE_KEY:
+        return "is the example's placeholder"
+    if len(key) < 16:
+        return "is shorter than 16 characters"
+    return None
 
 
 def is_loopback(host):
@@ -4158,14 +4178,14 @@ class Logins:
         limited login when none can serve it."""
         if allowed and (pinned or not set(allowed) & set(self.by_name)):
             if pinned not in allowed:
-                raise Forbidden("This key may use the login(s) %s only%s." % (
-                    ", ".join(allowed), "" if pinned else "; this proxy has %s"
-                    % ", ".join(self.by_name)), param="X-Claude-Account")
+                raise Forbidden("This key may use the login(s) %s only."
+                                % ", ".join(allowed), param="X-Claude-Account")
         if pinned:
             account = self.by_name.get(pinned)
             if account is None:
-                raise BadRequest("Unknown X-Claude-Account %r; this proxy's logins: %s."
-                                 % (pinned, ", ".join(self.by_name)), param="X-Claude-Account")
+                raise BadRequest("Unknown X-Claude-Account %r; the logins you may use: %s."
+                                 % (pinned, ", ".join(allowed or self.by_name)),
+                                 param="X-Claude-Account")
             err = account.limited()
             if err is not None:
                 raise err
@@ -4805,6 +4825,8 @@ class AnthropicMessages:
         stop = body.get("stop_sequences") or []
         _need(isinstance(stop, list) and all(isinstance(s, str) and s for s in stop),
               "stop_sequences: Input should be a list of non-empty strings")
+        _need(len(stop) <= MAX_STOP_SEQUENCES, "stop_sequences: at most %d sequences, got %d"
+              % (MAX_STOP_SEQUENCES, len(stop)))
         for k in ("temperature", "top_p"):
             v = body.get(k)
             _need(v is None or (isinstance(v, (int, float)) and 0 <= v <= 1),
@@ -6506,6 +6528,8 @@ def parse_keys(text, where, env_keys=()):
         if key is not None:
             if not isinstance(key, str) or len(key) < 16 or any(c.isspace() for c in key):
                 raise bad("key must be a string of 16 or more characters without spaces")
+            if weak_key(key):
+                raise bad("key " + weak_key(key))
             digest = key_digest(key)
         else:
             if not isinstance(hexdigest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigest):
@@ -7017,28 +7041,42 @@ class App:
         return {"serving": serving, "guard": {"extra_usage": self.cfg.extra_usage},
                 "accounts": out}
 
-    def health_report(self):
+    def health_report(self, full=True):
         """GET /health: `degraded`, with reasons, when requests are known to fail or be slow
-        for a reason the operator has to fix; the HTTP status stays 200 (see Handler.health)."""
+        for a reason the operator has to fix; the HTTP status stays 200 (see the health route).
+        Not `full`: status, reasons without names or paths, and `logins.serving` (what a load
+        balancer checks): what a caller who is not an admin may see."""
         cfg, gate, backend = self.cfg, self.backend.gate, self.backend
         self.checked.wait(STARTUP_CHECK_WAIT)
         found = shutil.which(cfg.claude_bin)
-        idle, logins, reasons = backend.idle_status(), self.logins_summary(), []
+        idle, logins, reasons, public = backend.idle_status(), self.logins_summary(), [], []
+
+        def reason(said, detail=None):    # `detail` (names, paths, hints): admins only
+            public.append(said)
+            reasons.append(detail or said)
         if not found:
-            reasons.append("the claude CLI was not found (CLAUDE_BIN=%s): every model request "
-                           "fails with 503" % cfg.claude_bin)
+            reason("the claude CLI was not found: every model request fails with 503",
+                   "the claude CLI was not found (CLAUDE_BIN=%s): every model request fails "
+                   "with 503" % cfg.claude_bin)
         elif self.cli_problem():
-            reasons.append(self.cli_problem())
+            reason("the claude CLI may be broken or older than this proxy is tested with",
+                   self.cli_problem())
         for a in logins["accounts"]:              # the hint says what to run
             if not a["healthy"] and a["reason"]:
-                reasons.append("login %s cannot serve: %s; %s" % (a["name"], a["reason"], a["hint"]))
+                reason("a login cannot serve",
+                       "login %s cannot serve: %s; %s" % (a["name"], a["reason"], a["hint"]))
             elif not a["healthy"]:
-                reasons.append("login %s failed to authenticate: %s" % (a["name"], a["hint"]))
+                reason("a login failed to authenticate",
+                       "login %s failed to authenticate: %s" % (a["name"], a["hint"]))
         if idle.get("mode") == "cold-fallback":
-            reasons.append("the pool is in cold fallback: pre-started CLI processes kept dying "
-                           "at start, so requests start their own (slower); see the proxy's log")
+            reason("the pool is in cold fallback: pre-started CLI processes kept dying at start, "
+                   "so requests start their own (slower); see the proxy's log")
+        status = "degraded" if reasons else "ok"
+        if not full:
+            return {"status": status, "reasons": public,
+                    "logins": {"serving": logins["serving"]}}
         return {
-            "status": "degraded" if reasons else "ok", "reasons": reasons,
+            "status": status, "reasons": reasons,
             "version": __version__, "uptime_s": round(time.time() - self.started_at, 1),
             "claude_bin": cfg.claude_bin, "claude_found": bool(found),
             "concurrency": {"capacity": gate.capacity, "running": gate.running, "queued": gate.queued},
@@ -7646,10 +7684,13 @@ def usage_history(app, me, query):
 
 
 def health(call):
+    """Everything to an admin key (or, without keys, the operator on loopback); to anyone
+    else status and reasons only: no login names, paths or module errors."""
     # 200 for "degraded" too: the process is up and answers, and a restart (what a 503
     # makes Docker or a load balancer do) fixes neither a login nor a missing CLI; alert
     # on the body's status
-    call.send_json(200, call.app.health_report())
+    me = call.app.keys.authenticate(call.headers, call.handler.client_address[0])
+    call.send_json(200, call.app.health_report(full=me is not None and me.admin))
 
 
 def metrics(call):
@@ -7990,11 +8031,19 @@ def record(call):
             round((time.monotonic() - call.started) * 1000, 1), req.served_by or ""))
 
 
+def printable(text):
+    """Client text for a log line: anything but printable ASCII as \\xNN (a path must not
+    write terminal escapes or fake lines into the log)."""
+    return re.sub(r"[^\x21-\x7e]", lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                  else "\\u%04x" % ord(m.group()), text)
+
+
 def log_access(call):
     u = call.usage
     fields = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S"), "id": call.request_id,
-              "method": call.method, "path": call.path, "status": call.status,
-              "ms": round((time.monotonic() - call.started) * 1000, 1), "model": call.model,
+              "method": printable(call.method), "path": printable(call.path),
+              "status": call.status, "ms": round((time.monotonic() - call.started) * 1000, 1),
+              "model": printable(call.model),
               "tokens_in": u.prompt_tokens if u else 0, "tokens_out": u.output_tokens if u else 0}
     if call.app.cfg.log_format == "json":
         line = json.dumps(fields)
@@ -8066,7 +8115,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             call.status = call.status or 499
         except Exception as exc:  # noqa: BLE001 - the server never dies, the client gets a 500
-            self.log_error("internal error: %s: %s", type(exc).__name__, exc)
+            log_line("request %s: internal error: %s: %s"
+                     % (call.request_id, type(exc).__name__, printable(str(exc))[:300]))
             import traceback
             traceback.print_exc(file=sys.stderr)
             call.send_error(ProxyError("Internal proxy error; see the proxy's log."))

@@ -238,6 +238,8 @@ ANTHROPIC_CASES = [
     Case("an-system-image-block", MSGS, an(system=[{"type": "image"}]), mention="system"),
     Case("an-temperature-high", MSGS, an(temperature=5), mention="temperature"),
     Case("an-stop-sequences-string", MSGS, an(stop_sequences="END"), mention="stop_sequences"),
+    Case("an-stop-sequences-too-many", MSGS, an(stop_sequences=["s%d" % i for i in range(33)]),
+         mention="at most 32"),
     Case("an-tools-not-list", MSGS, an(tools={"name": "x"}), mention="tools"),
     Case("an-tool-no-schema", MSGS, an(tools=[{"name": "get_weather"}]), mention="input_schema"),
     Case("an-tool-no-name", MSGS, an(tools=[{"input_schema": {"type": "object"}}]), mention="name"),

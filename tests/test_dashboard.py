@@ -31,7 +31,7 @@ import claude_openai_proxy as cop  # noqa: E402
 
 ARTIFACTS = pathlib.Path(__file__).resolve().parent / "artifacts"
 CHAT = "/v1/chat/completions"
-KEY = "dash-key-5e1f09"
+KEY = "dash-key-5e1f09-77"
 OAUTH = "made-up-oauth-token-77c2"
 PROMPT_MARKER = "PROMPT-TEXT-NEVER-LOGGED-3b7d"
 INJECTED = '<b id="injected">x</b>'        # a client naming itself in markup
@@ -239,7 +239,7 @@ def test_request_log_bounds_and_percentiles():
 
 @pytest.fixture(scope="module")
 def keyed(make_proxy):
-    return make_proxy(fake=True, CLAUDE_PROXY_API_KEYS=KEY + ",other-key-2", CLAUDE_PROXY_POOL_SIZE=0,
+    return make_proxy(fake=True, CLAUDE_PROXY_API_KEYS=KEY + ",other-key-2-f0a3b9c1", CLAUDE_PROXY_POOL_SIZE=0,
                       CLAUDE_CODE_OAUTH_TOKEN=OAUTH, CLAUDE_PROXY_CORS_ORIGINS="https://a.example")
 
 
@@ -253,7 +253,7 @@ def test_data_needs_a_key_the_shell_does_not(keyed):
     status, _, _ = keyed.request("GET", "/dashboard/data?key=" + KEY)
     assert status == 401, "a key in the URL is not accepted"
     assert data(keyed, {"Authorization": "Bearer " + KEY})["version"] == cop.__version__
-    assert data(keyed, {"x-api-key": "other-key-2"})["version"] == cop.__version__
+    assert data(keyed, {"x-api-key": "other-key-2-f0a3b9c1"})["version"] == cop.__version__
 
 
 def test_secrets_are_masked_in_the_data(keyed):
@@ -262,7 +262,7 @@ def test_secrets_are_masked_in_the_data(keyed):
     row_for(keyed, rid, {"Authorization": "Bearer " + KEY})
     d = data(keyed, {"Authorization": "Bearer " + KEY})
     text = json.dumps(d)
-    assert KEY not in text and "other-key-2" not in text and OAUTH not in text
+    assert KEY not in text and "other-key-2-f0a3b9c1" not in text and OAUTH not in text
     config = {c["name"]: c["value"] for c in d["config"]}
     assert config["CLAUDE_PROXY_API_KEYS"] == "2 key(s), masked"
     assert config["CLAUDE_PROXY_CORS_ORIGINS"] == "https://a.example"

@@ -279,8 +279,8 @@ def test_a_login_outside_the_keys_list_is_403_naming_what_is_allowed(make_proxy,
     assert got["error"]["message"] == "This key may use the login(s) work only."
     status, _, got = chat(p, OTHER)
     assert status == 403
-    assert got["error"]["message"] == ("This key may use the login(s) nowhere only; this proxy "
-                                       "has home, work.")
+    # the logins it may not use are not named to it
+    assert got["error"]["message"] == "This key may use the login(s) nowhere only."
     status, hdrs, _ = chat(p, ADMIN, headers={"X-Claude-Account": "home"})
     assert status == 200 and hdrs["X-Claude-Account"] == "home"
     p.stop()
@@ -367,7 +367,7 @@ def test_concurrent_budget_refuses_at_once_and_frees_when_one_ends(make_proxy, t
     result = {}
     t = threading.Thread(target=lambda: result.update(r=chat(p, CLIENT, "[[slow:40]]", timeout=60)))
     t.start()
-    wait_for(lambda: p.request("GET", "/health")[2]["concurrency"]["running"] == 1, "the stream")
+    wait_for(lambda: p.request("GET", "/health", headers=bearer(ADMIN))[2]["concurrency"]["running"] == 1, "the stream")
     status, hdrs, got = chat(p, CLIENT)
     assert status == 429 and hdrs["Retry-After"] == "1"
     assert "concurrent=1: 1 of its requests are running" in got["error"]["message"]
@@ -388,8 +388,8 @@ def test_one_key_cannot_hold_every_slot(make_proxy, tmp_path):
         for _ in range(2)]
     for t in threads:
         t.start()
-    wait_for(lambda: p.request("GET", "/health")[2]["concurrency"]["queued"] == 1, "one queued")
-    health = p.request("GET", "/health")[2]["concurrency"]
+    wait_for(lambda: p.request("GET", "/health", headers=bearer(ADMIN))[2]["concurrency"]["queued"] == 1, "one queued")
+    health = p.request("GET", "/health", headers=bearer(ADMIN))[2]["concurrency"]
     assert health["running"] == 1 and health["queued"] == 1
     status, _, _ = chat(p, OTHER)
     done_other = time.monotonic()
@@ -411,7 +411,7 @@ def test_reload_on_change_and_sighup_keeps_a_stream_in_flight(make_proxy, tmp_pa
     t = threading.Thread(target=lambda: result.update(
         r=chat(p, CLIENT, "[[slow:60]]", stream=True, timeout=60)))
     t.start()
-    wait_for(lambda: p.request("GET", "/health")[2]["concurrency"]["running"] == 1, "the stream")
+    wait_for(lambda: p.request("GET", "/health", headers=bearer(ADMIN))[2]["concurrency"]["running"] == 1, "the stream")
     # the coder is removed and a new key added, written in place (the file watcher sees it)
     new = "fresh-key-9988776655"
     path.write_text(json.dumps([{"name": "ops", "key": ADMIN, "role": "admin"},

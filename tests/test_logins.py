@@ -796,13 +796,13 @@ def test_the_guard_holds_until_the_reset_and_only_when_extra_usage_would_bill():
 
 
 def test_usage_needs_a_key_and_health_does_not(make_proxy):
-    p = make_proxy(fake=True, CLAUDE_PROXY_API_KEYS="usage-key-1", CLAUDE_PROXY_POOL_SIZE=0)
+    p = make_proxy(fake=True, CLAUDE_PROXY_API_KEYS="usage-key-1-0d4c8b2e", CLAUDE_PROXY_POOL_SIZE=0)
     status, _, got = p.request("GET", "/v1/usage")
     assert status == 401, got
-    status, _, got = p.request("GET", "/v1/usage", headers={"Authorization": "Bearer usage-key-1"})
+    status, _, got = p.request("GET", "/v1/usage", headers={"Authorization": "Bearer usage-key-1-0d4c8b2e"})
     assert status == 200 and got["accounts"][0]["name"] == "default", got
     assert got["accounts"][0]["windows"] == {} and got["accounts"][0]["updated_at"] is None
-    assert p.request("GET", "/usage", headers={"x-api-key": "usage-key-1"})[0] == 200
+    assert p.request("GET", "/usage", headers={"x-api-key": "usage-key-1-0d4c8b2e"})[0] == 200
     status, _, health = p.request("GET", "/health")
     assert status == 200 and health["logins"]["serving"] is True
-    assert "usage-key-1" not in json.dumps(got) + json.dumps(health)
+    assert "usage-key-1-0d4c8b2e" not in json.dumps(got) + json.dumps(health)

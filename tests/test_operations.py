@@ -35,7 +35,7 @@ import claude_openai_proxy as cop  # noqa: E402
 CHAT = "/v1/chat/completions"
 MSGS = "/v1/messages"
 AV = {"anthropic-version": "2023-06-01"}
-KEY1, KEY2 = "k1-f7a3", "k2longer-b9e15c0d"
+KEY1, KEY2 = "k1-f7a3-0c9d2e41b8", "k2longer-b9e15c0d"
 SOAK_CLAUDE = pathlib.Path(__file__).resolve().parent / "soak_claude.sh"
 FULL = "The quick brown fox jumps over the lazy dog, twice over, and then rests a while."
 
@@ -116,8 +116,10 @@ def wait_for(cond, timeout, what, interval=0.05):
     return harness.wait_for(cond, what, timeout, interval)
 
 
-def health(p):
-    status, _, body = p.request("GET", "/health", timeout=30)
+def health(p, key=None):
+    """/health as the operator sees it (a proxy with keys shows it whole to an admin key)."""
+    headers = {"Authorization": "Bearer " + key} if key else None
+    status, _, body = p.request("GET", "/health", headers=headers, timeout=30)
     assert status == 200, body
     return body
 
@@ -169,7 +171,7 @@ BAD_AUTH = [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "Bearer
 
 
 def test_missing_or_wrong_key_is_401_openai_shape(auth_proxy):
-    started = health(auth_proxy)["cli_processes_started"]
+    started = health(auth_proxy, KEY1)["cli_processes_started"]
     for headers in BAD_AUTH:
         for method, path, body in (("POST", CHAT, body_for("openai", "hi")[1]), ("GET", "/v1/models", None),
                                    ("GET", "/v1/models/sonnet", None), ("GET", "/metrics", None)):
@@ -179,7 +181,7 @@ def test_missing_or_wrong_key_is_401_openai_shape(auth_proxy):
             assert err["type"] == "authentication_error"
             assert "API key" in err["message"] and "CLAUDE_PROXY_API_KEYS" in err["message"]
             assert hdrs.get("X-Request-Id")
-    assert health(auth_proxy)["cli_processes_started"] == started, "a CLI ran for an unauthorized call"
+    assert health(auth_proxy, KEY1)["cli_processes_started"] == started, "a CLI ran for an unauthorized call"
 
 
 def test_missing_or_wrong_key_is_401_anthropic_shape(auth_proxy):
@@ -295,10 +297,10 @@ def test_public_bind_with_allow_unauthenticated_starts(make_proxy):
 
 
 def test_public_bind_with_keys_starts_and_requires_them(make_proxy):
-    p = make_proxy(fake=True, args=("--host", "0.0.0.0"), CLAUDE_PROXY_API_KEYS="bind-key-31",
+    p = make_proxy(fake=True, args=("--host", "0.0.0.0"), CLAUDE_PROXY_API_KEYS="bind-key-31-a7c0e9f4",
                    CLAUDE_PROXY_POOL_SIZE=0)
     assert ask(p, "openai", "hi")[0] == 401
-    assert ask(p, "openai", "hi", headers={"Authorization": "Bearer bind-key-31"})[0] == 200
+    assert ask(p, "openai", "hi", headers={"Authorization": "Bearer bind-key-31-a7c0e9f4"})[0] == 200
     p.stop()
     assert p.proc.returncode == 0
 
@@ -312,7 +314,7 @@ PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
 
 @pytest.fixture(scope="module")
 def cors_proxy(make_proxy):
-    return make_proxy(fake=True, CLAUDE_PROXY_CORS_ORIGINS=ORIGIN, CLAUDE_PROXY_API_KEYS="cors-key-5e1",
+    return make_proxy(fake=True, CLAUDE_PROXY_CORS_ORIGINS=ORIGIN, CLAUDE_PROXY_API_KEYS="cors-key-5e1-b3d8a0c2",
                       CLAUDE_PROXY_POOL_SIZE=0)
 
 
@@ -347,7 +349,7 @@ def test_cors_preflight_is_answered_without_a_key(cors_proxy, path):
 
 
 def test_cors_headers_on_responses(cors_proxy):
-    key = {"Authorization": "Bearer cors-key-5e1", "Origin": ORIGIN}
+    key = {"Authorization": "Bearer cors-key-5e1-b3d8a0c2", "Origin": ORIGIN}
     for status_want, (status, hdrs, _body) in (
             (200, ask(cors_proxy, "openai", "hi", headers=key)),
             (200, ask(cors_proxy, "anthropic", "hi", headers=key)),
@@ -362,7 +364,7 @@ def test_cors_headers_on_responses(cors_proxy):
 
 
 def test_cors_other_origin_gets_nothing(cors_proxy):
-    other = {"Origin": "https://evil.example", "Authorization": "Bearer cors-key-5e1"}
+    other = {"Origin": "https://evil.example", "Authorization": "Bearer cors-key-5e1-b3d8a0c2"}
     status, hdrs, _ = ask(cors_proxy, "openai", "hi", headers=other)
     assert status == 403          # another page is refused even with a key (README: Security)
     assert not [k for k in lower(hdrs) if k.startswith("access-control-")]
@@ -965,7 +967,7 @@ def pinned_cli_version():
 
 def test_check_ok_with_real_cli(home, upstream):
     upstream.default = fake_upstream.text("OK")
-    env = base_env(home, upstream.url, real_claude_bin(), CLAUDE_PROXY_API_KEYS="check-secret-77d2,other-4k")
+    env = base_env(home, upstream.url, real_claude_bin(), CLAUDE_PROXY_API_KEYS="check-secret-77d2,other-4k-5e2a91c07d")
     rc, out = run_check(env)
     assert rc == 0, out
     assert pinned_cli_version() in out
@@ -1125,13 +1127,13 @@ def test_responses_api_needs_a_key_like_chat(auth_proxy):
     """/v1/responses is behind the same keys: 401 in OpenAI's shape for every bad header (and
     no CLI runs for it), 200 with a right key."""
     body = {"model": "sonnet", "input": "hi"}
-    started = health(auth_proxy)["cli_processes_started"]
+    started = health(auth_proxy, KEY1)["cli_processes_started"]
     for headers in BAD_AUTH:
         status, _, got = auth_proxy.post("/v1/responses", body, headers=headers)
         assert status == 401, (headers, got)
         err = error_of("openai", got)
         assert err["type"] == "authentication_error" and "CLAUDE_PROXY_API_KEYS" in err["message"]
-    assert health(auth_proxy)["cli_processes_started"] == started, "a CLI ran for an unauthorized call"
+    assert health(auth_proxy, KEY1)["cli_processes_started"] == started, "a CLI ran for an unauthorized call"
     for headers in ({"Authorization": "Bearer " + KEY1}, {"x-api-key": KEY2}):
         status, _, got = auth_proxy.post("/v1/responses", body, headers=headers)
         assert status == 200, got

@@ -15,9 +15,11 @@ import pytest
 
 import claude_openai_proxy as cop
 from harness import send_raw
+import fake_upstream
 
 CHAT = "/v1/chat/completions"
 KEY = "sec-key-0123456789abcdef"
+PLACEHOLDER = "change-me-to-a-long-random-string"      # claude-proxy.env.example's key
 BODY = json.dumps({"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]}).encode()
 #: what Chrome sends with a page's fetch(url, {method: "POST", body: "..."}) to another site
 BROWSER = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0 Safari/537.36",
@@ -374,3 +376,146 @@ def test_a_head_sent_a_byte_at_a_time_is_cut_off(make_proxy):
         s.close()
     assert p.request("GET", "/health")[0] == 200
     p.stop()
+
+
+# What a caller without a key sees (item 6) ######################################################
+
+def test_health_without_a_key_says_status_and_reasons_only(make_proxy, tmp_path, home):
+    """Keys set, a missing CLI and a login whose token file is unreadable: the keyless caller
+    learns that the proxy is degraded and why in general, not where the CLI, the logins or
+    their files are; an admin key sees it all."""
+    token = tmp_path / "token-of-alice"
+    token.write_text("not-a-real-token")
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_API_KEYS=KEY,
+                   CLAUDE_BIN=str(tmp_path / "no-claude-here"),
+                   CLAUDE_PROXY_ACCOUNTS="alice=token-file:%s" % token)
+    status, _, got = p.request("GET", "/health")
+    assert status == 200
+    assert got == {"status": "degraded", "logins": {"serving": True},
+                   "reasons": ["the claude CLI was not found: every model request fails with 503"]}
+    for header in ({"Authorization": "Bearer wrong-key-0123456789"}, {"x-api-key": KEY[:-1]}):
+        assert p.request("GET", "/health", headers=header)[2] == got
+    status, _, full = p.request("GET", "/health", headers={"Authorization": "Bearer " + KEY})
+    text = json.dumps(full)
+    assert "no-claude-here" in text and "alice" in text and "module_errors" in full
+    assert full["reasons"][0].startswith("the claude CLI was not found (CLAUDE_BIN=%s)"
+                                         % (tmp_path / "no-claude-here"))
+    p.stop()
+
+
+def test_health_names_no_login_to_a_keyless_caller(make_proxy, upstream):
+    """A login that failed to authenticate is a reason; its name and hint (real CLI, the
+    upstream refusing it) are the operator's."""
+    p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_API_KEYS=KEY)
+    admin = {"Authorization": "Bearer " + KEY}
+    upstream.default = fake_upstream.error(401, "authentication_error", "invalid x-api-key")
+    status, _, got = p.post(CHAT, json.loads(BODY), headers=admin)
+    assert status == 502, got
+    deadline = time.monotonic() + 10
+    while p.request("GET", "/health", headers=admin)[2]["status"] != "degraded":
+        assert time.monotonic() < deadline, "health did not turn degraded"
+        time.sleep(0.1)
+    full = p.request("GET", "/health", headers=admin)[2]
+    assert full["reasons"][0].startswith("login default failed to authenticate: "), full
+    assert p.request("GET", "/health")[2] == {
+        "status": "degraded", "reasons": ["a login failed to authenticate"],
+        "logins": {"serving": False}}
+    p.stop()
+
+
+def test_a_limited_key_is_not_told_the_other_logins(make_proxy, tmp_path):
+    """X-Claude-Account and a key's login list: the refusal names the logins the key may use,
+    never the proxy's others."""
+    work, other = tmp_path / "work", tmp_path / "secret-login"
+    work.mkdir()
+    other.mkdir()
+    retired = KEY + "-retired"
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"name": "c", "key": KEY, "logins": ["work"]},
+                                         {"name": "r", "key": retired, "logins": ["gone"]}]}))
+    os.chmod(keys, 0o600)
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_KEYS_FILE=keys,
+                   CLAUDE_PROXY_STATE_DIR=tmp_path / "state",
+                   CLAUDE_PROXY_ACCOUNTS="work=%s,hidden=%s" % (work, other))
+    for key, pinned, allowed in ((KEY, "nobody", "work"), (KEY, "hidden", "work"),
+                                 (retired, None, "gone")):
+        headers = {"Authorization": "Bearer " + key}
+        if pinned:
+            headers["X-Claude-Account"] = pinned
+        status, _, got = p.post(CHAT, json.loads(BODY), headers=headers)
+        assert status == 403, got
+        assert got["error"]["message"] == "This key may use the login(s) %s only." % allowed
+    p.stop()
+
+
+@pytest.mark.parametrize("keys,why", [("short-key-12", "shorter than 16 characters"),
+                                      (PLACEHOLDER, "placeholder"),
+                                      ("a-long-enough-key-0123,x", "key 2 is shorter")])
+@pytest.mark.parametrize("check", [False, True])
+def test_weak_keys_are_refused_at_start(home, upstream, keys, why, check):
+    import subprocess
+    import sys
+    from conftest import FAKE_CLAUDE, PROXY, base_env, free_port
+    env = base_env(home, upstream.url, str(FAKE_CLAUDE), CLAUDE_PROXY_API_KEYS=keys)
+    args = ["--check"] if check else ["--port", str(free_port())]
+    res = subprocess.run([sys.executable, str(PROXY), *args], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode != 0
+    assert why in res.stderr and "CLAUDE_PROXY_API_KEYS" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "listening" not in res.stderr
+    for k in keys.split(","):
+        assert k not in res.stderr + res.stdout
+
+
+def test_example_placeholder_is_the_one_in_the_example_files():
+    root = cop.pathlib.Path(cop.__file__).parent
+    assert "CLAUDE_PROXY_API_KEYS=%s" % PLACEHOLDER in (root / "claude-proxy.env.example").read_text()
+    assert cop.EXAMPLE_KEY == PLACEHOLDER
+
+
+def test_access_log_escapes_control_characters(open_proxy):
+    rid = "ctl-%d" % os.getpid()
+    data = ("GET /v1/\x1b[2J\x1b[31mfake\x07 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: %s\r\n"
+            "Connection: close\r\n\r\n" % rid).encode("latin-1")
+    status, _, _ = raw(open_proxy.port, data)
+    assert status == 404
+    deadline = time.monotonic() + 5
+    while rid not in open_proxy.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = [l for l in open_proxy.log.splitlines() if rid in l][-1]
+    assert "/v1/\\x1b[2J\\x1b[31mfake\\x07 404" in line, line
+    assert "\x1b" not in open_proxy.log and "\x07" not in open_proxy.log
+
+
+def test_a_500_is_logged_with_its_request_id(monkeypatch, capfd):
+    """An unexpected exception in a route: a 500 in the caller's dialect, and the log line
+    names the request id (so the client's report finds the traceback)."""
+    import http.client
+    import threading
+
+    def boom(call):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(cop, "ROUTES", cop.ROUTES + (cop.Route("GET", "/boom", boom),))
+    cfg, _ = cop.load_config(["--port", "0", "--pool-size", "0", "--sessions", "0"],
+                             environ={"CLAUDE_PROXY_STORE": "off", "CLAUDE_BIN": "/bin/false",
+                                      "HOME": os.environ.get("HOME", "/tmp")})
+    server = cop.ProxyServer(cfg)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.request("GET", "/boom", headers={"X-Request-Id": "boom-req-1"})
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 500 and resp.getheader("X-Request-Id") == "boom-req-1"
+        assert body["error"]["message"] == "Internal proxy error; see the proxy's log."
+        assert "kaboom" not in json.dumps(body)
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.app.close()
+        thread.join(10)
+    err = capfd.readouterr().err
+    assert "request boom-req-1: internal error: RuntimeError: kaboom" in err, err
