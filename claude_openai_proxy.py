@@ -3157,26 +3157,11 @@ def mcp_names(tools):
 
 
 class ToolBridge:
-    """Native tools for one request: the client's tools as an SDK MCP server inside the CLI.
-
-    The CLI asks for them over the control protocol (control_request mcp_message carrying
-    JSON-RPC initialize, notifications, tools/list; every one must be answered, notifications
-    included, or the CLI stalls).  The model's tool_use blocks stream like other blocks and
-    become ToolCall + ToolCallDelta events.  Before running a tool the CLI asks can_use_tool,
-    as soon as that block ends; answering then would abort the stream and cut off the calls
-    still being written, so answers are held until the upstream message ends, then denied with
-    interrupt: the turn stops after one upstream call and nothing runs.  A call the CLI rejects
-    by itself (a name it does not know) gets no can_use_tool, and the CLI goes straight on to a
-    second upstream call that an interrupt request does not stop; then `done` is set at once and
-    the request ends with the usage seen in the stream (the process is killed after it).
-
-    A turn that is kept (`hold`, KeptConversation.of) is not stopped: its calls are allowed, and the CLI's
-    tools/call for the first one (it runs them one at a time) is held open while the process
-    waits for the conversation's next request.  When that request brings the client's results
-    for exactly these calls, the held call is answered with its result, then each further call
-    as the CLI asks for it (continue_turn), and the model goes on in the same turn: the
-    upstream history is exactly what the model made, plus the client's results.
-    """
+    """Native tools for one request: the client's tools as an SDK MCP server inside the CLI,
+    whose tool_use blocks become ToolCall + ToolCallDelta events and are never run here.  Every
+    control request of the CLI is answered (notifications too), or it stalls.  Permission
+    requests wait for the upstream message to end (_settle); a kept turn (`hold`) is held open
+    for the client's results instead (continue_turn)."""
 
     def __init__(self, req, hold=False):
         # names over all the client's tools, so a named tool_choice (only that tool offered)
@@ -3374,8 +3359,13 @@ class ToolBridge:
             self._settle(proc)
 
     def _settle(self, proc):
-        """Deny every held permission request once the message has ended; give up on a turn
-        in which the CLI rejected every call itself."""
+        """Answer the permission requests once the upstream message has ended: the CLI asks
+        as soon as a tool_use block ends, and answering then would abort the stream and cut off
+        the calls still being written.  Denied with interrupt, the turn stops after one upstream
+        call and nothing runs; allowed in a kept turn (`hold`).  A call the CLI rejects by
+        itself (a name it does not know) gets no permission request, and the CLI goes straight
+        on to a second upstream call that an interrupt does not stop: when it rejected every
+        call, `done` ends the request at once with the usage seen in the stream."""
         if self.in_message:
             return
         for rid, tool_input in self.permissions:
@@ -3428,7 +3418,11 @@ class ToolBridge:
         return results
 
     def continue_turn(self, proc, held, results):
-        """Go on with the turn that `held` (the bridge of the request before) left open."""
+        """Go on with the turn that `held` (the bridge of the request before) left open.  A
+        kept turn's calls were allowed and the CLI's tools/call for the first one (it runs them
+        one at a time) was held open; now it is answered with the client's result, then each
+        further call as the CLI asks for it, and the model goes on in the same turn: the
+        upstream history is exactly what the model made, plus the client's results."""
         self.results, self.continued = dict(results), True
         for tid, (rid, mid) in held.waiting.items():
             self._answer(proc, rid, mid, self.results.pop(tid))

@@ -1,4 +1,4 @@
-"""A warm CLI serves request after request (section 7, Idle): the reset it gets between
+"""A warm CLI serves request after request (section 7, IdleStore): the reset it gets between
 requests, and what the upstream sees.  Real CLI, fake upstream; behaviour, not timings.
 
 The first tests drive one CLIProcess by hand, so they pin the CLI's own behaviour

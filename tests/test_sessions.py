@@ -1,4 +1,4 @@
-"""Kept conversations (Idle kind "kept", CLAUDE_PROXY_SESSIONS): the process that answered a turn takes
+"""Kept conversations (IdleStore kind "kept", KeptConversation): the process that answered a turn takes
 the conversation's next turn.  Real CLI, fake upstream; behaviour, not timings.
 
 Nothing here asserts a duration.  Which process served a turn is seen through /health
