@@ -141,7 +141,8 @@ class Proxy:
                         raise OSError("not listening yet")
                     self.port = int(found.group(2))
                     self.url = "http://127.0.0.1:%d" % self.port
-                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                # generous: a poll that gave up mid-answer would only add a hang-up to the log
+                with urllib.request.urlopen(self.url + "/health", timeout=15):
                     break
             except OSError:
                 if self.proc.poll() is not None or time.time() > deadline:
