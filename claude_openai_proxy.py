@@ -35,7 +35,8 @@ Endpoints
                                      login|day[&format=csv]: the usage history and its
                                      API-equivalent value estimate (no secrets)
     GET  /health                     ok | degraded (with reasons), capacity, idle CLI processes,
-                                     logins, handlers (no secrets); HTTP 200 either way
+                                     logins, handlers (no secrets); HTTP 200 either way; to
+                                     all but an admin: status, reasons, logins.serving only
     GET  /metrics                    Prometheus text format (an admin key)
     GET  /  and  /dashboard          the status page: a static shell, no data, no key needed
     GET  /dashboard/data             the page's data as JSON (an admin key when keys are set)
