@@ -5,6 +5,7 @@ got is read from its "listening on http://HOST:PORT" line, so two starts never r
 port.  `Proxy.stop` also ends any CLI process the proxy left behind (it should leave none;
 `left_behind` names them for a test to assert on).
 """
+import atexit
 import itertools
 import json
 import os
@@ -23,6 +24,8 @@ PROXY = ROOT / "claude_openai_proxy.py"
 FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
 LISTENING = re.compile(rb"listening on http://(\S+):(\d+)")
 _serial = itertools.count(1)
+_running = set()        #: every Proxy not stopped yet: stopped at exit (a bench interrupted midway)
+atexit.register(lambda: [p.stop() for p in list(_running)])
 
 
 def real_claude_bin():
@@ -131,6 +134,7 @@ class Proxy:
         self.proc = subprocess.Popen(wrap(argv) if wrap else argv, env=env,
                                      cwd=cwd or str(home), stdout=self._log,
                                      stderr=subprocess.STDOUT)
+        _running.add(self)
         deadline = time.time() + timeout
         self.port = None
         while True:
@@ -200,3 +204,4 @@ class Proxy:
                         pass
         if not self._log.closed:
             self._log.close()
+        _running.discard(self)
