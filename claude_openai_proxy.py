@@ -2400,25 +2400,14 @@ class IdleStore:
         with self.cond:
             if note:
                 starter.asked(launch, init)
-
-            def rank(p):
-                if p.launch != launch:
-                    return None
-                reusable = settings is not None and p.settings == settings
-                if p.kind == "kept":
-                    if conversation is not None and p.conversation == conversation:
-                        return 0
-                    return 1.5 if p.first and reusable and p.served < self.reuse else None
-                if p.kind == "reused":
-                    return 1 if reusable else None
-                if p.kind == "initialized":
-                    return 2 if init is not None and p.preinit == init else None
-                return 3
-            fits = sorted((p for p in self.procs if rank(p) is not None), key=rank)
+            ranks = {id(p): self._rank(p, launch, settings, init, conversation)
+                     for p in self.procs}
+            fits = sorted((p for p in self.procs if ranks[id(p)] is not None),
+                          key=lambda p: ranks[id(p)])
             found = rewind = None
             for proc in fits:
                 self.procs.remove(proc)
-                if rank(proc) == 1.5:        # reset below, outside the lock
+                if ranks[id(proc)] == 1.5:   # reset below, outside the lock
                     found = rewind = proc
                     break
                 if proc.resume() if proc.kind in ("kept", "reused") else proc.fresh():
@@ -2437,17 +2426,38 @@ class IdleStore:
             else:
                 self.resetting += 1
             self.cond.notify_all()
-        if rewind is not None:
-            ok = rewind.reset()
-            with self.cond:
-                self.resetting -= 1
-                if ok:
-                    rewind.kind, rewind.conversation, rewind.first = "reused", None, False
-                    self.hits["reused"] += 1
-            if not ok:
-                self.end(rewind)
-                return self.take(launch, settings, init, conversation, note=False)
+        if rewind is not None and not self._rewind(rewind):
+            return self.take(launch, settings, init, conversation, note=False)
         return (found, found.kind) if found is not None else (None, "spawned")
+
+    def _rank(self, p, launch, settings, init, conversation):
+        """How well an idle process fits a request, best first; None: it does not.  1.5: a
+        first message's process, reset for the request (_rewind)."""
+        if p.launch != launch:
+            return None
+        reusable = settings is not None and p.settings == settings
+        if p.kind == "kept":
+            if conversation is not None and p.conversation == conversation:
+                return 0
+            return 1.5 if p.first and reusable and p.served < self.reuse else None
+        if p.kind == "reused":
+            return 1 if reusable else None
+        if p.kind == "initialized":
+            return 2 if init is not None and p.preinit == init else None
+        return 3
+
+    def _rewind(self, proc):
+        """Reset a first message's kept process for the request that took it, on that
+        request's path; False (and ended) when the reset fails."""
+        ok = proc.reset()
+        with self.cond:
+            self.resetting -= 1
+            if ok:
+                proc.kind, proc.conversation, proc.first = "reused", None, False
+                self.hits["reused"] += 1
+        if not ok:
+            self.end(proc)
+        return ok
 
     def make_room(self):
         """Before a request starts a CLI: end the least recently used idle processes until
