@@ -6511,6 +6511,10 @@ def parse_keys(text, where, env_keys=()):
         data = data.get("keys")
     if not isinstance(data, list):
         raise ValueError('%s must be a JSON list of keys or {"keys": [...]}' % where)
+    if not data and where != "-":
+        # no principals means "no keys": open to every peer (ANONYMOUS) on a wildcard bind
+        raise ValueError("%s lists no keys: add at least one (an empty file would let anyone "
+                         "in), or unset CLAUDE_PROXY_KEYS_FILE" % where)
     out, names, digests = [], set(), set()
     for i, entry in enumerate(data, 1):
         def bad(msg):

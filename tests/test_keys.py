@@ -130,6 +130,36 @@ def test_parse_keys_refuses_duplicates_and_bad_json():
         cop.parse_keys('{"key": 1}', "k")
 
 
+@pytest.mark.parametrize("text", ["[]", '{"keys": []}'])
+def test_parse_keys_refuses_a_file_that_lists_no_keys(text):
+    """No principals means no key is checked: a file with none must not open the proxy."""
+    with pytest.raises(ValueError, match="k.json lists no keys"):
+        cop.parse_keys(text, "k.json")
+    with pytest.raises(ValueError, match="lists no keys"):
+        cop.parse_keys(text, "k.json", ("env-key-0123456789",))
+
+
+def test_a_keys_file_with_no_keys_refuses_to_start_on_any_address(home, upstream, tmp_path):
+    path = keys_file(tmp_path, [])
+    e = base_env(home, upstream.url, str(FAKE_CLAUDE), CLAUDE_PROXY_KEYS_FILE=path)
+    res = subprocess.run([sys.executable, str(PROXY), "--host", "0.0.0.0", "--port", "0"],
+                         env=e, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "CLAUDE_PROXY_KEYS_FILE: %s lists no keys" % path in res.stderr, res.stderr
+
+
+def test_a_keys_file_emptied_at_run_time_keeps_the_keys_in_force(make_proxy, tmp_path):
+    path = standard(tmp_path)
+    p = start(make_proxy, path)
+    path.write_text('{"keys": []}')
+    wait_for(lambda: p.request("GET", "/v1/models", headers=bearer(CLIENT)) and
+             "lists no keys" in p.log, "the refusal in the log")
+    assert "keys file not reloaded, the keys in force stay: %s lists no keys" % path in p.log
+    assert chat(p, None)[0] == 401, "no key is still refused"
+    assert chat(p, CLIENT)[0] == 200, "the keys in force stay"
+    p.stop()
+
+
 def test_a_keys_file_readable_by_others_refuses_to_start(home, upstream, tmp_path):
     path = standard(tmp_path)
     os.chmod(path, 0o644)
