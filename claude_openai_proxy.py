@@ -6456,7 +6456,7 @@ class UsageHistory:
 # A request's key names a Principal: who it is (the name history and budgets are kept under),
 # its role (admin reads the operator's pages and everyone's usage; client uses the models), its
 # budgets and the models and logins it may use.  Keys come from CLAUDE_PROXY_KEYS_FILE (named)
-# and CLAUDE_PROXY_API_KEYS (unnamed: "key-1", ...); with neither, the loopback operator is the
+# and CLAUDE_PROXY_API_KEYS (unnamed: "key-" + 8 hex digits of the key's SHA-256); with neither, the loopback operator is the
 # admin and everyone else an anonymous client.
 
 ROLES = ("admin", "client")
@@ -6470,6 +6470,11 @@ KEYS_CHECK_SECONDS = 1.0     # how often a request looks whether the keys file c
 
 def key_digest(key):
     return hashlib.sha256(key.encode()).digest()
+
+
+def env_key_name(key):
+    """A CLAUDE_PROXY_API_KEYS key's name: "key-" and the first 8 hex digits of its SHA-256."""
+    return "key-" + key_digest(key).hex()[:8]
 
 
 @dataclass(frozen=True)
@@ -6572,12 +6577,20 @@ def parse_keys(text, where, env_keys=()):
         digests.add(digest)
         out.append(Principal(name, role, digest, tuple(sorted(budgets.items())),
                              lists["models"], lists["logins"]))
-    for i, k in enumerate(env_keys, 1):
+    for k in env_keys:
         d = key_digest(k)
         if d not in digests:
             digests.add(d)
+            # named by the key, not its place in the list: removing one key must not hand its
+            # name (history rows, budget use) to the next.  8 hex digits of a SHA-256 of a key
+            # of 16+ characters say nothing usable about the key.
+            name = env_key_name(k)
+            if name in names:
+                raise ValueError("%s: the name %r is taken by a key in CLAUDE_PROXY_API_KEYS"
+                                 % (where, name))
+            names.add(name)
             # the file says who is admin; with no file, these keys are all there is
-            out.append(Principal("key-%d" % i, "client" if where != "-" else "admin", d))
+            out.append(Principal(name, "client" if where != "-" else "admin", d))
     return tuple(out)
 
 

@@ -91,9 +91,26 @@ def test_parse_keys_reads_names_roles_budgets_and_lists():
     assert coder.budgets == (("concurrent", 2), ("tokens_day", 1000))
     assert coder.models == ("sonnet", "claude-haiku-4-5") and coder.logins == ("work",)
     # CLAUDE_PROXY_API_KEYS beside a keys file: unnamed client keys
-    assert (env.name, env.role, env.digest) == ("key-1", "client", cop.key_digest("env-key-1"))
+    assert (env.name, env.role, env.digest) == (
+        "key-" + cop.hashlib.sha256(b"env-key-1").hexdigest()[:8], "client",
+        cop.key_digest("env-key-1"))
     # without a keys file they are all the keys there are, so they stay admin (as before)
     assert [p.role for p in cop.parse_keys("[]", "-", ("a", "b"))] == ["admin", "admin"]
+
+
+def test_env_keys_are_named_by_their_digest_so_removing_one_renames_none():
+    """Named by position, removing A from A,B made B "key-1" and gave it A's history rows and
+    budget use; named by digest, B keeps its name whatever is before it."""
+    a, b = "first-env-key-0a1b2c3d", "second-env-key-4e5f6a7b"
+    both = {p.name: p.digest for p in cop.parse_keys("[]", "-", (a, b))}
+    alone = {p.name: p.digest for p in cop.parse_keys("[]", "-", (b,))}
+    name_b = "key-" + cop.hashlib.sha256(b.encode()).hexdigest()[:8]
+    assert both[name_b] == alone[name_b] == cop.key_digest(b)
+    assert list(alone) == [name_b] and len(both) == 2
+    assert a not in "".join(both) and b not in "".join(both), "a name never holds the key"
+    # a file entry with the same name is refused, never two principals under one name
+    with pytest.raises(ValueError, match="is taken by a key in CLAUDE_PROXY_API_KEYS"):
+        cop.parse_keys(json.dumps([{"name": name_b, "key": ADMIN}]), "k.json", (b,))
 
 
 @pytest.mark.parametrize("entry,says", [
@@ -271,7 +288,8 @@ def test_api_keys_beside_a_keys_file_are_client_keys(make_proxy, tmp_path):
     status, _, got = chat(p, "legacy-env-key-77")
     assert status == 200, got
     status, _, got = p.request("GET", "/metrics", headers=bearer("legacy-env-key-77"))
-    assert status == 403 and "key-1" in got["error"]["message"]
+    name = "key-" + cop.hashlib.sha256(b"legacy-env-key-77").hexdigest()[:8]
+    assert status == 403 and name in got["error"]["message"]
     p.stop()
 
 
