@@ -150,6 +150,7 @@ import base64
 import binascii
 import calendar
 import collections
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -5414,6 +5415,8 @@ UNFINISHED = ("queued", "in_progress")
 TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 RESTARTED = ("The proxy restarted while this background response was running, so it did not "
              "finish; create it again.")
+ENDED_UNFINISHED = ("This background response stopped before it finished (an internal error, or "
+                    "the state store failed; the proxy's log says which); create it again.")
 
 
 def stored_id(prefix, instance):
@@ -5454,19 +5457,40 @@ class StoredTurn:
 
 
 class SavingSSE:
-    """The encoder's SSE for a stored response: the terminal event's response is saved before
-    the client sees it, so a request chained right after it finds it."""
+    """The encoder's SSE for a stored response.  It is saved in_progress at response.created
+    (the client has its id from then on), and its end before the client sees it, so a request
+    chained right after it finds it; a stream that stops before its end (the client left) is
+    kept as it stood, incomplete (close)."""
 
-    def __init__(self, sse, save):
-        self.sse, self.save = sse, save
+    def __init__(self, sse, state, turn, body):
+        self.sse, self.state, self.turn, self.body = sse, state, turn, body
+        self.response = None         #: the in_progress response saved at response.created
+        self.output = {}             #: output_index -> the items done so far
+        self.ended = False
 
     def event(self, data, name=None):
-        if name in TERMINAL_EVENTS:
-            self.save(data["response"], None)
+        if name == "response.created" and self.turn.rid:
+            self.response = data["response"]
+            self.state.finish(self.turn, self.body, self.response)
+        elif name == "response.output_item.done":
+            self.output[data["output_index"]] = data["item"]
+        elif name in TERMINAL_EVENTS:
+            self.ended = True
+            self.state.finish(self.turn, self.body, data["response"])
         self.sse.event(data, name)
 
     def comment(self, text):
         self.sse.comment(text)
+
+    def close(self):
+        if self.response is None or self.ended:
+            return
+        try:
+            self.state.update(self.turn.rid, dict(
+                self.response, status="incomplete",
+                output=[self.output[i] for i in sorted(self.output)]))
+        except ProxyError:
+            pass                         # logged and counted by the store
 
 
 def list_page(items, query, key="id"):
@@ -5522,7 +5546,9 @@ class BackgroundRun:
         self.cond = threading.Condition()
         self.finished = self.cancelled = False
         self.response = None         # the response object as it stands
-        self.save = None             # save(response, events): called before a terminal event
+        self.queued = None           # the response as the create request stored it
+        self.save = None             # save(response, events) -> saved?: before a terminal event
+        self.saved = False           # the run's end (a terminal event, a cancel) was saved
 
     def check(self):
         if self.cancelled:
@@ -5535,7 +5561,7 @@ class BackgroundRun:
 
     def event(self, data, name=None):
         if name in TERMINAL_EVENTS and self.save is not None:
-            self.save(data["response"], self.events + [data])
+            self.saved = self.save(data["response"], self.events + [data])
         with self.cond:
             self.events.append(data)
             if isinstance(data.get("response"), dict):
@@ -5671,52 +5697,66 @@ class StatefulResponses:
                            (rid, owner, time.time(), response["status"],
                             int(bool(body.get("background"))), body.get("previous_response_id"),
                             conv, input_, out, evs, len(input_) + len(out) + len(evs or "")))
-            if conv and response["status"] in ("completed", "incomplete"):
+            # a conversation deleted while the turn ran keeps nothing; the response is saved
+            if conv and response["status"] in ("completed", "incomplete") and db.execute(
+                    "SELECT 1 FROM conversations WHERE id = ?", (conv,)).fetchone():
                 self._append(db, conv, new + response["output"])
         self.store.write(steps)
 
     def finish(self, turn, body, response, events=None):
-        """Save a finished response (and a conversation's new items).  A failure to save is
-        logged and counted by the store; the client still gets its answer."""
+        """Save a finished response (and a conversation's new items); whether it was saved.  A
+        failure to save is logged and counted by the store; the client still gets its answer."""
         if not turn.rid and not body.get("conversation"):
-            return
+            return True
         try:
             self.save(turn.rid, turn.owner, body, turn.new, response, events,
                       stored=bool(turn.rid))
         except StoreUnavailable:
-            pass
+            return False
+        return True
 
-    def run_background(self, run, req, body, turn, pinned, me):
+    def run_background(self, run, req, body, turn, pinned, me, figures):
         """The body of a background run's thread: queued until its first event, in_progress,
-        then what the encoder's terminal event says; cancelled when the run is."""
-        dialect, created, usage = DIALECTS["responses"], int(time.time()), []
+        then what the encoder's terminal event says; cancelled when the run is.  `figures` (a
+        copy of the creating request's Call) takes the run's usage, time to first token and
+        status, recorded at its end as a model request's are (metrics, request log, usage
+        history) and charged to the key's token budget."""
+        dialect, created = DIALECTS["responses"], int(time.time())
         run.save = lambda response, events: self.finish(turn, body, response, events)
 
-        def counted(events):
-            for ev in events:
-                if isinstance(ev, Done):
-                    usage.append(ev.usage)
-                yield ev
+        def noted(events):
+            try:
+                yield from events
+            except ProxyError as err:
+                figures.status = err.status
+                raise
+
+        def failing(err):
+            raise err
+            yield                        # a generator: the encoder's events end in `err`
         source = model_events(self.app, req, run, pinned, me)
         try:
             try:
-                events = first_then(counted(source))
+                events = first_then(observe(figures, noted(source)))
             except ProxyError as err:
-                _status, detail = dialect.error(err)
-                self.finish(turn, body, dialect.envelope(
-                    req, body, turn.rid, created, [], "failed",
-                    error={"code": dialect.CODES.get(err.status, "server_error"),
-                           "message": err.message, "type": detail["error"]["type"]}), [])
+                figures.status = err.status
+                # response.created, then response.failed (saved with its events): a follower
+                # and a later GET ?stream=true see why, as for a failure after the first event
+                dialect.stream(req, failing(err), run, body)
                 return
             self.update(turn.rid, dialect.envelope(req, body, turn.rid, created, [], "in_progress"))
             dialect.stream(req, events, run, body)
         except ClientGone:
-            response = dict(run.response or dialect.envelope(req, body, turn.rid, created, [],
-                                                             "queued"), status="cancelled")
-            self.finish(turn, body, response, run.events)
+            figures.status = 499
+            run.response = dict(run.response or run.queued, status="cancelled")
+            run.saved = self.finish(turn, body, run.response, run.events)
         finally:
             source.close()
-            self.app.budgets.done(me, budget_tokens(usage[-1] if usage else None))
+            self.app.budgets.done(me, budget_tokens(figures.usage))
+            ended = (run.response or {}).get("status") in ("completed", "incomplete")
+            figures.status = figures.status or (200 if ended else 500)
+            self.app.metrics.request(figures.route.path, figures.status, figures.usage)
+            record(figures)
 
     def update(self, rid, response, events=None):
         out = json.dumps(response, ensure_ascii=False)
@@ -5745,6 +5785,8 @@ class StatefulResponses:
             run = self.runs.get(rid)
         if run is not None:
             self.cancel(rid, owner)
+            with self.lock:
+                self.runs.pop(rid, None)         # one kept because its end was not saved
         self.store.write(lambda db: db.execute("DELETE FROM responses WHERE id = ?", (rid,)))
         return {"id": rid, "object": "response", "deleted": True}
 
@@ -5785,11 +5827,27 @@ class StatefulResponses:
                 log_line("background response %s ended in an internal error: %s: %s"
                          % (run.rid, type(exc).__name__, exc))
             finally:
-                with self.lock:
-                    self.runs.pop(run.rid, None)
+                if self.settle(run):
+                    with self.lock:
+                        self.runs.pop(run.rid, None)
                 run.finish()
                 self.app.leave()
         threading.Thread(target=main, name="background " + run.rid, daemon=True).start()
+
+    def settle(self, run):
+        """After a run's thread: True once its end is stored.  A run that ended unfinished (an
+        internal error, a store that failed before its end) is failed, and saved so; a run whose
+        end could not be saved stays in `runs` with that end, so GET serves it, not a stale
+        queued or in_progress row (until a restart marks that row failed)."""
+        if run.response is None or run.response["status"] in UNFINISHED:
+            run.response = dict(run.response or run.queued, status="failed",
+                                error={"code": "server_error", "message": ENDED_UNFINISHED})
+            try:
+                self.update(run.rid, run.response, run.events)
+                run.saved = True
+            except ProxyError:
+                run.saved = False
+        return run.saved
 
     def cancel(self, rid, owner):
         """Stop a background run (its CLI turn ends: the Call's client is gone); the response
@@ -5805,7 +5863,7 @@ class StatefulResponses:
         with run.cond:
             while not run.finished:
                 run.cond.wait(POLL_SECONDS)
-        return json.loads(self.row(rid, owner)[0])
+        return self.get(rid, owner)
 
     def _fail_unfinished(self):
         """At start-up: this instance's background responses that were running when it stopped
@@ -7315,6 +7373,7 @@ class Call:
         self.status, self.model, self.usage, self.req, self.ttft = 0, "-", None, None, None
         self.principal = None        #: the key's Principal (None on routes anyone may call)
         self.streaming = False       #: a stream has started: an error can only end it
+        self.background = False      #: it started a background run, which records the model use
         self.started = time.monotonic()
         self.timeout = self.app.cfg.timeout
         self.deadline = self.started + self.timeout
@@ -7451,8 +7510,12 @@ def generate(call, dialect, turn=None):
         sse = SSE(call.handler)
         sse.start([("X-Request-Id", call.request_id), ("X-Claude-Account", req.account)])
         call.status, call.streaming = 200, True
-        dialect.stream(req, events_ahead, sse if turn is None else SavingSSE(
-            sse, lambda response, _events: app.stateful.finish(turn, body, response)), body)
+        saving = None if turn is None else SavingSSE(sse, app.stateful, turn, body)
+        try:
+            dialect.stream(req, events_ahead, sse if saving is None else saving, body)
+        finally:
+            if saving is not None:
+                saving.close()
         sse.end()
     finally:
         events.close()
@@ -7469,14 +7532,17 @@ def start_background(call, turn):
     req = model_request(call, dialect, turn)
     streamed, req.stream = req.stream, True        # a run is kept as its events
     run = BackgroundRun(turn.rid, call.app.cfg.timeout)
-    queued = dialect.envelope(req, body, turn.rid, int(time.time()), [], "queued")
+    run.queued = queued = dialect.envelope(req, body, turn.rid, int(time.time()), [], "queued")
     pinned, me = call.headers.get("X-Claude-Account"), admit(call, req)
     try:
         state.save(turn.rid, turn.owner, body, turn.new, queued)
     except ProxyError:
         call.app.budgets.done(me, 0)
         raise
-    state.start(run, lambda: state.run_background(run, req, body, turn, pinned, me))
+    # the run records its own figures (its usage, status); this request records no model use
+    figures, call.background = copy.copy(call), True
+    figures.started, figures.ttft, figures.usage, figures.status = time.monotonic(), None, None, 0
+    state.start(run, lambda: state.run_background(run, req, body, turn, pinned, me, figures))
     if not streamed:
         return call.send_json(200, queued)
     follow(call, run.follow(-1))
@@ -7510,10 +7576,11 @@ def get_response(call):
     state, owner = stored(call)
     q = query(call)
     if (q.get("stream") or ["false"])[-1] == "true":
-        after = (q.get("starting_after") or ["-1"])[-1]
-        _need(re.fullmatch(r"-?\d+", after) is not None, "starting_after must be an integer",
-              "starting_after")
-        return follow(call, state.events(call.params["id"], owner, int(after)))
+        after = (q.get("starting_after") or [None])[-1]
+        _need(after is None or re.fullmatch(r"\d+", after) is not None,
+              "starting_after must be a sequence number (an integer, 0 or more)", "starting_after")
+        return follow(call, state.events(call.params["id"], owner,
+                                         -1 if after is None else int(after)))
     call.send_json(200, state.get(call.params["id"], owner))
 
 
@@ -8044,7 +8111,8 @@ def record(call):
         "cache_read": u.cache_read if u else 0, "cache_write": u.cache_write if u else 0,
         "served_by": req.served_by if req else "", "retried": bool(req and req.retried),
         "key": call.principal.name if call.principal else ""}, u)
-    if req is not None and call.principal is not None:     # a model request: its figures kept
+    if req is not None and call.principal is not None and not call.background:
+        # a model request: its figures kept (a background run's when the run ends)
         call.app.history.add((
             time.time(), call.principal.name, req.account or "", req.cli_model, label,
             call.status, u.input_tokens if u else 0, u.output_tokens if u else 0,

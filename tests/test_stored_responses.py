@@ -5,6 +5,7 @@ Which process answered a turn is seen through /health (idle kept hits) and throu
 upstream received: a turn continued on its kept process sends only the new message, and the
 upstream request extends the previous one.
 """
+import http.client
 import json
 import os
 import signal
@@ -335,6 +336,107 @@ def test_background_stream_resumes_with_starting_after(start, upstream):
     assert text == "One two three four five six."
     assert rest[-1].type == "response.completed"
     assert c.responses.retrieve(rid).output_text == text
+
+
+def test_a_background_run_that_fails_before_its_first_event_streams_why(start):
+    """A CLI that refuses the request before any event: the creating stream, a later
+    GET ?stream=true and GET all say failed, with the reason (not an empty 200)."""
+    p = start(fake=True, FAKE_CLAUDE_REFUSE_INIT="1", CLAUDE_PROXY_PASS_ENV="FAKE_CLAUDE_REFUSE_INIT")
+    status, _, text = p.post("/v1/responses", {"model": "sonnet", "input": "hi",
+                                                "background": True, "stream": True})
+    assert status == 200
+    events = [json.loads(data) for _name, data in sse_events(text)]
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress",
+                                           "response.failed"]
+    assert [e["sequence_number"] for e in events] == [0, 1, 2]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and "refused the request settings" in failed["error"]["message"]
+    rid = failed["id"]
+    status, _, again = p.request("GET", "/v1/responses/%s?stream=true" % rid)
+    assert status == 200 and [json.loads(d) for _n, d in sse_events(again)] == events
+    status, _, got = p.request("GET", "/v1/responses/" + rid)
+    assert status == 200 and got == failed
+
+
+def test_starting_after_must_be_a_sequence_number(start):
+    p = start(fake=True)
+    status, _, r = p.post("/v1/responses", {"model": "sonnet", "input": "hi"})
+    assert status == 200 and r["status"] == "completed"
+    for bad in ("-3", "-1", "x", "1.5"):
+        status, _, body = p.request("GET", "/v1/responses/%s?stream=true&starting_after=%s"
+                                    % (r["id"], bad))
+        assert status == 400 and body["error"]["param"] == "starting_after", (bad, body)
+    status, _, text = p.request("GET", "/v1/responses/%s?stream=true&starting_after=2" % r["id"])
+    assert status == 200
+    assert [json.loads(d)["sequence_number"] for _n, d in sse_events(text)][0] == 3
+
+
+def test_a_background_run_whose_end_cannot_be_saved_is_served_as_it_ended(start, tmp_path):
+    """The store is locked (another writer) when the run ends: its save fails after the busy
+    timeout, and GET serves the run's end, not the in_progress row."""
+    p = start(fake=True)
+    status, _, r = p.post("/v1/responses", {"model": "sonnet", "input": "[[slow:40]]",
+                                            "background": True})
+    assert status == 200 and r["status"] == "queued"
+
+    def got():
+        status, _, body = p.request("GET", "/v1/responses/" + r["id"])
+        assert status == 200, body
+        return body
+    poll(lambda: got()["status"] == "in_progress", "the run to start", 30)
+    db = sqlite3.connect(str(tmp_path / "state" / "claude-proxy.db"), isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")               # every write of the proxy's fails now
+    try:
+        poll(lambda: got()["status"] != "in_progress", "the run to end", 40)
+        end = got()
+        assert end["status"] == "completed" and end["output"][0]["content"][0]["text"] == \
+            "".join("tick%d " % i for i in range(40))
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+
+
+def test_a_streamed_response_is_stored_from_its_first_event(start):
+    """Its id is the client's at response.created: GET serves it in_progress from then on, and
+    incomplete, as far as it got, once the client leaves before the end."""
+    p = start(fake=True)
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=30)
+    conn.request("POST", "/v1/responses", json.dumps({"model": "sonnet", "input": "[[slow:200]]",
+                                                      "stream": True}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    line = b""
+    while not line.startswith(b"data: "):
+        line = resp.readline()
+    created = json.loads(line[6:])
+    assert created["type"] == "response.created"
+    rid = created["response"]["id"]
+    status, _, got = p.request("GET", "/v1/responses/" + rid)
+    assert status == 200 and got["status"] == "in_progress"
+    conn.close()                                    # the client leaves mid-answer
+    poll(lambda: p.request("GET", "/v1/responses/" + rid)[2]["status"] != "in_progress",
+         "the response to be kept as it stood", 30)
+    status, _, got = p.request("GET", "/v1/responses/" + rid)
+    assert status == 200 and got["status"] == "incomplete" and got["id"] == rid
+
+
+def test_a_conversation_deleted_mid_turn_still_keeps_the_response(start):
+    p = start(fake=True)
+    status, _, conv = p.post("/v1/conversations", {})
+    assert status == 200
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=p.post("/v1/responses", {
+        "model": "sonnet", "input": "[[slow:40]]", "conversation": conv["id"]})))
+    t.start()
+    poll(lambda: health(p)["concurrency"]["running"] == 1, "the turn to run (2 s)", 30)
+    status, _, gone = p.request("DELETE", "/v1/conversations/" + conv["id"])
+    assert status == 200 and gone["deleted"] is True
+    t.join(60)
+    status, _, r = out["r"]
+    assert status == 200 and r["status"] == "completed"
+    status, _, got = p.request("GET", "/v1/responses/" + r["id"])
+    assert status == 200 and got == r
 
 
 def test_a_restart_marks_a_running_background_response_failed(start, upstream, tmp_path):

@@ -219,6 +219,28 @@ def test_history_and_budgets_survive_a_restart(make_proxy, tmp_path):
     q.stop()
 
 
+def test_a_background_response_is_counted_once_with_its_tokens(make_proxy, tmp_path):
+    """The run records its usage when it ends (the creating POST records no model use): one
+    history row with the run's tokens, which the key's budget still counts after a restart."""
+    keys = standard(tmp_path, {"budgets": {"tokens_week": 12}})
+    p = start(make_proxy, keys, tmp_path / "state")
+    status, _, r = p.post("/v1/responses", {"model": "sonnet", "input": "hi", "background": True},
+                          headers=bearer(CLIENT))
+    assert status == 200 and r["status"] == "queued"
+    wait_for(lambda: p.request("GET", "/v1/responses/" + r["id"], headers=bearer(CLIENT))[2]
+             ["status"] == "completed", "the run to complete")
+    wait_written(p, 1)
+    db = sqlite3.connect(str(tmp_path / "state" / "claude-proxy.db"))
+    rows = db.execute("SELECT key, route, status, input, output FROM usage_requests").fetchall()
+    db.close()
+    assert rows == [("coder", "/v1/responses", 200, 3, 2)]
+    p.stop()
+    q = start(make_proxy, keys, tmp_path / "state")
+    _, _, mine = q.request("GET", "/v1/usage", headers=bearer(CLIENT))
+    assert mine["key"]["budgets"]["tokens_week"]["used"] == 5, "read back from the store"
+    q.stop()
+
+
 def test_sigkill_mid_write_leaves_every_row_whole(make_proxy, tmp_path):
     keys, state = standard(tmp_path), tmp_path / "state"
     p = start(make_proxy, keys, state, CLAUDE_PROXY_MAX_CONCURRENCY=4)
