@@ -5415,6 +5415,10 @@ UNFINISHED = ("queued", "in_progress")
 TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 RESTARTED = ("The proxy restarted while this background response was running, so it did not "
              "finish; create it again.")
+#: background runs live at once beyond CLAUDE_PROXY_MAX_CONCURRENCY (each is a thread waiting
+#: for a slot); past that a background create is a 429.  With keys, one key may hold at most
+#: half of them, so one client cannot take every place.
+BACKGROUND_QUEUE = 8
 ENDED_UNFINISHED = ("This background response stopped before it finished (an internal error, or "
                     "the state store failed; the proxy's log says which); create it again.")
 
@@ -5539,8 +5543,8 @@ class BackgroundRun:
     events are kept here for followers: the creating request when it streams, and GET
     ?stream=true)."""
 
-    def __init__(self, rid, deadline_seconds):
-        self.rid, self.timeout = rid, deadline_seconds
+    def __init__(self, rid, deadline_seconds, owner=""):
+        self.rid, self.timeout, self.owner = rid, deadline_seconds, owner
         self.deadline = time.monotonic() + deadline_seconds
         self.events = []             # the encoder's events, sequence_number = index
         self.cond = threading.Condition()
@@ -5815,9 +5819,28 @@ class StatefulResponses:
         return iter([dict(e, sequence_number=n) for n, e in enumerate(evs)][after + 1:])
 
     # -- background runs -----------------------------------------------------------------------
-    def start(self, run, work):
+    def reserve(self, run):
+        """Take a place for `run` among the live runs (BACKGROUND_QUEUE), or a 429."""
+        total = self.app.cfg.max_concurrency + BACKGROUND_QUEUE
         with self.lock:
+            live = [r for r in self.runs.values() if not r.finished]
+            mine = sum(r.owner == run.owner for r in live)
+            if len(live) >= total or (run.owner and mine >= max(1, total // 2)):
+                raise RateLimited(
+                    "Too many background responses are running or queued (%s); wait for one "
+                    "to finish or cancel one." % (
+                        "%d for this key" % mine if run.owner and len(live) < total
+                        else "%d on this proxy" % len(live)),
+                    code="rate_limit_exceeded", headers={"Retry-After": "1"})
             self.runs[run.rid] = run
+
+    def release(self, run):
+        with self.lock:
+            self.runs.pop(run.rid, None)
+
+    def start(self, run, work):
+        """Run `work` in a thread of its own (`run` reserved); a thread that cannot start is a
+        503 and leaves nothing held."""
         self.app.enter()                   # a graceful shutdown waits for it, as for a request
 
         def main():
@@ -5828,11 +5851,15 @@ class StatefulResponses:
                          % (run.rid, type(exc).__name__, exc))
             finally:
                 if self.settle(run):
-                    with self.lock:
-                        self.runs.pop(run.rid, None)
+                    self.release(run)
                 run.finish()
                 self.app.leave()
-        threading.Thread(target=main, name="background " + run.rid, daemon=True).start()
+        try:
+            threading.Thread(target=main, name="background " + run.rid, daemon=True).start()
+        except RuntimeError as exc:        # "can't start new thread": out of threads or memory
+            self.app.leave()
+            raise Overloaded("The proxy could not start the background response (%s); try "
+                             "again later." % exc, headers={"Retry-After": "5"})
 
     def settle(self, run):
         """After a run's thread: True once its end is stored.  A run that ended unfinished (an
@@ -7531,18 +7558,30 @@ def start_background(call, turn):
     dialect, state, body = call.dialect, call.app.stateful, call.body
     req = model_request(call, dialect, turn)
     streamed, req.stream = req.stream, True        # a run is kept as its events
-    run = BackgroundRun(turn.rid, call.app.cfg.timeout)
+    run = BackgroundRun(turn.rid, call.app.cfg.timeout, turn.owner)
     run.queued = queued = dialect.envelope(req, body, turn.rid, int(time.time()), [], "queued")
-    pinned, me = call.headers.get("X-Claude-Account"), admit(call, req)
+    state.reserve(run)
     try:
-        state.save(turn.rid, turn.owner, body, turn.new, queued)
+        pinned, me = call.headers.get("X-Claude-Account"), admit(call, req)
     except ProxyError:
-        call.app.budgets.done(me, 0)
+        state.release(run)
         raise
     # the run records its own figures (its usage, status); this request records no model use
-    figures, call.background = copy.copy(call), True
+    figures = copy.copy(call)
     figures.started, figures.ttft, figures.usage, figures.status = time.monotonic(), None, None, 0
-    state.start(run, lambda: state.run_background(run, req, body, turn, pinned, me, figures))
+    try:
+        state.save(turn.rid, turn.owner, body, turn.new, queued)
+        state.start(run, lambda: state.run_background(run, req, body, turn, pinned, me, figures))
+    except ProxyError:
+        state.release(run)
+        call.app.budgets.done(me, 0)
+        try:                               # a queued row no run will ever finish
+            state.store.write(lambda db: db.execute("DELETE FROM responses WHERE id = ?",
+                                                    (turn.rid,)))
+        except ProxyError:
+            pass                           # a restart fails it (_fail_unfinished)
+        raise
+    call.background = True
     if not streamed:
         return call.send_json(200, queued)
     follow(call, run.follow(-1))

@@ -439,6 +439,32 @@ def test_a_conversation_deleted_mid_turn_still_keeps_the_response(start):
     assert status == 200 and got == r
 
 
+def test_background_runs_are_capped_with_a_429(start):
+    """At most CLAUDE_PROXY_MAX_CONCURRENCY + 8 (BACKGROUND_QUEUE) runs live at once; the next
+    create is a 429 in OpenAI's shape that stores nothing, and a cancelled run frees its place."""
+    p = start(fake=True, CLAUDE_PROXY_MAX_CONCURRENCY=1)
+    made = []
+    for i in range(9):
+        status, _, r = p.post("/v1/responses", {"model": "sonnet", "input": "[[slow:400]] %d" % i,
+                                                "background": True})
+        assert status == 200 and r["status"] == "queued", r
+        made.append(r["id"])
+    status, headers, err = p.post("/v1/responses", {"model": "sonnet", "input": "one more",
+                                                    "background": True})
+    assert status == 429 and err["error"]["code"] == "rate_limit_exceeded", err
+    assert err["error"]["message"] == ("Too many background responses are running or queued "
+                                       "(9 on this proxy); wait for one to finish or cancel one.")
+    assert headers["Retry-After"] == "1"
+    status, _, cancelled = p.post("/v1/responses/%s/cancel" % made[-1], {})
+    assert status == 200 and cancelled["status"] == "cancelled"
+    status, _, r = p.post("/v1/responses", {"model": "sonnet", "input": "[[slow:400]] last",
+                                            "background": True})
+    assert status == 200 and r["status"] == "queued"
+    for rid in made[:-1] + [r["id"]]:
+        assert p.post("/v1/responses/%s/cancel" % rid, {})[2]["status"] == "cancelled"
+    poll(lambda: health(p)["concurrency"]["running"] == 0, "the slot to be free", 30)
+
+
 def test_a_restart_marks_a_running_background_response_failed(start, upstream, tmp_path):
     p = start(CLAUDE_PROXY_INSTANCE="one")
     c = sdk(p)
