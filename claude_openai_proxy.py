@@ -5504,8 +5504,9 @@ def list_page(items, query, key="id"):
         values = query.get(name) or [None]
         return values[-1]
     limit = one("limit") or "20"
-    _need(limit.isdigit() and 1 <= int(limit) <= 100, "limit must be an integer from 1 to 100",
-          "limit")
+    # isdigit() alone takes "²" and other digits int() refuses, and int() refuses 4,300 digits
+    _need(limit.isascii() and limit.isdigit() and len(limit) <= 3 and 1 <= int(limit) <= 100,
+          "limit must be an integer from 1 to 100", "limit")
     order = one("order") or "desc"
     _need(order in ("asc", "desc"), "order must be asc or desc", "order")
     seq = list(items) if order == "asc" else list(reversed(items))
@@ -7746,19 +7747,29 @@ def plan_usage(call):
               [("Content-Disposition", 'attachment; filename="claude-proxy-usage.csv"')])
 
 
+#: the latest time a query may name (9999-12-31T23:59:59Z): SQLite holds its whole seconds
+LATEST_TIME = 253402300799
+
+
 def when(value, name):
-    """A time parameter: Unix seconds, or a UTC date / date-time (2026-12-01, 2026-12-01T10:00)."""
+    """A time parameter: Unix seconds, or a UTC date / date-time (2026-12-01, 2026-12-01T10:00),
+    from 1970 to 9999."""
+    t = None
     try:
-        return float(value)
+        t = float(value)
     except ValueError:
-        pass
-    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return float(calendar.timegm(time.strptime(value, fmt)))
-        except ValueError:
-            continue
-    raise BadRequest("%s must be Unix seconds or a UTC date such as 2026-12-01 or "
-                     "2026-12-01T10:00, got %r." % (name, value[:40]), param=name)
+        for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
+            try:
+                t = float(calendar.timegm(time.strptime(value, fmt)))
+                break
+            except ValueError:
+                continue
+    # float() takes nan, inf and 1e400 (inf), which int() then refuses, and 1e300, which SQLite
+    # cannot bind; nan fails every comparison, so this one test keeps them all out
+    if t is None or not 0 <= t <= LATEST_TIME:
+        raise BadRequest("%s must be Unix seconds (0 to %d) or a UTC date such as 2026-12-01 or "
+                         "2026-12-01T10:00, got %r." % (name, LATEST_TIME, value[:40]), param=name)
+    return t
 
 
 def usage_history(app, me, query):

@@ -60,6 +60,21 @@ def kept_hits(proxy):
 
 # -- stored responses ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("limit", ["\u00b2", "\u0661", "\uff15", "0" * 5000 + "5", "0", "101", "-1"],
+                         ids=["superscript", "arabic-indic", "fullwidth", "5001-digits", "0",
+                              "101", "-1"])
+def test_list_limit_that_is_not_1_to_100_in_ascii_digits_is_a_400(limit):
+    """isdigit() alone took superscripts and other scripts' digits, and 5,000 digits, that
+    int() then refused (a 500)."""
+    sys.path.insert(0, str(PROXY.parent))
+    import claude_openai_proxy as cop
+    items = [{"id": "item_%d" % i} for i in range(3)]
+    with pytest.raises(cop.BadRequest) as err:
+        cop.list_page(items, {"limit": [limit]})
+    assert err.value.param == "limit" and str(err.value) == "limit must be an integer from 1 to 100"
+    assert [i["id"] for i in cop.list_page(items, {"limit": ["002"]})["data"]] == ["item_2", "item_1"]
+
+
 def test_retrieve_input_items_and_delete(start, upstream):
     p = start()
     c = sdk(p)
@@ -85,6 +100,9 @@ def test_retrieve_input_items_and_delete(start, upstream):
     assert body["has_more"] is True and body["last_id"] == listed.data[2].id
     status, _, body = p.request("GET", "/v1/responses/%s/input_items?limit=0" % created.id)
     assert status == 400 and body["error"]["param"] == "limit"
+    # "²" passes str.isdigit() and int() refuses it: it was a 500
+    status, _, body = p.request("GET", "/v1/responses/%s/input_items?limit=%%C2%%B2" % created.id)
+    assert status == 400 and body["error"]["param"] == "limit", body
     # not a background response: its stream is rebuilt in a few events
     events = list(c.responses.retrieve(created.id, stream=True))
     assert [e.type for e in events] == [

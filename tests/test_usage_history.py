@@ -202,6 +202,31 @@ def test_usage_groups_csv_and_who_sees_what(make_proxy, tmp_path):
     p.stop()
 
 
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e400", "1e300", "-1",
+                                   "1969-12-31", "253402300800"])
+def test_a_time_out_of_range_is_a_400_naming_the_parameter(value):
+    """float() takes nan, inf, 1e400 and 1e300; int() or SQLite then failed: a 500."""
+    with pytest.raises(cop.BadRequest) as err:
+        cop.when(value, "since")
+    assert err.value.status == 400 and err.value.param == "since"
+    assert str(err.value).startswith("since must be Unix seconds (0 to 253402300799)"), err.value
+    assert cop.when("253402300799", "until") == 253402300799.0
+    assert cop.when("0", "since") == 0.0
+
+
+def test_usage_with_a_time_out_of_range_answers_400_not_500(make_proxy, tmp_path):
+    p = start(make_proxy, standard(tmp_path), tmp_path / "state")
+    for param, query in (("since", {"since": "nan"}), ("since", {"since": "1e400"}),
+                         ("until", {"until": "inf"}), ("since", {"since": "-1e300"}),
+                         ("until", {"since": "0", "until": "1e300"})):
+        status, _, err = usage(p, group_by="key", **query)
+        assert status == 400 and err["error"]["param"] == param, (query, err)
+        assert err["error"]["message"].startswith("%s must be Unix seconds" % param), err
+    assert usage(p, group_by="key", since="0")[0] == 200
+    assert "Traceback" not in p.log and "internal error" not in p.log
+    p.stop()
+
+
 def test_history_and_budgets_survive_a_restart(make_proxy, tmp_path):
     keys = standard(tmp_path, {"budgets": {"tokens_week": 12}})
     p = start(make_proxy, keys, tmp_path / "state")
