@@ -70,8 +70,8 @@ Configuration (flags win over environment; read once at start-up)
                                                            bound address, or * (checked without keys)
     --max-waiting     CLAUDE_PROXY_MAX_WAITING       256   connections still sending a request head
     --shutdown-grace  CLAUDE_PROXY_SHUTDOWN_GRACE    30    seconds in-flight requests may finish
-    --read-timeout    CLAUDE_PROXY_READ_TIMEOUT      60    seconds for a whole request head; of
-                                                           client silence while reading a body
+    --read-timeout    CLAUDE_PROXY_READ_TIMEOUT      60    seconds for a whole request head, and
+                                                           for a whole request body (then 408)
     --history         CLAUDE_PROXY_HISTORY     structured  earlier turns: structured | flat
     --sessions        CLAUDE_PROXY_SESSIONS          mem   conversations kept live for their next turn
     --session-idle    CLAUDE_PROXY_SESSION_IDLE      300   seconds a kept conversation waits
@@ -427,8 +427,8 @@ OPTIONS = (
     ("--pool-max-idle", "CLAUDE_PROXY_POOL_MAX_IDLE", "pool_max_idle", float,
      "seconds a pre-started process may wait before it is replaced by a fresh one"),
     ("--read-timeout", "CLAUDE_PROXY_READ_TIMEOUT", "read_timeout", float,
-     "seconds a request head may take in all (or a kept-alive connection idle), and of client "
-     "silence while a body is read"),
+     "seconds a request head may take in all (or a kept-alive connection idle), and a request "
+     "body in all (then 408)"),
     ("--history", "CLAUDE_PROXY_HISTORY", "history", str,
      "earlier turns of a conversation: structured (real turns) or flat (one JSON transcript)"),
     ("--sessions", "CLAUDE_PROXY_SESSIONS", "sessions", int,
@@ -7936,9 +7936,10 @@ def no_route(call, methods):
 
 # -- the request path ---------------------------------------------------------------------------
 # Handler.serve runs these steps in order, each a few lines that refuse (a ProxyError) or move
-# on, as http.server's parse_request does: admitted -> Host -> Origin -> key -> body type ->
-# body -> JSON -> route.  Until the body is read, a refusal closes the connection: the bytes
-# left unread would otherwise be parsed as the next request.
+# on, as http.server's parse_request does: admitted -> no body for GET & co (skip_body) ->
+# Host -> Origin -> key -> body type -> body -> JSON -> route.  Until the body is read, a
+# refusal closes the connection: the bytes left unread would otherwise be parsed as the next
+# request.
 
 #: what a Host header may name when no keys are set (plus the bound address and
 #: CLAUDE_PROXY_ALLOWED_HOSTS; a wildcard bind also takes any IP address)
@@ -8049,38 +8050,95 @@ BODY_METHODS = ("POST", "PUT", "PATCH")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
+def skip_body(call):
+    """A method that takes no body (GET, HEAD, DELETE, OPTIONS, ...) never has one read, not
+    even to skip it: anyone may call GET /health, and reading the body it announces would let
+    a caller without a key hold a thread for as long as it trickles.  Such a request is
+    answered and its connection closed (the unread bytes would be parsed as the next request)."""
+    lengths = set(call.headers.get_all("Content-Length") or ()) - {"0"}
+    if call.method not in BODY_METHODS and (lengths or call.headers.get_all("Transfer-Encoding")):
+        call.handler.close_connection = True
+
+
 def read_body(call):
     """The request's body bytes (None for a method without one): framed by one Content-Length
     of ASCII digits or by `Transfer-Encoding: chunked` (hex sizes), at most
-    CLAUDE_PROXY_MAX_BODY bytes in all (RFC 9112 6-7), or a 4xx."""
+    CLAUDE_PROXY_MAX_BODY bytes in all (RFC 9112 6-7), arrived whole within
+    CLAUDE_PROXY_READ_TIMEOUT (BodyReader), or a 4xx."""
     h, headers, max_body = call.handler, call.headers, call.app.cfg.max_body
+    if call.method not in BODY_METHODS:           # skip_body: never read
+        return None
     lengths = set(headers.get_all("Content-Length") or ())
     codings = headers.get_all("Transfer-Encoding") or []
     chunked = [c.strip().lower() for c in codings] == ["chunked"]
     length = next(iter(lengths)) if len(lengths) == 1 else None
-    if call.method not in BODY_METHODS:           # a body nobody reads: skip it if we can
-        if length and length.isascii() and length.isdigit() and int(length) <= max_body \
-                and not codings:
-            h.rfile.read(int(length))
-        elif lengths or codings:
-            h.close_connection = True
-        return None
     if codings and (not chunked or lengths):
         raise BadRequest("Transfer-Encoding must be 'chunked' alone, without Content-Length; "
                          "got %r." % ", ".join(codings)[:80])
     if len(lengths) > 1:
         raise BadRequest("The request has several different Content-Length headers.")
+    reader = BodyReader(h, call.app.cfg.read_timeout)
     try:
-        return read_chunked(h, max_body) if chunked else read_sized(h, length, max_body)
+        return read_chunked(reader, max_body) if chunked else read_sized(reader, length, max_body)
     except TimeoutError:
-        raise ProxyError("The request body did not arrive within %gs "
+        raise ProxyError("The request body did not arrive whole within %gs "
                          "(CLAUDE_PROXY_READ_TIMEOUT)." % call.app.cfg.read_timeout,
                          status=408, error_type="invalid_request_error")
     except OSError:
         raise ClientGone()
+    finally:
+        reader.done()
 
 
-def read_sized(h, length, max_body):
+class BodyReader:
+    """The handler's rfile against one deadline for the whole body, as Waiting bounds the
+    whole head: before each receive the socket's timeout is the time left, so a sender
+    trickling a byte at a time is cut off too (TimeoutError); a timeout per receive alone
+    would let it hold its thread for ever."""
+
+    def __init__(self, h, seconds):
+        self.rfile, self.sock, self.seconds = h.rfile, h.connection, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def _arm(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request body's deadline passed")
+        self.sock.settimeout(left)
+
+    def read(self, n):
+        """n bytes, fewer only at the end of the stream."""
+        parts, got = [], 0
+        while got < n:
+            self._arm()
+            data = self.rfile.read1(min(n - got, 65536))    # at most one receive
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    def readline(self, limit):
+        """A line up to and with its LF, at most `limit` bytes."""
+        line = b""
+        while len(line) < limit and not line.endswith(b"\n"):
+            self._arm()
+            ahead = self.rfile.peek(1)[:limit - len(line)]   # at most one receive
+            if not ahead:
+                break
+            end = ahead.find(b"\n")
+            line += self.rfile.read(len(ahead) if end < 0 else end + 1)   # from the buffer
+        return line
+
+    def done(self):
+        """The connection's own timeout again, for the next request head."""
+        try:
+            self.sock.settimeout(self.seconds)
+        except OSError:
+            pass
+
+
+def read_sized(reader, length, max_body):
     if length is None:
         raise ProxyError("A Content-Length header is required.", status=411,
                          error_type="invalid_request_error")
@@ -8089,17 +8147,17 @@ def read_sized(h, length, max_body):
     if int(length) > max_body:
         raise TooLarge("The request body is %s bytes; the limit is %d (CLAUDE_PROXY_MAX_BODY)."
                        % (length, max_body))
-    raw = h.rfile.read(int(length))
+    raw = reader.read(int(length))
     if len(raw) < int(length):
         raise BadRequest("The request body ended before Content-Length bytes arrived.")
     return raw
 
 
-def read_chunked(h, max_body):
+def read_chunked(reader, max_body):
     """A chunked body; its sizes (and any trailer lines) count against max_body."""
     parts, total = [], 0
     while True:
-        line = h.rfile.readline(80)
+        line = reader.readline(80)
         size = line.split(b";", 1)[0].strip()
         if not line.endswith(b"\r\n") or not CHUNK_SIZE.fullmatch(size):
             raise BadRequest("Malformed chunked request body: a chunk size must be a hex number "
@@ -8109,12 +8167,12 @@ def read_chunked(h, max_body):
             raise TooLarge("The request body exceeds %d bytes (CLAUDE_PROXY_MAX_BODY)." % max_body)
         if not int(size, 16):
             break
-        data = h.rfile.read(int(size, 16))
-        if len(data) < int(size, 16) or h.rfile.read(2) != b"\r\n":
+        data = reader.read(int(size, 16))
+        if len(data) < int(size, 16) or reader.read(2) != b"\r\n":
             raise BadRequest("Malformed chunked request body: a chunk ended early or without CRLF.")
         parts.append(data)
     while True:                                   # trailer fields, up to the empty line
-        line = h.rfile.readline(1024)
+        line = reader.readline(1024)
         total += len(line)
         if total > max_body:
             raise TooLarge("The request body exceeds %d bytes (CLAUDE_PROXY_MAX_BODY)." % max_body)
@@ -8233,6 +8291,7 @@ class Handler(BaseHTTPRequestHandler):
         app.enter()
         try:
             call.route, call.params, methods = find_route(call.method, call.path)
+            skip_body(call)
             check_host(call)
             check_origin(call)
             if call.method == "OPTIONS" and cors_origin(app.cfg, call.headers):

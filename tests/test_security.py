@@ -378,6 +378,77 @@ def test_a_head_sent_a_byte_at_a_time_is_cut_off(make_proxy):
     p.stop()
 
 
+def trickle_until_answered(sock, byte, rounds, pause=0.25):
+    """Send `byte` every `pause` seconds, up to `rounds` times, until the server answers;
+    everything it sent until it closed (b"" if it never answered while we trickled)."""
+    sock.settimeout(pause)
+    got = b""
+    for _ in range(rounds):
+        try:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+            continue
+        except socket.timeout:
+            if got:
+                continue
+        try:
+            sock.sendall(byte)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    return got
+
+
+@pytest.mark.parametrize("path", ["/health", "/", "/dashboard"])
+def test_a_route_anyone_may_call_reads_no_body(make_proxy, path):
+    """GET on a route anyone may call, announcing a body of 1,000,000 bytes and trickling it a
+    byte at a time, without a key: the proxy reads none of it; it answers at once (200, not a
+    408 or 500 when the trickle stalls) and closes the connection."""
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_API_KEYS=KEY,
+                   CLAUDE_PROXY_READ_TIMEOUT=1)
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    try:
+        s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\nx"
+                   % path).encode())
+        got = trickle_until_answered(s, b"x", 40)        # 10 s at most
+    finally:
+        s.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), got[:300]
+    assert b"connection: close" in head.lower()
+    if path == "/health":
+        assert json.loads(body)["status"] in ("ok", "degraded")
+    else:
+        assert b"<title>claude-proxy</title>" in body
+    assert "Traceback" not in p.log and " 500 " not in p.log, p.log[-2000:]
+    assert p.request("GET", "/health")[0] == 200
+    p.stop()
+
+
+def test_a_body_trickled_a_byte_at_a_time_is_408(make_proxy, upstream):
+    """The read timeout bounds the whole body, as it does the head: a key holder whose body of
+    60 bytes comes a byte every 0.25 s gets a 408 in its dialect (Anthropic here) after
+    CLAUDE_PROXY_READ_TIMEOUT, not when the last byte arrives; no traceback, no CLI run."""
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_API_KEYS=KEY,
+                   CLAUDE_PROXY_READ_TIMEOUT=1)
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    try:
+        s.sendall(post_head("/v1/messages", "Content-Length: 60", "x-api-key: " + KEY,
+                            "anthropic-version: 2023-06-01") + b"{")
+        got = trickle_until_answered(s, b" ", 59)        # the whole body: 15 s
+    finally:
+        s.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), got[:300]
+    err = json.loads(body)
+    assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
+    assert "CLAUDE_PROXY_READ_TIMEOUT" in err["error"]["message"]
+    assert "Traceback" not in p.log and upstream.model_calls == []
+    still_serving(p, headers={"Authorization": "Bearer " + KEY})
+    p.stop()
+
+
 # What a caller without a key sees (item 6) ######################################################
 
 def test_health_without_a_key_says_status_and_reasons_only(make_proxy, tmp_path, home):
