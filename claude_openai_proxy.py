@@ -7491,8 +7491,11 @@ def create_message(call):
 
 def model_request(call, dialect, turn=None):
     """The neutral Request of a model request; a stored response's turn (StoredTurn) parses
-    with the stored items ahead of its input, and counts as a session signal (it may be
-    continued by previous_response_id)."""
+    with the stored items ahead of its input.  Being stored is no session signal: a stored
+    first message is kept `first` like any other (its chain's next turn continues on it
+    unless a one-shot request took it), so one-shot Responses traffic, stored by default,
+    never pushes out a conversation with history (KeptConversation).  With native tools it
+    is one: such a process is never reused, so it is kept only as a session."""
     app, body, headers = call.app, call.body, call.headers
     call.dialect = dialect
     req = dialect.parse(body if turn is None else dict(body, input=turn.input), headers, app.cfg)
@@ -7500,7 +7503,9 @@ def model_request(call, dialect, turn=None):
     req.id_prefix = dialect.call_id_prefix
     req.session = session_signal(body, headers)
     if turn is not None and turn.rid:
-        req.response_id, req.session = turn.rid, req.session or turn.rid
+        req.response_id = turn.rid
+        if native_tools(req):
+            req.session = req.session or turn.rid
     # what the client's web search asks for, as far as the operator allows it
     req.web_tools = tuple(t for t in req.web_tools if t in WEB_TOOL_MODES[app.cfg.web_tools])
     call.model, call.req = req.model, req

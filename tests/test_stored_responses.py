@@ -182,6 +182,28 @@ def test_a_chain_continues_on_its_kept_process(start, upstream):
         assert strip(after)[:len(before)] == strip(before)
 
 
+def test_stored_one_shot_responses_do_not_push_a_conversation_out(start, upstream):
+    """Being stored is no session signal: stored first messages are kept `first`, outside
+    CLAUDE_PROXY_SESSIONS, so a Chat Completions conversation with history stays kept."""
+    from test_pool import children
+    from test_sessions import CHAT, chat_turns
+    p = start(CLAUDE_PROXY_SESSIONS=1, CLAUDE_PROXY_IDLE_MAX=5)
+    conversation, _ = chat_turns(p, upstream, 1, prefix="A")
+    (a_pid,) = children(p)
+    c = sdk(p)
+    for instructions in ("Be brief.", "Be kind."):        # other settings: each its own process
+        upstream.push(fake_upstream.text("Shot."))
+        assert c.responses.create(model="sonnet", input="One-shot.",
+                                  instructions=instructions).output_text == "Shot."
+    poll(lambda: health(p)["concurrency"]["running"] == 0, "the turns to end", 30)
+    h = health(p)
+    assert h["idle"]["evicted"] == 0 and a_pid in children(p)
+    conversation.append({"role": "user", "content": "Back to A."})
+    upstream.push(fake_upstream.text("A again."))
+    status, _, _ = p.post(CHAT, {"model": "sonnet", "messages": conversation})
+    assert status == 200 and kept_hits(p) == 1
+
+
 def test_a_chain_is_replayed_when_its_process_is_gone(start, upstream):
     p = start(CLAUDE_PROXY_SESSIONS=0)
     c = sdk(p)
