@@ -505,6 +505,33 @@ def test_background_runs_are_capped_with_a_429(start):
     poll(lambda: health(p)["concurrency"]["running"] == 0, "the slot to be free", 30)
 
 
+def test_one_key_holds_at_most_half_of_the_background_places(start):
+    one, two = "background-key-one-0123", "background-key-two-4567"
+    p = start(fake=True, CLAUDE_PROXY_MAX_CONCURRENCY=1, CLAUDE_PROXY_API_KEYS=one + "," + two)
+
+    def create(key, text):
+        return p.post("/v1/responses", {"model": "sonnet", "input": "[[slow:400]] " + text,
+                                        "background": True},
+                      headers={"Authorization": "Bearer " + key})
+    made = []
+    for i in range(4):                                     # (1 + 8) // 2
+        status, _, r = create(one, "one %d" % i)
+        assert status == 200 and r["status"] == "queued", r
+        made.append((one, r["id"]))
+    status, _, err = create(one, "one more")
+    assert status == 429 and err["error"]["message"] == (
+        "Too many background responses are running or queued (4 for this key); wait for one to "
+        "finish or cancel one.")
+    status, _, r = create(two, "two")
+    assert status == 200 and r["status"] == "queued"
+    made.append((two, r["id"]))
+    for key, rid in made:
+        assert p.post("/v1/responses/%s/cancel" % rid, {},
+                      headers={"Authorization": "Bearer " + key})[2]["status"] == "cancelled"
+    from test_pool import children
+    poll(lambda: not children(p), "the CLIs to end", 30)
+
+
 def test_a_restart_marks_a_running_background_response_failed(start, upstream, tmp_path):
     p = start(CLAUDE_PROXY_INSTANCE="one")
     c = sdk(p)
