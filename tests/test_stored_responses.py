@@ -121,8 +121,8 @@ def test_retrieve_input_items_and_delete(start, upstream):
 
 
 def test_a_response_belongs_to_the_key_that_made_it(start, upstream):
-    p = start(CLAUDE_PROXY_API_KEYS="key-one,key-two")
-    one, two = sdk(p, "key-one"), sdk(p, "key-two")
+    p = start(CLAUDE_PROXY_API_KEYS="key-one-0123456789,key-two-0123456789")
+    one, two = sdk(p, "key-one-0123456789"), sdk(p, "key-two-0123456789")
     upstream.push(fake_upstream.text("Mine."))
     r = one.responses.create(model="sonnet", input="hi")
     conv = one.conversations.create(items=[{"role": "user", "content": "private"}])
