@@ -3706,10 +3706,16 @@ class StreamTranslator:
                 raise UpstreamError("The model did not return JSON matching the schema.")
             return [TextDelta(json.dumps(item["structured_output"], ensure_ascii=False)),
                     Done("end_turn", usage)]
+        # a stream that broke before its first text is asked again without streaming, and that
+        # answer's whole blocks follow a message that never ended (not taken as the answer):
+        # the result line holds its text, which must not be lost (bench/soak.py found it)
+        text = item.get("result")
+        late = list(self.replay.text(text)) if isinstance(text, str) and text and \
+            not self.replay.sent["text"] and not any(self.replay.skip.values()) else []
         # a re-asked answer shorter than the text already streamed: the client has more than
         # the CLI keeps (it must not be kept)
-        return [Done(item.get("stop_reason") or "end_turn", usage,
-                     whole=not any(self.replay.skip.values()))]
+        return late + [Done(item.get("stop_reason") or "end_turn", usage,
+                            whole=not any(self.replay.skip.values()))]
 
     LINES = {"stream_event": _stream_event, "assistant": _assistant,
              "rate_limit_event": _rate_limit_event, "system": _system,

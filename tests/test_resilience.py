@@ -355,3 +355,23 @@ def test_the_cli_takes_a_token_another_process_refreshed(tmp_path, upstream):
         cli.kill()
         cli.communicate()
     assert tokens_used(upstream) == [fresh]
+
+
+# -- found by bench/soak.py: a stream reset before its first text ------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stream_reset_before_its_first_text_still_answers(make_proxy, upstream, stream):
+    """The upstream resets after message_start: the CLI asks again without streaming and the
+    answer arrives as whole blocks after a message that never ended; the client gets it (it
+    got an empty 200 before)."""
+    p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0)
+    upstream.push(fake_upstream.text("The answer, asked again.", chunks=3, drop_after=1,
+                                     id="msg_reset1"))
+    upstream.default = fake_upstream.text("The answer, asked again.", id="msg_reset2")
+    status, _, got = ask(p, "openai", "are you there?", stream=stream, timeout=120)
+    assert status == 200, got
+    if stream:
+        assert stream_result("openai", got) == ("The answer, asked again.", True, None)
+    else:
+        assert answer("openai", got) == "The answer, asked again."
+    assert len(upstream.model_calls) == 2
