@@ -7712,10 +7712,15 @@ def delete_conversation_item(call):
 
 
 def observe(call, events):
-    """Pass events through, noting time to first content, duration and usage."""
+    """Pass events through, noting time to first content, duration and usage.  Until Done
+    the usage is Start's (message_start: the input tokens), so a request that ends before
+    Done (the client gone, a timeout, an upstream error mid-stream) still counts in budgets
+    and history: a client that hangs up early must not get its tokens for free."""
     metrics, started, first = call.app.metrics, time.monotonic(), True
     for ev in events:
-        if first and isinstance(ev, (TextDelta, ThinkingDelta, ToolCall)):
+        if isinstance(ev, Start):
+            call.usage = dataclasses.replace(ev.usage)
+        elif first and isinstance(ev, (TextDelta, ThinkingDelta, ToolCall)):
             first = False
             call.ttft = time.monotonic() - started
             metrics.observe("ttft", call.ttft)

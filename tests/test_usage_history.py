@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -224,6 +225,43 @@ def test_usage_with_a_time_out_of_range_answers_400_not_500(make_proxy, tmp_path
         assert err["error"]["message"].startswith("%s must be Unix seconds" % param), err
     assert usage(p, group_by="key", since="0")[0] == 200
     assert "Traceback" not in p.log and "internal error" not in p.log
+    p.stop()
+
+
+def test_a_request_that_ends_before_done_counts_its_input_in_budgets_and_history(
+        make_proxy, tmp_path):
+    """The fake CLI's message_start says 3 input and 1 output tokens; [[crash]] dies after two
+    deltas (an upstream error mid-stream), [[slow:200]] is hung up on by the client.  Neither
+    has a Done, and both used to count 0 tokens: a client with a short timeout never ran out."""
+    budget = {"budgets": {"tokens_day": 4}}
+    p = start(make_proxy, standard(tmp_path, budget, budget), tmp_path / "state")
+
+    def row(name):
+        rows = usage(p, group_by="key")[2]["rows"]
+        return next(((r["input"], r["output"]) for r in rows if r["key"] == name), None)
+
+    status, _, text = chat(p, CLIENT, "[[crash]]", stream=True)
+    assert status == 200 and "partial " in text and "error" in text, text
+    assert wait_for(lambda: row("coder"), "the crashed request's row") == (3, 1)
+    status, _, err = chat(p, CLIENT)
+    assert status == 429 and "tokens_day=4 (4 tokens used" in err["error"]["message"], err
+    # the client hangs up after the first delta
+    body = json.dumps({"model": "sonnet", "stream": True, "messages": [
+        {"role": "user", "content": "[[slow:200]]"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", p.port), timeout=30)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (CHAT.encode(), OTHER.encode(), len(body), body))
+    got = b""
+    while b"tick0" not in got:
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 200 "), got
+    sock.close()
+    assert wait_for(lambda: row("nightly"), "the abandoned request's row") == (3, 1)
+    status, _, err = chat(p, OTHER)
+    assert status == 429 and "tokens_day=4 (4 tokens used" in err["error"]["message"], err
     p.stop()
 
 
