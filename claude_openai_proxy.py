@@ -7446,7 +7446,8 @@ class Call:
     # -- answering --------------------------------------------------------------------------
     def send(self, status, data, content_type, headers=()):
         """A whole response: status, headers (X-Request-Id; Connection: close when the
-        connection ends with it) and `data` (bytes; none for HEAD)."""
+        connection ends with it) and `data` (bytes; none for HEAD).  A client that hung up
+        meanwhile is ClientGone (Handler.end_headers too), not an error of the proxy's."""
         h = self.handler
         self.status = status
         h.send_response(status)
@@ -7459,7 +7460,10 @@ class Call:
             h.send_header(k, v)
         h.end_headers()
         if self.method != "HEAD":
-            h.wfile.write(data)
+            try:
+                h.wfile.write(data)
+            except (OSError, ValueError) as exc:      # ValueError: the socket file is closed
+                raise ClientGone() from exc
 
     def send_json(self, status, obj, headers=()):
         self.send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json", headers)
@@ -7473,7 +7477,7 @@ class Call:
         status, body = self.dialect.error(err)
         try:
             self.send_json(status, body, list(err.headers.items()))
-        except OSError:
+        except ClientGone:
             self.handler.close_connection = True
 
 
@@ -8326,9 +8330,10 @@ class Handler(BaseHTTPRequestHandler):
             if not call.body_read:
                 self.close_connection = True  # what was not read would be taken as a request
             call.send_error(err)
-        except ClientGone:
+        except ClientGone:                   # hung up: before its answer, or while it was sent
             self.close_connection = True
-            call.status = call.status or 499
+            if not call.streaming:
+                call.status = 499
         except Exception as exc:  # noqa: BLE001 - the server never dies, the client gets a 500
             log_line("request %s: internal error: %s: %s"
                      % (call.request_id, type(exc).__name__, printable(str(exc))[:300]))
@@ -8362,7 +8367,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
-        except OSError:
+        except (OSError, ClientGone):
             pass
 
     def end_headers(self):
@@ -8377,7 +8382,10 @@ class Handler(BaseHTTPRequestHandler):
                              "anthropic-ratelimit-unified-status, "
                              "anthropic-ratelimit-unified-reset, anthropic-ratelimit-unified-type, "
                              "anthropic-ratelimit-unified-utilization")
-        super().end_headers()
+        try:
+            super().end_headers()         # the first write of every answer
+        except (OSError, ValueError) as exc:
+            raise ClientGone() from exc
 
 
 # -- the dashboard page (GET / and /dashboard) --------------------------------------------------
@@ -9079,6 +9087,18 @@ class ProxyServer(ThreadingHTTPServer):
 
     def service_actions(self):               # serve_forever calls it every poll interval
         self.waiting.sweep()
+
+    def handle_error(self, request, client_address):
+        """An exception out of a connection's handler (socketserver prints a traceback): a
+        client that reset or left its connection, between requests say, is one line; a
+        traceback is for a real bug only."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, ClientGone)):
+            log_line("connection from %s ended: %s" % (client_address[0], type(exc).__name__))
+            return
+        log_line("connection from %s: internal error: %s" % (client_address[0], type(exc).__name__))
+        import traceback
+        traceback.print_exc(file=sys.stderr)
 
 
 # 14. main #######################################################################################

@@ -7,7 +7,9 @@ CLI, and that the server answers the next request (`still_serving`).  README: Se
 """
 import json
 import os
+import re
 import socket
+import struct
 import time
 import types
 
@@ -446,6 +448,42 @@ def test_a_body_trickled_a_byte_at_a_time_is_408(make_proxy, upstream):
     assert "CLAUDE_PROXY_READ_TIMEOUT" in err["error"]["message"]
     assert "Traceback" not in p.log and upstream.model_calls == []
     still_serving(p, headers={"Authorization": "Bearer " + KEY})
+    p.stop()
+
+
+def reset(sock):
+    """Close with an RST (SO_LINGER 0), as a client killed mid-request does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_a_client_that_resets_is_no_traceback(make_proxy):
+    """Clients that reset their connection between requests (an idle keep-alive) or while
+    their answer is written: the proxy logs a line (an answer not taken as a 499), never a
+    traceback or a 500, and serves on."""
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0)
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    got = b""
+    while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < int(
+            re.search(rb"Content-Length: (\d+)", got).group(1)):
+        got += s.recv(65536)
+    assert got.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in got
+    reset(s)                                     # kept alive, idle: reset
+    for _ in range(30):                          # reset while the answer is written
+        s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        s.sendall(b"GET /dashboard HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        s.recv(1)
+        reset(s)
+    deadline = time.monotonic() + 10
+    while "ConnectionResetError" not in p.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "ConnectionResetError" in p.log, p.log[-2000:]
+    assert p.request("GET", "/health")[0] == 200
+    log = p.log
+    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+    assert " GET /dashboard 499 " in log, log[-3000:]      # the answers it did not take
     p.stop()
 
 
