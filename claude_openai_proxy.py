@@ -7585,17 +7585,20 @@ def start_background(call, turn):
     # the run records its own figures (its usage, status); this request records no model use
     figures = copy.copy(call)
     figures.started, figures.ttft, figures.usage, figures.status = time.monotonic(), None, None, 0
+    saved = False
     try:
         state.save(turn.rid, turn.owner, body, turn.new, queued)
+        saved = True
         state.start(run, lambda: state.run_background(run, req, body, turn, pinned, me, figures))
     except ProxyError:
         state.release(run)
         call.app.budgets.done(me, 0)
-        try:                               # a queued row no run will ever finish
-            state.store.write(lambda db: db.execute("DELETE FROM responses WHERE id = ?",
-                                                    (turn.rid,)))
-        except ProxyError:
-            pass                           # a restart fails it (_fail_unfinished)
+        if saved:                          # a queued row no run will ever finish
+            try:
+                state.store.write(lambda db: db.execute("DELETE FROM responses WHERE id = ?",
+                                                        (turn.rid,)))
+            except ProxyError:
+                pass                       # a restart fails it (_fail_unfinished)
         raise
     call.background = True
     if not streamed:

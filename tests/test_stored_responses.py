@@ -532,6 +532,38 @@ def test_one_key_holds_at_most_half_of_the_background_places(start):
     poll(lambda: not children(p), "the CLIs to end", 30)
 
 
+def test_a_background_run_the_store_cannot_start_ends_failed(start, tmp_path):
+    """A run waiting for the only slot when the store locks: its in_progress write fails after
+    the busy timeout, and so does saving its failure; GET serves it failed, not queued forever."""
+    p = start(fake=True, CLAUDE_PROXY_MAX_CONCURRENCY=1)
+
+    def create(text):
+        status, _, r = p.post("/v1/responses", {"model": "sonnet", "input": text,
+                                                "background": True})
+        assert status == 200 and r["status"] == "queued", r
+        return r["id"]
+
+    def got(rid):
+        status, _, body = p.request("GET", "/v1/responses/" + rid)
+        assert status == 200, body
+        return body
+    first = create("[[slow:40]]")
+    poll(lambda: got(first)["status"] == "in_progress", "the first run to start", 30)
+    second = create("second")                       # waits for the slot
+    db = sqlite3.connect(str(tmp_path / "state" / "claude-proxy.db"), isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")                   # every write of the proxy's fails now
+    try:
+        poll(lambda: got(second)["status"] not in ("queued", "in_progress"),
+             "the second run to end", 90)
+        end = got(second)
+        assert end["status"] == "failed" and end["error"]["code"] == "server_error"
+        assert end["error"]["message"].startswith("This background response stopped before it "
+                                                  "finished")
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+
+
 def test_a_restart_marks_a_running_background_response_failed(start, upstream, tmp_path):
     p = start(CLAUDE_PROXY_INSTANCE="one")
     c = sdk(p)
