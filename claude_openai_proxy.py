@@ -3192,6 +3192,12 @@ class ToolBridge:
         self.offered = {MCP_PREFIX + t["name"] for t in self.listing}
         self.parallel, self.id_prefix = req.parallel_tool_calls, req.id_prefix
         self.blocks = {}         # stream block index -> call id, or None for a dropped call
+        self.streaming = req.stream
+        #: the calls of the message being streamed: [upstream name, upstream id, call id, the
+        #: argument text sent]; of a message the CLI withdrew (abandoned_blocks), the calls a
+        #: stream already showed, which the message asked for again must repeat (_replay)
+        self.streamed, self.replayed = [], []
+        self.skip = {}           # call id -> argument text the client has that is to come again
         self.has_args = set()    # call ids that received argument text
         self.calls = []          # upstream tool_use ids handed to the client
         self.in_message = False  # an upstream message is streaming
@@ -3271,7 +3277,7 @@ class ToolBridge:
         """Tool events for one upstream stream event (text and thinking stay with translate)."""
         et = ev.get("type")
         if et == "message_start":
-            self.in_message = True
+            self.in_message, self.streamed = True, []
             self.usage = Usage.from_api((ev.get("message") or {}).get("usage"))
         elif et == "message_delta":
             self.usage.output_tokens = int((ev.get("usage") or {}).get("output_tokens") or 0)
@@ -3279,26 +3285,32 @@ class ToolBridge:
                 and ev["content_block"].get("name") not in CLI_WEB_TOOLS:    # those the CLI runs
             block = ev["content_block"]
             first = block.get("input") or {}
-            ev_call = self._call(block.get("id"), block.get("name"),
-                                 json.dumps(first, ensure_ascii=False) if first else "")
-            self.blocks[ev.get("index")] = ev_call.id if ev_call else None
-            if ev_call:
-                yield ev_call
+            cid, events = self._call(block.get("id"), block.get("name"),
+                                     json.dumps(first, ensure_ascii=False) if first else "")
+            self.blocks[ev.get("index")] = cid
+            if cid:
+                self.streamed.append([block.get("name"), block.get("id"), cid, ""])
+            yield from events
         elif et == "content_block_delta" and (ev.get("delta") or {}).get("type") == "input_json_delta":
             cid, text = self.blocks.get(ev.get("index")), ev["delta"].get("partial_json") or ""
             if cid and text:
                 self.has_args.add(cid)
-                yield ToolCallDelta(cid, text)
+                for record in self.streamed:
+                    record[3] += text if record[2] == cid else ""
+                text = self._pass(cid, text)
+                if text:
+                    yield ToolCallDelta(cid, text)
         elif et == "content_block_stop":
             cid = self.blocks.pop(ev.get("index"), None)
+            self._passed(cid)
             if cid and cid not in self.has_args:
                 yield ToolCallDelta(cid, "{}")
         elif et == "message_stop":
             self.in_message = False
-            if ev.get("abandoned_blocks") and self.calls:
-                raise UpstreamError("The upstream stream broke during a tool call; retry the "
-                                    "request.")
-            if self.calls and not ev.get("abandoned_blocks"):
+            if ev.get("abandoned_blocks"):      # the CLI withdrew the message
+                yield from self._abandon()
+            elif self.calls:
+                self.replayed_all()
                 self.ended = True
                 self._settle(proc)
 
@@ -3306,18 +3318,77 @@ class ToolBridge:
         """A whole tool_use block (the CLI's non-streaming fallback after a dropped stream)."""
         if block.get("name") in CLI_WEB_TOOLS:
             return
-        ev_call = self._call(block.get("id"), block.get("name"),
-                             json.dumps(block.get("input") or {}, ensure_ascii=False))
-        if ev_call:
-            yield ev_call
+        cid, events = self._call(block.get("id"), block.get("name"),
+                                 json.dumps(block.get("input") or {}, ensure_ascii=False))
+        yield from events
+        self._passed(cid)
         self.ended = True
         self._settle(proc)
 
+    def _abandon(self):
+        """The CLI withdrew the message being streamed (a reset upstream stream) and asks again,
+        streaming or not.  Its calls are not calls: a non-streaming request forgets them (Reset);
+        a stream already showed them, so the message asked for again must make them again, by
+        name and with arguments that go on from the text sent (_replay); those are then not
+        shown twice.  The process is not kept: its call ids are not the client's."""
+        self.calls = [c for c in self.calls if c not in {r[1] for r in self.streamed}]
+        self.blocks, self.has_args = {}, self.has_args - {r[2] for r in self.streamed}
+        if not self.streaming:
+            if self.streamed:
+                yield Reset()
+        else:
+            self.replayed += self.streamed
+            self.hold = self.hold and not self.replayed
+        self.streamed = []
+
+    def _replay(self, name, arguments):
+        """A call of a message asked for again, for a call a stream showed (replayed): its id,
+        and what of its arguments the client does not have."""
+        if self.replayed[0][0] != name:
+            raise UpstreamError("The upstream stream broke during a tool call and the call made "
+                                "when asked again differs from the one already sent; retry the "
+                                "request.")
+        _, _, cid, sent = self.replayed.pop(0)
+        self.skip[cid] = sent
+        if sent:
+            self.has_args.add(cid)
+        return cid, self._pass(cid, arguments)
+
+    def _pass(self, cid, text):
+        """`text` of a call's arguments less what the client already has of them (skip)."""
+        skip = self.skip.get(cid)
+        if not skip:
+            return text
+        n = min(len(text), len(skip))
+        if text[:n] != skip[:n]:
+            raise UpstreamError("The upstream stream broke during a tool call and the arguments "
+                                "given when asked again differ from those already sent; retry "
+                                "the request.")
+        self.skip[cid] = skip[n:]
+        return text[n:]
+
+    def _passed(self, cid):
+        if self.skip.pop(cid, ""):
+            raise UpstreamError("The upstream stream broke during a tool call and the arguments "
+                                "given when asked again are shorter than those already sent; "
+                                "retry the request.")
+
+    def replayed_all(self):
+        """Raise when a call a stream showed was not made again by the message asked again."""
+        if self.replayed:
+            raise UpstreamError("The upstream stream broke during a tool call and the answer "
+                                "given when asked again does not make that call; retry the "
+                                "request.")
+
     def _call(self, tool_use_id, name, arguments):
+        """(the call id, the events that show it), or (None, ()) for a call not handed over."""
         if not self.parallel and self.calls:
             self.hold = False         # the CLI has a call the client never gets: deny, not kept
-            return None
+            return None, ()
         self.calls.append(tool_use_id)
+        if self.replayed:
+            cid, rest = self._replay(name or "", arguments)
+            return cid, [ToolCallDelta(cid, rest)] if rest else []
         if isinstance(tool_use_id, str) and tool_use_id.startswith("toolu_"):
             cid = self.id_prefix + tool_use_id[len("toolu_"):]
         else:
@@ -3326,7 +3397,7 @@ class ToolBridge:
         client = self.client_name.get(name)
         if client is None:            # not offered (the CLI rejects it): pass the name on
             client = name[len(MCP_PREFIX):] if name.startswith(MCP_PREFIX) else name
-        return ToolCall(cid, client, arguments)
+        return cid, [ToolCall(cid, client, arguments)]
 
     # -- control protocol --------------------------------------------------------------
     def on_control(self, proc, item):
@@ -3626,6 +3697,10 @@ class StreamTranslator:
         ev, bridge = item.get("event") or {}, self.bridge
         if self.proc.stopped:
             return None                  # what follows an interrupt is not the answer
+        if item.get("abandoned_blocks"):
+            # the CLI withdrew the message (a reset stream); it says so on the line, not in the
+            # upstream's event
+            ev = dict(ev, abandoned_blocks=item["abandoned_blocks"])
         if bridge is None:
             handler = self.STREAM.get(ev.get("type"))
             return handler(self, ev) if handler is not None else None
@@ -3653,6 +3728,8 @@ class StreamTranslator:
             elif block.get("type") == "tool_use" and self.bridge is not None \
                     and not self.bridge.ended:
                 yield from self.bridge.on_block(self.proc, block)
+        if self.bridge is not None and self.bridge.ended:
+            self.bridge.replayed_all()
 
     def _rate_limit_event(self, item):
         self.proc.note(item)

@@ -375,3 +375,87 @@ def test_a_stream_reset_before_its_first_text_still_answers(make_proxy, upstream
     else:
         assert answer("openai", got) == "The answer, asked again."
     assert len(upstream.model_calls) == 2
+
+
+NATIVE_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+def tool_reply(drop_after=-1, msg_id="msg_reset2", chunks=1):
+    reply = fake_upstream.tool_use("mcp__client__get_weather",
+                                   {"city": "Paris, the capital of France"}, id="toolu_reset01",
+                                   before="Let me look.", chunks=chunks, drop_after=drop_after)
+    reply.id = msg_id
+    return reply
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("drop_after", [1, 8, 9, 10])
+def test_a_stream_reset_inside_a_native_tool_call_gives_it_whole(make_proxy, upstream, stream,
+                                                                 drop_after):
+    """The upstream resets inside the tool_use block (8: right after its start, 9 and 10: after
+    one and two pieces of its arguments): the CLI withdraws the streamed message
+    (abandoned_blocks) and asks again, streaming; the client gets the call once, with all its
+    arguments, and the text before it once (it got arguments {} or a cut-off JSON before).
+    1: a reset right after message_start, which the CLI asks again without streaming (whole
+    blocks in assistant lines)."""
+    p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0)
+    upstream.push(tool_reply(drop_after, "msg_reset1", chunks=4))
+    upstream.default = tool_reply()
+    body = {"model": "sonnet", "stream": stream, "tools": NATIVE_TOOLS,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    status, _, got = p.post("/v1/chat/completions", body,
+                            headers={"X-Toolcall-Module": "native"}, timeout=120)
+    assert status == 200, got
+    assert len(upstream.model_calls) == 2
+    if stream:
+        chunks = [json.loads(line[6:]) for line in got.split("\n")
+                  if line.startswith("data: {")]
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        text = "".join(d.get("content") or "" for d in deltas)
+        calls = [t for d in deltas for t in d.get("tool_calls") or ()]
+        assert [(t["index"], t["id"], t["function"]["name"]) for t in calls if "id" in t] == \
+            [(0, "call_reset01", "get_weather")]
+        arguments = "".join(t["function"]["arguments"] for t in calls)
+        finish = [c["choices"][0]["finish_reason"] for c in chunks
+                  if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert finish == ["tool_calls"]
+    else:
+        message = got["choices"][0]["message"]
+        text = message["content"]
+        assert [(t["id"], t["function"]["name"]) for t in message["tool_calls"]] == \
+            [("call_reset01", "get_weather")]
+        arguments = message["tool_calls"][0]["function"]["arguments"]
+        assert got["choices"][0]["finish_reason"] == "tool_calls"
+    assert text == "Let me look."
+    assert json.loads(arguments) == {"city": "Paris, the capital of France"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_native_tool_call_asked_again_with_other_arguments(make_proxy, upstream, stream):
+    """The same reset after two pieces of the arguments, and the call asked again has other
+    arguments: a non-streamed answer is the new call alone; a stream, whose first pieces are
+    out, ends with an error event and never a call mixing the two."""
+    p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0)
+    upstream.push(tool_reply(10, "msg_reset1", chunks=4))
+    other = fake_upstream.tool_use("mcp__client__get_weather", {"city": "Rome"},
+                                   id="toolu_reset02", before="Let me look.")
+    other.id = "msg_reset2"
+    upstream.default = other
+    body = {"model": "sonnet", "stream": stream, "tools": NATIVE_TOOLS,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    status, _, got = p.post("/v1/chat/completions", body,
+                            headers={"X-Toolcall-Module": "native"}, timeout=120)
+    assert status == 200, got
+    assert len(upstream.model_calls) == 2
+    if stream:
+        content, complete, err = stream_result("openai", got)
+        assert (content, complete) == ("Let me look.", False), got
+        assert "differ" in err["message"], err
+        assert "Rome" not in got
+    else:
+        message = got["choices"][0]["message"]
+        assert [(t["id"], t["function"]["name"], json.loads(t["function"]["arguments"]))
+                for t in message["tool_calls"]] == [("call_reset02", "get_weather", {"city": "Rome"})]
