@@ -11,8 +11,10 @@ import os
 import pathlib
 import shutil
 import socket
+import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -47,6 +49,61 @@ def need_tool(name):
     if path is None:
         pytest.skip("%s is not installed (.ci/run installs it)" % name)
     return path
+
+
+# The head of an nginx configuration that runs unprivileged from a test's directory (%(dir)s):
+# a recipe's `upstream`, `map` and `server` blocks follow it, inside its open `http {`.
+NGINX_HEAD = """
+worker_processes 1;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/error.log warn;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path %(dir)s/body; proxy_temp_path %(dir)s/proxy;
+    fastcgi_temp_path %(dir)s/fcgi; uwsgi_temp_path %(dir)s/uwsgi; scgi_temp_path %(dir)s/scgi;"""
+
+# The head of an HAProxy configuration (after any `global` section): HTTP, the recipes'
+# timeouts, and the front end on %(port)d, whose rules follow.
+HAPROXY_HEAD = """
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 660s
+    timeout server 660s
+frontend fe
+    bind 127.0.0.1:%(port)d"""
+
+
+@pytest.fixture
+def balancer(tmp_path):
+    """balancer(argv, conf, **values) -> the URL of a load balancer (nginx, HAProxy) started
+    from `conf`, a template of `values` plus dir (the test's directory) and port (its front
+    end); "CONF" in argv is the written file's path.  Skips when the program is missing; the
+    balancer ends with the test."""
+    started = []
+
+    def start(argv, conf, **values):
+        need_tool(argv[0])
+        port = free_port()
+        (tmp_path / "lb.conf").write_text(conf % dict(values, dir=tmp_path, port=port))
+        lb = subprocess.Popen([a.replace("CONF", str(tmp_path / "lb.conf")) for a in argv],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(lb)
+        url = "http://127.0.0.1:%d" % port
+        deadline = time.time() + 10
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).close()
+                return url
+            except OSError:
+                assert time.time() < deadline and lb.poll() is None, "%s did not start" % argv[0]
+                time.sleep(0.05)
+
+    yield start
+    for lb in started:
+        lb.terminate()
+        lb.wait(10)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -5,25 +5,13 @@ with nginx 1.22 and HAProxy 2.6 (Debian) in front of two instances on loopback.
 The balancers' default is round robin, so a request the recipe did not route would reach the
 other instance every second time, and that instance answers 404 (another instance's id).
 """
-import subprocess
-import time
-import urllib.request
-
 import openai
 import pytest
 
 import fake_upstream
-from conftest import Proxy, free_port, need_tool
+from conftest import HAPROXY_HEAD, NGINX_HEAD, need_tool
 
-NGINX_CONF = """
-worker_processes 1;
-pid %(dir)s/nginx.pid;
-error_log %(dir)s/error.log warn;
-events { worker_connections 64; }
-http {
-    access_log off;
-    client_body_temp_path %(dir)s/body; proxy_temp_path %(dir)s/proxy;
-    fastcgi_temp_path %(dir)s/fcgi; uwsgi_temp_path %(dir)s/uwsgi; scgi_temp_path %(dir)s/scgi;
+NGINX_CONF = NGINX_HEAD + """
     map $uri $claude_backend {
         ~^/(v1/)?(responses|conversations)/(resp|conv)_a_   claude_a;
         ~^/(v1/)?(responses|conversations)/(resp|conv)_b_   claude_b;
@@ -49,14 +37,7 @@ http {
 }
 """
 
-HAPROXY_CONF = r"""
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 660s
-    timeout server 660s
-frontend fe
-    bind 127.0.0.1:%(port)d
+HAPROXY_CONF = HAPROXY_HEAD + r"""
     option http-buffer-request
     acl to_a path_reg ^/(v1/)?(responses|conversations)/(resp|conv)_a_
     acl to_a req.body -m reg "\"(previous_response_id|conversation)\"[[:space:]]*:[[:space:]]*([{][[:space:]]*\"id\"[[:space:]]*:[[:space:]]*)?\"(resp|conv)_a_"
@@ -77,9 +58,8 @@ backend claude_proxies
 
 
 @pytest.fixture
-def fronted(make_proxy, upstream, tmp_path):
+def fronted(make_proxy, balancer, tmp_path):
     """fronted(argv, conf) -> an SDK client on a balancer in front of instances a and b."""
-    started = []
 
     def make(argv, conf):
         need_tool(argv[0])
@@ -87,27 +67,10 @@ def fronted(make_proxy, upstream, tmp_path):
                         CLAUDE_PROXY_STATE_DIR=tmp_path / "a")
         p2 = make_proxy(CLAUDE_PROXY_INSTANCE="b", CLAUDE_PROXY_POOL_SIZE=0,
                         CLAUDE_PROXY_STATE_DIR=tmp_path / "b")
-        port = free_port()
-        (tmp_path / "lb.conf").write_text(conf % {"dir": tmp_path, "p1": p1.port, "p2": p2.port,
-                                                  "port": port})
-        lb = subprocess.Popen([a.replace("CONF", str(tmp_path / "lb.conf")) for a in argv],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(lb)
-        url = "http://127.0.0.1:%d" % port
-        deadline = time.time() + 10
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline and lb.poll() is None, "%s did not start" % argv[0]
-                time.sleep(0.05)
+        url = balancer(argv, conf, p1=p1.port, p2=p2.port)
         return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0), (p1, p2)
 
-    yield make
-    for lb in started:
-        lb.terminate()
-        lb.wait(10)
+    return make
 
 
 def made_on_both(c, upstream):

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import fake_upstream
-from conftest import Proxy, base_env, free_port, need_tool, real_claude_bin
+from conftest import HAPROXY_HEAD, NGINX_HEAD, Proxy, base_env, need_tool, real_claude_bin
 from fake_upstream import Plan
 
 CHAT = "/v1/chat/completions"
@@ -537,15 +537,7 @@ def test_litellm_router_fails_over_from_a_limited_instance_and_cools_it_down(sub
         == "rejected"
 
 
-NGINX_CONF = """
-worker_processes 1;
-pid %(dir)s/nginx.pid;
-error_log %(dir)s/error.log warn;
-events { worker_connections 64; }
-http {
-    access_log off;
-    client_body_temp_path %(dir)s/body; proxy_temp_path %(dir)s/proxy;
-    fastcgi_temp_path %(dir)s/fcgi; uwsgi_temp_path %(dir)s/uwsgi; scgi_temp_path %(dir)s/scgi;
+NGINX_CONF = NGINX_HEAD + """
     upstream claude_proxies {
         hash $http_x_session_id consistent;
         server 127.0.0.1:%(p1)d max_fails=1 fail_timeout=300s;
@@ -569,12 +561,11 @@ http {
 
 
 @pytest.fixture
-def balanced(sub_proxy, upstream, tmp_path):
+def balanced(sub_proxy, upstream, balancer):
     """balanced(program, conf) -> (front, t1, t2, sessions on 1): two instances, one
-    subscription each, behind a load balancer started from `conf` (a template of p1, p2, port,
-    dir); each of the sessions found has been served twice by the same instance."""
-    import subprocess, tempfile, urllib.request
-    started = []
+    subscription each, behind a load balancer started from `conf` (a template of p1, p2, sock,
+    port, dir); each of the sessions found has been served twice by the same instance."""
+    import tempfile
     sock_dir = tempfile.mkdtemp(prefix="lb-")      # short: a unix socket path has 107 bytes
 
     def make(argv, conf):
@@ -583,23 +574,10 @@ def balanced(sub_proxy, upstream, tmp_path):
         upstream.plans[t1], upstream.plans[t2] = Plan(), Plan()
         p1 = sub_proxy(t1, CLAUDE_PROXY_POOL_SIZE=0)
         p2 = sub_proxy(t2, CLAUDE_PROXY_POOL_SIZE=0)
-        port = free_port()
         front_sock = os.path.join(sock_dir, "admin.sock")
-        (tmp_path / "lb.conf").write_text(conf % {"dir": tmp_path, "p1": p1.port, "p2": p2.port,
-                                                  "port": port, "sock": front_sock})
-        lb = subprocess.Popen([a.replace("CONF", str(tmp_path / "lb.conf")) for a in argv],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(lb)
         front = Proxy.__new__(Proxy)          # only its request helpers, on the balancer's URL
-        front.url, front.backends, front.sock = "http://127.0.0.1:%d" % port, (p1, p2), front_sock
-        deadline = time.time() + 10
-        while True:
-            try:
-                urllib.request.urlopen(front.url + "/health", timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline and lb.poll() is None, "%s did not start" % argv[0]
-                time.sleep(0.05)
+        front.url = balancer(argv, conf, p1=p1.port, p2=p2.port, sock=front_sock)
+        front.backends, front.sock = (p1, p2), front_sock
         where = {}
         for i in range(12):                   # sessions until both instances served some
             sid = "session-%d" % i
@@ -615,9 +593,6 @@ def balanced(sub_proxy, upstream, tmp_path):
         return front, t1, t2, [sid for sid, t in where.items() if t == t1]
 
     yield make
-    for lb in started:
-        lb.terminate()
-        lb.wait(10)
     shutil.rmtree(sock_dir, ignore_errors=True)
 
 
@@ -637,14 +612,7 @@ def test_nginx_keeps_a_session_on_one_instance_and_fails_over_on_429(balanced, u
 
 HAPROXY_CONF = """
 global
-    stats socket %(sock)s
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 660s
-    timeout server 660s
-frontend fe
-    bind 127.0.0.1:%(port)d
+    stats socket %(sock)s""" + HAPROXY_HEAD + """
     default_backend claude_proxies
 backend claude_proxies
     balance hdr(X-Session-Id)

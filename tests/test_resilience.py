@@ -391,6 +391,18 @@ def tool_reply(drop_after=-1, msg_id="msg_reset2", chunks=1):
     return reply
 
 
+def ask_weather(p, upstream, stream):
+    """Paris' weather asked with the native tool, which the upstream is asked for twice (the
+    reply it reset, then the one asked again); returns the 200's body."""
+    body = {"model": "sonnet", "stream": stream, "tools": NATIVE_TOOLS,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    status, _, got = p.post("/v1/chat/completions", body,
+                            headers={"X-Toolcall-Module": "native"}, timeout=120)
+    assert status == 200, got
+    assert len(upstream.model_calls) == 2
+    return got
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("drop_after", [1, 8, 9, 10])
 def test_a_stream_reset_inside_a_native_tool_call_gives_it_whole(make_proxy, upstream, stream,
@@ -404,12 +416,7 @@ def test_a_stream_reset_inside_a_native_tool_call_gives_it_whole(make_proxy, ups
     p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0)
     upstream.push(tool_reply(drop_after, "msg_reset1", chunks=4))
     upstream.default = tool_reply()
-    body = {"model": "sonnet", "stream": stream, "tools": NATIVE_TOOLS,
-            "messages": [{"role": "user", "content": "Weather in Paris?"}]}
-    status, _, got = p.post("/v1/chat/completions", body,
-                            headers={"X-Toolcall-Module": "native"}, timeout=120)
-    assert status == 200, got
-    assert len(upstream.model_calls) == 2
+    got = ask_weather(p, upstream, stream)
     if stream:
         chunks = [json.loads(line[6:]) for line in got.split("\n")
                   if line.startswith("data: {")]
@@ -444,12 +451,7 @@ def test_a_native_tool_call_asked_again_with_other_arguments(make_proxy, upstrea
                                    id="toolu_reset02", before="Let me look.")
     other.id = "msg_reset2"
     upstream.default = other
-    body = {"model": "sonnet", "stream": stream, "tools": NATIVE_TOOLS,
-            "messages": [{"role": "user", "content": "Weather in Paris?"}]}
-    status, _, got = p.post("/v1/chat/completions", body,
-                            headers={"X-Toolcall-Module": "native"}, timeout=120)
-    assert status == 200, got
-    assert len(upstream.model_calls) == 2
+    got = ask_weather(p, upstream, stream)
     if stream:
         content, complete, err = stream_result("openai", got)
         assert (content, complete) == ("Let me look.", False), got

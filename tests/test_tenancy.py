@@ -2,6 +2,8 @@
 key sending the same conversation is not served by its process, and one key cannot hold more
 than its share of the kept slots.  Real CLI, fake upstream; which process served a turn is seen
 through /health (idle kept hits)."""
+import functools
+
 import pytest
 
 import fake_upstream
@@ -13,19 +15,11 @@ KEY_B = "tenant-b-key-0123456789abcdef"
 
 @pytest.fixture
 def start(make_proxy):
-    started = []
-
-    def make(**env):
-        env.setdefault("CLAUDE_PROXY_API_KEYS", "%s,%s" % (KEY_A, KEY_B))
-        env.setdefault("CLAUDE_PROXY_POOL_SIZE", 0)
-        env.setdefault("CLAUDE_PROXY_REUSE", 0)        # a turn not kept ends its process
-        env.setdefault("CLAUDE_PROXY_IDLE_MAX", 8)
-        p = make_proxy(**env)
-        started.append(p)
-        return p
-    yield make
-    for p in started:
-        p.stop()
+    """make_proxy with keys A and B, no pool, and no reuse (a turn not kept ends its process)
+    by default; its proxies stop when the test ends."""
+    return functools.partial(make_proxy, CLAUDE_PROXY_API_KEYS="%s,%s" % (KEY_A, KEY_B),
+                             CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_REUSE=0,
+                             CLAUDE_PROXY_IDLE_MAX=8)
 
 
 def idle(p):
