@@ -790,7 +790,8 @@ def test_access_log_json_lines(json_log_proxy):
     assert status == 200
     ask(json_log_proxy, "openai", "hi", stream=True, headers={"X-Request-Id": rid + "-s"})
     json_log_proxy.request("GET", "/v1/nope", headers={"X-Request-Id": rid + "-404"})
-    log_lines_with(json_log_proxy, rid + "-404")
+    for suffix in ("", "-s", "-404"):       # each line is written after its answer went out,
+        log_lines_with(json_log_proxy, '"%s%s"' % (rid, suffix))   # so not in request order
     records = {}
     for line in json_log_proxy.log.splitlines():
         if line.startswith("{"):
