@@ -59,6 +59,12 @@ def test_compose_runs_as_the_uid_in_dotenv_with_an_init(tmp_path):
     assert "127.0.0.1:9123:9123" in text
     assert re.search(r"^\s+CLAUDE_PROXY_PORT: '9123'$", text, re.M), text
     assert "%s/.claude:/home/claude/.claude:rw" % tmp_path in text
+    # the state store and the instance name outlive a recreated container
+    assert "%s/.local/state/claude-proxy:/home/claude/.local/state/claude-proxy:rw" % tmp_path \
+        in text, text
+    assert re.search(r"^\s+CLAUDE_PROXY_STATE_DIR: /home/claude/.local/state/claude-proxy$",
+                     text, re.M), text
+    assert re.search(r"^\s+CLAUDE_PROXY_INSTANCE: claude-proxy$", text, re.M), text
 
 
 def test_compose_without_dotenv_is_uid_1000_on_8088(tmp_path):
