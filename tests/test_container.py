@@ -64,7 +64,12 @@ def test_compose_runs_as_the_uid_in_dotenv_with_an_init(tmp_path):
         in text, text
     assert re.search(r"^\s+CLAUDE_PROXY_STATE_DIR: /home/claude/.local/state/claude-proxy$",
                      text, re.M), text
-    assert re.search(r"^\s+CLAUDE_PROXY_INSTANCE: claude-proxy$", text, re.M), text
+    instance = re.search(r"^\s+CLAUDE_PROXY_INSTANCE: (\S+)$", text, re.M)
+    assert instance and instance.group(1) == "claudeproxy", text
+    sys.path.insert(0, str(ROOT))
+    import claude_openai_proxy as proxy          # the name passes the proxy's own check
+    assert proxy.load_config(["--instance", instance.group(1)],
+                             environ={"HOME": str(tmp_path)})[0].instance == "claudeproxy"
 
 
 def test_compose_without_dotenv_is_uid_1000_on_8088(tmp_path):
