@@ -114,7 +114,8 @@ Structure: which class does what
                         (Backend.run) or the tool engine (emulated_tool_events, section 6).
     OpenAIChat, AnthropicMessages, OpenAIResponses (9-11)
                         a dialect: parse -> Request, render a Completion, stream events as SSE
-                        (ResponsesStream for the Responses API).
+                        through its DialectStream (ChatStream, MessagesStream, ResponsesStream:
+                        the stream's state and a handler per event type).
     StateStore (12)     one SQLite file: stored responses and conversations (StatefulResponses,
                         section 11) and the usage history (UsageHistory).
     Backend (7)         one CLI turn: a process from the IdleStore (or a new CLIProcess), the
@@ -4372,6 +4373,52 @@ def first_then(events):
     return itertools.chain(() if first is None else (first,), it)
 
 
+class DialectStream:
+    """One streamed answer in one dialect (ChatStream, MessagesStream, ResponsesStream): the
+    neutral events in, the dialect's SSE events out.  A subclass holds the stream's state and
+    names a handler per event type in EVENTS (types not in it send nothing).  A ProxyError
+    after the status line is the dialect's error event (`fail`): the status is already sent.
+    The OpenAI dialects hold a tool call in `call` until its arguments are complete; it closes
+    at the first event that is not more of it."""
+
+    EVENTS = {}                  #: event type -> handler(self, event)
+
+    def __init__(self, dialect, req, sse, body):
+        self.dialect, self.req, self.sse, self.body = dialect, req, sse, body
+        self.call = None         #: the tool call held open (OpenAI dialects), or None
+
+    def run(self, events):
+        self.begin()
+        try:
+            for ev in events:
+                self.before(ev)
+                handler = self.EVENTS.get(type(ev))
+                if handler is not None:
+                    handler(self, ev)
+        except ProxyError as err:
+            self.fail(err)
+        self.end()
+
+    def begin(self):
+        pass
+
+    def before(self, ev):
+        if self.call is not None and not isinstance(ev, (ToolCallDelta, Heartbeat)):
+            self.close_call()
+
+    def close_call(self):
+        raise NotImplementedError
+
+    def fail(self, err):
+        raise NotImplementedError
+
+    def end(self):
+        pass
+
+    def on_heartbeat(self, ev):
+        self.sse.comment("keep-alive")
+
+
 # 9. OpenAI chat completions #####################################################################
 
 def _need(cond, message, param=None):
@@ -4647,6 +4694,82 @@ def _openai_schema(fmt, where="response_format", flat=False):
     return schema
 
 
+class ChatStream(DialectStream):
+    """One streamed chat completion: chat.completion.chunk events, then [DONE].  A function
+    call's arguments stream as they come; a custom tool's call is held (`call`) and sent whole
+    once complete, its raw input being inside its JSON arguments."""
+
+    def __init__(self, dialect, req, sse, body):
+        super().__init__(dialect, req, sse, body)
+        self.head = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": req.model, "system_fingerprint": None}
+        self.indexes = {}        #: tool call id -> its index in the message's tool_calls
+        self.text = []           #: the text so far and the web searches, for the url_citation
+        self.searches = []       #: annotations sent at the end
+
+    def chunk(self, delta, finish=None):
+        d = dict(self.head, choices=[{"index": 0, "delta": delta, "logprobs": None,
+                                      "finish_reason": finish}])
+        if self.req.include_usage:
+            d["usage"] = None
+        self.sse.event(d)
+
+    def begin(self):
+        self.chunk({"role": "assistant", "content": ""})
+
+    def fail(self, err):
+        self.sse.event(self.dialect.error(err)[1])
+
+    def end(self):
+        self.sse.event("[DONE]")
+
+    def close_call(self):
+        call, self.call = self.call, None
+        self.chunk({"tool_calls": [dict(self.dialect.tool_call(self.req, call),
+                                        index=self.indexes[call.id])]})
+
+    # -- one handler per event ---------------------------------------------------------------
+    def on_text(self, ev):
+        if ev.text:
+            self.text.append(ev.text)
+            self.chunk({"content": ev.text})
+
+    def on_thinking(self, ev):
+        if self.req.thinking and ev.text:
+            self.chunk({"reasoning_content": ev.text})
+
+    def on_tool_call(self, ev):
+        index = self.indexes[ev.id] = len(self.indexes)
+        if getattr(tool_spec(self.req, ev.name), "tool_type", "") == "custom":
+            self.call = ToolCall(ev.id, ev.name, ev.arguments)
+            return
+        self.chunk({"tool_calls": [{"index": index, "id": ev.id, "type": "function",
+                                    "function": {"name": ev.name, "arguments": ""}}]})
+        if ev.arguments:
+            self.chunk({"tool_calls": [{"index": index, "function": {"arguments": ev.arguments}}]})
+
+    def on_tool_call_delta(self, ev):
+        if self.call is not None and self.call.id == ev.id:
+            self.call.arguments += ev.arguments
+        elif ev.id in self.indexes:
+            self.chunk({"tool_calls": [{"index": self.indexes[ev.id],
+                                        "function": {"arguments": ev.arguments}}]})
+
+    def on_web_search(self, ev):
+        self.searches.append(ev)
+
+    def on_done(self, ev):
+        if self.searches:
+            self.chunk({"annotations": self.dialect.annotations("".join(self.text), self.searches)})
+        self.chunk({}, self.dialect.FINISH.get(ev.stop_reason, "stop"))
+        if self.req.include_usage:
+            self.sse.event(dict(self.head, choices=[], usage=self.dialect.usage(ev.usage)))
+
+    EVENTS = {TextDelta: on_text, ThinkingDelta: on_thinking, ToolCall: on_tool_call,
+              ToolCallDelta: on_tool_call_delta, WebSearch: on_web_search,
+              Heartbeat: DialectStream.on_heartbeat, Done: on_done}
+
+
 class OpenAIChat:
     name = "openai"
     call_id_prefix = "call_"
@@ -4732,63 +4855,7 @@ class OpenAIChat:
                 "function": {"name": call.name, "arguments": call.arguments}}
 
     def stream(self, req, events, sse, body):
-        base = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": req.model, "system_fingerprint": None}
-
-        def chunk(delta, finish=None):
-            d = dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None,
-                                     "finish_reason": finish}])
-            if req.include_usage:
-                d["usage"] = None
-            sse.event(d)
-
-        chunk({"role": "assistant", "content": ""})
-        calls = {}               # tool call id -> index
-        custom = {}              # custom tool call id -> its ToolCall, sent whole once complete
-        text, searches = [], []  # for the url_citation annotations of a web search, at the end
-        try:
-            for ev in events:
-                if custom and not isinstance(ev, (ToolCallDelta, Heartbeat)):
-                    for call in custom.values():
-                        chunk({"tool_calls": [dict(self.tool_call(req, call), index=calls[call.id])]})
-                    custom.clear()
-                if isinstance(ev, TextDelta):
-                    if ev.text:
-                        text.append(ev.text)
-                        chunk({"content": ev.text})
-                elif isinstance(ev, WebSearch):
-                    searches.append(ev)
-                elif isinstance(ev, ThinkingDelta):
-                    if req.thinking and ev.text:
-                        chunk({"reasoning_content": ev.text})
-                elif isinstance(ev, ToolCall) and \
-                        getattr(tool_spec(req, ev.name), "tool_type", "") == "custom":
-                    calls[ev.id] = len(calls)
-                    custom[ev.id] = ToolCall(ev.id, ev.name, ev.arguments)
-                elif isinstance(ev, ToolCall):
-                    calls[ev.id] = len(calls)
-                    chunk({"tool_calls": [{"index": calls[ev.id], "id": ev.id, "type": "function",
-                                           "function": {"name": ev.name, "arguments": ""}}]})
-                    if ev.arguments:
-                        chunk({"tool_calls": [{"index": calls[ev.id],
-                                               "function": {"arguments": ev.arguments}}]})
-                elif isinstance(ev, ToolCallDelta):
-                    if ev.id in custom:
-                        custom[ev.id].arguments += ev.arguments
-                    elif ev.id in calls:
-                        chunk({"tool_calls": [{"index": calls[ev.id],
-                                               "function": {"arguments": ev.arguments}}]})
-                elif isinstance(ev, Heartbeat):
-                    sse.comment("keep-alive")
-                elif isinstance(ev, Done):
-                    if searches:
-                        chunk({"annotations": self.annotations("".join(text), searches)})
-                    chunk({}, self.FINISH.get(ev.stop_reason, "stop"))
-                    if req.include_usage:
-                        sse.event(dict(base, choices=[], usage=self.usage(ev.usage)))
-        except ProxyError as err:
-            sse.event(self.error(err)[1])
-        sse.event("[DONE]")
+        ChatStream(self, req, sse, body).run(events)
 
     def error(self, err):
         status = 503 if err.status == 529 else err.status
@@ -4847,6 +4914,105 @@ def _anthropic_blocks(content, where, role):
             raise BadRequest("%s.type %r is not supported (text, image, tool_use, tool_result, "
                              "thinking)" % (at, block_type))
     return blocks
+
+
+class MessagesStream(DialectStream):
+    """One streamed message: message_start (with the input usage when Start brings it), then
+    content blocks, one open at a time (text and thinking blocks go on while their kind of
+    delta comes; every tool_use is a block of its own), then message_delta and message_stop.
+    A failure after the status line is an error event."""
+
+    def __init__(self, dialect, req, sse, body):
+        super().__init__(dialect, req, sse, body)
+        self.index = -1          #: the index of the last content block opened
+        self.open = None         #: the type of the block open, or None
+        self.started = False     #: message_start sent
+
+    def start(self, usage):
+        if not self.started:
+            self.started = True
+            self.sse.event({"type": "message_start", "message": {
+                "id": new_id("msg_"), "type": "message", "role": "assistant",
+                "model": self.req.model, "content": [], "stop_reason": None,
+                "stop_sequence": None, "usage": dict(self.dialect.usage(usage), output_tokens=1)}},
+                "message_start")
+
+    def before(self, ev):
+        if not isinstance(ev, Start):
+            self.start(Usage())
+
+    def fail(self, err):
+        self.sse.event(self.dialect.error(err)[1], "error")
+
+    def open_block(self, block_type, block):
+        if self.open == block_type and block_type != "tool_use":
+            return
+        self.close_block()
+        self.index += 1
+        self.open = block_type
+        self.sse.event({"type": "content_block_start", "index": self.index,
+                        "content_block": block}, "content_block_start")
+
+    def close_block(self):
+        if self.open is not None:
+            self.sse.event({"type": "content_block_stop", "index": self.index},
+                           "content_block_stop")
+            self.open = None
+
+    def delta(self, d):
+        self.sse.event({"type": "content_block_delta", "index": self.index, "delta": d},
+                       "content_block_delta")
+
+    # -- one handler per event ---------------------------------------------------------------
+    def on_start(self, ev):
+        self.start(ev.usage)
+        self.sse.event({"type": "ping"}, "ping")
+
+    def on_text(self, ev):
+        self.open_block("text", {"type": "text", "text": ""})
+        self.delta({"type": "text_delta", "text": ev.text})
+
+    def on_thinking(self, ev):
+        if not self.req.thinking:
+            return
+        self.open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        if ev.text:
+            self.delta({"type": "thinking_delta", "thinking": ev.text})
+        if ev.signature:
+            self.delta({"type": "signature_delta", "signature": ev.signature})
+
+    def on_tool_call(self, ev):
+        self.open_block("tool_use", {"type": "tool_use", "id": ev.id, "name": ev.name, "input": {}})
+        if ev.arguments:
+            self.delta({"type": "input_json_delta", "partial_json": ev.arguments})
+
+    def on_tool_call_delta(self, ev):
+        if self.open == "tool_use":
+            self.delta({"type": "input_json_delta", "partial_json": ev.arguments})
+
+    def on_web_search(self, ev):
+        use, result = self.dialect.search_blocks(ev)
+        self.open_block("tool_use", dict(use, input={}))
+        self.delta({"type": "input_json_delta", "partial_json": json.dumps(use["input"])})
+        self.open_block("tool_use", result)      # results arrive whole, as the API sends them
+        self.close_block()
+
+    def on_heartbeat(self, ev):
+        self.sse.event({"type": "ping"}, "ping")
+
+    def on_done(self, ev):
+        if self.index < 0:
+            self.open_block("text", {"type": "text", "text": ""})
+        self.close_block()
+        stop = ev.stop_reason if ev.stop_reason in self.dialect.STOP else "end_turn"
+        self.sse.event({"type": "message_delta", "delta": {
+            "stop_reason": stop, "stop_sequence": ev.stop_sequence},
+            "usage": self.dialect.usage(ev.usage)}, "message_delta")
+        self.sse.event({"type": "message_stop"}, "message_stop")
+
+    EVENTS = {Start: on_start, TextDelta: on_text, ThinkingDelta: on_thinking,
+              ToolCall: on_tool_call, ToolCallDelta: on_tool_call_delta,
+              WebSearch: on_web_search, Heartbeat: on_heartbeat, Done: on_done}
 
 
 class AnthropicMessages:
@@ -4979,77 +5145,7 @@ class AnthropicMessages:
                 "stop_sequence": c.stop_sequence, "usage": self.usage(c.usage)}
 
     def stream(self, req, events, sse, body):
-        state = {"index": -1, "open": None, "started": False}
-
-        def start(usage):
-            if not state["started"]:
-                state["started"] = True
-                sse.event({"type": "message_start", "message": {
-                    "id": new_id("msg_"), "type": "message", "role": "assistant", "model": req.model,
-                    "content": [], "stop_reason": None, "stop_sequence": None,
-                    "usage": dict(self.usage(usage), output_tokens=1)}}, "message_start")
-
-        def open_block(block_type, block):
-            if state["open"] == block_type and block_type != "tool_use":
-                return
-            close_block()
-            state["index"] += 1
-            state["open"] = block_type
-            sse.event({"type": "content_block_start", "index": state["index"],
-                       "content_block": block}, "content_block_start")
-
-        def close_block():
-            if state["open"] is not None:
-                sse.event({"type": "content_block_stop", "index": state["index"]}, "content_block_stop")
-                state["open"] = None
-
-        def delta(d):
-            sse.event({"type": "content_block_delta", "index": state["index"], "delta": d},
-                      "content_block_delta")
-
-        try:
-            for ev in events:
-                if isinstance(ev, Start):
-                    start(ev.usage)
-                    sse.event({"type": "ping"}, "ping")
-                    continue
-                start(Usage())
-                if isinstance(ev, TextDelta):
-                    open_block("text", {"type": "text", "text": ""})
-                    delta({"type": "text_delta", "text": ev.text})
-                elif isinstance(ev, ThinkingDelta):
-                    if not req.thinking:
-                        continue
-                    open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                    if ev.text:
-                        delta({"type": "thinking_delta", "thinking": ev.text})
-                    if ev.signature:
-                        delta({"type": "signature_delta", "signature": ev.signature})
-                elif isinstance(ev, ToolCall):
-                    open_block("tool_use", {"type": "tool_use", "id": ev.id, "name": ev.name, "input": {}})
-                    if ev.arguments:
-                        delta({"type": "input_json_delta", "partial_json": ev.arguments})
-                elif isinstance(ev, ToolCallDelta):
-                    if state["open"] == "tool_use":
-                        delta({"type": "input_json_delta", "partial_json": ev.arguments})
-                elif isinstance(ev, WebSearch):
-                    use, result = self.search_blocks(ev)
-                    open_block("tool_use", dict(use, input={}))
-                    delta({"type": "input_json_delta", "partial_json": json.dumps(use["input"])})
-                    open_block("tool_use", result)      # results arrive whole, as the API sends them
-                    close_block()
-                elif isinstance(ev, Heartbeat):
-                    sse.event({"type": "ping"}, "ping")
-                elif isinstance(ev, Done):
-                    if state["index"] < 0:
-                        open_block("text", {"type": "text", "text": ""})
-                    close_block()
-                    sse.event({"type": "message_delta", "delta": {
-                        "stop_reason": ev.stop_reason if ev.stop_reason in self.STOP else "end_turn",
-                        "stop_sequence": ev.stop_sequence}, "usage": self.usage(ev.usage)}, "message_delta")
-                    sse.event({"type": "message_stop"}, "message_stop")
-        except ProxyError as err:
-            sse.event(self.error(err)[1], "error")
+        MessagesStream(self, req, sse, body).run(events)
 
     def error(self, err):
         return err.status, {"type": "error",
@@ -5185,7 +5281,7 @@ def _responses_tools(body):
     return parse_openai_tool_choice(body.get("tool_choice"), tools, True)
 
 
-class ResponsesStream:
+class ResponsesStream(DialectStream):
     """One streamed Response: the neutral events as OpenAI's response.* SSE events.  Output
     items open as their first event arrives and close when the next kind of event (or the
     end) comes; a failure after the status line travels as the terminal response.failed event,
@@ -5193,26 +5289,17 @@ class ResponsesStream:
     response.completed, as it does for a failure at OpenAI)."""
 
     def __init__(self, dialect, req, sse, body):
-        self.dialect, self.req, self.sse, self.body = dialect, req, sse, body
+        super().__init__(dialect, req, sse, body)
         self.rid, self.created, self.seq = req.response_id or new_id("resp_"), int(time.time()), \
             itertools.count()
         self.output = []             #: items so far, mutated as they finish
         self.message = None          #: (item, index, part) of the message text streams into
-        self.call = None             #: (item, index, ToolCall) of a call whose arguments stream
+        # self.call (DialectStream): (item, index, ToolCall) of a call whose arguments stream
         self.searches = []           #: web searches so far, cited by the text after them
 
-    def run(self, events):
+    def begin(self):
         self.emit("response.created", response=self.envelope([], "in_progress"))
         self.emit("response.in_progress", response=self.envelope([], "in_progress"))
-        try:
-            for ev in events:
-                if self.call is not None and not isinstance(ev, (ToolCallDelta, Heartbeat)):
-                    self.close_call()
-                handler = self.EVENTS.get(type(ev))
-                if handler is not None:
-                    handler(self, ev)
-        except ProxyError as err:
-            self.fail(err)
 
     def fail(self, err):
         if self.message is not None:
@@ -5314,9 +5401,6 @@ class ResponsesStream:
         item["status"] = "completed"
         self.emit("response.output_item.done", output_index=index, item=item)
 
-    def on_heartbeat(self, ev):
-        self.sse.comment("keep-alive")
-
     def on_done(self, ev):
         status = self.dialect.status_of(ev.stop_reason)
         if self.message is None and not self.output:
@@ -5327,7 +5411,7 @@ class ResponsesStream:
             self.output, status, usage=ev.usage, stop_reason=ev.stop_reason))
 
     EVENTS = {TextDelta: on_text, ToolCall: on_tool_call, ToolCallDelta: on_tool_call_delta,
-              WebSearch: on_web_search, Heartbeat: on_heartbeat, Done: on_done}
+              WebSearch: on_web_search, Heartbeat: DialectStream.on_heartbeat, Done: on_done}
 
 
 class OpenAIResponses:
