@@ -175,6 +175,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
@@ -8501,7 +8502,6 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # noqa: BLE001 - the server never dies, the client gets a 500
             log_line("request %s: internal error: %s: %s"
                      % (call.request_id, type(exc).__name__, printable(str(exc))[:300]))
-            import traceback
             traceback.print_exc(file=sys.stderr)
             call.send_error(ProxyError("Internal proxy error; see the proxy's log."))
         finally:
@@ -9261,7 +9261,6 @@ class ProxyServer(ThreadingHTTPServer):
             log_line("connection from %s ended: %s" % (client_address[0], type(exc).__name__))
             return
         log_line("connection from %s: internal error: %s" % (client_address[0], type(exc).__name__))
-        import traceback
         traceback.print_exc(file=sys.stderr)
 
 
