@@ -99,7 +99,8 @@ Data flow
 ---------
     HTTP body -> dialect.parse -> Request (neutral) -> prompt rendering -> CLI process
       -> stream-json lines -> events (Start, TextDelta, ThinkingDelta, ToolCall, ToolCallDelta,
-         WebSearch, Done) -> tool-call engine (emulated tools) -> dialect encoder -> JSON or SSE
+         WebSearch, Heartbeat, Reset, Done) -> tool-call engine (emulated tools)
+      -> dialect: render (JSON) or its DialectStream (SSE)
 
 Structure: which class does what
 --------------------------------
@@ -358,7 +359,7 @@ class Config:
     instance: str = ""
     store_days: float = 30.0
     store_max_mb: int = 1024
-    #: the named keys (JSON: names, roles, budgets, model and login lists; section 12, keys)
+    #: the named keys (JSON: names, roles, budgets, model and login lists; section 13, keys)
     keys_file: str = ""
     #: days of per-request usage history kept in the state store
     history_days: int = 90
