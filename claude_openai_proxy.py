@@ -89,6 +89,8 @@ Configuration (flags win over environment; read once at start-up)
     --store           CLAUDE_PROXY_STORE             on    stored responses, conversations: on | off
     --store-days      CLAUDE_PROXY_STORE_DAYS        30    days stored state is kept
     --store-max-mb    CLAUDE_PROXY_STORE_MAX_MB      1024  MB held at most; the oldest goes first
+    --store-busy-timeout  CLAUDE_PROXY_STORE_BUSY_TIMEOUT  10  seconds a write waits while another
+                                                           program holds the file locked, then lost
     --instance        CLAUDE_PROXY_INSTANCE   (host:port) this instance's name, in its ids
     --allow-unauthenticated   serve a non-loopback address without keys
     --check                   check the CLI, its login and the config, then exit
@@ -359,6 +361,9 @@ class Config:
     instance: str = ""
     store_days: float = 30.0
     store_max_mb: int = 1024
+    #: seconds a store write waits for another program's lock on the file (SQLite's busy
+    #: timeout) before it fails and is counted lost
+    store_busy_timeout: float = 10.0
     #: the named keys (JSON: names, roles, budgets, model and login lists; section 13, keys)
     keys_file: str = ""
     #: days of per-request usage history kept in the state store
@@ -473,6 +478,9 @@ OPTIONS = (
      "days stored responses and conversations are kept (a conversation: since its last use)"),
     ("--store-max-mb", "CLAUDE_PROXY_STORE_MAX_MB", "store_max_mb", int,
      "MB of stored responses and conversations held at most; the oldest are removed first"),
+    ("--store-busy-timeout", "CLAUDE_PROXY_STORE_BUSY_TIMEOUT", "store_busy_timeout", float,
+     "seconds a write to the state store waits while another program (a backup, the sqlite3 "
+     "shell) holds the file locked; then it fails and is counted lost (the request goes on)"),
 )
 LIST_OPTIONS = ("pass_env", "api_keys", "cors_origins", "allowed_hosts", "accounts")
 SECRET_OPTIONS = ("api_keys",)
@@ -564,6 +572,8 @@ def load_config(argv=None, environ=None):
     if cfg.store_days <= 0 or cfg.store_max_mb <= 0:
         raise SystemExit("error: CLAUDE_PROXY_STORE_DAYS and CLAUDE_PROXY_STORE_MAX_MB must be "
                          "more than 0 (CLAUDE_PROXY_STORE=off keeps nothing)")
+    if not 0 <= cfg.store_busy_timeout <= 3600:        # nan and inf fail too
+        raise SystemExit("error: CLAUDE_PROXY_STORE_BUSY_TIMEOUT must be 0 to 3600 seconds")
     if not cfg.state_dir:
         cfg = dataclasses.replace(cfg, state_dir=default_state_dir(environ))
     if not cfg.instance:
@@ -6272,7 +6282,8 @@ class StateStore:
     def _open(self):
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))   # 0600 before sqlite sees it
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, timeout=self.cfg.store_busy_timeout, isolation_level=None,
+                             check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")

@@ -113,6 +113,34 @@ def test_a_failing_write_is_rolled_back_and_counted(tmp_path):
     s.close()
 
 
+def test_a_write_waits_the_busy_timeout_for_a_lock_then_is_lost(tmp_path):
+    """CLAUDE_PROXY_STORE_BUSY_TIMEOUT is SQLite's busy timeout (10 s by default): a write waits
+    that long while another program holds the file locked, then fails and is counted lost."""
+    default = store_at(tmp_path / "default")
+    assert default.read("PRAGMA busy_timeout") == [(10000,)]
+    default.close()
+    s = store_at(tmp_path, store_busy_timeout=0.2)
+    assert s.read("PRAGMA busy_timeout") == [(200,)]
+    other = sqlite3.connect(str(tmp_path / cop.STORE_FILE), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(cop.StoreUnavailable, match="database is locked"):
+            add_response(s, "resp_locked", time.time())
+        assert s.lost == 1
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    add_response(s, "resp_after", time.time())
+    assert ids(s) == ["resp_after"]
+    s.close()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "3601", "soon"])
+def test_a_busy_timeout_out_of_range_is_refused_at_start(value):
+    with pytest.raises(SystemExit, match="CLAUDE_PROXY_STORE_BUSY_TIMEOUT must be"):
+        cop.load_config([], {"CLAUDE_PROXY_STORE_BUSY_TIMEOUT": value})
+
+
 def test_retention_removes_what_is_older_than_the_days(tmp_path):
     s = store_at(tmp_path, store_days=2)
     now = time.time()

@@ -413,8 +413,8 @@ def test_starting_after_must_be_a_sequence_number(start):
 
 def test_a_background_run_whose_end_cannot_be_saved_is_served_as_it_ended(start, tmp_path):
     """The store is locked (another writer) when the run ends: its save fails after the busy
-    timeout, and GET serves the run's end, not the in_progress row."""
-    p = start(fake=True)
+    timeout (half a second here), and GET serves the run's end, not the in_progress row."""
+    p = start(fake=True, CLAUDE_PROXY_STORE_BUSY_TIMEOUT=0.5)
     status, _, r = p.post("/v1/responses", {"model": "sonnet", "input": "[[slow:40]]",
                                             "background": True})
     assert status == 200 and r["status"] == "queued"
@@ -534,8 +534,9 @@ def test_one_key_holds_at_most_half_of_the_background_places(start):
 
 def test_a_background_run_the_store_cannot_start_ends_failed(start, tmp_path):
     """A run waiting for the only slot when the store locks: its in_progress write fails after
-    the busy timeout, and so does saving its failure; GET serves it failed, not queued forever."""
-    p = start(fake=True, CLAUDE_PROXY_MAX_CONCURRENCY=1)
+    the busy timeout (half a second here: each write waits it out), and so does saving its
+    failure; GET serves it failed, not queued forever."""
+    p = start(fake=True, CLAUDE_PROXY_MAX_CONCURRENCY=1, CLAUDE_PROXY_STORE_BUSY_TIMEOUT=0.5)
 
     def create(text):
         status, _, r = p.post("/v1/responses", {"model": "sonnet", "input": text,

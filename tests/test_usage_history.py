@@ -359,7 +359,8 @@ def test_a_store_that_cannot_open_leaves_requests_working(make_proxy, tmp_path):
 
 def test_a_locked_store_loses_rows_not_requests(make_proxy, tmp_path):
     state = tmp_path / "state"
-    p = start(make_proxy, standard(tmp_path), state)
+    # each batch of rows waits out the busy timeout, then is lost: half a second here, not 10
+    p = start(make_proxy, standard(tmp_path), state, CLAUDE_PROXY_STORE_BUSY_TIMEOUT=0.5)
     assert chat(p, CLIENT)[0] == 200
     wait_written(p, 1)
     db = sqlite3.connect(str(state / "claude-proxy.db"), isolation_level=None)
