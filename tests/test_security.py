@@ -16,7 +16,7 @@ import types
 import pytest
 
 import claude_openai_proxy as cop
-from harness import send_raw
+from harness import send_raw, wait_for
 import fake_upstream
 
 CHAT = "/v1/chat/completions"
@@ -276,13 +276,29 @@ def test_chunk_trailers_count_against_max_body(make_proxy):
 # Crowds of stalled connections (item 3) #########################################################
 
 def open_stalled(port, n, head=b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le"):
-    """n connections that each send part of a request head and then nothing."""
+    """n connections that each send part of a request head and then nothing.  Every 64 it
+    waits until the proxy has accepted them all: a connection the kernel finds its listen
+    queue full for is retried only a second later (SYN retransmission), which made this take
+    7 s for 1,100 without changing what the proxy ends up holding."""
     socks = []
-    for _ in range(n):
+    for i in range(n):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.sendall(head)
         socks.append(s)
+        if i % 64 == 63:
+            wait_for(lambda: not accept_queue(port), "the proxy to accept the connections")
     return socks
+
+
+def accept_queue(port):
+    """Connections to 127.0.0.1:port that the kernel completed and its server has not accepted
+    yet (the rx_queue of the LISTEN row in /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError("nothing listens on port %d" % port)
 
 
 def proxy_fds(p):
