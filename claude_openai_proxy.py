@@ -4928,6 +4928,57 @@ def _anthropic_blocks(content, where, role):
     return blocks
 
 
+def parse_anthropic_messages(msgs):
+    """Anthropic messages -> [Message]; a tool_result block is given the name of the tool_use
+    it answers."""
+    _need(isinstance(msgs, list), "messages: Field required (a list)")
+    _need(msgs, "messages: at least one message is required")
+    out, names = [], {}
+    for i, m in enumerate(msgs):
+        _need(isinstance(m, dict), "messages.%d: Input should be an object" % i)
+        role = m.get("role")
+        _need(role in ("user", "assistant"), "messages.%d.role: Input should be 'user' or "
+              "'assistant'" % i)
+        _need("content" in m, "messages.%d.content: Field required" % i)
+        blocks = _anthropic_blocks(m["content"], "messages.%d" % i, role)
+        for b in blocks:
+            if b["type"] == "tool_use":
+                names[b["id"]] = b["name"]
+            elif b["type"] == "tool_result":
+                b["name"] = names.get(b["tool_use_id"])
+        out.append(Message(role, blocks))
+    return merge_messages(out)
+
+
+def _anthropic_tools(body):
+    """tools and tool_choice -> ([ToolSpec], the CLI's web tools the server tools ask for,
+    neutral choice, parallel tool calls allowed)."""
+    raw_tools = body.get("tools") or []
+    _need(isinstance(raw_tools, list), "tools: Input should be a list")
+    tools, web = [], []
+    for i, t in enumerate(raw_tools):
+        _need(isinstance(t, dict) and isinstance(t.get("name"), str),
+              "tools.%d.name: Field required" % i)
+        tool_type = str(t.get("type") or "")
+        if tool_type.startswith(("web_search_", "web_fetch_")):    # server tools: the CLI's own
+            web.append("WebSearch" if tool_type.startswith("web_search_") else "WebFetch")
+            continue
+        _need(t.get("type") in (None, "custom"),
+              "tools.%d: server tool %r is not available through the claude CLI" % (i, t.get("type")))
+        schema = t.get("input_schema")
+        _need(isinstance(schema, dict), "tools.%d.input_schema: Field required" % i)
+        tools.append(ToolSpec(t["name"], t.get("description") or "", schema))
+    tc = body.get("tool_choice") or {"type": "auto"}
+    _need(isinstance(tc, dict) and tc.get("type") in ("auto", "any", "tool", "none"),
+          "tool_choice.type must be auto, any, tool or none")
+    choice = {"auto": "auto", "any": "required", "none": "none"}.get(tc["type"])
+    if tc["type"] == "tool":
+        _need(any(t.name == tc.get("name") for t in tools),
+              "tool_choice.name %r is not in tools" % tc.get("name"))
+        choice = {"name": tc["name"]}
+    return tools, web, choice, not tc.get("disable_parallel_tool_use")
+
+
 class MessagesStream(DialectStream):
     """One streamed message: message_start (with the input usage when Start brings it), then
     content blocks, one open at a time (text and thinking blocks go on while their kind of
@@ -5042,53 +5093,14 @@ class AnthropicMessages:
             _need(mt is not None, "max_tokens: Field required")
             _need(isinstance(mt, int) and not isinstance(mt, bool) and mt >= 1,
                   "max_tokens: Input should be a positive integer")
-        msgs = body.get("messages")
-        _need(isinstance(msgs, list), "messages: Field required (a list)")
-        _need(msgs, "messages: at least one message is required")
-        out, names = [], {}
-        for i, m in enumerate(msgs):
-            _need(isinstance(m, dict), "messages.%d: Input should be an object" % i)
-            role = m.get("role")
-            _need(role in ("user", "assistant"), "messages.%d.role: Input should be 'user' or "
-                  "'assistant'" % i)
-            _need("content" in m, "messages.%d.content: Field required" % i)
-            blocks = _anthropic_blocks(m["content"], "messages.%d" % i, role)
-            for b in blocks:
-                if b["type"] == "tool_use":
-                    names[b["id"]] = b["name"]
-                elif b["type"] == "tool_result":
-                    b["name"] = names.get(b["tool_use_id"])
-            out.append(Message(role, blocks))
+        messages = parse_anthropic_messages(body.get("messages"))
         system = body.get("system", "")
         if isinstance(system, list):
             _need(all(isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
                       for b in system), "system: blocks must be text blocks")
             system = "\n\n".join(b["text"] for b in system)
         _need(isinstance(system, str), "system: Input should be a string or a list of text blocks")
-        tools = []
-        raw_tools = body.get("tools") or []
-        _need(isinstance(raw_tools, list), "tools: Input should be a list")
-        web = []
-        for i, t in enumerate(raw_tools):
-            _need(isinstance(t, dict) and isinstance(t.get("name"), str),
-                  "tools.%d.name: Field required" % i)
-            tool_type = str(t.get("type") or "")
-            if tool_type.startswith(("web_search_", "web_fetch_")):    # server tools: the CLI's own
-                web.append("WebSearch" if tool_type.startswith("web_search_") else "WebFetch")
-                continue
-            _need(t.get("type") in (None, "custom"),
-                  "tools.%d: server tool %r is not available through the claude CLI" % (i, t.get("type")))
-            schema = t.get("input_schema")
-            _need(isinstance(schema, dict), "tools.%d.input_schema: Field required" % i)
-            tools.append(ToolSpec(t["name"], t.get("description") or "", schema))
-        tc = body.get("tool_choice") or {"type": "auto"}
-        _need(isinstance(tc, dict) and tc.get("type") in ("auto", "any", "tool", "none"),
-              "tool_choice.type must be auto, any, tool or none")
-        choice = {"auto": "auto", "any": "required", "none": "none"}.get(tc["type"])
-        if tc["type"] == "tool":
-            _need(any(t.name == tc.get("name") for t in tools),
-                  "tool_choice.name %r is not in tools" % tc.get("name"))
-            choice = {"name": tc["name"]}
+        tools, web, choice, parallel = _anthropic_tools(body)
         stop = body.get("stop_sequences") or []
         _need(isinstance(stop, list) and all(isinstance(s, str) and s for s in stop),
               "stop_sequences: Input should be a list of non-empty strings")
@@ -5116,9 +5128,9 @@ class AnthropicMessages:
         _need(effort in ("",) + EFFORTS, "output_config.effort must be one of %s" % ", ".join(EFFORTS))
         _need(isinstance(body.get("stream", False), bool), "stream: Input should be a valid boolean")
         return Request(
-            model=model, cli_model=cli_model, messages=merge_messages(out), system=system,
+            model=model, cli_model=cli_model, messages=messages, system=system,
             stream=bool(body.get("stream")), tools=tools, tool_choice=choice,
-            parallel_tool_calls=not tc.get("disable_parallel_tool_use"), stop=stop, effort=effort,
+            parallel_tool_calls=parallel, stop=stop, effort=effort,
             max_tokens=0 if count_only else body["max_tokens"],
             thinking=think["type"] in ("enabled", "adaptive"),
             disable_thinking=think["type"] == "disabled", web_tools=tuple(web),
