@@ -6800,61 +6800,10 @@ def parse_keys(text, where, env_keys=()):
                          "in), or unset CLAUDE_PROXY_KEYS_FILE" % where)
     out, names, digests = [], set(), set()
     for i, entry in enumerate(data, 1):
-        def bad(msg):
-            return ValueError("%s key %d%s: %s" % (where, i, " (%s)" % entry.get("name")
-                                                    if isinstance(entry, dict) and
-                                                    isinstance(entry.get("name"), str) else "", msg))
-        if not isinstance(entry, dict):
-            raise bad("must be an object with name, key or sha256, role")
-        unknown = sorted(set(entry) - set(KEY_FIELDS) - {"comment"})
-        if unknown:
-            raise bad("unknown field(s) %s; fields: %s" % (", ".join(unknown), ", ".join(KEY_FIELDS)))
-        name = entry.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-            raise bad("name must be 1-64 letters, digits, _ . -")
-        if name in names or name in (OPERATOR.name, ANONYMOUS.name):
-            raise bad("the name %r is taken" % name)
-        key, hexdigest = entry.get("key"), entry.get("sha256")
-        if (key is None) == (hexdigest is None):
-            raise bad("give exactly one of key (the key itself) or sha256 (its SHA-256, hex)")
-        if key is not None:
-            if not isinstance(key, str) or len(key) < 16 or any(c.isspace() for c in key):
-                raise bad("key must be a string of 16 or more characters without spaces")
-            if weak_key(key):
-                raise bad("key " + weak_key(key))
-            digest = key_digest(key)
-        else:
-            if not isinstance(hexdigest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigest):
-                raise bad("sha256 must be 64 hex digits (sha256sum of the key, no newline)")
-            digest = bytes.fromhex(hexdigest)
-        if digest in digests:
-            raise bad("the same key is listed twice")
-        role = entry.get("role", "client")
-        if role not in ROLES:
-            raise bad("role must be admin or client")
-        budgets = entry.get("budgets") or {}
-        if not isinstance(budgets, dict):
-            raise bad("budgets must be an object such as {\"tokens_day\": 2000000}")
-        for b, n in budgets.items():
-            if b not in BUDGETS:
-                raise bad("unknown budget %r; budgets: %s" % (b, ", ".join(BUDGETS)))
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                raise bad("budget %s must be a whole number of at least 1" % b)
-        lists = {}
-        for list_name in ("models", "logins"):
-            items = entry.get(list_name) or []
-            if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
-                raise bad("%s must be a list of names" % list_name)
-            lists[list_name] = tuple(items)
-        for m in lists["models"]:
-            try:
-                resolve_model(m, None)
-            except ProxyError:
-                raise bad("models: %r is not a model name this proxy accepts" % m)
-        names.add(name)
-        digests.add(digest)
-        out.append(Principal(name, role, digest, tuple(sorted(budgets.items())),
-                             lists["models"], lists["logins"]))
+        principal = _key_principal(entry, where, i, names, digests)
+        names.add(principal.name)
+        digests.add(principal.digest)
+        out.append(principal)
     for k in env_keys:
         d = key_digest(k)
         if d not in digests:
@@ -6870,6 +6819,73 @@ def parse_keys(text, where, env_keys=()):
             # the file says who is admin; with no file, these keys are all there is
             out.append(Principal(name, "client" if where != "-" else "admin", d))
     return tuple(out)
+
+
+def _key_principal(entry, where, i, names, digests):
+    """The keys file's entry `i` -> its Principal; ValueError naming the entry (and its name,
+    once that is a string), never the key.  `names`, `digests`: the entries' before it."""
+    def bad(msg):
+        return ValueError("%s key %d%s: %s" % (where, i, " (%s)" % entry.get("name")
+                                                if isinstance(entry, dict) and
+                                                isinstance(entry.get("name"), str) else "", msg))
+    if not isinstance(entry, dict):
+        raise bad("must be an object with name, key or sha256, role")
+    unknown = sorted(set(entry) - set(KEY_FIELDS) - {"comment"})
+    if unknown:
+        raise bad("unknown field(s) %s; fields: %s" % (", ".join(unknown), ", ".join(KEY_FIELDS)))
+    name = entry.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise bad("name must be 1-64 letters, digits, _ . -")
+    if name in names or name in (OPERATOR.name, ANONYMOUS.name):
+        raise bad("the name %r is taken" % name)
+    digest = _entry_digest(entry, bad)
+    if digest in digests:
+        raise bad("the same key is listed twice")
+    role = entry.get("role", "client")
+    if role not in ROLES:
+        raise bad("role must be admin or client")
+    return Principal(name, role, digest, *_entry_limits(entry, bad))
+
+
+def _entry_digest(entry, bad):
+    """The SHA-256 a keys file entry gives: of its key (checked to be strong enough), or its
+    sha256 field."""
+    key, hexdigest = entry.get("key"), entry.get("sha256")
+    if (key is None) == (hexdigest is None):
+        raise bad("give exactly one of key (the key itself) or sha256 (its SHA-256, hex)")
+    if key is not None:
+        if not isinstance(key, str) or len(key) < 16 or any(c.isspace() for c in key):
+            raise bad("key must be a string of 16 or more characters without spaces")
+        if weak_key(key):
+            raise bad("key " + weak_key(key))
+        return key_digest(key)
+    if not isinstance(hexdigest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigest):
+        raise bad("sha256 must be 64 hex digits (sha256sum of the key, no newline)")
+    return bytes.fromhex(hexdigest)
+
+
+def _entry_limits(entry, bad):
+    """A keys file entry's budgets and its lists of models and logins, checked."""
+    budgets = entry.get("budgets") or {}
+    if not isinstance(budgets, dict):
+        raise bad("budgets must be an object such as {\"tokens_day\": 2000000}")
+    for b, n in budgets.items():
+        if b not in BUDGETS:
+            raise bad("unknown budget %r; budgets: %s" % (b, ", ".join(BUDGETS)))
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise bad("budget %s must be a whole number of at least 1" % b)
+    lists = {}
+    for list_name in ("models", "logins"):
+        items = entry.get(list_name) or []
+        if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+            raise bad("%s must be a list of names" % list_name)
+        lists[list_name] = tuple(items)
+    for m in lists["models"]:
+        try:
+            resolve_model(m, None)
+        except ProxyError:
+            raise bad("models: %r is not a model name this proxy accepts" % m)
+    return tuple(sorted(budgets.items())), lists["models"], lists["logins"]
 
 
 class KeyRing:
