@@ -2949,15 +2949,16 @@ class Backend:
 
     def measured(self, proc):
         """Measure a process whose turn is over; when the idle sizes come from memory, size
-        them again from what this proxy's CLIs that served hold on average (they grow as they
-        serve; one only pre-started holds less)."""
+        them again from the largest of this proxy's CLIs that served: they grow as they serve,
+        and a budget sized at their average was exceeded by those above it (bench/reuse.py
+        mixed); one only pre-started holds less and is not counted."""
         memory = proc.measure()
         if memory is None or not self.cfg.sized:
             return memory
         with self.lock:
             figures = [p.memory["private"] for p in self.live if p.memory and p.served]
         if figures:
-            per = sum(figures) // len(figures)
+            per = max(figures)
             self.idle.resize(size_idle(dataclasses.replace(self.cfg, **dict.fromkeys(self.cfg.sized)),
                                        cli_memory=per), per)
         return memory

@@ -204,6 +204,31 @@ def test_a_measured_figure_sizes_instead_of_the_default():
         "a CLI (measured), 2 running"
 
 
+def test_sizes_are_chosen_again_from_the_largest_cli_that_served():
+    """CLIs grow as they serve: the figure is the biggest that served, not their average (a
+    budget at the average was exceeded by the ones above it), and a pre-started one that has
+    served nothing holds less and does not count."""
+    import threading
+    import types
+
+    class CLI:
+        def __init__(self, mb, served):
+            self.memory, self.served = {"private": mb * MiB}, served
+
+        def measure(self):
+            return self.memory
+    resized = []
+    backend = P.Backend.__new__(P.Backend)        # no threads, no processes: the rule alone
+    backend.cfg = P.size_idle(P.Config(), (GiB, "CLAUDE_PROXY_MEMORY 1.0 GiB"))
+    backend.lock = threading.Lock()
+    backend.live = {CLI(100, 3), CLI(160, 40), CLI(90, 0)}
+    backend.idle = types.SimpleNamespace(resize=lambda cfg, per: resized.append((cfg, per)))
+    backend.measured(next(iter(backend.live)))
+    ((cfg, per),) = resized
+    assert per == 160 * MiB and cfg.sizing.endswith("160 MB a CLI (measured), 2 running")
+    assert (cfg.pool_size, cfg.sessions, cfg.idle_max) == (2, 3, 5)    # (819 - 320) // 160 = 3
+
+
 def test_memory_unknown():
     cfg = P.size_idle(P.Config(), (None, ""))
     assert (cfg.pool_size, cfg.sessions, cfg.idle_max) == (2, 2, 4)
