@@ -5253,37 +5253,11 @@ def parse_responses_input(value, need_message=True):
                 raise BadRequest("%s.role %r is not one of user, assistant, system, developer"
                                  % (at, role), param=at)
         elif item_type in ("function_call", "custom_tool_call"):
-            cid, name = item.get("call_id"), item.get("name")
-            _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
-            _need(isinstance(name, str) and name, "%s.name must be a non-empty string" % at, at)
-            if item.get("namespace"):
-                _need(isinstance(item["namespace"], str), "%s.namespace must be a string" % at, at)
-                name = "%s.%s" % (item["namespace"], name)      # as the tool is offered
-            if item_type == "custom_tool_call":
-                _need(isinstance(item.get("input"), str), "%s.input must be a string" % at, at)
-                args = {CUSTOM_INPUT: item["input"]}
-            else:
-                args = item.get("arguments")
-                _need(isinstance(args, str), "%s.arguments must be a JSON string" % at, at)
-                try:
-                    args = json.loads(args) if args.strip() else {}
-                except ValueError:
-                    args = {"_raw_arguments": args}
-                if not isinstance(args, dict):
-                    args = {"_raw_arguments": item["arguments"]}
-            names[cid] = name
-            out.append(Message("assistant", [{"type": "tool_use", "id": cid, "name": name,
-                                              "input": args}]))
+            use = _responses_tool_use(item, item_type, at)
+            names[use["id"]] = use["name"]
+            out.append(Message("assistant", [use]))
         elif item_type in ("function_call_output", "custom_tool_call_output"):
-            cid = item.get("call_id")
-            _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
-            _need(item.get("output") is not None, "%s.output is required" % at, at)
-            text, images = _responses_output(item["output"], at)
-            result = {"type": "tool_result", "tool_use_id": cid,
-                      "name": names.get(cid) or item.get("name"), "content": text}
-            if images:                   # native tools give them back inside the result
-                result["images"] = images
-            out.append(Message("user", [result] + images))
+            out.append(_responses_tool_result(item, at, names))
         elif item_type in ("reasoning", "web_search_call"):
             # not replayed, as Anthropic thinking blocks are not; a search's findings are in
             # the answer that followed it
@@ -5298,6 +5272,44 @@ def parse_responses_input(value, need_message=True):
     _need(out or not need_message, "input must contain at least one user or assistant message",
           "input")
     return "\n\n".join(s for s in system if s), merge_messages(out)
+
+
+def _responses_tool_use(item, item_type, at):
+    """A function_call or custom_tool_call item -> its tool_use block, named as the tool is
+    offered (namespace.name)."""
+    cid, name = item.get("call_id"), item.get("name")
+    _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
+    _need(isinstance(name, str) and name, "%s.name must be a non-empty string" % at, at)
+    if item.get("namespace"):
+        _need(isinstance(item["namespace"], str), "%s.namespace must be a string" % at, at)
+        name = "%s.%s" % (item["namespace"], name)      # as the tool is offered
+    if item_type == "custom_tool_call":
+        _need(isinstance(item.get("input"), str), "%s.input must be a string" % at, at)
+        args = {CUSTOM_INPUT: item["input"]}
+    else:
+        args = item.get("arguments")
+        _need(isinstance(args, str), "%s.arguments must be a JSON string" % at, at)
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            args = {"_raw_arguments": args}
+        if not isinstance(args, dict):
+            args = {"_raw_arguments": item["arguments"]}
+    return {"type": "tool_use", "id": cid, "name": name, "input": args}
+
+
+def _responses_tool_result(item, at, names):
+    """A function_call_output or custom_tool_call_output item -> the user Message of its
+    tool_result (named after the call it answers, by `names`) and its images."""
+    cid = item.get("call_id")
+    _need(isinstance(cid, str) and cid, "%s.call_id must be a non-empty string" % at, at)
+    _need(item.get("output") is not None, "%s.output is required" % at, at)
+    text, images = _responses_output(item["output"], at)
+    result = {"type": "tool_result", "tool_use_id": cid,
+              "name": names.get(cid) or item.get("name"), "content": text}
+    if images:                   # native tools give them back inside the result
+        result["images"] = images
+    return Message("user", [result] + images)
 
 
 def _responses_tools(body):
