@@ -519,9 +519,9 @@ def epilog_text():
     return "\n".join(lines)
 
 
-def load_config(argv=None, environ=None):
-    environ = dict(os.environ if environ is None else environ)
-    args = build_parser().parse_args(argv)
+def option_values(args, environ):
+    """The OPTIONS given, by Config field: a flag wins over its variable; each read by its
+    type (SystemExit naming the variable when it cannot be), LIST_OPTIONS split at commas."""
     values = {}
     for _flag, env, name, type_, _help in OPTIONS:
         raw = getattr(args, name, None)
@@ -537,7 +537,14 @@ def load_config(argv=None, environ=None):
     for name in LIST_OPTIONS:
         if name in values:
             values[name] = tuple(v.strip() for v in values[name].split(",") if v.strip())
-    cfg = Config(environ=environ, allow_unauthenticated=args.allow_unauthenticated, **values)
+    return values
+
+
+def load_config(argv=None, environ=None):
+    environ = dict(os.environ if environ is None else environ)
+    args = build_parser().parse_args(argv)
+    cfg = Config(environ=environ, allow_unauthenticated=args.allow_unauthenticated,
+                 **option_values(args, environ))
     if cfg.max_concurrency < 1:
         raise SystemExit("error: CLAUDE_PROXY_MAX_CONCURRENCY must be at least 1")
     if cfg.max_waiting < 1:
