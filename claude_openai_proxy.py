@@ -4657,26 +4657,9 @@ def parse_openai_messages(messages, names_by_id=None):
             out.append(Message("user", _openai_parts(content, where)))
         elif role == "assistant":
             blocks = [{"type": "text", "text": _text_of(content, where)}] if content else []
-            calls = m.get("tool_calls") or []
-            if m.get("function_call"):
-                calls = calls + [{"id": "call_legacy_%d" % i, "function": m["function_call"]}]
-            _need(isinstance(calls, list), "%s.tool_calls must be a list" % where, "messages")
-            for j, c in enumerate(calls):
-                custom = c.get("custom") if isinstance(c, dict) and c.get("type") == "custom" else None
-                fn = custom or (c.get("function") if isinstance(c, dict) else None)
-                _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
-                      "%s.tool_calls[%d] needs function.name" % (where, j), "messages")
-                if custom is not None:
-                    args = {CUSTOM_INPUT: fn.get("input") if isinstance(fn.get("input"), str) else ""}
-                else:
-                    args = fn.get("arguments") or "{}"
-                    try:
-                        args = json.loads(args) if isinstance(args, str) else args
-                    except ValueError:
-                        args = {"_raw_arguments": args}
-                cid = c.get("id") or "call_%d_%d" % (i, j)
-                names_by_id[cid] = fn["name"]
-                blocks.append({"type": "tool_use", "id": cid, "name": fn["name"], "input": args})
+            for use in _openai_tool_uses(m, i, where):
+                names_by_id[use["id"]] = use["name"]
+                blocks.append(use)
             if blocks:
                 out.append(Message("assistant", blocks))
         elif role in ("tool", "function"):
@@ -4690,6 +4673,32 @@ def parse_openai_messages(messages, names_by_id=None):
                              % (where, role), param="messages")
     _need(out, "messages must contain at least one user or assistant message", "messages")
     return "\n\n".join(s for s in system if s), merge_messages(out)
+
+
+def _openai_tool_uses(m, i, where):
+    """An assistant message's tool_calls (and a legacy function_call) -> tool_use blocks: a
+    function's JSON arguments, a custom tool's raw input."""
+    calls = m.get("tool_calls") or []
+    if m.get("function_call"):
+        calls = calls + [{"id": "call_legacy_%d" % i, "function": m["function_call"]}]
+    _need(isinstance(calls, list), "%s.tool_calls must be a list" % where, "messages")
+    uses = []
+    for j, c in enumerate(calls):
+        custom = c.get("custom") if isinstance(c, dict) and c.get("type") == "custom" else None
+        fn = custom or (c.get("function") if isinstance(c, dict) else None)
+        _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
+              "%s.tool_calls[%d] needs function.name" % (where, j), "messages")
+        if custom is not None:
+            args = {CUSTOM_INPUT: fn.get("input") if isinstance(fn.get("input"), str) else ""}
+        else:
+            args = fn.get("arguments") or "{}"
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except ValueError:
+                args = {"_raw_arguments": args}
+        uses.append({"type": "tool_use", "id": c.get("id") or "call_%d_%d" % (i, j),
+                     "name": fn["name"], "input": args})
+    return uses
 
 
 def _openai_schema(fmt, where="response_format", flat=False):
