@@ -6696,15 +6696,14 @@ class UsageHistory:
             "SELECT CAST(t / 60 AS INTEGER) * 60, key, SUM(input + cache_write + output) "
             "FROM usage_requests WHERE t >= ? GROUP BY 1, 2", (since,))
 
-    def query(self, since, until, group_by, key=None):
-        """Figures between `since` and `until` (Unix seconds), by `group_by` (key | model |
-        login | day) and model, each with its API-equivalent cost.  Whole UTC days come from
-        the daily rollup, whole hours at the edges from the hourly one, the rest from rows."""
-        self.store.require()
-        dim = {"key": "key", "model": "model", "login": "login"}
+    @staticmethod
+    def spans(since, until):
+        """Where the figures between `since` and `until` are: [(table, its day expression,
+        where, args)], whole UTC days in the daily rollup, whole hours at the edges in the
+        hourly one, the seconds before and after those in the rows."""
         day0, day1 = -(-int(since) // 86400), int(until) // 86400
         hour0, hour1 = -(-int(since) // 3600), int(until) // 3600
-        parts = []          # (table, its day expression, where, args)
+        parts = []
         if day0 < day1:
             parts.append(("usage_daily", "day", "day BETWEEN ? AND ?", (day0, day1 - 1)))
             edges = [(hour0, day0 * 24), (day1 * 24, hour1)]
@@ -6722,8 +6721,16 @@ class UsageHistory:
             if a < b:
                 parts.append(("usage_requests", "CAST(t / 86400 AS INTEGER)", "t >= ? AND t < ?",
                               (a, b)))
+        return parts
+
+    def query(self, since, until, group_by, key=None):
+        """Figures between `since` and `until` (Unix seconds), by `group_by` (key | model |
+        login | day) and model, each with its API-equivalent cost.  Whole UTC days come from
+        the daily rollup, whole hours at the edges from the hourly one, the rest from rows."""
+        self.store.require()
+        dim = {"key": "key", "model": "model", "login": "login"}
         groups = {}
-        for table, day_expr, where, args in parts:
+        for table, day_expr, where, args in self.spans(since, until):
             group = day_expr if group_by == "day" else dim[group_by]
             sums = _SUMS if table != "usage_requests" else (
                 "COUNT(*)", "SUM(status >= 400)", "SUM(input)", "SUM(output)", "SUM(cache_read)",
