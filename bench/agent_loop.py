@@ -62,12 +62,14 @@ class Proxy(run.Proxy):
     def __init__(self, script, **extra):
         super().__init__(script=script, **extra)
 
-    def wait_ready(self, n=2, timeout=30):
+    def wait_ready(self, n=2, timeout=size(30, 2)):
+        # (seen at 0278fc4: once a run, a pool stays at 1 ready beside a kept conversation,
+        # and this waits out the whole timeout: 30 s in the full run, 2 s under --quick)
         deadline = time.time() + timeout
         while time.time() < deadline:
             h = self.health()           # the idle store, or an older proxy's pool
             if (h.get("idle") or h.get("pool"))["ready"] >= n:
-                time.sleep(1.5)          # ready = spawned; let it finish booting
+                run.settle(1.5)          # ready = spawned; let it finish booting
                 return
             time.sleep(0.05)
 
@@ -182,7 +184,7 @@ def handshake(rounds=size(7, 1)):
             UP.default = fake_upstream.text("Hello there.")
             proc = cp.CLIProcess(cfg, cp.Launch(), work)
             try:
-                time.sleep(2.0)
+                run.settle(2.0)
                 t0 = time.perf_counter()
                 proc.send(cp.control("init", init), cp.user_line([{"type": "text", "text": "hi"}]))
 
