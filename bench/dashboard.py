@@ -40,7 +40,8 @@ def polls(conn, n):
 
 def main():
     args = [a for a in sys.argv[1:] if a != "--quick"]    # --quick: bench/all.py's smoke run
-    n = int(args[0]) if args else 10 if "--quick" in sys.argv else 200
+    quick = "--quick" in sys.argv
+    n = int(args[0]) if args else 10 if quick else 200
     home = tempfile.mkdtemp(prefix="bench-dash-")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE", "ANTHROPIC"))}
     env.update(HOME=home, CLAUDE_BIN=str(harness.FAKE_CLAUDE),
@@ -53,7 +54,7 @@ def main():
         polls(conn, 5)                               # warm up (and read `claude --version`)
         empty_ms, empty_size = polls(conn, n)
         body = json.dumps({"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]})
-        for i in range(20):                          # real rows with tokens and TTFT ...
+        for i in range(3 if quick else 20):          # real rows with tokens and TTFT ...
             conn.request("POST", "/v1/chat/completions", body,
                          {"Content-Type": "application/json", "User-Agent": "bench/%d" % i})
             conn.getresponse().read()

@@ -38,9 +38,9 @@ import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from run import CLAUDE, ROOT, UP, Proxy, env_for, size  # noqa: E402   (also starts the fake upstream)
+from run import CLAUDE, ROOT, UP, Proxy, env_for, settle, size  # noqa: E402   (also starts the fake upstream)
 
-EARLIER = size(10, 5)
+EARLIER = size(10, 2)
 
 
 def blocks_of(messages, normalise):
@@ -99,7 +99,7 @@ def wait_ready(proxy, timeout=30):
         c = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
         c.request("GET", "/health")
         if json.loads(c.getresponse().read())["idle"]["ready"] >= 1:
-            time.sleep(1.5)          # ready = spawned; let it finish booting
+            settle(1.5)              # ready = spawned; let it finish booting
             return
         time.sleep(0.05)
     raise RuntimeError("pool not ready")
@@ -166,7 +166,7 @@ def main(rounds):
     row("shared prefix, consecutive turns, normalised (min)",
         lambda m: 100 * min(prefix[m]["normalised"]), "%.1f %%")
     med = {m: [statistics.median(x) for x in ttft[m]] for m in ttft}
-    for n in (0, 1, 5, EARLIER):
+    for n in sorted({n for n in (0, 1, 5, EARLIER) if n <= EARLIER}):    # (--quick: fewer)
         row("time to first token, %d earlier turns (median)" % n, lambda m: 1000 * med[m][n], "%.0f ms")
     row("cost per earlier turn (least-squares slope, all runs)", lambda m: 1000 * slope(ttft[m]),
         "%.1f ms")
@@ -211,7 +211,7 @@ def bare_injection(mode, earlier):
     for n in range(earlier):
         turns += [cp.user_line(text("Turn %d question: %s" % (n, "lorem ipsum " * 20)), query=False),
                   cp.assistant_line(text("Turn %d answer: %s" % (n, "dolor sit " * 20)))]
-    time.sleep(2.0)                  # booted, as a pooled process is
+    settle(2.0)                      # booted, as a pooled process is
     t0 = time.perf_counter()
     if mode == "naive":
         send(init)

@@ -40,7 +40,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from run import CLAUDE, PROXY, UP, env_for  # noqa: E402
+from run import CLAUDE, PROXY, UP, env_for, settle  # noqa: E402
 import harness  # noqa: E402
 import claude_openai_proxy as cp  # noqa: E402
 
@@ -276,7 +276,7 @@ class Run:
                                 health["idle"]["budget"])
             for t in (self.sample, self.collect_served):
                 threading.Thread(target=t, daemon=True).start()
-            time.sleep(3.0)                  # the pool starts, as it would before any traffic
+            settle(3.0)                      # the pool starts, as it would before any traffic
             self.deadline = time.monotonic() + self.seconds
             t0 = time.monotonic()
             threads = [threading.Thread(target=self.client, args=(i,)) for i in range(self.clients)]
@@ -285,7 +285,7 @@ class Run:
             for t in threads:
                 t.join()
             self.wall = time.monotonic() - t0
-            time.sleep(1.5)
+            settle(1.5)
             self._served_once()
             self.health = self.get("/health")
         finally:
@@ -342,8 +342,9 @@ class Run:
 
 def main(argv):
     quick = "--quick" in argv
-    opts = {"--clients": 4 if quick else 64, "--requests": 3 if quick else 4,
-            "--seconds": 60 if quick else 300, "--think": 0.5 if quick else 30}
+    # --quick: 3 clients, so that one is a multi-turn one (every third)
+    opts = {"--clients": 3 if quick else 64, "--requests": 3 if quick else 4,
+            "--seconds": 60 if quick else 300, "--think": 0.1 if quick else 30}
     sizes = []
     args = [a for a in argv if a != "--quick"]
     while args:

@@ -2,7 +2,7 @@
 """A Responses chain by previous_response_id, against the same conversation sent whole.
 
     python3 bench/responses_chain.py [turns]     # default 20 turns
-    python3 bench/responses_chain.py --quick     # 3 turns (the CI smoke run)
+    python3 bench/responses_chain.py --quick     # 2 turns (the CI smoke run)
 
 One conversation of `turns` turns through three proxies on the real CLI and the fake upstream
 from tests/, in lockstep (turn N of each, then turn N+1), streaming:
@@ -119,4 +119,4 @@ def main(turns):
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--quick"]
-    main(int(args[0]) if args else (3 if QUICK else 20))
+    main(int(args[0]) if args else (2 if QUICK else 20))

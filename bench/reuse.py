@@ -31,7 +31,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import CLAUDE, UP, Proxy, bare_cli_ttft, report, RESULTS, size  # noqa: E402
+from run import CLAUDE, UP, Proxy, bare_cli_ttft, report, RESULTS, settle, size  # noqa: E402
 from history import shared_fraction  # noqa: E402
 import fake_upstream  # noqa: E402
 
@@ -119,7 +119,7 @@ def total_pss_mb(proxy):
                for p in [proxy.proc.pid] + children(proxy.proc.pid)) / 2 ** 20
 
 
-def bench_ttft(rounds=size(7, 2)):
+def bench_ttft(rounds=size(7, 1)):
     print("\n1. one-shot time to first token (median of %d, interleaved)" % rounds)
     reuse = Proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
     spawn = Proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_REUSE=0)
@@ -132,13 +132,13 @@ def bench_ttft(rounds=size(7, 2)):
         kept.stream("warm-up")
         for _ in range(rounds):
             until(kept, lambda h: h["idle"]["idle"]["kept"] == 1)
-            time.sleep(0.5)
+            settle(0.5)
             rewound.append(kept.stream("hi")[0])
             bare.append(bare_cli_ttft())
             bare_warm.append(bare_cli_ttft(prestarted=True))
             spawned.append(spawn.stream("hi")[0])
             until(reuse, lambda h: h["idle"]["idle"]["reused"] == 1)
-            time.sleep(0.5)                    # the reset is done; let the CLI settle as in use
+            settle(0.5)                        # the reset is done; let the CLI settle as in use
             reused.append(reuse.stream("hi")[0])
         hits = health(reuse)["idle"]["hits"]["reused"]
     finally:
@@ -155,18 +155,18 @@ def bench_ttft(rounds=size(7, 2)):
     report("reused / pre-started bare CLI", r / w, "ratio", "<= 0.35", r / w <= 0.35)
 
 
-def bench_cpu(n=size(60, 3)):
+def bench_cpu(n=size(60, 1)):
     print("\n2. CLI CPU per one-shot request (%d sequential requests each, pool 2)" % n)
     out = {}
     for label, extra in (("reuse off", dict(CLAUDE_PROXY_REUSE=0)), ("reuse on", {})):
         proxy = Proxy(CLAUDE_PROXY_SESSIONS=0, **extra)
         try:
             until(proxy, lambda h: h["idle"]["ready"] >= 2)
-            time.sleep(2.0)                   # the pool has booted
+            settle(2.0)                       # the pool has booted
             c0 = cli_cpu(proxy)
             for i in range(n):
                 proxy.stream("question %d" % i)
-            time.sleep(2.0)                   # resets and refills after the last request
+            settle(2.0)                       # resets and refills after the last request
             out[label] = (cli_cpu(proxy) - c0) / n
             started = health(proxy)["cli_processes_started"]
         finally:
@@ -180,7 +180,7 @@ def load(clients, **extra):
     proxy = Proxy(CLAUDE_PROXY_MAX_CONCURRENCY=4, CLAUDE_PROXY_QUEUE_TIMEOUT=600,
                   CLAUDE_PROXY_SESSIONS=0, **extra)
     until(proxy, lambda h: h["idle"]["ready"] >= 2)
-    time.sleep(2.0)
+    settle(2.0)
     done, errors, lock = [], [], threading.Lock()
 
     def client(i):
@@ -204,7 +204,7 @@ def load(clients, **extra):
     return len(done) / wall, errors, idle
 
 
-def bench_load(clients=size(64, 4)):
+def bench_load(clients=size(64, 2)):
     print("\n3. throughput: %d concurrent streaming clients, cap 4, pool 2" % clients)
     off, err_off, _ = load(clients, CLAUDE_PROXY_REUSE=0)
     on, err_on, idle = load(clients)
@@ -214,7 +214,7 @@ def bench_load(clients=size(64, 4)):
     report("throughput reuse on / off", on / off, "ratio", ">= 3", on / off >= 3)
 
 
-def bench_convo(turns=size(20, 3)):
+def bench_convo(turns=size(20, 2)):
     for signal in (True, False):
         convo(turns, signal)
 
@@ -245,7 +245,7 @@ def convo(turns, signal):
     report("shared prefix, lowest over all steps (raw)", min(raw) * 100, "%", "100 %", min(raw) == 1.0)
 
 
-def bench_growth(n=size(200, 6), every=size(25, 2)):
+def bench_growth(n=size(200, 3), every=size(25, 1)):
     print("\n5. RSS of one CLI process serving %d requests in a row" % n)
     proxy = Proxy(CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0, CLAUDE_PROXY_REUSE=n + 1,
                   CLAUDE_PROXY_RECYCLE_RSS=0)
@@ -269,7 +269,7 @@ def bench_growth(n=size(200, 6), every=size(25, 2)):
            first, "MB / %.1f MB" % last)
 
 
-def bench_mixed(n=size(1000, 12)):
+def bench_mixed(n=size(1000, 8)):
     print("\n6. proxy + CLIs memory (PSS) after %d mixed requests (defaults, cap 2)" % n)
     proxy = Proxy()
     systems = ["You are terse.", "You are a pirate.", "Answer in French."]
@@ -306,7 +306,7 @@ def bench_mixed(n=size(1000, 12)):
                     convos[i % 4].append({"role": "assistant", "content": answer})
             if i and i % 250 == 0:
                 print("   %d requests, proxy + CLIs %.0f MB" % (i, total_pss_mb(proxy)), flush=True)
-        time.sleep(2.0)
+        settle(2.0)
         end = total_pss_mb(proxy)
         idle = health(proxy)["idle"]
     finally:

@@ -223,7 +223,7 @@ def bench_passthrough(deltas=size(500, 20)):
     report("p99 delay CLI print -> client read", p99 * 1000, "ms", "<= 5 ms", p99 <= 0.005)
 
 
-def bench_load(clients=size(64, 5)):
+def bench_load(clients=size(64, 2)):
     print("\n3. load: %d concurrent streaming clients, cap 4, pool 2 (real CLI)" % clients)
     proxy = Proxy(CLAUDE_PROXY_POOL_SIZE=2, CLAUDE_PROXY_MAX_CONCURRENCY=4, CLAUDE_PROXY_QUEUE_TIMEOUT=300,
                   CLAUDE_PROXY_REUSE=0)

@@ -3,8 +3,8 @@
 misbehaves?
 
     python3 bench/soak.py                  # 1,000 mixed requests after 100 of warm-up
-    python3 bench/soak.py --quick          # a few dozen (bench/all.py --quick, CI smoke)
-    options: --requests N  --clients N (8)  --kill-every S (1.5: mean seconds between kills)
+    python3 bench/soak.py --quick          # a dozen (bench/all.py --quick, CI smoke)
+    options: --requests N  --clients N (8)  --kill-every S (1.5, --quick 0.5: mean seconds between kills)
              --fault-rate F (0.06: share of upstream calls answered 429, 529 or reset)
 
 The real CLI (.cli/) against the fake upstream from tests/, which answers each model call
@@ -303,8 +303,10 @@ def run(args):
         stop.set()
         chaos.join()
         took = time.time() - t0
-        after, h1 = settle(proxy, before)
-        deadline = time.time() + 30           # processes still booting or being reset
+        # --quick waits 2 s at most for the figures to come back, not 60 (and 30): they mean
+        # little after a dozen requests, and fds seldom come back so soon (a kept conversation)
+        after, h1 = settle(proxy, before, timeout=2 if args.quick else 60)
+        deadline = time.time() + (2 if args.quick else 30)   # processes still booting or being reset
         while True:
             h1 = proxy.health()
             kids, held = harness.children(proxy.proc.pid), sum(h1["idle"]["idle"].values())
@@ -398,15 +400,17 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--kill-every", type=float, default=1.5)
+    ap.add_argument("--kill-every", type=float)
     ap.add_argument("--fault-rate", type=float, default=0.06)
     ap.add_argument("--seed", type=int, default=22)
     ap.add_argument("--kinds", help="only these kinds, comma-separated (%s)" % ", ".join(KINDS))
     args = ap.parse_args(argv)
     if args.requests is None:
-        args.requests = 30 if args.quick else 1000
+        args.requests = 10 if args.quick else 1000      # --quick: about one of each of the 10 kinds
+    if args.kill_every is None:             # --quick: a soak of 2-3 s still sees kills
+        args.kill_every = 0.5 if args.quick else 1.5
     if args.warmup is None:
-        args.warmup = 10 if args.quick else 100
+        args.warmup = 2 if args.quick else 100
     if not os.path.exists(CLAUDE):
         print("bench/soak.py: the pinned claude CLI is missing at %s (bash .ci/run installs it)"
               % CLAUDE)

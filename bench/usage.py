@@ -50,7 +50,7 @@ def env_for(home, **extra):
     return env
 
 
-def per_request_cpu(days, n):
+def per_request_cpu(days, n, warm=5):
     home = tempfile.mkdtemp(prefix="bench-usage-")
     proxy = harness.Proxy(env_for(home, CLAUDE_PROXY_HISTORY_DAYS=days))
     try:
@@ -62,13 +62,13 @@ def per_request_cpu(days, n):
             resp = conn.getresponse()
             resp.read()
             assert resp.status == 200, resp.status
-        for _ in range(5):
+        for _ in range(warm):
             one()                                   # warm up
-        time.sleep(0.5)
+        time.sleep(0.05 if QUICK else 0.5)
         before = proxy_cpu(proxy.proc.pid)
         for _ in range(n):
             one()
-        time.sleep(1.0)                             # the writer's last batch
+        time.sleep(0.05 if QUICK else 1.0)      # the writer's last batch
         return (proxy_cpu(proxy.proc.pid) - before) / n * 1000
     finally:
         proxy.stop()
@@ -117,8 +117,8 @@ def query_times(days, per_day):
     fill(state, days, per_day)
     since = int(time.time() - days * 86400)
     h = cop.UsageHistory(cop.StateStore(cop.Config(state_dir=state)), 365, cop.PRICES)
-    local = []
-    for _ in range(20):
+    local, times = [], 3 if QUICK else 20
+    for _ in range(times):
         t0 = time.perf_counter()
         rows = h.query(since, time.time(), "day")
         local.append(time.perf_counter() - t0)
@@ -129,7 +129,7 @@ def query_times(days, per_day):
     try:
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
         over_http = []
-        for _ in range(20):
+        for _ in range(times):
             t0 = time.perf_counter()
             conn.request("GET", "/v1/usage?group_by=day&since=%d" % since)
             resp = conn.getresponse()
@@ -142,12 +142,13 @@ def query_times(days, per_day):
 
 
 def main():
-    n = 40 if QUICK else 400
+    n = 3 if QUICK else 400
     rows = 2000 if QUICK else 20000
     days, per_day = (9, 100) if QUICK else (90, 1000)
     rec = in_process_recording(rows)
     print("recording in-process: %.3f ms CPU per row over %d rows (target <= 1 ms)" % (rec, rows))
-    with_h, without = per_request_cpu(90, n), per_request_cpu(0, n)
+    warm = 1 if QUICK else 5
+    with_h, without = per_request_cpu(90, n, warm), per_request_cpu(0, n, warm)
     print("proxy CPU per request over %d requests: %.2f ms with history, %.2f ms without "
           "(difference %.2f ms; target <= 1 ms)" % (n, with_h, without, with_h - without))
     local, http_ms = query_times(days, per_day)

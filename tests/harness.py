@@ -97,6 +97,18 @@ def wait_for(cond, what, timeout=10, every=0.05):
         time.sleep(every)
 
 
+def accept_queue(port):
+    """Connections to 127.0.0.1:port that the kernel completed and its server has not accepted
+    yet (the rx_queue of the LISTEN row in /proc/net/tcp).  A client opening many connections
+    waits for 0 now and then: one that finds the queue full is retried a second later."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError("nothing listens on port %d" % port)
+
+
 def send_raw(port, data, timeout=15):
     """Writes raw bytes to 127.0.0.1:port and returns all the server sent until it closed (a
     server that never closes raises socket.timeout after `timeout` seconds of silence)."""

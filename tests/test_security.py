@@ -16,7 +16,7 @@ import types
 import pytest
 
 import claude_openai_proxy as cop
-from harness import send_raw, wait_for
+from harness import accept_queue, send_raw, wait_for
 import fake_upstream
 
 CHAT = "/v1/chat/completions"
@@ -288,17 +288,6 @@ def open_stalled(port, n, head=b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127
         if i % 64 == 63:
             wait_for(lambda: not accept_queue(port), "the proxy to accept the connections")
     return socks
-
-
-def accept_queue(port):
-    """Connections to 127.0.0.1:port that the kernel completed and its server has not accepted
-    yet (the rx_queue of the LISTEN row in /proc/net/tcp)."""
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
-                return int(fields[4].split(":")[1], 16)
-    raise AssertionError("nothing listens on port %d" % port)
 
 
 def proxy_fds(p):
