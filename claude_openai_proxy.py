@@ -9381,30 +9381,7 @@ def check(cfg):
                                  "off (CLAUDE_PROXY_HISTORY_DAYS=0 or CLAUDE_PROXY_STORE=off)"))
     print(describe_keys(app.keys))
     try:
-        class NoClient:
-            deadline = time.monotonic() + 120
-
-            def check(self):
-                if time.monotonic() > self.deadline:
-                    raise Timeout("no answer within 120 s")
-
-            maybe_check = check
-
-        for account in app.backend.logins.accounts:     # each login: one tiny request
-            label = "" if account.name == "default" and not cfg.accounts else \
-                " (login %s)" % account.name
-            req = Request(model=cfg.default_model,
-                          cli_model=resolve_model(cfg.default_model, "sonnet")[1],
-                          messages=[Message("user", [{"type": "text",
-                                                      "text": "Reply with the word OK."}])],
-                          max_tokens=16, handler=HANDLERS["generic"], account=account.name)
-            try:
-                c = collect(app.backend.run(req, req.messages, NoClient()))
-                print("Logged in%s: yes (model %s answered %r, %d tokens)" % (
-                    label, cfg.default_model, c.text[:40], c.usage.output_tokens))
-            except ProxyError as err:
-                print("Logged in%s: NO: %s" % (label, err.message))
-                ok = False
+        ok &= check_logins(app, cfg)
         idle = app.backend.idle_status()
         if idle["cli_figure"] == "measured":
             print("a CLI measured %d MB private memory after one request; idle CLI sizes now: "
@@ -9417,6 +9394,36 @@ def check(cfg):
         print("Handler module %s failed to load: %s" % (name, err))
         ok = False
     return 0 if ok else 1
+
+
+def check_logins(app, cfg):
+    """--check's one tiny request through each login; False when one did not answer."""
+    class NoClient:
+        deadline = time.monotonic() + 120
+
+        def check(self):
+            if time.monotonic() > self.deadline:
+                raise Timeout("no answer within 120 s")
+
+        maybe_check = check
+
+    ok = True
+    for account in app.backend.logins.accounts:
+        label = "" if account.name == "default" and not cfg.accounts else \
+            " (login %s)" % account.name
+        req = Request(model=cfg.default_model,
+                      cli_model=resolve_model(cfg.default_model, "sonnet")[1],
+                      messages=[Message("user", [{"type": "text",
+                                                  "text": "Reply with the word OK."}])],
+                      max_tokens=16, handler=HANDLERS["generic"], account=account.name)
+        try:
+            c = collect(app.backend.run(req, req.messages, NoClient()))
+            print("Logged in%s: yes (model %s answered %r, %d tokens)" % (
+                label, cfg.default_model, c.text[:40], c.usage.output_tokens))
+        except ProxyError as err:
+            print("Logged in%s: NO: %s" % (label, err.message))
+            ok = False
+    return ok
 
 
 def main(argv=None):
