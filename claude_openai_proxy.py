@@ -8073,6 +8073,11 @@ def usage_history(app, me, query):
             "lost_rows": history.lost}
     if fmt == "json":
         return {"format": "json", "body": body}
+    return {"format": "csv", "csv": usage_csv(rows, group_by)}
+
+
+def usage_csv(rows, group_by):
+    """History rows as CSV, one line a group; the cost column says it is an estimate."""
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     cols = [group_by, "requests", "errors", "input", "output", "cache_read", "cache_write",
@@ -8080,7 +8085,7 @@ def usage_history(app, me, query):
     w.writerow(cols[:-1] + ["api_equivalent_usd_estimate"])
     for r in rows:
         w.writerow([r[c] for c in cols])
-    return {"format": "csv", "csv": out.getvalue()}
+    return out.getvalue()
 
 
 def health(call):
