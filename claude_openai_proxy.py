@@ -3225,6 +3225,7 @@ class ToolBridge:
         self.permissions = []    # can_use_tool request ids waiting for the message to end
         self.settled = set()     # tool_use ids the CLI asked about or answered itself
         self.ended = False       # a message with tool calls has ended: the turn must stop
+        self.whole = None        # the id of a message whose calls came as whole blocks (on_block)
         self.denied = False      # deny+interrupt sent: the CLI's result line ends the turn
         self.done = False        # nothing to wait for: end the request now
         self.usage = Usage()     # of the streamed message, for when `done` cuts the turn short
@@ -3335,10 +3336,14 @@ class ToolBridge:
                 self.ended = True
                 self._settle(proc)
 
-    def on_block(self, proc, block):
-        """A whole tool_use block (the CLI's non-streaming fallback after a dropped stream)."""
-        if block.get("name") in CLI_WEB_TOOLS:
+    def on_block(self, proc, message_id, block):
+        """A whole tool_use block (the CLI's non-streaming fallback after a dropped stream).
+        The CLI prints one assistant line a block, joined by message id: each block of the
+        message whose first call ended the turn is a call of that turn too."""
+        if block.get("name") in CLI_WEB_TOOLS or \
+                (self.ended and (message_id is None or message_id != self.whole)):
             return
+        self.whole = message_id
         cid, events = self._call(block.get("id"), block.get("name"),
                                  json.dumps(block.get("input") or {}, ensure_ascii=False))
         yield from events
@@ -3746,11 +3751,8 @@ class StreamTranslator:
         for block in message.get("content") or []:
             if block.get("type") == "text" and block.get("text") and not self.structured:
                 yield from self.replay.text(block["text"])
-            elif block.get("type") == "tool_use" and self.bridge is not None \
-                    and not self.bridge.ended:
-                yield from self.bridge.on_block(self.proc, block)
-        if self.bridge is not None and self.bridge.ended:
-            self.bridge.replayed_all()
+            elif block.get("type") == "tool_use" and self.bridge is not None:
+                yield from self.bridge.on_block(self.proc, message.get("id"), block)
 
     def _rate_limit_event(self, item):
         self.proc.note(item)
@@ -3791,6 +3793,9 @@ class StreamTranslator:
         usage = bridge.usage if bridge is not None and bridge.continued else \
             Usage.from_api(item.get("usage"))
         usage.web_searches = self.searches
+        if bridge is not None and not item.get("is_error"):
+            # a message asked again as whole blocks is over only now (one line a block)
+            bridge.replayed_all()
         if bridge is not None and bridge.calls and item.get("api_error_status") is None:
             # the turn this proxy stopped reads as an error (aborted_tools): it is the answer,
             # but the process heard denials the client never saw (it must not be kept)

@@ -19,7 +19,7 @@ import time
 import pytest
 
 import fake_upstream
-from conftest import FAKE_CLAUDE, Proxy, base_env, real_claude_bin
+from conftest import FAKE_CLAUDE, Proxy, base_env, real_claude_bin, sse_events
 from fake_upstream import Plan
 from test_logins import chat, new_token, no_secret_in, tokens_used
 from test_operations import answer, ask, error_of, stream_result
@@ -461,3 +461,88 @@ def test_a_native_tool_call_asked_again_with_other_arguments(make_proxy, upstrea
         message = got["choices"][0]["message"]
         assert [(t["id"], t["function"]["name"], json.loads(t["function"]["arguments"]))
                 for t in message["tool_calls"]] == [("call_reset02", "get_weather", {"city": "Rome"})]
+
+
+def two_calls_reply(msg_id, drop_after=-1):
+    """Text and two native calls in one message (the CLI prints one assistant line a block)."""
+    return fake_upstream.Reply(blocks=[
+        {"type": "text", "text": "Checking both."},
+        {"type": "tool_use", "id": "toolu_twoA", "name": "mcp__client__get_weather",
+         "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "toolu_twoB", "name": "mcp__client__get_weather",
+         "input": {"city": "Rome"}}], stop_reason="tool_use", drop_after=drop_after, id=msg_id)
+
+
+def tool_calls_of(dialect, stream, got):
+    """(text, [(id, name, arguments as JSON)], stop reason) of a native tool answer."""
+    if dialect == "openai" and not stream:
+        message, = [c["message"] for c in got["choices"]]
+        return message["content"], [(t["id"], t["function"]["name"],
+                                     json.loads(t["function"]["arguments"]))
+                                    for t in message["tool_calls"]], got["choices"][0]["finish_reason"]
+    if dialect == "anthropic" and not stream:
+        return ("".join(b["text"] for b in got["content"] if b["type"] == "text"),
+                [(b["id"], b["name"], b["input"]) for b in got["content"] if b["type"] == "tool_use"],
+                got["stop_reason"])
+    events = sse_events(got)
+    text, calls, stop = "", {}, None
+    if dialect == "openai":
+        assert events[-1][1] == "[DONE]", events[-3:]
+        for _name, data in events[:-1]:
+            chunk = json.loads(data)
+            assert "error" not in chunk, chunk
+            for choice in chunk["choices"]:
+                text += choice["delta"].get("content") or ""
+                for t in choice["delta"].get("tool_calls") or ():
+                    call = calls.setdefault(t["index"], ["", "", ""])
+                    call[0] += t.get("id") or ""
+                    call[1] += (t.get("function") or {}).get("name") or ""
+                    call[2] += (t.get("function") or {}).get("arguments") or ""
+                stop = choice.get("finish_reason") or stop
+    else:
+        assert "error" not in [n for n, _d in events], events
+        for name, data in events:
+            ev = json.loads(data)
+            if name == "content_block_start" and ev["content_block"]["type"] == "tool_use":
+                calls[ev["index"]] = [ev["content_block"]["id"], ev["content_block"]["name"], ""]
+            elif name == "content_block_delta" and ev["delta"]["type"] == "input_json_delta":
+                calls[ev["index"]][2] += ev["delta"]["partial_json"]
+            elif name == "content_block_delta" and ev["delta"]["type"] == "text_delta":
+                text += ev["delta"]["text"]
+            elif name == "message_delta":
+                stop = ev["delta"]["stop_reason"]
+    return text, [(i, n, json.loads(a)) for _index, (i, n, a) in sorted(calls.items())], stop
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+def test_a_reset_message_asked_again_whole_keeps_every_native_call(make_proxy, upstream,
+                                                                   dialect, stream):
+    """The upstream resets right after message_start; the CLI asks again without streaming and
+    prints the answer as one assistant line a block (text, call A, call B, joined by message
+    id).  The client gets both calls, in order, with their ids, names and arguments (the
+    second, in a later line, was dropped before)."""
+    p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0)
+    upstream.push(two_calls_reply("msg_two1", drop_after=1))
+    upstream.default = two_calls_reply("msg_two2")
+    if dialect == "openai":
+        path, body, headers = "/v1/chat/completions", {"tools": NATIVE_TOOLS}, {}
+    else:
+        path, headers = "/v1/messages", {"anthropic-version": "2023-06-01"}
+        body = {"max_tokens": 512, "tools": [dict(t["function"], input_schema=t["function"]["parameters"])
+                                             for t in NATIVE_TOOLS]}
+        for t in body["tools"]:
+            del t["parameters"]
+    body.update(model="sonnet", stream=stream,
+                messages=[{"role": "user", "content": "Weather in Paris and Rome?"}])
+    status, _, got = p.post(path, body, headers=dict(headers, **{"X-Toolcall-Module": "native"}),
+                            timeout=120)
+    assert status == 200, got
+    assert len(upstream.model_calls) == 2
+    assert upstream.model_calls[1].get("stream") is not True     # the whole-blocks fallback
+    prefix = "call_" if dialect == "openai" else "toolu_"
+    assert tool_calls_of(dialect, stream, got) == (
+        "Checking both.",
+        [(prefix + "twoA", "get_weather", {"city": "Paris"}),
+         (prefix + "twoB", "get_weather", {"city": "Rome"})],
+        "tool_calls" if dialect == "openai" else "tool_use")
