@@ -7,6 +7,7 @@ upstream.  HOME is a temporary directory holding a ~/.claude/CLAUDE.md with a ma
 never reach the upstream.
 """
 import contextlib
+import itertools
 import os
 import pathlib
 import shutil
@@ -256,6 +257,23 @@ def fake_proxy(make_proxy, tmp_path_factory):
     starts belongs to a request and ends with it); it records the pids of its CLI runs in `fake_proxy.pids`."""
     return make_proxy(fake=True, args=("--timeout", "4"), pids=tmp_path_factory.mktemp("pids"),
                       CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0)
+
+
+class Gate:
+    """For the fake CLI's [[gate:N]] directive: `text` goes in a request, whose CLI answers
+    until `open()` is called (so a test needs no guess at how long a request must run)."""
+
+    def __init__(self, home):
+        self.number = next(_gates)
+        self.path = pathlib.Path(home) / ".fake-claude-gates" / str(self.number)
+        self.text = "[[gate:%d]]" % self.number
+
+    def open(self):
+        self.path.parent.mkdir(exist_ok=True)
+        self.path.touch()
+
+
+_gates = itertools.count(1)      #: gate numbers (HOME is the session's own)
 
 
 @contextlib.contextmanager

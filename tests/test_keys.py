@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import FAKE_CLAUDE, PROXY, ROOT, base_env, sse_events, wait_for
+from conftest import FAKE_CLAUDE, PROXY, ROOT, Gate, base_env, sse_events, wait_for
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -412,14 +412,16 @@ def test_a_token_budget_refuses_the_request_after_the_one_that_used_it_up(make_p
 def test_concurrent_budget_refuses_at_once_and_frees_when_one_ends(make_proxy, tmp_path):
     p = start(make_proxy, standard(tmp_path, {"budgets": {"concurrent": 1}}),
               CLAUDE_PROXY_MAX_CONCURRENCY=3)
-    result = {}
-    t = threading.Thread(target=lambda: result.update(r=chat(p, CLIENT, "[[slow:40]]", timeout=60)))
+    result, gate = {}, Gate(p.env["HOME"])
+    t = threading.Thread(target=lambda: result.update(r=chat(p, CLIENT, gate.text, timeout=60)))
     t.start()
     wait_for(lambda: p.request("GET", "/health", headers=bearer(ADMIN))[2]["concurrency"]["running"] == 1, "the stream")
     status, hdrs, got = chat(p, CLIENT)
     assert status == 429 and hdrs["Retry-After"] == "1"
     assert "concurrent=1: 1 of its requests are running" in got["error"]["message"]
     assert chat(p, OTHER)[0] == 200, "other keys are not held up"
+    assert t.is_alive(), "the first request ran while the others were asked"
+    gate.open()
     t.join(60)
     assert result["r"][0] == 200
     assert chat(p, CLIENT)[0] == 200, "the budget frees when the request ends"
@@ -430,9 +432,9 @@ def test_one_key_cannot_hold_every_slot(make_proxy, tmp_path):
     """Two slots, three keys: the coder's second request waits for its first although a slot
     is free, so the nightly key gets the other slot at once."""
     p = start(make_proxy, standard(tmp_path), CLAUDE_PROXY_MAX_CONCURRENCY=2)
-    results = []
+    results, gate = [], Gate(p.env["HOME"])         # the coder's requests answer once it opens
     threads = [threading.Thread(target=lambda: results.append(
-        ("coder", chat(p, CLIENT, "[[slow:100]]", timeout=60)[0], time.monotonic())))
+        ("coder", chat(p, CLIENT, gate.text, timeout=60)[0], time.monotonic())))
         for _ in range(2)]
     for t in threads:
         t.start()
@@ -443,6 +445,7 @@ def test_one_key_cannot_hold_every_slot(make_proxy, tmp_path):
     done_other = time.monotonic()
     assert status == 200
     assert len(results) == 0, "the other key was served while the coder's second still waited"
+    gate.open()
     for t in threads:
         t.join(60)
     assert [r[1] for r in results] == [200, 200]
@@ -455,9 +458,9 @@ def test_one_key_cannot_hold_every_slot(make_proxy, tmp_path):
 def test_reload_on_change_and_sighup_keeps_a_stream_in_flight(make_proxy, tmp_path):
     path = standard(tmp_path)
     p = start(make_proxy, path)
-    result = {}
+    result, gate = {}, Gate(p.env["HOME"])
     t = threading.Thread(target=lambda: result.update(
-        r=chat(p, CLIENT, "[[slow:60]]", stream=True, timeout=60)))
+        r=chat(p, CLIENT, gate.text, stream=True, timeout=60)))
     t.start()
     wait_for(lambda: p.request("GET", "/health", headers=bearer(ADMIN))[2]["concurrency"]["running"] == 1, "the stream")
     # the coder is removed and a new key added, written in place (the file watcher sees it)
@@ -467,6 +470,7 @@ def test_reload_on_change_and_sighup_keeps_a_stream_in_flight(make_proxy, tmp_pa
     wait_for(lambda: chat(p, new)[0] == 200, "the new key to work")
     assert chat(p, CLIENT)[0] == 401, "the removed key is refused for new requests"
     assert t.is_alive(), "the stream was still running when the keys changed"
+    gate.open()
     t.join(60)
     status, _, text = result["r"]
     assert status == 200

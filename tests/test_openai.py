@@ -16,7 +16,7 @@ import openai
 import pytest
 
 import fake_upstream
-from conftest import MARKER, alive, no_leftover_cli, sse_events, upstream_texts
+from conftest import MARKER, Gate, alive, no_leftover_cli, sse_events, upstream_texts
 
 CHAT = "/v1/chat/completions"
 
@@ -573,8 +573,9 @@ def test_one_slot_second_request_waits(make_proxy):
 def test_queue_timeout_gives_429_with_retry_after(make_proxy):
     """A request that cannot get a slot within the queue timeout gets 429 + Retry-After."""
     p = make_proxy(fake=True, CLAUDE_PROXY_MAX_CONCURRENCY=1, CLAUDE_PROXY_QUEUE_TIMEOUT=1)
+    gate = Gate(p.env["HOME"])                  # the first request holds the slot until then
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(chat, p, "[[slow:80]]")
+        slow = pool.submit(chat, p, gate.text)
         deadline = time.time() + 5
         while p.request("GET", "/health")[2]["concurrency"]["running"] < 1:
             assert time.time() < deadline, "first request never started"
@@ -583,6 +584,8 @@ def test_queue_timeout_gives_429_with_retry_after(make_proxy):
         assert status == 429, body
         assert error_of(body)["message"]
         assert int(headers["Retry-After"]) >= 1
+        assert not slow.done(), "the first request held the slot all along"
+        gate.open()
         s1, _, b1 = slow.result(30)
     assert s1 == 200, b1
 
