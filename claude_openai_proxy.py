@@ -4902,6 +4902,7 @@ class OpenAIChat:
 # 10. Anthropic messages #########################################################################
 
 def _anthropic_blocks(content, where, role):
+    """A message's content (a string or blocks) -> the neutral blocks; thinking is dropped."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     _need(isinstance(content, list), "%s.content must be a string or a list of blocks" % where)
@@ -4929,25 +4930,31 @@ def _anthropic_blocks(content, where, role):
                            "input": b.get("input") if isinstance(b.get("input"), dict) else {}})
         elif block_type == "tool_result":
             _need(role == "user", "%s: tool_result blocks belong to user messages" % at)
-            _need(isinstance(b.get("tool_use_id"), str), "%s.tool_use_id: Field required" % at)
-            inner, images = b.get("content", ""), []
-            if isinstance(inner, list):
-                inner = _anthropic_blocks(inner, at, "user")
-                text = "\n".join(x.get("text", "") for x in inner if x.get("type") == "text")
-                images = [x for x in inner if x.get("type") == "image"]
-                blocks.extend(images)
-                inner = text
-            _need(isinstance(inner, str), "%s.content must be a string or blocks" % at)
-            blocks.append({"type": "tool_result", "tool_use_id": b["tool_use_id"], "content": inner,
-                           "is_error": bool(b.get("is_error"))})
-            if images:                   # native tools give them back inside the result
-                blocks[-1]["images"] = images
+            blocks.extend(_anthropic_tool_result(b, at))
         elif block_type in ("thinking", "redacted_thinking"):
             continue                                  # not replayed to the model
         else:
             raise BadRequest("%s.type %r is not supported (text, image, tool_use, tool_result, "
                              "thinking)" % (at, block_type))
     return blocks
+
+
+def _anthropic_tool_result(b, at):
+    """A tool_result block -> its images, then the tool_result with its text (the images also
+    inside it: native tools give them back there)."""
+    _need(isinstance(b.get("tool_use_id"), str), "%s.tool_use_id: Field required" % at)
+    inner, images = b.get("content", ""), []
+    if isinstance(inner, list):
+        inner = _anthropic_blocks(inner, at, "user")
+        text = "\n".join(x.get("text", "") for x in inner if x.get("type") == "text")
+        images = [x for x in inner if x.get("type") == "image"]
+        inner = text
+    _need(isinstance(inner, str), "%s.content must be a string or blocks" % at)
+    result = {"type": "tool_result", "tool_use_id": b["tool_use_id"], "content": inner,
+              "is_error": bool(b.get("is_error"))}
+    if images:
+        result["images"] = images
+    return images + [result]
 
 
 def parse_anthropic_messages(msgs):
