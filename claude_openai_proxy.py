@@ -306,6 +306,9 @@ class Timeout(ProxyError):
 
 class ClientGone(Exception):
     """The HTTP client went away; nothing more can be sent to it."""
+    #: what the access log, /metrics and /dashboard record for it (nginx's "client closed
+    #: request"), a stream whose 200 went out included: an abandoned stream is not a served one
+    status = 499
 
 
 # 3. Config ######################################################################################
@@ -5984,7 +5987,7 @@ class StatefulResponses:
             self.update(turn.rid, dialect.envelope(req, body, turn.rid, created, [], "in_progress"))
             dialect.stream(req, events, run, body)
         except ClientGone:
-            figures.status = 499
+            figures.status = ClientGone.status
             run.response = dict(run.response or run.queued, status="cancelled")
             run.saved = self.finish(turn, body, run.response, run.events)
         finally:
@@ -8590,8 +8593,7 @@ class Handler(BaseHTTPRequestHandler):
             call.send_error(err)
         except ClientGone:                   # hung up: before its answer, or while it was sent
             self.close_connection = True
-            if not call.streaming:
-                call.status = 499
+            call.status = ClientGone.status
         except Exception as exc:  # noqa: BLE001 - the server never dies, the client gets a 500
             log_line("request %s: internal error: %s: %s"
                      % (call.request_id, type(exc).__name__, printable(str(exc))[:300]))

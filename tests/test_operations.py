@@ -809,6 +809,35 @@ def test_access_log_json_lines(json_log_proxy):
         assert (rec["tokens_in"], rec["tokens_out"]) == tokens, rec
 
 
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+def test_a_stream_the_client_abandons_is_logged_499(make_proxy, upstream, dialect):
+    """A raw client reads the first bytes of a stream and closes: the access log line, the
+    dashboard's request list and /metrics all record 499 (client closed request), not the 200
+    whose head went out, so abandoned streams are told from served ones."""
+    p = make_proxy(CLAUDE_PROXY_LOG_FORMAT="json", CLAUDE_PROXY_POOL_SIZE=0)
+    upstream.push(fake_upstream.text("one two three four five six seven eight nine ten",
+                                     chunks=40, delay=0.2))
+    rid = "abandoned-%s" % dialect
+    path, body = body_for(dialect, "count slowly", stream=True)
+    sock = raw_post(p, path, body, dict(AV if dialect == "anthropic" else {}, **{"X-Request-Id": rid}))
+    try:
+        got = b""
+        while b"data: " not in got:
+            data = sock.recv(65536)
+            assert data, "the stream ended early: %r" % got
+            got += data
+        assert got.startswith(b"HTTP/1.1 200 "), got
+    finally:
+        sock.close()
+    [line] = log_lines_with(p, '"%s"' % rid, timeout=30)
+    rec = json.loads(line)
+    assert (rec["path"], rec["status"]) == (path, 499), rec
+    status, _, data = p.request("GET", "/dashboard/data")
+    assert status == 200
+    assert [r["status"] for r in data["requests"] if r["id"] == rid] == [499]
+    assert scrape(p)[0]['claude_proxy_requests_total{route="%s",status="499"}' % path] == 1
+
+
 # Metrics ########################################################################################
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"'
