@@ -1308,6 +1308,17 @@ _XML_TAIL = len("</" + "antml:function_calls>")
 _HINT_POSITIONS = ("search", "last", "quotes")
 
 
+def joined_text(segs):
+    """Parsed segments with adjacent text segments joined into one and empty ones dropped."""
+    merged = []
+    for seg_type, val in segs:
+        if seg_type == "text" and merged and merged[-1][0] == "text":
+            merged[-1] = ("text", merged[-1][1] + val)
+        elif not (seg_type == "text" and val == ""):
+            merged.append((seg_type, val))
+    return merged
+
+
 class BaseToolCallHandler:
     """Prompt building, parsing, refusal detection and the retry nudge for emulated tools.
 
@@ -1431,13 +1442,7 @@ class BaseToolCallHandler:
             else:
                 segs.append(("text", text[start:end]))
             pos = end
-        merged = []
-        for seg_type, val in segs:
-            if seg_type == "text" and merged and merged[-1][0] == "text":
-                merged[-1] = ("text", merged[-1][1] + val)
-            elif not (seg_type == "text" and val == ""):
-                merged.append((seg_type, val))
-        return merged, pos
+        return joined_text(segs), pos
 
     @staticmethod
     def _next_marker(text, pos):
