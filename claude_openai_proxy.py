@@ -4610,14 +4610,7 @@ def parse_openai_tool_choice(choice, tools, flat):
     choice_type = choice.get("type", "function")
     if choice_type == "allowed_tools":
         spec = choice if flat else choice.get("allowed_tools") or {}
-        allowed = spec.get("tools")
-        _need(isinstance(allowed, list), "tool_choice.tools must be a list", "tool_choice")
-        names = set()
-        for a in allowed:
-            a = a if not isinstance(a, dict) or flat or a.get("type") not in ("function", "custom") \
-                else dict(a, **(a.get(a["type"]) or {}))
-            if isinstance(a, dict) and isinstance(a.get("name"), str):
-                names.add("%s.%s" % (a["namespace"], a["name"]) if a.get("namespace") else a["name"])
+        names = _allowed_names(spec.get("tools"), flat)
         return parse_openai_tool_choice(
             {"auto": "auto", "required": "required"}.get(spec.get("mode", "auto"), "auto"),
             [t for t in tools if t.name in names], flat)
@@ -4641,6 +4634,19 @@ def parse_openai_tool_choice(choice, tools, flat):
                          param="tool_choice")
     raise BadRequest("tool_choice type %r is not one of function, custom, allowed_tools"
                      % choice_type, param="tool_choice")
+
+
+def _allowed_names(allowed, flat):
+    """The names of the tools an allowed_tools choice lists (namespace.name in a namespace);
+    chat's nest each under its type, Responses' (`flat`) do not."""
+    _need(isinstance(allowed, list), "tool_choice.tools must be a list", "tool_choice")
+    names = set()
+    for a in allowed:
+        a = a if not isinstance(a, dict) or flat or a.get("type") not in ("function", "custom") \
+            else dict(a, **(a.get(a["type"]) or {}))
+        if isinstance(a, dict) and isinstance(a.get("name"), str):
+            names.add("%s.%s" % (a["namespace"], a["name"]) if a.get("namespace") else a["name"])
+    return names
 
 
 def _openai_tools(body):
