@@ -44,7 +44,8 @@ Endpoints
   (section 13): admitted (a bounded number of connections may be sending a head, for a bounded
   time) -> Host (names this server, when no keys are set) -> Origin (no other web page) -> key
   (from the headers; the body is not read without one) -> body type (JSON, not a form) -> body
-  (strict framing, CLAUDE_PROXY_MAX_BODY) -> JSON -> its route.
+  (strict framing, CLAUDE_PROXY_MAX_BODY; never read for a GET or a route that takes none) ->
+  JSON -> its route.
 
 Configuration (flags win over environment; read once at start-up)
 -------------------------------------------------------------------
@@ -8152,7 +8153,9 @@ class Route:
     path: str
     func: object
     access: str = "client"
-    body: bool = True            #: a POST must carry a JSON body (False: none is needed)
+    #: "json": a POST must carry a JSON body; "optional": one may come; "none": it takes none,
+    #: and an announced one is never read (takes_body), as for a GET
+    body: str = "json"
 
     def match(self, path):
         """{name: value} of the path parameters when `path` is this route's, else None."""
@@ -8181,8 +8184,8 @@ ROUTES = (
     Route("GET", "/v1/responses/{id}", get_response),
     Route("DELETE", "/v1/responses/{id}", delete_response),
     Route("GET", "/v1/responses/{id}/input_items", response_input_items),
-    Route("POST", "/v1/responses/{id}/cancel", cancel_response, body=False),
-    Route("POST", "/v1/conversations", create_conversation, body=False),
+    Route("POST", "/v1/responses/{id}/cancel", cancel_response, body="none"),
+    Route("POST", "/v1/conversations", create_conversation, body="optional"),
     Route("GET", "/v1/conversations/{id}", get_conversation),
     Route("POST", "/v1/conversations/{id}", update_conversation),
     Route("DELETE", "/v1/conversations/{id}", delete_conversation),
@@ -8328,7 +8331,7 @@ def authenticate(call):
 def check_body_type(call):
     """A body a web page could send without a preflight (a form type or text/plain) is
     refused, whatever its Origin says."""
-    if call.method not in BODY_METHODS:
+    if not takes_body(call):
         return
     content_type = (call.headers.get("Content-Type") or "").split(";")[0].strip().lower()
     if content_type in FORM_TYPES:
@@ -8339,16 +8342,23 @@ def check_body_type(call):
 
 
 BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def takes_body(call):
+    """Whether the request's body is read: a method with one (BODY_METHODS), on a route that
+    takes one (a path no route takes is read, then answered 404/405)."""
+    return call.method in BODY_METHODS and (call.route is None or call.route.body != "none")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 def skip_body(call):
-    """A method that takes no body (GET, HEAD, DELETE, OPTIONS, ...) never has one read, not
-    even to skip it: anyone may call GET /health, and reading the body it announces would let
-    a caller without a key hold a thread for as long as it trickles.  Such a request is
-    answered and its connection closed (the unread bytes would be parsed as the next request)."""
+    """A request that takes no body (GET, HEAD, DELETE, OPTIONS, ..., and a POST route that
+    takes none: takes_body) never has one read, not even to skip it: anyone may call GET
+    /health, and reading the body it announces would let a caller hold a thread for as long
+    as it trickles.  Such a request is answered and its connection closed (the unread bytes
+    would be parsed as the next request)."""
     lengths = set(call.headers.get_all("Content-Length") or ()) - {"0"}
-    if call.method not in BODY_METHODS and (lengths or call.headers.get_all("Transfer-Encoding")):
+    if not takes_body(call) and (lengths or call.headers.get_all("Transfer-Encoding")):
         call.handler.close_connection = True
 
 
@@ -8358,7 +8368,7 @@ def read_body(call):
     CLAUDE_PROXY_MAX_BODY bytes in all (RFC 9112 6-7), arrived whole within
     CLAUDE_PROXY_READ_TIMEOUT (BodyReader), or a 4xx."""
     h, headers, max_body = call.handler, call.headers, call.app.cfg.max_body
-    if call.method not in BODY_METHODS:           # skip_body: never read
+    if not takes_body(call):                      # skip_body: never read
         return None
     lengths = set(headers.get_all("Content-Length") or ())
     codings = headers.get_all("Transfer-Encoding") or []
@@ -8595,7 +8605,7 @@ class Handler(BaseHTTPRequestHandler):
             call.body = parse_json(raw)
             if call.route is None:
                 raise no_route(call, methods)
-            if call.body is None and call.route.body and call.method in ("POST", "PUT", "PATCH"):
+            if call.body is None and call.route.body == "json" and call.method in BODY_METHODS:
                 raise BadRequest("The request body is empty; send a JSON object.")
             call.route.func(call)
         except ProxyError as err:

@@ -433,6 +433,33 @@ def test_a_route_anyone_may_call_reads_no_body(make_proxy, path):
     p.stop()
 
 
+def test_a_post_route_that_takes_no_body_reads_none(make_proxy, tmp_path):
+    """POST /v1/responses/{id}/cancel takes no body (its ROUTES entry: body="none"), and is
+    treated as a GET announcing one: a key holder's request announcing 1,000,000 bytes and
+    trickling them is answered at once (the response cancelled, not a 408 when the trickle
+    stalls) and its connection closed; nothing of the body is read."""
+    p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_API_KEYS=KEY,
+                   CLAUDE_PROXY_READ_TIMEOUT=1, CLAUDE_PROXY_STATE_DIR=tmp_path / "state")
+    auth = {"Authorization": "Bearer " + KEY}
+    status, _, made = p.post("/v1/responses", {"model": "sonnet", "input": "[[slow:200]]",
+                                               "background": True}, headers=auth)
+    assert status == 200 and made["status"] == "queued", made
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    try:
+        s.sendall(post_head("/v1/responses/%s/cancel" % made["id"], "Content-Length: 1000000",
+                            "Authorization: Bearer " + KEY).replace(b"Connection: close\r\n", b"")
+                  + b"{")
+        got = trickle_until_answered(s, b" ", 40)        # 10 s at most
+    finally:
+        s.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), got[:300]
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["status"] == "cancelled"
+    assert "Traceback" not in p.log, p.log[-2000:]
+    still_serving(p, headers=auth)
+
+
 def test_a_body_trickled_a_byte_at_a_time_is_408(make_proxy, upstream):
     """The read timeout bounds the whole body, as it does the head: a key holder whose body of
     60 bytes comes a byte every 0.25 s gets a 408 in its dialect (Anthropic here) after
