@@ -4533,53 +4533,61 @@ def parse_openai_tools(raw, flat):
     knows OpenAI's tool types: function and custom tools are offered, a namespace offers the
     tools inside it (their calls carry the namespace back), hosted tools follow HOSTED_TOOLS."""
     _need(isinstance(raw, list), "tools must be a list", "tools")
-    tools = []
-
-    def add(t, at, namespace=""):
-        _need(isinstance(t, dict), "%s must be an object" % at, at)
-        tool_type = t.get("type", "function")
-        if tool_type in ("function", "custom"):
-            spec = t if flat or namespace else t.get(tool_type)
-            if flat and not namespace and tool_type == "function":
-                _need("function" not in t or "name" in t, "%s.name is required: Responses tools "
-                      "are flat ({\"type\": \"function\", \"name\": ..., \"parameters\": ...}), "
-                      "not nested under \"function\" as in chat completions" % at, at)
-            _need(isinstance(spec, dict), "%s must be {\"type\": \"%s\", \"%s\": {...}}"
-                  % (at, tool_type, tool_type), at)
-            name = spec.get("name")
-            _need(isinstance(name, str) and _TOOL_NAME.fullmatch(name),
-                  "%s.name must be 1-128 letters, digits, _ . : or -" % at, at)
-            full = "%s.%s" % (namespace, name) if namespace else name
-            desc = spec.get("description") or ""
-            if tool_type == "custom":
-                tools.append(custom_tool_spec(full, desc, spec.get("format"), namespace))
-                return
-            params = spec.get("parameters") or {"type": "object", "properties": {}}
-            _need(isinstance(params, dict), "%s.parameters must be an object" % at, at)
-            tools.append(ToolSpec(full, desc, params, "function", namespace))
-        elif tool_type == "namespace" and not namespace:
-            name, inner = t.get("name"), t.get("tools")
-            _need(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name),
-                  "%s.name must be 1-64 letters, digits, _ or -" % at, at)
-            _need(isinstance(inner, list), "%s.tools must be a list of function or custom tools"
-                  % at, at)
-            for j, sub in enumerate(inner):
-                _need(isinstance(sub, dict) and sub.get("type", "function") in ("function", "custom"),
-                      "%s.tools[%d] must be a function or custom tool" % (at, j), at)
-                add(sub, "%s.tools[%d]" % (at, j), name)
-        elif tool_type in HOSTED_TOOLS:
-            _need(HOSTED_TOOLS[tool_type] is None, "%s: %s" % (at, HOSTED_TOOLS[tool_type]), at)
-        else:
-            raise BadRequest("%s has unknown type %r (function, custom, namespace, or one of "
-                             "OpenAI's hosted tools)" % (at, tool_type), param=at)
-
-    for i, t in enumerate(raw):
-        add(t, "tools[%d]" % i)
+    tools = [spec for i, t in enumerate(raw) for spec in _openai_tool(t, "tools[%d]" % i, flat)]
     seen = set()
     for t in tools:
         _need(t.name not in seen, "tools: the name %r is offered twice" % t.name, "tools")
         seen.add(t.name)
     return tools
+
+
+def _openai_tool(t, at, flat):
+    """One of the tools -> the ToolSpecs it offers: its own (a function or custom tool), those
+    inside it (a namespace), none (a hosted tool the request goes on without)."""
+    _need(isinstance(t, dict), "%s must be an object" % at, at)
+    tool_type = t.get("type", "function")
+    if tool_type in ("function", "custom"):
+        return [_openai_tool_spec(t, at, flat)]
+    if tool_type == "namespace":
+        name, inner = t.get("name"), t.get("tools")
+        _need(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name),
+              "%s.name must be 1-64 letters, digits, _ or -" % at, at)
+        _need(isinstance(inner, list), "%s.tools must be a list of function or custom tools"
+              % at, at)
+        specs = []
+        for j, sub in enumerate(inner):
+            _need(isinstance(sub, dict) and sub.get("type", "function") in ("function", "custom"),
+                  "%s.tools[%d] must be a function or custom tool" % (at, j), at)
+            specs.append(_openai_tool_spec(sub, "%s.tools[%d]" % (at, j), flat, name))
+        return specs
+    if tool_type in HOSTED_TOOLS:
+        _need(HOSTED_TOOLS[tool_type] is None, "%s: %s" % (at, HOSTED_TOOLS[tool_type]), at)
+        return []
+    raise BadRequest("%s has unknown type %r (function, custom, namespace, or one of "
+                     "OpenAI's hosted tools)" % (at, tool_type), param=at)
+
+
+def _openai_tool_spec(t, at, flat, namespace=""):
+    """A function or custom tool (inside `namespace`: named namespace.name, its fields always
+    flat) -> its ToolSpec."""
+    tool_type = t.get("type", "function")
+    spec = t if flat or namespace else t.get(tool_type)
+    if flat and not namespace and tool_type == "function":
+        _need("function" not in t or "name" in t, "%s.name is required: Responses tools "
+              "are flat ({\"type\": \"function\", \"name\": ..., \"parameters\": ...}), "
+              "not nested under \"function\" as in chat completions" % at, at)
+    _need(isinstance(spec, dict), "%s must be {\"type\": \"%s\", \"%s\": {...}}"
+          % (at, tool_type, tool_type), at)
+    name = spec.get("name")
+    _need(isinstance(name, str) and _TOOL_NAME.fullmatch(name),
+          "%s.name must be 1-128 letters, digits, _ . : or -" % at, at)
+    full = "%s.%s" % (namespace, name) if namespace else name
+    desc = spec.get("description") or ""
+    if tool_type == "custom":
+        return custom_tool_spec(full, desc, spec.get("format"), namespace)
+    params = spec.get("parameters") or {"type": "object", "properties": {}}
+    _need(isinstance(params, dict), "%s.parameters must be an object" % at, at)
+    return ToolSpec(full, desc, params, "function", namespace)
 
 
 WEB_SEARCH_TYPES = ("web_search", "web_search_preview", "web_search_2025_08_26",
