@@ -7436,28 +7436,8 @@ class App:
         cfg, gate, backend = self.cfg, self.backend.gate, self.backend
         self.checked.wait(STARTUP_CHECK_WAIT)
         found = shutil.which(cfg.claude_bin)
-        idle, logins, reasons, public = backend.idle_status(), self.logins_summary(), [], []
-
-        def reason(said, detail=None):    # `detail` (names, paths, hints): admins only
-            public.append(said)
-            reasons.append(detail or said)
-        if not found:
-            reason("the claude CLI was not found: every model request fails with 503",
-                   "the claude CLI was not found (CLAUDE_BIN=%s): every model request fails "
-                   "with 503" % cfg.claude_bin)
-        elif self.cli_problem():
-            reason("the claude CLI may be broken or older than this proxy is tested with",
-                   self.cli_problem())
-        for a in logins["accounts"]:              # the hint says what to run
-            if not a["healthy"] and a["reason"]:
-                reason("a login cannot serve",
-                       "login %s cannot serve: %s; %s" % (a["name"], a["reason"], a["hint"]))
-            elif not a["healthy"]:
-                reason("a login failed to authenticate",
-                       "login %s failed to authenticate: %s" % (a["name"], a["hint"]))
-        if idle.get("mode") == "cold-fallback":
-            reason("the pool is in cold fallback: pre-started CLI processes kept dying at start, "
-                   "so requests start their own (slower); see the proxy's log")
+        idle, logins = backend.idle_status(), self.logins_summary()
+        reasons, public = self.health_reasons(found, idle, logins)
         status = "degraded" if reasons else "ok"
         if not full:
             return {"status": status, "reasons": public,
@@ -7472,6 +7452,33 @@ class App:
             "idle": idle, "memory": backend.memory_report(), "logins": logins,
             "store": self.store.report(),
             "handlers": sorted(HANDLERS), "module_errors": dict(MODULE_ERRORS)}
+
+    def health_reasons(self, found, idle, logins):
+        """Why /health says degraded: (reasons for an admin, the same without names, paths or
+        hints for anyone else); both empty when nothing is wrong."""
+        reasons, public = [], []
+
+        def reason(said, detail=None):    # `detail` (names, paths, hints): admins only
+            public.append(said)
+            reasons.append(detail or said)
+        if not found:
+            reason("the claude CLI was not found: every model request fails with 503",
+                   "the claude CLI was not found (CLAUDE_BIN=%s): every model request fails "
+                   "with 503" % self.cfg.claude_bin)
+        elif self.cli_problem():
+            reason("the claude CLI may be broken or older than this proxy is tested with",
+                   self.cli_problem())
+        for a in logins["accounts"]:              # the hint says what to run
+            if not a["healthy"] and a["reason"]:
+                reason("a login cannot serve",
+                       "login %s cannot serve: %s; %s" % (a["name"], a["reason"], a["hint"]))
+            elif not a["healthy"]:
+                reason("a login failed to authenticate",
+                       "login %s failed to authenticate: %s" % (a["name"], a["hint"]))
+        if idle.get("mode") == "cold-fallback":
+            reason("the pool is in cold fallback: pre-started CLI processes kept dying at start, "
+                   "so requests start their own (slower); see the proxy's log")
+        return reasons, public
 
     def cli_version(self):
         """`claude --version`, read at most every 10 minutes (an upgrade shows up)."""
