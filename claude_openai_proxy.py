@@ -4707,9 +4707,9 @@ def _openai_tool_uses(m, i, where):
     """An assistant message's tool_calls (and a legacy function_call) -> tool_use blocks: a
     function's JSON arguments, a custom tool's raw input."""
     calls = m.get("tool_calls") or []
+    _need(isinstance(calls, list), "%s.tool_calls must be a list" % where, "messages")
     if m.get("function_call"):
         calls = calls + [{"id": "call_legacy_%d" % i, "function": m["function_call"]}]
-    _need(isinstance(calls, list), "%s.tool_calls must be a list" % where, "messages")
     uses = []
     for j, c in enumerate(calls):
         custom = c.get("custom") if isinstance(c, dict) and c.get("type") == "custom" else None

@@ -170,6 +170,9 @@ OPENAI_CASES = [
     Case("oa-assistant-bad-tool-calls", CHAT, oa(messages=user() + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]),
         mention="tool_calls"),
+    Case("oa-tool-calls-dict-beside-function-call", CHAT, oa(messages=user() + [
+        {"role": "assistant", "content": None, "tool_calls": {"id": "c1"},
+         "function_call": {"name": "f", "arguments": "{}"}}]), mention="tool_calls must be a list"),
     Case("oa-model-number", CHAT, oa(model=42), mention="model"),
     Case("oa-model-unknown", CHAT, oa(model="gpt-4o-mini"), mention="model"),
     Case("oa-stream-string", CHAT, oa(stream="yes"), mention="stream"),
@@ -315,6 +318,11 @@ def run_case(p, upstream, case):
     new_log = p.log[log_at:]
     assert "bad-" + case.id in new_log
     assert "Traceback" not in new_log and "internal error" not in new_log, new_log
+    # still standing, with nothing left running or queued
+    assert p.proc.poll() is None, "the proxy process died"
+    status, _, health = p.request("GET", "/health")
+    assert status == 200 and health["status"] == "ok"
+    assert health["concurrency"]["running"] == 0 and health["concurrency"]["queued"] == 0
     return err
 
 
@@ -554,17 +562,6 @@ def test_keep_alive_stays_in_sync_after_errors(fake_proxy):
                 assert data["choices"][0]["message"]["content"] == "fake answer"
     finally:
         conn.close()
-
-
-# Still standing #################################################################################
-
-@pytest.mark.parametrize("which", ["fake_proxy", "proxy"])
-def test_server_stays_up_after_the_suite(request, which):
-    p = request.getfixturevalue(which)
-    assert p.proc.poll() is None, "the proxy process died"
-    status, _, body = p.request("GET", "/health")
-    assert status == 200 and body["status"] == "ok"
-    assert body["concurrency"]["running"] == 0 and body["concurrency"]["queued"] == 0
 
 
 # The nesting limit at its edge ###################################################################
