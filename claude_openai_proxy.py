@@ -3236,6 +3236,7 @@ class ToolBridge:
         self.ended = False       # a message with tool calls has ended: the turn must stop
         self.whole = None        # the id of a message whose calls came as whole blocks (on_block)
         self.denied = False      # deny+interrupt sent: the CLI's result line ends the turn
+        self.broken = False      # a stream broke after a call was asked about: an error (on_stream)
         self.done = False        # nothing to wait for: end the request now
         self.usage = Usage()     # of the streamed message, for when `done` cuts the turn short
         self.hold = hold         # a kept turn: allow the calls, hold the first tools/call open
@@ -3340,6 +3341,11 @@ class ToolBridge:
             self.in_message = False
             if ev.get("abandoned_blocks"):      # the CLI withdrew the message
                 yield from self._abandon()
+                if self.permissions:
+                    # it asked about a call whose block had ended: it keeps that call, does not
+                    # ask again, and would wait for the answer until CLAUDE_PROXY_TIMEOUT
+                    self.hold, self.broken = False, True
+                    self._settle(proc)
             elif self.calls:
                 self.replayed_all()
                 self.ended = True
@@ -3802,6 +3808,9 @@ class StreamTranslator:
         usage = bridge.usage if bridge is not None and bridge.continued else \
             Usage.from_api(item.get("usage"))
         usage.web_searches = self.searches
+        if bridge is not None and bridge.broken:
+            raise UpstreamError("The upstream stream broke after the model had made a tool call, "
+                                "and the claude CLI does not ask again; retry the request.")
         if bridge is not None and not item.get("is_error"):
             # a message asked again as whole blocks is over only now (one line a block)
             bridge.replayed_all()

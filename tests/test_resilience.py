@@ -546,3 +546,34 @@ def test_a_reset_message_asked_again_whole_keeps_every_native_call(make_proxy, u
         [(prefix + "twoA", "get_weather", {"city": "Paris"}),
          (prefix + "twoB", "get_weather", {"city": "Rome"})],
         "tool_calls" if dialect == "openai" else "tool_use")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("reply", ["one call ended", "second call cut"])
+def test_a_reset_after_a_native_call_ended_is_an_error_not_a_wait(make_proxy, upstream, stream,
+                                                                  reply):
+    """The upstream resets after a tool_use block has ended (before the message's end, or
+    inside a second call): the CLI has asked can_use_tool for it, keeps it, withdraws the rest
+    (abandoned_blocks from_block_index 2) and does not ask again.  The client gets an error
+    at once, in its dialect; the request waited for CLAUDE_PROXY_TIMEOUT before (the CLI for
+    an answer to its permission request)."""
+    p = make_proxy(args=("--timeout", "30"), CLAUDE_PROXY_POOL_SIZE=0)
+    if reply == "one call ended":
+        upstream.push(tool_reply(13, "msg_cut1", chunks=4))    # 13: after the call's block_stop
+    else:
+        upstream.push(two_calls_reply("msg_cut1", drop_after=9))   # 9: the second call begun
+    upstream.default = fake_upstream.text("never asked for", id="msg_cut2")
+    body = {"model": "sonnet", "stream": stream, "tools": NATIVE_TOOLS,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    status, _, got = p.post("/v1/chat/completions", body,
+                            headers={"X-Toolcall-Module": "native"}, timeout=60)
+    if stream:
+        assert status == 200, got
+        content, complete, err = stream_result("openai", got)
+        assert complete is False and err["type"] == "server_error", got
+    else:
+        assert status == 502, got
+        err = error_of("openai", got)
+    assert "stream broke after the model had made a tool call" in err["message"], err
+    assert len(upstream.model_calls) == 1
+    assert "never asked for" not in json.dumps(got)
