@@ -261,7 +261,8 @@ def fake_proxy(make_proxy, tmp_path_factory):
 
 class Gate:
     """For the fake CLI's [[gate:N]] directive: `text` goes in a request, whose CLI answers
-    until `open()` is called (so a test needs no guess at how long a request must run)."""
+    "gate ", waits until `open()` is called, then answers "open" (so a test needs no guess at
+    how long a request must run)."""
 
     def __init__(self, home):
         self.number = next(_gates)

@@ -8,9 +8,10 @@ on a directive in the user's text:
     [[garbage]]     print lines that are not JSON, then exit 0
     [[silent-exit]] exit 0 without printing anything
     [[slow:N]]      N text deltas, 0.05 s apart (for disconnect tests)
-    [[gate:N]]      text deltas 0.05 s apart until the file $HOME/.fake-claude-gates/N exists (the
-                    test opens the gate when it has seen what it waits for; 120 s at most), then
-                    a result: a request that runs exactly as long as the test needs
+    [[gate:N]]      the text delta "gate ", then nothing until the file $HOME/.fake-claude-gates/N
+                    exists (the test opens the gate once it has seen what it waits for; 120 s
+                    at most), then "open" and a result: the answer is "gate open", and the
+                    request runs exactly as long as the test needs
     [[echo-env]]    answer with the environment it was given, as JSON
     [[echo-argv]]   answer with its argv, as JSON
     [[echo-cwd]]    answer with its working directory, that directory's mode and entries, as JSON
@@ -136,12 +137,12 @@ def main():
         return 0
     if mode == "gate":
         gate = os.path.join(os.environ.get("HOME") or "/tmp", ".fake-claude-gates", str(arg))
-        for i in range(2400):
-            if os.path.exists(gate):
-                break
-            delta("tick%d " % i)
-            time.sleep(0.05)
-        result("gate passed")
+        delta("gate ")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        delta("open")
+        result("gate open")
         return 0
     if mode == "rate-limited":
         out({"type": "rate_limit_event", "rate_limit_info": {

@@ -703,10 +703,11 @@ def test_held_turn_with_another_history_is_a_new_conversation(kept_proxy, upstre
         assert turns[4][1][-1] == TEXT("Be brief.")
 
 
-def test_client_never_comes_back_held_process_ends(kept_proxy, upstream):
+def test_client_never_comes_back_held_process_ends(make_proxy, upstream):
     """CLAUDE_PROXY_SESSION_IDLE is the deadline of a held call: the process is ended, its slot
     was freed when the answer went out, and nothing is left."""
-    p = kept_proxy
+    p = make_proxy(CLAUDE_PROXY_TOOLCALL_MODULE="native", CLAUDE_PROXY_POOL_SIZE=0,
+                   CLAUDE_PROXY_SESSION_IDLE=2)        # kept_proxy's, with 2 s to wait out, not 5
     two_calls(upstream)
     oai(p).chat.completions.create(model="sonnet", tools=OPENAI_TOOLS, messages=SEED_TURNS)
     assert health(p)["concurrency"]["running"] == 0

@@ -25,8 +25,8 @@ import pytest
 
 import fake_upstream
 import harness
-from conftest import FAKE_CLAUDE, PROXY, ROOT, alive, base_env, children, need_tool, no_leftover_cli, \
-    real_claude_bin, sse_events
+from conftest import FAKE_CLAUDE, PROXY, ROOT, Gate, alive, base_env, children, need_tool, \
+    no_leftover_cli, real_claude_bin, sse_events
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -397,7 +397,7 @@ def test_upstream_auth_failure_is_fast_and_says_claude_login(proxy, upstream, di
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
 def test_upstream_429_is_429_with_retry_after(proxy, upstream, dialect):
     upstream.default = fake_upstream.error(429, "rate_limit_error", "slow down",
-                                           headers={"retry-after": "2"})
+                                           headers={"retry-after": "1"})   # the CLI waits it once
     status, hdrs, got = ask(proxy, dialect, "hi", timeout=120)
     assert status == 429, got
     err = error_of(dialect, got)
@@ -510,8 +510,9 @@ def test_stream_failing_after_start_ends_with_error_event(proxy, upstream, diale
 @pytest.fixture(scope="module")
 def one_slot(make_proxy, tmp_path_factory):
     """One CLI slot and a short queue wait, so a slot that is not given back shows at once as
-    a 429 on the next request."""
-    return fake_with_pids(make_proxy, tmp_path_factory, args=("--timeout", "4"),
+    a 429 on the next request; a 2 s --timeout, which each [[hang]] waits out (the fake CLI
+    answers in a fraction of that)."""
+    return fake_with_pids(make_proxy, tmp_path_factory, args=("--timeout", "2"),
                           CLAUDE_PROXY_MAX_CONCURRENCY=1, CLAUDE_PROXY_QUEUE_TIMEOUT=3)
 
 
@@ -934,11 +935,11 @@ def test_metrics_counters_move(metrics_proxy):
 def test_sigterm_stops_accepting_and_drains(make_proxy, tmp_path_factory):
     p = fake_with_pids(make_proxy, tmp_path_factory, args=("--timeout", "120"))
     before = set(os.listdir(p.pids))
-    result = {}
+    result, gate = {}, Gate(p.env["HOME"])          # the request runs until the gate opens
 
     def run():
         try:
-            result["r"] = ask(p, "openai", "[[slow:100]]", timeout=120)
+            result["r"] = ask(p, "openai", gate.text, timeout=120)
         except Exception as exc:  # noqa: BLE001
             result["r"] = exc
 
@@ -950,11 +951,12 @@ def test_sigterm_stops_accepting_and_drains(make_proxy, tmp_path_factory):
     wait_for(lambda: connect_refused(p.port), 5, "the listener to close", interval=0.02)
     assert t.is_alive(), "the request finished before the listener closed; cannot judge draining"
     assert p.proc.poll() is None, "the proxy exited with a request in flight"
+    gate.open()
     t.join(120)
     assert not t.is_alive()
     status, _, got = result["r"]
     assert status == 200, got
-    assert answer("openai", got) == "".join("tick%d " % i for i in range(100))
+    assert answer("openai", got) == "gate open", "the whole answer, also what came after SIGTERM"
     assert p.proc.wait(30) == 0
     assert "stopped" in p.log and "grace period over" not in p.log
     assert not any(alive(pid) for pid in pids)
@@ -1177,8 +1179,9 @@ def test_responses_api_needs_a_key_like_chat(auth_proxy):
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
 def test_upstream_stalled_after_message_start_is_a_504_at_the_timeout(make_proxy, upstream, dialect):
     """The upstream sends message_start and then nothing (the CLI alone would wait 300 s): the
-    request ends at CLAUDE_PROXY_TIMEOUT with a 504 and the CLI is ended with it."""
-    p = make_proxy(args=("--timeout", "8"), CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0,
+    request ends at CLAUDE_PROXY_TIMEOUT with a 504 and the CLI is ended with it (6 s here: the
+    real CLI reaches the upstream within about one)."""
+    p = make_proxy(args=("--timeout", "6"), CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_SESSIONS=0,
                    CLAUDE_PROXY_REUSE=0)
     upstream.push(fake_upstream.text(FULL, stall=120))
     status, _, got = ask(p, dialect, "hi", timeout=60)

@@ -20,7 +20,7 @@ import pytest
 from openai.types.responses import Response
 
 import fake_upstream
-from conftest import FAKE_CLAUDE, PROXY, Proxy, base_env, sse_events, upstream_turns
+from conftest import FAKE_CLAUDE, PROXY, Gate, Proxy, base_env, sse_events, upstream_turns
 from test_pool import health, poll
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city.",
@@ -465,13 +465,15 @@ def test_a_conversation_deleted_mid_turn_still_keeps_the_response(start):
     p = start(fake=True)
     status, _, conv = p.post("/v1/conversations", {})
     assert status == 200
-    out = {}
+    out, gate = {}, Gate(p.env["HOME"])             # the turn runs until the gate opens
     t = threading.Thread(target=lambda: out.update(r=p.post("/v1/responses", {
-        "model": "sonnet", "input": "[[slow:40]]", "conversation": conv["id"]})))
+        "model": "sonnet", "input": gate.text, "conversation": conv["id"]})))
     t.start()
-    poll(lambda: health(p)["concurrency"]["running"] == 1, "the turn to run (2 s)", 30)
+    poll(lambda: health(p)["concurrency"]["running"] == 1, "the turn to run", 30)
     status, _, gone = p.request("DELETE", "/v1/conversations/" + conv["id"])
     assert status == 200 and gone["deleted"] is True
+    assert t.is_alive(), "the turn was still running when its conversation was deleted"
+    gate.open()
     t.join(60)
     status, _, r = out["r"]
     assert status == 200 and r["status"] == "completed"
