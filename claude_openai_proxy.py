@@ -8354,8 +8354,9 @@ def authenticate(call):
 
 def check_body_type(call):
     """A body a web page could send without a preflight (a form type or text/plain) is
-    refused, whatever its Origin says."""
-    if not takes_body(call):
+    refused, whatever its Origin says; on a POST that takes no body too (a page's form could
+    still cancel a response on a proxy without keys)."""
+    if call.method not in BODY_METHODS:
         return
     content_type = (call.headers.get("Content-Type") or "").split(";")[0].strip().lower()
     if content_type in FORM_TYPES:
@@ -8366,13 +8367,13 @@ def check_body_type(call):
 
 
 BODY_METHODS = ("POST", "PUT", "PATCH")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 def takes_body(call):
     """Whether the request's body is read: a method with one (BODY_METHODS), on a route that
     takes one (a path no route takes is read, then answered 404/405)."""
     return call.method in BODY_METHODS and (call.route is None or call.route.body != "none")
-CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 def skip_body(call):

@@ -456,6 +456,10 @@ def test_a_post_route_that_takes_no_body_reads_none(make_proxy, tmp_path):
     assert head.startswith(b"HTTP/1.1 200 "), got[:300]
     assert b"connection: close" in head.lower()
     assert json.loads(body)["status"] == "cancelled"
+    # a form type, which a web page sends without a preflight, is refused on it as on any POST
+    status, _, got = p.request("POST", "/v1/responses/%s/cancel" % made["id"], raw=b"",
+                               headers=dict(auth, **{"Content-Type": "text/plain"}))
+    assert status == 415, got
     assert "Traceback" not in p.log, p.log[-2000:]
     still_serving(p, headers=auth)
 
