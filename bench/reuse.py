@@ -31,7 +31,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import CLAUDE, UP, Proxy, bare_cli_ttft, report, RESULTS, settle, size  # noqa: E402
+from run import CLAUDE, POOL, UP, Proxy, bare_cli_ttft, report, RESULTS, settle, size  # noqa: E402
 from history import shared_fraction  # noqa: E402
 import fake_upstream  # noqa: E402
 
@@ -156,12 +156,12 @@ def bench_ttft(rounds=size(7, 1)):
 
 
 def bench_cpu(n=size(60, 1)):
-    print("\n2. CLI CPU per one-shot request (%d sequential requests each, pool 2)" % n)
+    print("\n2. CLI CPU per one-shot request (%d sequential requests each, pool %d)" % (n, POOL))
     out = {}
     for label, extra in (("reuse off", dict(CLAUDE_PROXY_REUSE=0)), ("reuse on", {})):
         proxy = Proxy(CLAUDE_PROXY_SESSIONS=0, **extra)
         try:
-            until(proxy, lambda h: h["idle"]["ready"] >= 2)
+            until(proxy, lambda h: h["idle"]["ready"] >= POOL)
             settle(2.0)                       # the pool has booted
             c0 = cli_cpu(proxy)
             for i in range(n):
@@ -179,7 +179,7 @@ def bench_cpu(n=size(60, 1)):
 def load(clients, **extra):
     proxy = Proxy(CLAUDE_PROXY_MAX_CONCURRENCY=4, CLAUDE_PROXY_QUEUE_TIMEOUT=600,
                   CLAUDE_PROXY_SESSIONS=0, **extra)
-    until(proxy, lambda h: h["idle"]["ready"] >= 2)
+    until(proxy, lambda h: h["idle"]["ready"] >= POOL)
     settle(2.0)
     done, errors, lock = [], [], threading.Lock()
 
@@ -205,7 +205,7 @@ def load(clients, **extra):
 
 
 def bench_load(clients=size(64, 2)):
-    print("\n3. throughput: %d concurrent streaming clients, cap 4, pool 2" % clients)
+    print("\n3. throughput: %d concurrent streaming clients, cap 4, pool %d" % (clients, POOL))
     off, err_off, _ = load(clients, CLAUDE_PROXY_REUSE=0)
     on, err_on, idle = load(clients)
     report("reuse off (today's design): throughput", off, "req/s")
