@@ -2382,6 +2382,12 @@ IDLE_KINDS = ("kept", "reused", "initialized", "pool")
 PRESTARTED = ("initialized", "pool")
 
 
+def ready_for_a_request(proc):
+    """Waiting for a request that has no conversation of its own (the pool's `ready`): a
+    pre-started or reused process, or a first message's, which such a request takes rewound."""
+    return proc.kind in PRESTARTED or proc.kind == "reused" or (proc.kind == "kept" and proc.first)
+
+
 class IdleStore:
     """Every CLI process that is not running a turn, each with a launch key (Launch), the
     settings it was given and a kind (IDLE_KINDS).  One eviction policy: at most `budget` CLI
@@ -2617,7 +2623,8 @@ class IdleStore:
                     "sized": self.sizing, "cli_mb": self.cli_memory // 2 ** 20,
                     "cli_figure": self.cli_figure,
                     "idle": {k: waiting[k] for k in IDLE_KINDS},
-                    "ready": sum(p.kind != "kept" and p.fresh() for p in self.procs),
+                    "ready": sum(ready_for_a_request(p) and (p.kind not in PRESTARTED or p.fresh())
+                                 for p in self.procs),      # as the PreStarter counts them
                     "hits": {k: self.hits[k] for k in IDLE_KINDS}, "misses": self.misses,
                     "recycled": self.recycled, "evicted": self.evicted,
                     "start_failures": starter.failures,
@@ -2690,7 +2697,7 @@ class Demand:
 
 
 class PreStarter:
-    """Keeps `pool_size` processes ready (reused, initialized or pool) in the IdleStore, spread
+    """Keeps `pool_size` processes ready_for_a_request in the IdleStore, spread
     over the launch keys most recently asked for (Demand), one of them plain (pool) per key for
     a request with other settings.  Its thread also sweeps the store every second.  After 3
     deaths in a row of pre-started processes it stops for BACKOFF seconds: requests start their
@@ -2742,13 +2749,16 @@ class PreStarter:
 
     def _sweep(self, now, want):
         """launch -> ready processes, and -> plain ones among them; ends the pre-started ones
-        that died, waited longer than `max_idle`, or are not wanted now (caller holds the lock)."""
+        that died, waited longer than `max_idle`, or are not wanted now (caller holds the lock).
+        A reused process that comes back does not make a pre-started one spare: it goes out
+        again with the next request, and the pool would start one more each time (a CLI
+        started and ended per one-shot request)."""
         store = self.store
         ready = collections.Counter(p.launch for p in store.procs
-                                    if p.kind == "reused" or (p.kind == "kept" and p.first))
-        plain = collections.Counter()
+                                    if ready_for_a_request(p) and p.kind not in PRESTARTED)
+        prestarted, plain = collections.Counter(), collections.Counter()
         for proc in [p for p in store.procs if p.kind in PRESTARTED]:
-            spare = ready[proc.launch] >= want[proc.launch] and \
+            spare = prestarted[proc.launch] >= want[proc.launch] and \
                 (proc.kind != "pool" or plain[proc.launch] or not want[proc.launch])
             if not proc.fresh():
                 store.procs.remove(proc)
@@ -2758,6 +2768,7 @@ class PreStarter:
                 store.end(proc)
             else:
                 ready[proc.launch] += 1
+                prestarted[proc.launch] += 1
                 plain[proc.launch] += proc.kind == "pool"
         return ready, plain
 

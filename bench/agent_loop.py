@@ -62,19 +62,14 @@ class Proxy(run.Proxy):
     def __init__(self, script, **extra):
         super().__init__(script=script, **extra)
 
-    def wait_ready(self, n=POOL, first=False, timeout=size(30, 2)):
-        """Until the pre-starter holds its pool of `n`.  `first`: the loop's conversation has
-        had one step with no session signal, so its process waits as a kept first message
-        (/health `idle.idle.kept`), which another request with the same settings would take,
-        rewound, as a reused one: the pre-starter counts it among its `n` (PreStarter._sweep)
-        beside at least one plain process, while /health's `ready` counts reused, initialized
-        and pool processes only.  Waiting for `ready` >= n there waited out the timeout."""
+    def wait_ready(self, n=POOL, timeout=size(30, 2)):
+        """Until the pre-starter holds its pool of `n` (/health `idle.ready`: pre-started,
+        reused, or the loop's first step kept without a session signal, which it counts)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             h = self.health()           # the idle store, or an older proxy's pool
             idle = h.get("idle") or h.get("pool")
-            held = min(idle["idle"]["kept"], 1) if first else 0
-            if idle["ready"] + held >= n and (not first or idle["idle"]["pool"] >= 1):
+            if idle["ready"] >= n:
                 run.settle(1.5)          # ready = spawned; let it finish booting
                 return
             time.sleep(0.05)
@@ -153,9 +148,7 @@ def loop(proxy, steps, native, ttft, calls):
         else:
             UP.default = fake_upstream.text(
                 F + 'tool_call\n{"name": "read_file", "arguments": {"path": "%s"}}\n' % path + F)
-        # native mode keeps no first message without a session signal (its processes are
-        # never reused); the emulated one does, and continues on it from step 2 on
-        proxy.wait_ready(first=i == 1 and not native)
+        proxy.wait_ready()
         before = len(UP.model_calls)
         first, got = proxy.step(messages, headers)
         if len(UP.model_calls) != before + 1 or len(got) != 1:

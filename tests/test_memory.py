@@ -267,6 +267,8 @@ def test_a_1g_proxy_reuses_and_reports_measured_memory(make_proxy, upstream):
     h = health(p)
     idle, memory = h["idle"], h["memory"]
     assert idle["cli_figure"] == "measured"
+    # the first message's process waits for its next turn or another one-shot request: ready
+    assert idle["idle"]["kept"] == 1 and idle["ready"] == 1
     assert idle["sized"] == "sessions, idle_max from CLAUDE_PROXY_MEMORY 1.0 GiB, " \
         "%d MB a CLI (measured), 2 running" % idle["cli_mb"]
     # re-sized from the measured figure (~100 MB: more fit than at the default 130)

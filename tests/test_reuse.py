@@ -141,6 +141,25 @@ def test_one_process_serves_request_after_request_and_nothing_leaks(start, upstr
         assert call["system"] == calls[0]["system"]
 
 
+def test_with_a_pool_a_reused_process_coming_back_ends_no_pre_started_one(start, upstream):
+    """One-shot requests in a row go to the reused process; the pool starts one process while
+    the first request holds its pre-started one, then none: the reused one coming back does not
+    make a pre-started one spare (it did, and one CLI was started and ended per request)."""
+    p = start(CLAUDE_PROXY_POOL_SIZE=2)
+
+    def settled(h):
+        idle = h["idle"]["idle"]
+        return h if h["concurrency"]["running"] == 0 and idle["pool"] + idle["initialized"] == 2 \
+            and idle["reused"] == (h["idle"]["hits"]["pool"] + h["idle"]["hits"]["initialized"]) \
+            else None
+    started = poll(lambda: settled(health(p)), "the pool to be ready")["cli_processes_started"]
+    for i in range(5):
+        assert chat(p, "question %d" % i, system="Be terse.")[0] == 200
+        h = poll(lambda: settled(health(p)), "the process back and the pool full")
+    assert h["idle"]["hits"]["reused"] == 4 and h["idle"]["misses"] == 0
+    assert h["cli_processes_started"] == started + 1 and len(children(p)) == 3
+
+
 def test_a_request_with_history_leaves_nothing_for_the_next(start, upstream):
     p = start()
     status, _, _ = p.post(CHAT, {"model": "sonnet", "messages": [
