@@ -9520,6 +9520,10 @@ def main(argv=None):
 
     def stop(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()
+        try:        # wakes serve_forever now, not at its next poll; accepts nothing more
+            server.socket.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
