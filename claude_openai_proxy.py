@@ -3703,6 +3703,7 @@ def translate(proc, call, bridge=None, structured=False, streaming=True):
         if turn.over:
             return
         if bridge is not None and bridge.done:
+            bridge.replayed_all()
             # held open (bridge.exact): the process may wait for the results; else it is ended
             yield Done("tool_use", bridge.usage, whole=bridge.exact)
             return
@@ -3822,8 +3823,9 @@ class StreamTranslator:
         if bridge is not None and bridge.broken:
             raise UpstreamError("The upstream stream broke after the model had made a tool call, "
                                 "and the claude CLI does not ask again; retry the request.")
-        if bridge is not None and not item.get("is_error"):
-            # a message asked again as whole blocks is over only now (one line a block)
+        if bridge is not None and item.get("api_error_status") is None:
+            # a message asked again as whole blocks is over only now (one line a block); the
+            # turn this proxy stopped (a denied call: is_error, aborted_tools) included
             bridge.replayed_all()
         if bridge is not None and bridge.calls and item.get("api_error_status") is None:
             # the turn this proxy stopped reads as an error (aborted_tools): it is the answer,

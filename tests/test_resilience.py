@@ -515,6 +515,31 @@ def tool_calls_of(dialect, stream, got):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_call_shown_then_not_made_when_asked_again_is_an_error(make_proxy, upstream, stream):
+    """The upstream reset inside a call and the message asked again makes none.  A stream had
+    shown the call's start: what the client saw can't be completed, so it gets an error saying
+    so, never an answer that silently drops the call.  Without streaming the client saw
+    nothing: the answer asked again is the answer."""
+    p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0)
+    upstream.push(tool_reply(9, "msg_gone1", chunks=4))        # 9: one piece of its arguments
+    upstream.default = fake_upstream.text("Let me look.", id="msg_gone2")     # the same text, no call
+    body = {"model": "sonnet", "stream": stream, "tools": NATIVE_TOOLS,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    status, _, got = p.post("/v1/chat/completions", body,
+                            headers={"X-Toolcall-Module": "native"}, timeout=120)
+    assert status == 200, got
+    assert len(upstream.model_calls) == 2
+    if stream:
+        _, complete, err = stream_result("openai", got)
+        assert complete is False and err["type"] == "server_error", got
+        assert "does not make that call" in err["message"], err
+    else:
+        assert got["choices"][0]["message"]["content"] == "Let me look."
+        assert got["choices"][0]["finish_reason"] == "stop"
+        assert "tool_calls" not in got["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
 def test_a_reset_message_asked_again_whole_keeps_every_native_call(make_proxy, upstream,
                                                                    dialect, stream):
