@@ -125,6 +125,17 @@ def send_raw(port, data, timeout=15):
         sock.close()
 
 
+def recv_until(sock, marker):
+    """Reads from `sock` until `marker` has come (a stream got that far); returns all read.
+    Fails if the server closes first."""
+    got = b""
+    while marker not in got:
+        data = sock.recv(65536)
+        assert data, "the stream ended before %r: %r" % (marker, got)
+        got += data
+    return got
+
+
 class ProxyStartError(RuntimeError):
     pass
 

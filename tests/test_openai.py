@@ -17,6 +17,7 @@ import pytest
 
 import fake_upstream
 from conftest import MARKER, Gate, alive, no_leftover_cli, sse_events, upstream_texts
+from harness import recv_until
 
 CHAT = "/v1/chat/completions"
 
@@ -501,11 +502,7 @@ def test_client_disconnect_mid_stream_kills_cli(fake_proxy):
         sock = raw_request(fake_proxy, {"model": "sonnet", "stream": True,
                                         "messages": [{"role": "user", "content": "[[slow:200]]"}]})
         try:
-            got = b""
-            while b"tick2" not in got:
-                data = sock.recv(65536)
-                assert data, "stream ended early: %r" % got
-                got += data
+            recv_until(sock, b"tick2")
             pids = new_pids(fake_proxy.pids, before)
             assert all(alive(p) for p in pids), "the CLI should still be streaming"
         finally:

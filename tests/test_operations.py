@@ -612,11 +612,7 @@ def test_client_disconnect_kills_the_cli(patient, dialect, stream):
     try:
         pids = new_pids(one_slot, before)
         if stream:
-            got = b""
-            while b"tick2" not in got:
-                data = sock.recv(65536)
-                assert data, "the stream ended early: %r" % got
-                got += data
+            harness.recv_until(sock, b"tick2")
         else:
             time.sleep(0.3)
         assert all(alive(pid) for pid in pids), "the CLI should still be running"
@@ -822,11 +818,7 @@ def test_a_stream_the_client_abandons_is_logged_499(make_proxy, upstream, dialec
     path, body = body_for(dialect, "count slowly", stream=True)
     sock = raw_post(p, path, body, dict(AV if dialect == "anthropic" else {}, **{"X-Request-Id": rid}))
     try:
-        got = b""
-        while b"data: " not in got:
-            data = sock.recv(65536)
-            assert data, "the stream ended early: %r" % got
-            got += data
+        got = harness.recv_until(sock, b"data: ")
         assert got.startswith(b"HTTP/1.1 200 "), got
     finally:
         sock.close()

@@ -523,12 +523,7 @@ def test_a_call_shown_then_not_made_when_asked_again_is_an_error(make_proxy, ups
     p = make_proxy(CLAUDE_PROXY_POOL_SIZE=0)
     upstream.push(tool_reply(9, "msg_gone1", chunks=4))        # 9: one piece of its arguments
     upstream.default = fake_upstream.text("Let me look.", id="msg_gone2")     # the same text, no call
-    body = {"model": "sonnet", "stream": stream, "tools": NATIVE_TOOLS,
-            "messages": [{"role": "user", "content": "Weather in Paris?"}]}
-    status, _, got = p.post("/v1/chat/completions", body,
-                            headers={"X-Toolcall-Module": "native"}, timeout=120)
-    assert status == 200, got
-    assert len(upstream.model_calls) == 2
+    got = ask_weather(p, upstream, stream)
     if stream:
         _, complete, err = stream_result("openai", got)
         assert complete is False and err["type"] == "server_error", got

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
 import claude_openai_proxy as cop  # noqa: E402
 
 from conftest import wait_for  # noqa: E402
+from harness import recv_until  # noqa: E402
 from test_keys import ADMIN, CLIENT, OTHER, bearer, chat, standard  # noqa: E402
 
 CHAT = "/v1/chat/completions"
@@ -252,11 +253,7 @@ def test_a_request_that_ends_before_done_counts_its_input_in_budgets_and_history
     sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                  % (CHAT.encode(), OTHER.encode(), len(body), body))
-    got = b""
-    while b"tick0" not in got:
-        chunk = sock.recv(4096)
-        assert chunk, got
-        got += chunk
+    got = recv_until(sock, b"tick0")
     assert got.startswith(b"HTTP/1.1 200 "), got
     sock.close()
     assert wait_for(lambda: row("nightly"), "the abandoned request's row") == (3, 1)
