@@ -407,6 +407,21 @@ def trickle_until_answered(sock, byte, rounds, pause=0.25):
     return got
 
 
+def answered_without_its_body(p, request, byte):
+    """Send `request` (a head announcing 1,000,000 bytes, and a first one), then trickle `byte`
+    until the proxy answers: it must answer 200 at once and close; returns the answer's body."""
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    try:
+        s.sendall(request)
+        got = trickle_until_answered(s, byte, 40)        # 10 s at most
+    finally:
+        s.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), got[:300]
+    assert b"connection: close" in head.lower()
+    return body
+
+
 @pytest.mark.parametrize("path", ["/health", "/", "/dashboard"])
 def test_a_route_anyone_may_call_reads_no_body(make_proxy, path):
     """GET on a route anyone may call, announcing a body of 1,000,000 bytes and trickling it a
@@ -414,16 +429,8 @@ def test_a_route_anyone_may_call_reads_no_body(make_proxy, path):
     408 or 500 when the trickle stalls) and closes the connection."""
     p = make_proxy(fake=True, CLAUDE_PROXY_POOL_SIZE=0, CLAUDE_PROXY_API_KEYS=KEY,
                    CLAUDE_PROXY_READ_TIMEOUT=1)
-    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
-    try:
-        s.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\nx"
-                   % path).encode())
-        got = trickle_until_answered(s, b"x", 40)        # 10 s at most
-    finally:
-        s.close()
-    head, _, body = got.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), got[:300]
-    assert b"connection: close" in head.lower()
+    body = answered_without_its_body(p, (
+        "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\nx" % path).encode(), b"x")
     if path == "/health":
         assert json.loads(body)["status"] in ("ok", "degraded")
     else:
@@ -444,17 +451,9 @@ def test_a_post_route_that_takes_no_body_reads_none(make_proxy, tmp_path):
     status, _, made = p.post("/v1/responses", {"model": "sonnet", "input": "[[slow:200]]",
                                                "background": True}, headers=auth)
     assert status == 200 and made["status"] == "queued", made
-    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
-    try:
-        s.sendall(post_head("/v1/responses/%s/cancel" % made["id"], "Content-Length: 1000000",
-                            "Authorization: Bearer " + KEY).replace(b"Connection: close\r\n", b"")
-                  + b"{")
-        got = trickle_until_answered(s, b" ", 40)        # 10 s at most
-    finally:
-        s.close()
-    head, _, body = got.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), got[:300]
-    assert b"connection: close" in head.lower()
+    body = answered_without_its_body(p, post_head(
+        "/v1/responses/%s/cancel" % made["id"], "Content-Length: 1000000",
+        "Authorization: Bearer " + KEY).replace(b"Connection: close\r\n", b"") + b"{", b" ")
     assert json.loads(body)["status"] == "cancelled"
     # a form type, which a web page sends without a preflight, is refused on it as on any POST
     status, _, got = p.request("POST", "/v1/responses/%s/cancel" % made["id"], raw=b"",

@@ -204,17 +204,6 @@ def evonic():
     return cop.HANDLERS["evonic"]
 
 
-def merged(segs):
-    """Adjacent text segments joined, empty ones dropped (how a client sees the text)."""
-    out = []
-    for kind, val in segs:
-        if kind == "text" and out and out[-1][0] == "text":
-            out[-1] = ("text", out[-1][1] + val)
-        elif not (kind == "text" and val == ""):
-            out.append((kind, val))
-    return out
-
-
 def streamed(handler, answer, step, names=NAMES):
     """The streaming loop of `_tool_attempt` (its ToolTextParser): each piece fed in turn, then
     what is left parsed with final=True.  Returns (segments, segments released per step)."""
@@ -225,7 +214,7 @@ def streamed(handler, answer, step, names=NAMES):
         segs += got
         released.append(got)
     segs += parser.finish()
-    return merged(segs), released
+    return cop.joined_text(segs), released
 
 
 # -- the corpus ---------------------------------------------------------------------------------
@@ -246,7 +235,7 @@ def test_is_refusal(generic, answer, refusal):
 @pytest.mark.parametrize("step", [1, 2, 3, 7, 64])
 def test_streaming_matches_final(generic, answer, step):
     whole = generic.parse(answer, final=True, names=NAMES)[0]
-    assert streamed(generic, answer, step)[0] == merged(whole)
+    assert streamed(generic, answer, step)[0] == cop.joined_text(whole)
 
 
 def test_text_of_all_segments_is_the_answer_when_nothing_is_a_call(generic):
@@ -323,7 +312,7 @@ def test_plain_text_streams_without_delay(generic):
 def test_ordinary_code_fence_streams_once_its_info_line_is_known(generic):
     partial = F + "python\nprint('hel"
     segs, used = generic.parse(partial, final=False, names=NAMES)
-    assert merged(segs) == [text(partial)] and used == len(partial)
+    assert cop.joined_text(segs) == [text(partial)] and used == len(partial)
     assert generic.parse(F + "pyth", final=False, names=NAMES) == ([], 0)
 
 
@@ -513,4 +502,4 @@ def test_a_block_that_never_parses_stays_text_when_streamed(generic):
         block('{"name": "search", "arguments": {"q": "z"}}')
     whole = generic.parse(answer, final=True, names=NAMES)[0]
     for step in (1, 3, 8):
-        assert streamed(generic, answer, step)[0] == merged(whole)
+        assert streamed(generic, answer, step)[0] == cop.joined_text(whole)
